@@ -1,0 +1,3 @@
+from tritlm.cli import main
+
+raise SystemExit(main())

@@ -1,3 +1,13 @@
 """tritlm: train, pack, export, run and serve ternary (1.58-bit) and binary (1-bit) LLMs."""
 
 __version__ = "0.1.0"
+
+
+def load(path):
+    """Load any model tritlm can read; see :func:`tritlm.api.load`."""
+    from tritlm.api import load as _load
+
+    return _load(path)
+
+
+__all__ = ["load", "__version__"]

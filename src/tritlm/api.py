@@ -1,0 +1,74 @@
+"""The Python API: ``m = tritlm.load(path)``; ``m.logits(ids)``; ``m.generate(prompt, ...)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tritlm.errors import FormatError
+from tritlm.infer.generate import generate_ids
+from tritlm.infer.sampling import SamplingParams
+from tritlm.model.transformer import Transformer
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, whatever format it came from."""
+
+    model: Transformer
+    tokenizer: Any
+    path: Path
+    source: str  # "checkpoint" | later: "packed", "hf", "gguf"
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    @torch.no_grad()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """float32 logits of shape [len(ids), vocab] for one sequence of token ids."""
+        if len(ids) == 0:
+            raise ValueError("ids must not be empty")
+        if len(ids) > self.model.cfg.max_seq_len:
+            raise ValueError(f"{len(ids)} tokens exceed the model's context of {self.model.cfg.max_seq_len}")
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.model.embed_tokens.weight.device)
+        out, _ = self.model(x)
+        return out[0].float().cpu()
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
+                     params: SamplingParams | None = None):
+        eos = self.tokenizer.eos_id
+        return generate_ids(self.model, list(prompt_ids), max_tokens, params or SamplingParams(),
+                            stop_ids={eos} if eos is not None else None)
+
+    def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None) -> str:
+        """The continuation of ``prompt`` (without the prompt)."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        ids = self.tokenizer.encode(prompt)
+        if not ids and self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id]
+        if not ids:
+            raise ValueError("the prompt is empty and the tokenizer has no BOS token")
+        out = list(self.generate_ids(ids, max_tokens, params))
+        eos = self.tokenizer.eos_id
+        if out and eos is not None and out[-1] == eos:
+            out = out[:-1]
+        return self.tokenizer.decode(out)
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Load any model tritlm can read (for now: a training run folder or checkpoint folder)."""
+    from tritlm.formats.native import is_native, load_native
+
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"no such file or folder: {p}")
+    if is_native(p):
+        model, tok, ckpt = load_native(p)
+        return LoadedModel(model, tok, ckpt, "checkpoint")
+    raise FormatError(f"{p}: not a model format tritlm can read")

@@ -1,0 +1,304 @@
+"""The ``tritlm`` command: parse, call the library, print. Every command has a Python-API twin."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tritlm.errors import TritlmError
+
+log = logging.getLogger("tritlm")
+
+
+def _console():
+    from rich.console import Console
+
+    # Wide enough for the tables when stdout is not a terminal (logs, CI).
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+# ---- info ----------------------------------------------------------------------------------------
+def cmd_info(a: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from tritlm.model.config import PRESETS, preset
+    from tritlm.model.sizes import model_sizes
+
+    names = [a.preset] if a.preset else list(PRESETS)
+    t = Table(title="tritlm model presets" if not a.preset else f"preset {a.preset}")
+    for col in ("preset", "dim x L", "heads", "ffn", "params", "ternary", "train*", "fp16", "2-bit"):
+        t.add_column(col, justify="right")
+    for n in names:
+        cfg = preset(n, **({"vocab_size": a.vocab} if a.vocab else {}))
+        s = model_sizes(cfg)
+        t.add_row(n, f"{cfg.dim} x {cfg.n_layers}", f"{cfg.n_heads} ({cfg.kv_heads})", str(cfg.ffn_dim),
+                  _h(s.params), _h(s.ternary_params), _b(s.train_bytes), _b(s.fp16_bytes),
+                  _b(s.packed_bytes))
+    con = _console()
+    con.print(t)
+    con.print("heads = query (key/value) heads; train* = fp32 weights + grads + AdamW moments, "
+              "activations excluded; 2-bit = packed ternary Linear weights + fp16 embeddings/norms")
+    return 0
+
+
+def _h(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _b(n: float) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# ---- tokenize ------------------------------------------------------------------------------------
+def cmd_tokenize(a: argparse.Namespace) -> int:
+    from tritlm.data import prepare_dataset
+
+    meta = prepare_dataset(a.corpus, a.out, tokenizer=a.tokenizer, val_fraction=a.val_fraction)
+    _console().print(f"[green]tokenised[/] {a.corpus} -> {a.out}: {meta.n_train:,} train + "
+                     f"{meta.n_val:,} val tokens, vocab {meta.vocab_size} ({meta.tokenizer_kind})")
+    return 0
+
+
+# ---- train ---------------------------------------------------------------------------------------
+def _train_config(a: argparse.Namespace):
+    from tritlm.train.config import load_config
+
+    direct = {"preset": a.preset, "max_steps": a.max_steps, "out_dir": a.out, "optim.lr": a.lr,
+              "batch_size": a.batch_size, "block_size": a.block_size, "data.corpus": a.data,
+              "data.dataset_dir": a.dataset, "data.tokenizer": a.tokenizer, "threads": a.threads,
+              "device": a.device, "seed": a.seed, "eval_interval": a.eval_interval}
+    if getattr(a, "fp", False):
+        direct["fp"] = True
+    return load_config(a.config, a.set, **direct)
+
+
+class _Progress:
+    """A rich progress bar fed by the trainer's callback events."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.quiet = quiet
+        self.label = label
+        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                          console=_console(), disable=quiet)
+        self.task = None
+        self.val = float("nan")
+
+    def __call__(self, ev: dict) -> None:
+        e = ev["event"]
+        if e == "start":
+            self.p.start()
+            self.task = self.p.add_task(self.label, total=ev["max_steps"], completed=ev["step"], info="")
+        elif e == "step" and self.task is not None:
+            self.p.update(self.task, completed=ev["step"],
+                          info=f"loss {ev['loss']:.4f}  val {self.val:.4f}  lr {ev['lr']:.2e}")
+        elif e == "eval":
+            self.val = ev["val_loss"]
+        elif e == "rollback":
+            self.p.console.print(f"[yellow]step {ev['step']}: {ev['reason']} -> rolled back to step {ev['to']}")
+        elif e == "end":
+            self.p.stop()
+
+
+def _summary_table(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def _result_rows(r) -> list[tuple[str, str]]:
+    kind = r.model_config.quant.weight
+    return [("model", f"{kind}, {r.model_config.n_layers}x{r.model_config.dim}, {_h(r.params)} params"),
+            ("steps", str(r.steps)), ("train loss", f"{r.train_loss:.4f}"),
+            ("val loss (full split)", f"{r.val_loss:.4f}"),
+            ("throughput", f"{r.tokens_per_s:,.0f} tok/s, {r.step_ms:.1f} ms/step, MFU {r.mfu:.1%}"),
+            ("rollbacks", str(r.rollbacks)), ("checkpoint", str(r.checkpoint))]
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from tritlm.train.trainer import Trainer
+
+    cfg = _train_config(a)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    prog = _Progress("train", quiet=a.quiet or not rank0)
+    r = Trainer(cfg, prog).run(resume=a.resume)
+    if rank0:
+        _console().print(_summary_table("training summary", _result_rows(r)))
+    return 0
+
+
+# ---- compare -------------------------------------------------------------------------------------
+def cmd_compare(a: argparse.Namespace) -> int:
+    from tritlm.eval.compare import compare
+
+    cfg = _train_config(a)
+    lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else None
+    res = compare(cfg, lrs=lrs, out_dir=Path(a.out), callback_factory=lambda label: _Progress(label, a.quiet))
+    _console().print(res.table_markdown())
+    _console().print(f"plot: {res.plot_path}\ntable: {res.table_path}")
+    return 0
+
+
+# ---- generate ------------------------------------------------------------------------------------
+def cmd_generate(a: argparse.Namespace) -> int:
+    import tritlm
+    from tritlm.infer.sampling import SamplingParams
+
+    m = tritlm.load(a.model)
+    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repetition_penalty, a.seed)
+    ids = m.tokenizer.encode(a.prompt)
+    if not ids:
+        raise TritlmError("the prompt encodes to no tokens")
+    out: list[int] = []
+    sys.stdout.write(a.prompt)
+    prev = ""
+    for t in m.generate_ids(ids, a.max_tokens, params):
+        if t == m.tokenizer.eos_id:
+            break
+        out.append(t)
+        text = m.tokenizer.decode(out)  # decode the whole tail: multi-byte tokens print whole
+        sys.stdout.write(text[len(prev):])
+        sys.stdout.flush()
+        prev = text
+    sys.stdout.write("\n")
+    return 0
+
+
+# ---- demo ----------------------------------------------------------------------------------------
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Train the tiny ternary model on the bundled Tiny Shakespeare, then generate from it."""
+    import shutil
+    import time
+
+    import tritlm
+    from tritlm.train.config import load_config
+    from tritlm.train.trainer import Trainer
+
+    out = Path(a.out)
+    marker = out / ".tritlm-demo"
+    if out.exists():
+        if not marker.exists():
+            raise TritlmError(f"{out} exists and is not a previous demo run; choose another --out")
+        shutil.rmtree(out)  # the demo's own folder from an earlier run: start clean
+    out.mkdir(parents=True)
+    marker.write_text("created by `tritlm demo`\n")
+    cfg = load_config(None, a.set, preset="tiny", out_dir=str(out), max_steps=a.steps,
+                      eval_interval=max(1, a.steps // 4), ckpt_interval=a.steps)
+    t0 = time.time()
+    r = Trainer(cfg, _Progress("ternary tiny / Tiny Shakespeare")).run()
+    m = tritlm.load(out)
+    prompt = "ROMEO:\n"
+    sample = m.generate(prompt, max_tokens=200, temperature=0.8, top_k=40, seed=1)
+    con = _console()
+    con.rule("sample (temperature 0.8, top-k 40)")
+    con.print(prompt + sample, markup=False, highlight=False)
+    con.rule()
+    rows = _result_rows(r) + [("wall time", f"{time.time() - t0:.0f} s")]
+    con.print(_summary_table("tritlm demo summary", rows))
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------------
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML training config (see configs/)")
+    p.add_argument("--preset", help="model size preset (tiny, 125M, 350M, 700M, 1.3B, 3B, bitnet-2b4t)")
+    p.add_argument("--out", help="run folder for checkpoints and logs")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--block-size", type=int, help="context length of training windows")
+    p.add_argument("--eval-interval", type=int)
+    p.add_argument("--data", help="corpus file, folder or .gz (default: bundled Tiny Shakespeare)")
+    p.add_argument("--dataset", help="folder written by `tritlm tokenize` (skips tokenising)")
+    p.add_argument("--tokenizer", help="char | byte | bpe:<vocab> | path to tokenizer.json or .model")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.schedule=two-stage (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tritlm", description="Train, pack, export, run and serve ternary LLMs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("info", help="presets: parameter counts and memory (training, fp16, packed 2-bit)")
+    s.add_argument("--preset", help="one preset (default: all)")
+    s.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's)")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("tokenize", help="tokenise a corpus once into memory-mapped train/val token files")
+    s.add_argument("corpus", help="a text file, a .gz file or a folder of them")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--tokenizer", default="char", help="char | byte | bpe:<vocab> | tokenizer path")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.set_defaults(fn=cmd_tokenize)
+
+    s = sub.add_parser("train", help="train a ternary (or --fp) model")
+    _add_train_args(s)
+    s.add_argument("--fp", action="store_true", help="train the full-precision twin")
+    s.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("compare", help="train the ternary model and its FP twin on equal terms; table + plot")
+    _add_train_args(s)
+    s.add_argument("--lrs", help="comma-separated LR sweep; each model is reported at its best LR")
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("generate", help="sample text from a model")
+    s.add_argument("model", help="run folder, checkpoint folder or packed model")
+    s.add_argument("--prompt", default="\n")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("demo", help="train the tiny ternary model on Tiny Shakespeare and generate a sample")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False)])
+    try:
+        if args.cmd == "compare" and args.out is None:
+            args.out = "runs/compare"
+        return args.fn(args) or 0
+    except TritlmError as e:
+        print(f"tritlm: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"tritlm: error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tritlm: interrupted", file=sys.stderr)
+        return 130

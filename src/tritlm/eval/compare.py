@@ -1,0 +1,103 @@
+"""Ternary vs full precision on equal terms: same data, seed, budget; each at its best LR.
+
+Writes ``compare.md`` (table), ``compare.json`` (every run) and ``compare.png`` (validation-loss
+curves of each model at its best LR).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tritlm.train.config import TrainConfig
+from tritlm.train.trainer import Trainer, TrainResult
+
+
+@dataclass
+class Run:
+    name: str
+    lr: float
+    result: TrainResult
+
+
+@dataclass
+class Comparison:
+    runs: list[Run]
+    out_dir: Path
+    plot_path: Path | None = None
+    table_path: Path | None = None
+    best: dict[str, Run] = field(default_factory=dict)
+
+    def table_markdown(self) -> str:
+        lines = ["| model | lr | val loss (full split) | train loss | ms/step | params | best |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.runs:
+            star = "yes" if self.best.get(r.name) is r else ""
+            res = r.result
+            lines.append(f"| {r.name} | {r.lr:g} | {res.val_loss:.4f} | {res.train_loss:.4f} | "
+                         f"{res.step_ms:.1f} | {res.params:,} | {star} |")
+        if "ternary" in self.best and "fp" in self.best:
+            t, f = self.best["ternary"].result, self.best["fp"].result
+            lines.append("")
+            lines.append(f"gap at best LRs (ternary - fp): {t.val_loss - f.val_loss:+.4f}; "
+                         f"step time ternary / fp: {t.step_ms / f.step_ms:.2f}x")
+        return "\n".join(lines)
+
+
+def compare(cfg: TrainConfig, lrs: list[float] | None = None, out_dir: Path | None = None,
+            variants: dict[str, dict[str, Any]] | None = None,
+            callback_factory: Callable[[str], Callable] | None = None) -> Comparison:
+    """Train each variant (default: ``ternary`` and its FP twin ``fp``) at every LR in ``lrs``.
+
+    ``variants`` maps a name to TrainConfig field overrides (e.g. {"fp": {"fp": True}}), which
+    lets a benchmark add, say, a wider ternary model with the FP model's weight bytes.
+    """
+    out = Path(out_dir or cfg.out_dir)
+    variants = variants or {"ternary": {"fp": False}, "fp": {"fp": True}}
+    lrs = lrs or [cfg.optim.lr]
+    runs: list[Run] = []
+    for name, over in variants.items():
+        for lr in lrs:
+            c = dataclasses.replace(cfg, out_dir=str(out / f"{name}-lr{lr:g}"),
+                                    optim=dataclasses.replace(cfg.optim, lr=lr), **over)
+            cb = callback_factory(f"{name} lr {lr:g}") if callback_factory else None
+            runs.append(Run(name, lr, Trainer(c, cb).run()))
+    comp = Comparison(runs, out)
+    for r in runs:
+        cur = comp.best.get(r.name)
+        if cur is None or r.result.val_loss < cur.result.val_loss:
+            comp.best[r.name] = r
+    out.mkdir(parents=True, exist_ok=True)
+    comp.table_path = out / "compare.md"
+    comp.table_path.write_text(comp.table_markdown() + "\n")
+    (out / "compare.json").write_text(json.dumps([
+        {"name": r.name, "lr": r.lr, "val_loss": r.result.val_loss, "train_loss": r.result.train_loss,
+         "step_ms": r.result.step_ms, "params": r.result.params, "val_history": r.result.val_history}
+        for r in runs], indent=2))
+    comp.plot_path = plot_curves(comp, out / "compare.png")
+    return comp
+
+
+def plot_curves(comp: Comparison, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in comp.best.items():
+        hist = r.result.val_history
+        ax.plot([s for s, _ in hist], [v for _, v in hist], marker="o", ms=3,
+                label=f"{name} (lr {r.lr:g}): {r.result.val_loss:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (full split)")
+    ax.set_title("ternary vs full precision, each at its best LR")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,181 @@
+"""Decoder-only transformer: RoPE, GQA, SwiGLU / gated ReLU^2, RMSNorm, optional QK-norm and SubLN.
+
+The model only knows "which Linear class do I build" (``_linear``): quantisation lives in BitLinear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tritlm.model.config import ModelConfig
+from tritlm.model.kv_cache import KVCache
+from tritlm.nn.rmsnorm import RMSNorm
+from tritlm.quant.config import QuantConfig
+
+
+def _linear(in_f: int, out_f: int, quant: QuantConfig) -> nn.Module:
+    if not quant.quantised and quant.act_bits is None and not quant.input_norm:
+        return nn.Linear(in_f, out_f, bias=False)
+    from tritlm.nn.bitlinear import BitLinear  # imported lazily: FP models need no quant code
+
+    return BitLinear(in_f, out_f, bias=False, config=quant)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv)
+    emb = torch.cat([freqs, freqs], dim=-1)  # Hugging Face "rotate_half" layout
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [T, D]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        q = cfg.quant
+        self.q_proj = _linear(cfg.dim, cfg.n_heads * self.hd, q)
+        self.k_proj = _linear(cfg.dim, self.n_kv * self.hd, q)
+        self.v_proj = _linear(cfg.dim, self.n_kv * self.hd, q)
+        self.o_proj = _linear(cfg.n_heads * self.hd, cfg.dim, q)
+        self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sub_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        else:
+            # New tokens see the whole cache plus the causal part of themselves.
+            total = k.shape[2]
+            mask = torch.ones(t, total, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
+        if self.attn_sub_norm is not None:
+            y = self.attn_sub_norm(y)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        q = cfg.quant
+        self.kind = cfg.mlp
+        self.gate_proj = _linear(cfg.dim, cfg.ffn_dim, q)
+        self.up_proj = _linear(cfg.dim, cfg.ffn_dim, q)
+        self.down_proj = _linear(cfg.ffn_dim, cfg.dim, q)
+        self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps) if cfg.sub_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        g = F.silu(g) if self.kind == "swiglu" else F.relu(g).square()
+        h = g * self.up_proj(x)
+        if self.ffn_sub_norm is not None:
+            h = self.ffn_sub_norm(h)
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.rs = cfg.residual_scale
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.rs * self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.rs * self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # GPT-2: residual output projections scaled down with depth.
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                nn.init.normal_(p, 0.0, s)
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, batch, c.kv_heads, max_len or c.max_seq_len, c.head_dim, dtype,
+                       self.embed_tokens.weight.device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, last_only: bool = False,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(t)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:] if last_only else x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, label_smoothing=label_smoothing)
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (PaLM appendix B, as in nanoGPT's estimate_mfu)."""
+        c = self.cfg
+        n = self.num_params(exclude_embeddings=not c.tie_embeddings)
+        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len

@@ -1,0 +1,216 @@
+"""Checkpoints that lose nothing: safetensors + JSON, written atomically.
+
+A checkpoint is a folder ``step-000500/`` holding ``model.safetensors``, ``optimizer.safetensors``,
+``state.json`` (step, RNG, schedule state, stability state) and ``config.json`` (model + training
+config), plus the tokenizer. It is first written as ``step-000500.tmp-<pid>/``; every file is
+fsynced, the folder is renamed into place, and only then does ``latest`` (itself replaced
+atomically) point at it. A process killed at any moment leaves either the previous checkpoint or
+the new one, never a half-written folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tritlm.errors import FormatError
+
+log = logging.getLogger(__name__)
+STEP_RE = re.compile(r"^step-(\d+)$")
+MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = (
+    "model.safetensors", "optimizer.safetensors", "state.json", "config.json")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors, with tied weights stored once (safetensors refuses shared storage)."""
+    sd = model.state_dict()
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in sd.items():
+        ptr = v.data_ptr()
+        if ptr in seen and v.numel() > 0:
+            continue
+        seen[ptr] = k
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise FormatError(f"{where}: weights do not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for name, val in st.items():
+            key = f"state.{idx}.{name}"
+            if torch.is_tensor(val):
+                tensors[key] = val.detach().contiguous().cpu()
+            else:
+                scalars[key] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = val
+    for key, val in meta.get("scalars", {}).items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(t: dict[str, torch.Tensor]) -> None:
+    if "rng.cpu" in t:
+        torch.set_rng_state(t["rng.cpu"])
+    if "rng.cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["rng.cuda"])
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
+                    config: dict[str, Any], tokenizer: Any = None, keep: int = 2) -> Path:
+    """Write ``ckpt_root/step-XXXXXX`` atomically, point ``latest`` at it, prune old ones."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(model_state_dict(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    extra = {}
+    if optimizer is not None:
+        tensors, meta = optimizer_tensors(optimizer)
+        tensors.update(rng_state())
+        save_file(tensors, str(tmp / OPTIM_FILE))
+        extra["optimizer"] = meta
+    _kill_point("after-weights")
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(tmp / "tokenizer")
+    # state.json is written last: its presence marks a complete checkpoint.
+    (tmp / STATE_FILE).write_text(json.dumps({**state, **extra, "step": step}, indent=2))
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            _fsync_file(p)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a rollback): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    write_json_atomic(ckpt_root / "latest.json", {"step": step, "path": final.name})
+    _prune(ckpt_root, keep, protect=final)
+    return final
+
+
+def _kill_point(where: str) -> None:
+    """Test hook: ``TRITLM_TEST_KILL_AT=after-weights`` SIGKILLs this process mid-checkpoint."""
+    if os.environ.get("TRITLM_TEST_KILL_AT") == where:
+        log.warning("TRITLM_TEST_KILL_AT=%s: killing the process mid-checkpoint", where)
+        os.kill(os.getpid(), 9)
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    out = [p for p in ckpt_root.iterdir()
+           if p.is_dir() and STEP_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(out, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint; ``latest.json`` first, a folder scan if it is stale."""
+    ptr = ckpt_root / "latest.json"
+    if ptr.is_file():
+        try:
+            cand = ckpt_root / json.loads(ptr.read_text())["path"]
+            if (cand / STATE_FILE).is_file():
+                return cand
+        except (ValueError, KeyError):
+            log.warning("%s is unreadable; scanning for checkpoints", ptr)
+    done = complete_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+def clean_partial(ckpt_root: Path) -> None:
+    """Remove ``*.tmp-*`` folders left by a process killed mid-save."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if ".tmp-" in p.name:
+                log.info("removing partial checkpoint %s", p.name)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
+    if keep <= 0:
+        return
+    done = complete_checkpoints(ckpt_root)
+    for p in done[:-keep]:
+        if p != protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint folder into plain dicts; every failure is a one-line FormatError."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file() or not (path / MODEL_FILE).is_file():
+        raise FormatError(f"{path} is not a complete tritlm checkpoint (no {STATE_FILE}/{MODEL_FILE})")
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: unreadable checkpoint metadata ({e})") from None
+    try:
+        model = load_file(str(path / MODEL_FILE))
+        optim = load_file(str(path / OPTIM_FILE)) if (path / OPTIM_FILE).is_file() else {}
+    except (SafetensorError, OSError) as e:
+        raise FormatError(f"{path}: corrupt weights file ({e})") from None
+    return {"state": state, "config": config, "model": model, "optim": optim, "path": path}

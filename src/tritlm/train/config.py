@@ -1,0 +1,183 @@
+"""Typed training configuration, loadable from YAML and overridable with ``key.sub=value`` strings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+import types
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from tritlm.errors import ConfigError
+from tritlm.train.schedule import QuantSchedule
+
+
+@dataclass
+class DataConfig:
+    corpus: str | None = None  # file, folder or .gz; None = the bundled Tiny Shakespeare
+    dataset_dir: str | None = None  # an already tokenised dataset (from `tritlm tokenize`)
+    tokenizer: str = "char"  # char | byte | bpe:<vocab> | path to tokenizer.json / .model
+    val_fraction: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-3
+    min_lr_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    schedule: str = "cosine"  # constant | linear | cosine | two-stage
+    warmup_steps: int = 100
+    two_stage_split: float = 0.5
+    two_stage_ratio: float = 0.6
+    wd_schedule: str = "constant"  # constant | two-stage (BitNet: 0.1 then 0)
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class StabilityConfig:
+    enabled: bool = True
+    ema_beta: float = 0.95
+    spike_sigma: float = 6.0  # loss > ema + sigma * ema_std is a spike ...
+    spike_ratio: float = 1.5  # ... and so is loss > ratio * ema
+    warmup_steps: int = 50  # no spike detection before the EMA has settled
+    lr_backoff: float = 0.5
+    max_rollbacks: int = 5
+    # Fault injection for tests: steps at which the loss is made NaN / 100x larger (once each).
+    inject_nan_at: list[int] = field(default_factory=list)
+    inject_spike_at: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's ModelConfig
+    fp: bool = False  # train the full-precision twin instead
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    quant_schedule: QuantSchedule = field(default_factory=QuantSchedule)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    batch_size: int = 12
+    block_size: int = 64
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
+    max_steps: int = 2000
+    eval_interval: int = 250
+    eval_batches: int | None = None  # None = the whole validation split
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    out_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    threads: int | None = None
+    tensorboard: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        keys = ", ".join(f"{where}{k}" for k in unknown)
+        raise ConfigError(f"unknown config key(s): {keys} (valid: {', '.join(sorted(names))})")
+    kw = {}
+    for k, v in d.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t) and isinstance(t, type):
+            kw[k] = _build(t, v, f"{where}{k}.")
+        else:
+            kw[k] = _coerce(v, t, f"{where}{k}")
+    return cls(**kw)
+
+
+def _coerce(v: Any, t: Any, key: str) -> Any:
+    """Check a value against a simple annotation, converting strings from the command line."""
+    origin, args = get_origin(t), get_args(t)
+    if origin in (Union, types.UnionType):
+        if v is None or (isinstance(v, str) and v.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(v, inner[0], key) if inner else v
+    try:
+        if t is bool:
+            if isinstance(v, str):
+                if v.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if v.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(v)
+        if t is int:
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            return int(v)
+        if t is float:
+            return float(v)
+        if t is str:
+            return str(v)
+        if origin is list:
+            if isinstance(v, str):
+                v = yaml.safe_load(v) if v.strip() else []
+            if not isinstance(v, list):
+                v = [v]
+            return [_coerce(x, args[0], key) for x in v] if args else list(v)
+        if origin is dict:
+            if isinstance(v, str):
+                v = yaml.safe_load(v)
+            if not isinstance(v, dict):
+                raise ValueError
+            return dict(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key}: cannot use {v!r} as {getattr(t, '__name__', t)}") from None
+    return v
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, d or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                **direct: Any) -> TrainConfig:
+    """Read a YAML config (optional), then apply ``a.b=value`` overrides, then ``direct`` keys."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        _set(d, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    for key, v in direct.items():
+        if v is not None:
+            _set(d, key, v)
+    return config_from_dict(d)
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted}: {p} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value

@@ -69,7 +69,11 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
     tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise FormatError(f"{where}: weights do not fit the model ({first})") from None
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise FormatError(f"{where}: weights do not fit the model (missing {missing[:3]}, "
@@ -132,7 +136,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
         tensors.update(rng_state())
         save_file(tensors, str(tmp / OPTIM_FILE))
         extra["optimizer"] = meta
-    _kill_point("after-weights")
+    _kill_point("after-weights", step)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer")
@@ -151,9 +155,10 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
     return final
 
 
-def _kill_point(where: str) -> None:
-    """Test hook: ``TRITLM_TEST_KILL_AT=after-weights`` SIGKILLs this process mid-checkpoint."""
-    if os.environ.get("TRITLM_TEST_KILL_AT") == where:
+def _kill_point(where: str, step: int) -> None:
+    """Test hook: ``TRITLM_TEST_KILL_AT=after-weights[:STEP]`` SIGKILLs this process mid-checkpoint."""
+    want = os.environ.get("TRITLM_TEST_KILL_AT", "")
+    if want in (where, f"{where}:{step}"):
         log.warning("TRITLM_TEST_KILL_AT=%s: killing the process mid-checkpoint", where)
         os.kill(os.getpid(), 9)
 

@@ -279,6 +279,10 @@ class Trainer:
     def _restore(self, path: Path, model, opt, st, detector, tok) -> int:
         c = ck.read_checkpoint(path)
         fp = c["config"].get("tokenizer_fingerprint")
+        if fp is not None and fp != tok.fingerprint():
+            raise ConfigError(f"{path} was trained with a different tokenizer "
+                              f"({c['config'].get('tokenizer')}, not {tok.kind}); resume with the same "
+                              "data and tokenizer")
         ck.load_model_state(model, c["model"], str(path))
         meta = c["state"].pop("optimizer", None)
         if meta is not None:
@@ -289,10 +293,6 @@ class Trainer:
         for k in ("lr_scale", "data_offset", "rollbacks", "consumed", "val_history"):
             if k in c["state"]:
                 st[k] = c["state"][k]
-        saved_tok = c["config"].get("tokenizer", {})
-        if fp is not None and fp != tok.fingerprint():
-            raise ConfigError(f"{path} was trained with a different tokenizer ({saved_tok}); "
-                              "use the same data/tokenizer to resume")
         return int(c["state"]["step"])
 
     def _rollback(self, reason, step, loss_val, model, opt, st, detector, tok, metrics) -> int:

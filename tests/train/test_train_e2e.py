@@ -1,0 +1,132 @@
+"""End-to-end training through the real CLI: smoke run, exact resume after SIGKILL, rollback, DDP."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# A model small enough that a step takes milliseconds: these tests are about the loop, not quality.
+SMALL = ["--preset", "tiny", "--set", "model.dim=32", "--set", "model.ffn_dim=64", "--set", "model.n_layers=2",
+         "--batch-size", "4", "--block-size", "32", "--set", "eval_batches=4", "--set", "log_interval=1",
+         "--set", "tensorboard=false", "--threads", "1", "--quiet"]
+
+
+def run_cli(args, env=None, check=True, timeout=300):
+    e = {**os.environ, **(env or {})}
+    r = subprocess.run([sys.executable, "-m", "tritlm", *args], capture_output=True, text=True,
+                       env=e, cwd=ROOT, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def train_losses(out: Path) -> dict[int, str]:
+    with open(out / "metrics.csv") as f:
+        return {int(r["step"]): r["loss"] for r in csv.DictReader(f) if r["split"] == "train" and not r["event"]}
+
+
+def test_smoke_train_then_generate_and_load(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(["train", "--preset", "tiny", "--max-steps", "40", "--out", str(out), "--quiet",
+                 "--set", "eval_batches=8"])
+    assert "val loss" in r.stdout
+    losses = train_losses(out)
+    assert float(losses[40]) < float(losses[10])
+    g = run_cli(["generate", str(out), "--prompt", "ROMEO:", "--max-tokens", "20", "--seed", "3"])
+    assert g.stdout.startswith("ROMEO:") and len(g.stdout) > 20
+
+    import tritlm
+
+    m = tritlm.load(out)
+    ids = m.tokenizer.encode("To be, or not")
+    lg = m.logits(ids)
+    assert lg.shape == (len(ids), m.tokenizer.vocab_size) and str(lg.dtype) == "torch.float32"
+    a = m.generate("To be", max_tokens=15, temperature=0.8, seed=11)
+    assert a == m.generate("To be", max_tokens=15, temperature=0.8, seed=11)
+    assert len(a) > 0
+
+
+def test_resume_after_sigkill_mid_save_is_bitwise_identical(tmp_path):
+    common = SMALL + ["--max-steps", "30", "--set", "ckpt_interval=10", "--set", "eval_interval=10"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run_cli(["train", *common, "--out", str(ref)])
+    r = run_cli(["train", *common, "--out", str(cut)], env={"TRITLM_TEST_KILL_AT": "after-weights:20"},
+                check=False)
+    assert r.returncode == -signal.SIGKILL
+    assert any(".tmp-" in p.name for p in (cut / "checkpoints").iterdir())
+    run_cli(["train", *common, "--out", str(cut), "--resume"])
+    a, b = train_losses(ref), train_losses(cut)
+    assert sorted(a) == list(range(1, 31)) and a == b  # every step, compared as printed strings
+
+
+def test_resume_after_kill_at_a_random_moment(tmp_path):
+    common = SMALL + ["--max-steps", "60", "--set", "ckpt_interval=7", "--set", "eval_interval=20"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run_cli(["train", *common, "--out", str(ref)])
+    p = subprocess.Popen([sys.executable, "-m", "tritlm", "train", *common, "--out", str(cut)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (cut / "metrics.csv").exists() and max(train_losses(cut) or [0]) >= 25:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    run_cli(["train", *common, "--out", str(cut), "--resume"])
+    assert train_losses(ref) == train_losses(cut)
+
+
+def test_nan_and_spike_are_rolled_back_and_run_completes(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(["train", *SMALL, "--max-steps", "40", "--out", str(out), "--set", "ckpt_interval=10",
+                 "--set", "stability.warmup_steps=5", "--set", "stability.inject_nan_at=[12]",
+                 "--set", "stability.inject_spike_at=[27]"])
+    assert "rollbacks" in r.stdout
+    with open(out / "metrics.csv") as f:
+        events = [row["event"] for row in csv.DictReader(f) if row["event"]]
+    assert events == ["nan: rollback to 10", "spike: rollback to 20"]
+    losses = train_losses(out)
+    assert max(losses) == 40 and all(float(v) == float(v) for v in losses.values())
+
+
+def test_two_process_ddp_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "tritlm", "train", *SMALL, "--max-steps", "12", "--out", str(out), "--set", "ckpt_interval=6"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("training summary") == 1  # rank 0 reports, rank 1 stays quiet
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == [
+        "step-000006", "step-000012"]
+    assert len(train_losses(out)) == 12
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train", "--data", "/no/such/corpus.txt", "--max-steps", "1"], "no/such/corpus.txt"),
+    (["train", "--set", "optim.lrr=1", "--max-steps", "1"], "unknown config key"),
+    (["train", "--config", "/no/such.yaml"], "config file not found"),
+    (["generate", "/no/such/model"], "no such file"),
+    (["info", "--preset", "9B"], "unknown preset"),
+])
+def test_user_errors_are_one_line(tmp_path, args, msg):
+    r = run_cli([*args] + (["--out", str(tmp_path / "o")] if args[0] == "train" else []), check=False)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_wrong_tokenizer_for_checkpoint_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    run_cli(["train", *SMALL, "--max-steps", "3", "--out", str(out)])
+    r = run_cli(["train", *SMALL, "--max-steps", "6", "--out", str(out), "--resume", "--tokenizer", "byte"],
+                check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tokenizer" in r.stderr

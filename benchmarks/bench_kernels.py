@@ -1,0 +1,204 @@
+"""Ternary CPU kernels vs torch dense F.linear: decode (M=1) and prefill (M=128).
+
+    .venv/bin/python benchmarks/bench_kernels.py            # table
+    .venv/bin/python benchmarks/bench_kernels.py --json     # JSON on stdout (or --json out.json)
+
+Decode weights are streamed from DRAM as in a real model: every route cycles through enough
+copies of the weight matrix (>= --stream-mb in total) that nothing is left in the caches.
+"Floor" = the time to read the 2-bit weights once (N*K/4 bytes) at the read bandwidth measured
+here with the same number of threads (numpy/torch sums over a large array, best of a few).
+Prefill is reported in GOP/s = 2*M*N*K / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tritlm.kernels import TernaryLinearKernel, kernel_info, set_num_threads
+
+SHAPES = [(2048, 2048), (4096, 4096), (11008, 4096)]
+
+
+def measure_read_bw(threads: int, mb: int = 512, reps: int = 5) -> float:
+    """Best-of read bandwidth (bytes/s) with `threads` threads: numpy sums of disjoint chunks."""
+    a = np.ones(mb * (1 << 20) // 8, dtype=np.float64)
+    chunks = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(reps):
+        ts = [threading.Thread(target=np.sum, args=(c,)) for c in chunks]
+        t0 = time.perf_counter()
+        if threads == 1:
+            np.sum(a)
+        else:
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+        best = max(best, a.nbytes / (time.perf_counter() - t0))
+    torch.set_num_threads(threads)
+    ta = torch.from_numpy(a)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ta.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def _time_rotating(fns, reps: int) -> float:
+    """Median time of one call, cycling through `fns` (one per weight copy)."""
+    for f in fns[: min(len(fns), 4)]:
+        f()
+    ts = []
+    n = len(fns)
+    for i in range(max(reps, n)):
+        f = fns[i % n]
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def _copies(nbytes: int, stream_bytes: int, m: int) -> int:
+    return max(1, math.ceil(stream_bytes / nbytes)) if m == 1 else 1
+
+
+def bench_shape(n, k, m, threads, bw, args, rng):
+    w = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
+    stream = args.stream_mb << 20
+    reps = args.reps_decode if m == 1 else args.reps_prefill
+    x_np = rng.standard_normal((m, k)).astype(np.float32)
+    x = torch.from_numpy(x_np)
+    set_num_threads(threads)
+    torch.set_num_threads(threads)
+    row = {"n": n, "k": k, "m": m, "threads": threads}
+
+    # ours
+    base = TernaryLinearKernel(w, 0.5, threads=threads)
+    kerns = [base] + [TernaryLinearKernel(base.packed, 0.5, threads=threads)
+                      for _ in range(_copies(n * k // 4, stream, m) - 1)]
+    out = torch.empty(m, n)
+    row["ours_us"] = _time_rotating([lambda kk=kk: kk(x, out=out) for kk in kerns], reps) * 1e6
+    row["weight_bytes"] = n * k // 4
+    del kerns
+    if m == 1:
+        floor_us = row["weight_bytes"] / bw * 1e6
+        row["floor_us"] = floor_us
+        row["pct_floor"] = 100.0 * floor_us / row["ours_us"]
+        row["ours_gbs"] = row["weight_bytes"] / row["ours_us"] / 1e3
+    row["ours_gops"] = 2.0 * m * n * k / row["ours_us"] / 1e3
+
+    # torch dense
+    wf = torch.from_numpy(w.astype(np.float32)) * 0.5
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name in args.skip:
+            continue
+        wd = wf.to(dt)
+        xd = x.to(dt)
+        nb = wd.numel() * wd.element_size()
+        ws = [wd] + [wd.clone() for _ in range(_copies(nb, stream, m) - 1)]
+        r = max(3, reps // 4) if dt is torch.bfloat16 else reps
+        with torch.inference_mode():
+            t = _time_rotating([lambda ww=ww, xd=xd: F.linear(xd, ww) for ww in ws], r)
+        row[f"{name}_us"] = t * 1e6
+        row[f"speedup_vs_{name}"] = t * 1e6 / row["ours_us"]
+        if m == 1:
+            row[f"{name}_pct_floor"] = 100.0 * row["weight_bytes"] / bw / t
+        del ws, wd
+    return row
+
+
+def fmt_table(rows, bws) -> str:
+    lines = []
+    lines.append("read bandwidth: " + ", ".join(f"{t} thr {b / 1e9:.1f} GB/s" for t, b in bws.items()))
+    hdr = (f"{'shape':>11} {'M':>4} {'thr':>3} | {'ours us':>9} {'GB/s':>6} {'%floor':>6} {'GOP/s':>7} | "
+           f"{'fp32 us':>9} {'bf16 us':>9} | {'x fp32':>7} {'x bf16':>7}")
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for r in rows:
+        gbs = f"{r['ours_gbs']:6.1f}" if "ours_gbs" in r else f"{'':>6}"
+        pct = f"{r['pct_floor']:5.0f}%" if "pct_floor" in r else f"{'':>6}"
+        f32 = f"{r['fp32_us']:9.0f}" if "fp32_us" in r else f"{'-':>9}"
+        b16 = f"{r['bf16_us']:9.0f}" if "bf16_us" in r else f"{'-':>9}"
+        s32 = f"{r['speedup_vs_fp32']:6.1f}x" if "speedup_vs_fp32" in r else f"{'-':>7}"
+        s16 = f"{r['speedup_vs_bf16']:6.1f}x" if "speedup_vs_bf16" in r else f"{'-':>7}"
+        lines.append(f"{r['n']:>5}x{r['k']:<5} {r['m']:>4} {r['threads']:>3} | {r['ours_us']:9.0f} {gbs} {pct} "
+                     f"{r['ours_gops']:7.1f} | {f32} {b16} | {s32} {s16}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES),
+                    help="comma-separated NxK list (N outputs, K inputs)")
+    ap.add_argument("--m", default="1,128", help="batch sizes (1 = decode)")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps-decode", type=int, default=60)
+    ap.add_argument("--reps-prefill", type=int, default=8)
+    ap.add_argument("--stream-mb", type=int, default=128, help="weight bytes cycled through for decode")
+    ap.add_argument("--skip", default="", help="comma list of routes to skip: fp32,bf16")
+    ap.add_argument("--tune", action="store_true", help="autotune each shape first (cached)")
+    ap.add_argument("--json", nargs="?", const="-", default=None,
+                    help="write JSON results to PATH (or stdout when no PATH)")
+    args = ap.parse_args(argv)
+    args.skip = [s for s in args.skip.split(",") if s]
+    logging.basicConfig(level=logging.WARNING)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.m.split(",")]
+    threads = [int(v) for v in args.threads.split(",")]
+    rng = np.random.default_rng(0)
+
+    info = kernel_info()
+    bws = {t: measure_read_bw(t) for t in threads}
+    rows = []
+    for n, k in shapes:
+        for t in threads:
+            if args.tune:
+                set_num_threads(t)
+                TernaryLinearKernel(np.zeros((n, k), dtype=np.int8), threads=t).tune(ms=ms, threads=t)
+            for m in ms:
+                rows.append(bench_shape(n, k, m, t, bws[t], args, rng))
+                if args.json != "-":
+                    print(fmt_table(rows[-1:], {}).splitlines()[-1], file=sys.stderr, flush=True)
+    result = {
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "kernel": info,
+        "read_bw_gbs": {str(t): b / 1e9 for t, b in bws.items()},
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+        return result
+    print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} cores, backend {info['backend']}, "
+          f"torch {torch.__version__}, {result['date']}")
+    print(fmt_table(rows, bws))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Python face of the CPU ternary kernels: :class:`TernaryLinearKernel` and friends.
+
+Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL``, else "auto"):
+
+* ``"avx2"``     - the compiled C library, AVX2 ``maddubs`` route (x86-64 with AVX2 + FMA);
+* ``"portable"`` - the compiled C library, plain C loops (any CPU);
+* ``"numpy"``    - pure numpy (exact, slow, ~4 bytes of RAM per weight), used with a logged warning
+  when the C library cannot be built;
+* ``"auto"``     - avx2 if the CPU has it, else portable, else numpy.
+
+Per-call overhead is kept to a few microseconds: the C context (weight pointer, scales, int8
+activation workspace) is built once per weight matrix, pointers of the inputs are read with the
+cheapest route (``Tensor.data_ptr()``, ``ctypes.c_char.from_buffer``), and the activation
+quantiser runs inside the same C call as the matmul.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from ..pack import PackedTernary, pack_ternary_kernel
+from ..reference import quantize_act_ref
+from . import build
+
+log = logging.getLogger("tritlm.kernels")
+
+BACKENDS = ("auto", "avx2", "portable", "numpy")
+# M buckets of the tuned parameters (same as the C side): 0: M == 1, 1: 2 <= M < 16, 2: M >= 16
+BUCKETS = ("1", "2-15", "16+")
+DEFAULT_PARAMS = {"prefetch": 2048, "panel_rows": 32}
+
+_py_threads = None
+_threads_lock = threading.Lock()
+
+
+def m_bucket(m: int) -> int:
+    return 0 if m <= 1 else (1 if m < 16 else 2)
+
+
+# --------------------------------------------------------------------------- global settings
+def set_num_threads(n: int) -> None:
+    """Default number of threads for every kernel call (the caller's thread included)."""
+    global _py_threads
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    with _threads_lock:
+        _py_threads = n
+        lib = build.load_library()
+        if lib is not None:
+            lib.tt_set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    lib = build.load_library()
+    if lib is not None:
+        return int(lib.tt_get_num_threads())
+    return _py_threads or build.default_threads()
+
+
+def set_spin_us(us: int) -> None:
+    """How long idle worker threads spin (waiting for the next call) before they sleep."""
+    lib = build.load_library()
+    if lib is not None:
+        lib.tt_set_spin_us(int(us))
+
+
+def set_min_blocks_per_thread(blocks: int) -> None:
+    """Work floor per thread (row x 128-weight blocks) under which fewer threads are used.
+
+    Default 64; tests set 1 to force multi-threaded splits on tiny matrices.
+    """
+    lib = build.load_library()
+    if lib is not None:
+        lib.tt_set_min_blocks_per_thread(int(blocks))
+
+
+def resolve_backend(requested: str | None = None) -> str:
+    """Map a requested backend (or ``$TRITLM_KERNEL``) to the one that will actually run."""
+    req = (requested or os.environ.get("TRITLM_KERNEL") or "auto").lower()
+    if req not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {req!r}; choose one of {BACKENDS}")
+    if req == "numpy":
+        return "numpy"
+    lib = build.load_library()
+    if lib is None:
+        return "numpy"
+    has_avx2 = bool(lib.tt_has_avx2())
+    if req == "portable":
+        return "portable"
+    if req == "avx2" and not has_avx2:
+        log.warning("tritlm: AVX2 kernels requested but the CPU lacks AVX2/FMA; using portable C")
+    return "avx2" if has_avx2 else "portable"
+
+
+def kernel_info() -> dict:
+    """Which backend "auto" gives here, and why."""
+    lib = build.load_library()
+    return {
+        "backend": resolve_backend("auto"),
+        "avx2": bool(lib.tt_has_avx2()) if lib is not None else None,
+        "library": str(build.library_path()) if lib is not None else None,
+        "compiler": build.find_compiler(),
+        "threads": get_num_threads(),
+        "error": build.load_error(),
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+def _ptr(a: np.ndarray) -> int:
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):  # read-only or 0-size buffer
+        return a.ctypes.data
+
+
+def _aligned_copy(a: np.ndarray, align: int = 64) -> np.ndarray:
+    raw = np.empty(a.nbytes + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    out = raw[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+_F32_NP = np.dtype(np.float32)
+_TORCH = None
+
+
+def _torch():
+    global _TORCH
+    if _TORCH is None:
+        import torch
+
+        _TORCH = torch
+    return _TORCH
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def quantize_act(x, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token absmax int8 quantisation (same numbers as :func:`quantize_act_ref`), in C."""
+    if _is_torch(x):
+        x = x.detach().cpu().float().numpy()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"activations must be 2-D [M, K], got shape {x.shape}")
+    be = resolve_backend(backend)
+    if be == "numpy":
+        return quantize_act_ref(x)
+    m, k = x.shape
+    q = np.empty((m, k), dtype=np.int8)
+    s = np.empty(m, dtype=np.float32)
+    if m and k:
+        build.load_library().tt_quantize(_ptr(x), m, k, k, _ptr(q), k, k, _ptr(s), None, int(be == "avx2"))
+    return q, s
+
+
+# --------------------------------------------------------------------------- the kernel object
+class TernaryLinearKernel:
+    """``y = x @ W^T * w_scale (+ bias)`` for ternary ``W`` with int8 per-token activations.
+
+    Built once per weight matrix (packs, aligns, creates the C context); then
+    ``kernel(x)`` quantises ``x`` (float, ``[..., K]``, numpy or torch) per token and returns
+    float32 ``[..., N]`` of the same kind. Inference only: no autograd.
+
+    Args:
+        weight: int8-like ``[N, K]`` with values in {-1, 0, 1}, or a :class:`PackedTernary`.
+        w_scale: scalar (per tensor) or ``[N]`` (per output row); multiplies: W ~= wq * w_scale.
+        bias: optional ``[N]``.
+        threads: threads for this kernel (None: the global :func:`set_num_threads` value).
+        backend: "auto" | "avx2" | "portable" | "numpy" (None: ``$TRITLM_KERNEL`` or auto).
+        params: ``{bucket: {"prefetch": bytes, "panel_rows": rows}}`` overrides; by default the
+            autotune cache (``autotune.json``) is consulted, then built-in defaults.
+    """
+
+    def __init__(self, weight, w_scale=1.0, bias=None, *, threads: int | None = None,
+                 backend: str | None = None, params: dict | None = None):
+        if isinstance(weight, PackedTernary):
+            packed = weight if weight.layout == "i2s_r4" else pack_ternary_kernel(weight.unpack())
+        else:
+            packed = pack_ternary_kernel(weight)
+        self.packed = packed
+        self.n, self.k, self.k_padded = packed.n, packed.k, packed.k_padded
+        if self.k > (1 << 22):
+            raise ValueError(f"K = {self.k} too large for int32 accumulation (max {1 << 22})")
+        ws = np.asarray(w_scale.detach().cpu().numpy() if _is_torch(w_scale) else w_scale, dtype=np.float32)
+        ws = ws.reshape(-1)
+        if ws.size == 1:
+            ws = np.full(self.n, ws[0], dtype=np.float32)
+        if ws.size != self.n:
+            raise ValueError(f"w_scale must be a scalar or have N = {self.n} entries, got {ws.size}")
+        self.w_scale = np.ascontiguousarray(ws)
+        if bias is not None:
+            b = np.asarray(bias.detach().cpu().numpy() if _is_torch(bias) else bias, dtype=np.float32)
+            b = np.ascontiguousarray(b.reshape(-1))
+            if b.size != self.n:
+                raise ValueError(f"bias must have N = {self.n} entries, got {b.size}")
+            bias = b
+        self.bias = bias
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = None if threads is None else int(threads)
+        self.backend = resolve_backend(backend)
+        self._ctx = None
+        self._dense = None
+        self.params = {b: dict(DEFAULT_PARAMS) for b in range(len(BUCKETS))}
+        if self.backend == "numpy":
+            return
+        self._lib = lib = build.load_library()
+        self._data = _aligned_copy(packed.data)
+        ctx = lib.tt_ctx_new(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale),
+                             _ptr(bias) if bias is not None else None)
+        if not ctx:
+            raise MemoryError("tt_ctx_new failed")
+        self._ctx = ctx
+        self._finalizer = weakref.finalize(self, lib.tt_ctx_free, ctx)
+        lib.tt_ctx_set_isa(ctx, 1 if self.backend == "avx2" else 0)
+        self._fwd = lib.tt_forward_f32
+        self._fwd_i8 = lib.tt_forward_i8
+        if params is None:
+            try:
+                from .. import autotune
+
+                params = autotune.lookup(self.n, self.k, self.effective_threads, self.backend)
+            except Exception as e:  # noqa: BLE001 - a broken cache must not break inference
+                log.warning("tritlm: ignoring the autotune cache (%s)", e)
+                params = None
+        if params:
+            self.set_params(params)
+        else:
+            self.set_params({})
+
+    # ---------------------------------------------------------------- configuration
+    @property
+    def effective_threads(self) -> int:
+        return self.threads or get_num_threads()
+
+    def set_params(self, params: dict) -> None:
+        """``{bucket (0/1/2 or "1"/"2-15"/"16+"): {"prefetch": int, "panel_rows": int}}``."""
+        for key, p in params.items():
+            b = BUCKETS.index(key) if isinstance(key, str) else int(key)
+            cur = dict(self.params[b])
+            cur.update({k: int(v) for k, v in p.items() if k in DEFAULT_PARAMS})
+            self.params[b] = cur
+        if self._ctx is not None:
+            for b, p in self.params.items():
+                self._lib.tt_ctx_set_params(self._ctx, b, p["prefetch"], p["panel_rows"])
+
+    def tune(self, ms=(1, 128), threads: int | None = None, save: bool = True) -> dict:
+        """Autotune this shape for the given batch sizes (cached in autotune.json)."""
+        from .. import autotune
+
+        res = autotune.tune(self.n, self.k, ms=ms, threads=threads or self.effective_threads,
+                            backend=self.backend, save=save)
+        self.set_params(res)
+        return res
+
+    # ---------------------------------------------------------------- calls
+    def __call__(self, x, out=None):
+        """float ``[..., K]`` (numpy or torch) -> float32 ``[..., N]`` of the same kind.
+
+        ``out``: optional preallocated C-contiguous float32 result (same kind as ``x``).
+        """
+        if type(x) is np.ndarray:
+            return self._call_numpy(x, out)
+        if _is_torch(x):
+            return self._call_torch(x, out)
+        return self._call_numpy(np.asarray(x), out)
+
+    def _check_out(self, out, shape, m):
+        if tuple(out.shape) != tuple(shape[:-1]) + (self.n,):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape[:-1]) + (self.n,)}")
+        if _is_torch(out):
+            torch = _torch()
+            if out.dtype is not torch.float32 or not out.is_cpu or not out.is_contiguous():
+                raise ValueError("out must be a contiguous float32 CPU tensor")
+        elif out.dtype != _F32_NP or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be a writeable C-contiguous float32 array")
+
+    def _call_numpy(self, x: np.ndarray, out=None) -> np.ndarray:
+        shape = x.shape
+        k = self.k
+        if not shape or shape[-1] != k:
+            raise ValueError(f"expected activations [..., {k}], got shape {shape}")
+        if x.dtype != _F32_NP or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        m = shape[0] if len(shape) == 2 else x.size // k
+        if out is None:
+            out = np.empty(shape[:-1] + (self.n,), dtype=_F32_NP)
+        else:
+            self._check_out(out, shape, m)
+        if m == 0:
+            return out
+        if self._ctx is None:
+            out.reshape(m, self.n)[...] = self._numpy_forward(x.reshape(m, k))  # reshape: a view
+            return out
+        if self._fwd(self._ctx, _ptr(x), m, k, _ptr(out), self.threads or 0):
+            raise MemoryError("tritlm kernel: workspace allocation failed")
+        return out
+
+    def _call_torch(self, x, out=None):
+        torch = _torch()
+        f32 = torch.float32
+        shape = x.shape
+        k = self.k
+        if not shape or shape[-1] != k:
+            raise ValueError(f"expected activations [..., {k}], got shape {tuple(shape)}")
+        if not (x.dtype is f32 and x.is_cpu and x.is_contiguous()):
+            x = x.detach().to("cpu", f32).contiguous()
+        m = shape[0] if len(shape) == 2 else x.numel() // k
+        if out is None:
+            out = torch.empty(*shape[:-1], self.n, dtype=f32)
+        else:
+            self._check_out(out, shape, m)
+        if m == 0:
+            return out
+        if self._ctx is None:
+            res = self._numpy_forward(x.detach().reshape(m, k).numpy())
+            out.view(m, self.n).copy_(torch.from_numpy(res))
+            return out
+        if self._fwd(self._ctx, x.data_ptr(), m, k, out.data_ptr(), self.threads or 0):
+            raise MemoryError("tritlm kernel: workspace allocation failed")
+        return out
+
+    def _check_int8(self, xq, x_scale=None):
+        if _is_torch(xq):
+            xq = xq.detach().cpu().numpy()
+        xq = np.asarray(xq)
+        if xq.ndim != 2 or xq.shape[1] != self.k:
+            raise ValueError(f"xq must be int8 [M, {self.k}], got shape {xq.shape}")
+        if xq.dtype != np.int8:
+            raise ValueError(f"xq must have dtype int8, got {xq.dtype}")
+        if not xq.flags.c_contiguous:
+            xq = np.ascontiguousarray(xq)
+        if x_scale is not None:
+            if _is_torch(x_scale):
+                x_scale = x_scale.detach().cpu().numpy()
+            x_scale = np.ascontiguousarray(x_scale, dtype=np.float32).reshape(-1)
+            if x_scale.size != xq.shape[0]:
+                raise ValueError(f"x_scale must have M = {xq.shape[0]} entries, got {x_scale.size}")
+        return xq, x_scale
+
+    def matmul_int8(self, xq, x_scale, out: np.ndarray | None = None) -> np.ndarray:
+        """Low-level path: int8 ``[M, K]`` activations with per-token scales ``[M]`` (x ~= xq / s).
+
+        Writes ``(xq @ wq^T) * w_scale / x_scale[:, None] (+ bias)`` into ``out`` (float32
+        ``[M, N]``, C-contiguous, preallocated by the caller for zero allocation) and returns it.
+        """
+        xq, x_scale = self._check_int8(xq, x_scale)
+        m = xq.shape[0]
+        if out is None:
+            out = np.empty((m, self.n), dtype=np.float32)
+        elif out.shape != (m, self.n) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {(m, self.n)}")
+        if m == 0:
+            return out
+        if self._ctx is None:
+            dots = self._numpy_dots(xq).astype(np.float64)
+            res = dots * self.w_scale.astype(np.float64) / x_scale.astype(np.float64)[:, None]
+            out[...] = res.astype(np.float32) + (self.bias if self.bias is not None else np.float32(0))
+            return out
+        if self._fwd_i8(self._ctx, _ptr(xq), m, self.k, _ptr(x_scale), _ptr(out), None, self.threads or 0):
+            raise MemoryError("tritlm kernel: workspace allocation failed")
+        return out
+
+    def int_dots(self, xq) -> np.ndarray:
+        """Exact integer dot products ``xq @ wq^T`` as int32 ``[M, N]`` (for tests / debugging)."""
+        xq, _ = self._check_int8(xq)
+        m = xq.shape[0]
+        dots = np.empty((m, self.n), dtype=np.int32)
+        if m == 0:
+            return dots
+        if self._ctx is None:
+            return self._numpy_dots(xq).astype(np.int32)
+        if self._fwd_i8(self._ctx, _ptr(xq), m, self.k, None, None, _ptr(dots), self.threads or 0):
+            raise MemoryError("tritlm kernel: workspace allocation failed")
+        return dots
+
+    # ---------------------------------------------------------------- numpy fallback
+    def _numpy_dots(self, xq: np.ndarray) -> np.ndarray:
+        if self._dense is None:  # float32 is exact for |dot| < 2^24 (K * 128 < 2^24)
+            dt = np.float32 if self.k * 128 < (1 << 24) else np.float64
+            self._dense = np.ascontiguousarray(self.packed.unpack().T.astype(dt))
+        return np.rint(xq.astype(self._dense.dtype) @ self._dense).astype(np.int64)
+
+    def _numpy_forward(self, x: np.ndarray) -> np.ndarray:
+        xq, xs = quantize_act_ref(x)
+        dots = self._numpy_dots(xq).astype(np.float64)
+        res = (dots * self.w_scale.astype(np.float64) / xs.astype(np.float64)[:, None]).astype(np.float32)
+        if self.bias is not None:
+            res += self.bias
+        return res
+
+    def __repr__(self) -> str:
+        return (f"TernaryLinearKernel(n={self.n}, k={self.k}, backend={self.backend!r}, "
+                f"threads={self.threads})")

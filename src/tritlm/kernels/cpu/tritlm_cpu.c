@@ -1,0 +1,680 @@
+/*
+ * tritlm CPU ternary kernels: int8 activations x 2-bit ternary weights (layout "i2s_r4").
+ *
+ * Weight layout (see tritlm/kernels/pack.py): code q = w + 1 in 2 bits; 128 weights per 32-byte
+ * block, byte j of a block holds q[j] (bits 1:0), q[j+32] (3:2), q[j+64] (5:4), q[j+96] (7:6);
+ * K padded to a multiple of 128 with zero weights (q = 1); rows in groups of 4, the 32-byte blocks
+ * of a group interleaved: row 4g+r, block b at byte ((g*KB + b)*4 + r)*32.
+ *
+ * Math: dot = sum_k q_k x_k - sum_k x_k  (= sum_k w_k x_k, exact in int32);
+ *       out = (float)((double)dot * w_scale[n] / x_scale[t]) (+ bias[n]).
+ * AVX2 route: _mm256_maddubs_epi16(codes 0..2 unsigned, x int8 signed) -> int16 pair sums,
+ * accumulated in int16 over <= 16 blocks (|sum| <= 16*4*2*2*128 = 32768 -> fits: the only value
+ * reaching 2^15 is -32768, i.e. every x = -128), then widened with madd(acc, 1) into int32.
+ * Portable route: plain C loops (non-x86, or CPUs without AVX2), chosen at run time.
+ *
+ * Threads: a small persistent pthread pool (the caller is thread 0). Workers spin for
+ * tt_spin_us microseconds after a job (to catch the next call cheaply), then sleep on a condvar.
+ * Output rows are split into contiguous ranges of 4-row groups (GEMV) or of panels (GEMM).
+ *
+ * No global state besides the pool; every entry point is serialised by one mutex, so the library
+ * is safe to call from several Python threads (calls just queue).
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define TT_X86 1
+#define TT_AVX2_FN __attribute__((target("avx2,fma")))
+#define TT_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+#else
+#define TT_X86 0
+#endif
+
+/* pin a vector in a register at this point: stops gcc from re-associating the int16 adds into a
+ * tree of temporaries (which spills the 2x4 tile to the stack) */
+#define TT_PIN(v) __asm__("" : "+x"(v))
+
+#define TT_ABI_VERSION 3
+#define TT_MAX_THREADS 256
+#define TT_BLOCK 128
+#define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
+#define TT_NBUCKETS 3
+
+static inline void tt_relax(void) {
+#if TT_X86
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint64_t tt_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ============================================================== thread pool */
+typedef void (*tt_task_fn)(void *arg, int tid, int nth);
+
+static struct {
+    pthread_mutex_t call_lock; /* serialises entry points (and protects pool resizing) */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t th[TT_MAX_THREADS];
+    int nworkers;   /* running worker threads (tid 1..nworkers) */
+    int nthreads;   /* default thread count incl. the caller */
+    _Atomic unsigned gen;
+    _Atomic int pending;
+    _Atomic int sleeping;
+    _Atomic int limit; /* workers with tid > limit exit */
+    tt_task_fn fn;
+    void *arg;
+    int nth;
+    _Atomic long spin_ns;
+    unsigned start_gen[TT_MAX_THREADS];
+    int min_blocks; /* minimum weight blocks per thread before another thread is used */
+    int inited;
+} P = {
+    .call_lock = PTHREAD_MUTEX_INITIALIZER,
+    .mu = PTHREAD_MUTEX_INITIALIZER,
+    .cv = PTHREAD_COND_INITIALIZER,
+    .nworkers = 0,
+    .nthreads = 1,
+    .spin_ns = 100000,
+    .min_blocks = 64,
+};
+
+static void *tt_worker(void *p) {
+    const int tid = (int)(intptr_t)p;
+    unsigned seen = P.start_gen[tid]; /* gen at creation: a job posted before we run is not missed */
+    for (;;) {
+        unsigned g;
+        uint64_t t0 = tt_now_ns();
+        long spin = atomic_load_explicit(&P.spin_ns, memory_order_relaxed);
+        int it = 0;
+        while ((g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen) {
+            tt_relax();
+            if (++it >= 64) {
+                it = 0;
+                if ((long)(tt_now_ns() - t0) > spin) break;
+            }
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&P.mu);
+            atomic_fetch_add(&P.sleeping, 1);
+            while ((g = atomic_load(&P.gen)) == seen) pthread_cond_wait(&P.cv, &P.mu);
+            atomic_fetch_sub(&P.sleeping, 1);
+            pthread_mutex_unlock(&P.mu);
+        }
+        seen = g;
+        if (tid > atomic_load(&P.limit)) {
+            atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+            return NULL;
+        }
+        if (tid < P.nth) P.fn(P.arg, tid, P.nth);
+        atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+    }
+}
+
+static void tt_kick_and_wait(int self_work, tt_task_fn fn, void *arg, int nth) {
+    /* caller holds call_lock; P.fn/arg/nth/pending set */
+    atomic_fetch_add(&P.gen, 1);
+    if (atomic_load(&P.sleeping) > 0) {
+        pthread_mutex_lock(&P.mu);
+        pthread_cond_broadcast(&P.cv);
+        pthread_mutex_unlock(&P.mu);
+    }
+    if (self_work) fn(arg, 0, nth);
+    int it = 0;
+    while (atomic_load_explicit(&P.pending, memory_order_acquire) > 0) {
+        tt_relax();
+        if (++it > 4096) { sched_yield(); it = 0; } /* oversubscribed: let workers run */
+    }
+}
+
+static void tt_noop(void *arg, int tid, int nth) { (void)arg; (void)tid; (void)nth; }
+
+/* resize to exactly `want` workers; caller holds call_lock */
+static int tt_pool_resize(int want) {
+    if (want < 0) want = 0;
+    if (want > TT_MAX_THREADS - 1) want = TT_MAX_THREADS - 1;
+    if (want < P.nworkers) {
+        int old = P.nworkers;
+        atomic_store(&P.limit, want);
+        P.fn = tt_noop; P.arg = NULL; P.nth = 0;
+        atomic_store(&P.pending, old);
+        tt_kick_and_wait(0, tt_noop, NULL, 0);
+        for (int i = want + 1; i <= old; i++) pthread_join(P.th[i], NULL);
+        P.nworkers = want;
+    }
+    atomic_store(&P.limit, TT_MAX_THREADS);
+    while (P.nworkers < want) {
+        int tid = P.nworkers + 1;
+        P.start_gen[tid] = atomic_load(&P.gen);
+        if (pthread_create(&P.th[tid], NULL, tt_worker, (void *)(intptr_t)tid) != 0) return -1;
+        P.nworkers = tid;
+    }
+    return 0;
+}
+
+static void tt_atfork_child(void) {
+    /* threads do not survive fork: forget them (the child re-creates workers on demand) */
+    pthread_mutex_init(&P.call_lock, NULL);
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+    P.nworkers = 0;
+    atomic_store(&P.pending, 0);
+    atomic_store(&P.sleeping, 0);
+}
+
+static void tt_init_once(void) {
+    if (!P.inited) {
+        P.inited = 1;
+        pthread_atfork(NULL, NULL, tt_atfork_child);
+    }
+}
+
+/* run fn on nth threads (caller = tid 0); caller holds call_lock */
+static void tt_parallel(tt_task_fn fn, void *arg, int nth) {
+    if (nth <= 1) { fn(arg, 0, 1); return; }
+    if (P.nworkers < nth - 1 && tt_pool_resize(nth - 1) != 0) {
+        nth = P.nworkers + 1;
+        if (nth <= 1) { fn(arg, 0, 1); return; }
+    }
+    P.fn = fn; P.arg = arg; P.nth = nth;
+    atomic_store(&P.pending, P.nworkers);
+    tt_kick_and_wait(1, fn, arg, nth);
+}
+
+/* ============================================================== context */
+typedef struct { int pf; int panel_rows; } tt_params;
+
+typedef struct {
+    const uint8_t *w;  /* packed weights, i2s_r4 */
+    int n, k, kp, kb, ngroups;
+    float *wscale;     /* [n] */
+    float *bias;       /* [n] or NULL */
+    int isa;           /* 1 = AVX2, 0 = portable */
+    tt_params params[TT_NBUCKETS];
+    int8_t *xq;        /* workspace [cap_m, kp] */
+    float *xs;         /* [cap_m] */
+    int32_t *sx;       /* [cap_m] */
+    int cap_m;
+} tt_ctx;
+
+static int tt_cpu_has_avx2(void) {
+#if TT_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static void *tt_aligned_alloc(size_t n) {
+    void *p = NULL;
+    if (n == 0) n = 64;
+    if (posix_memalign(&p, 64, (n + 63) & ~(size_t)63) != 0) return NULL;
+    return p;
+}
+
+static int tt_bucket(int m) { return m <= 1 ? 0 : (m < 16 ? 1 : 2); }
+
+static int tt_reserve(tt_ctx *c, int m) {
+    if (m <= c->cap_m) return 0;
+    int cap = c->cap_m ? c->cap_m : 1;
+    while (cap < m) cap *= 2;
+    int8_t *xq = (int8_t *)tt_aligned_alloc((size_t)cap * c->kp);
+    float *xs = (float *)tt_aligned_alloc(sizeof(float) * cap);
+    int32_t *sx = (int32_t *)tt_aligned_alloc(sizeof(int32_t) * cap);
+    if (!xq || !xs || !sx) { free(xq); free(xs); free(sx); return -1; }
+    free(c->xq); free(c->xs); free(c->sx);
+    c->xq = xq; c->xs = xs; c->sx = sx; c->cap_m = cap;
+    return 0;
+}
+
+/* ============================================================== activation quantiser */
+static void tt_quant_row_portable(const float *x, int k, int kp, int8_t *q, float *scale, int32_t *sumx) {
+    float amax = 0.0f;
+    for (int i = 0; i < k; i++) { float a = fabsf(x[i]); amax = a > amax ? a : amax; }
+    float s = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+    int32_t sum = 0;
+    for (int i = 0; i < k; i++) {
+        long v = lrintf(x[i] * s);
+        v = v < -128 ? -128 : (v > 127 ? 127 : v);
+        q[i] = (int8_t)v;
+        sum += (int32_t)v;
+    }
+    if (kp > k) memset(q + k, 0, (size_t)(kp - k));
+    *scale = s;
+    *sumx = sum;
+}
+
+#if TT_X86
+TT_AVX2_FN static void tt_quant_row_avx2(const float *x, int k, int kp, int8_t *q, float *scale, int32_t *sumx) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= k; i += 16) {
+        m0 = _mm256_max_ps(m0, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
+        m1 = _mm256_max_ps(m1, _mm256_and_ps(_mm256_loadu_ps(x + i + 8), absmask));
+    }
+    m0 = _mm256_max_ps(m0, m1);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    float amax = _mm_cvtss_f32(h);
+    for (; i < k; i++) { float a = fabsf(x[i]); amax = a > amax ? a : amax; }
+    const float s = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i ones8 = _mm256_set1_epi8(1);
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256i vsum = _mm256_setzero_si256();
+    i = 0;
+    for (; i + 32 <= k; i += 32) {
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vs));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), vs));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), vs));
+        __m256i p01 = _mm256_packs_epi32(i0, i1);
+        __m256i p23 = _mm256_packs_epi32(i2, i3);
+        __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
+        _mm256_storeu_si256((__m256i *)(q + i), b);
+        vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, b), ones16));
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    int32_t sum = _mm_cvtsi128_si32(s4);
+    for (; i < k; i++) {
+        long v = lrintf(x[i] * s);
+        v = v < -128 ? -128 : (v > 127 ? 127 : v);
+        q[i] = (int8_t)v;
+        sum += (int32_t)v;
+    }
+    if (kp > k) memset(q + k, 0, (size_t)(kp - k));
+    *scale = s;
+    *sumx = sum;
+}
+#endif
+
+static void tt_quant_rows(const float *x, int m, int k, long ldx, int8_t *q, long ldq, float *scale,
+                          int32_t *sumx, int kp, int isa) {
+    for (int t = 0; t < m; t++) {
+#if TT_X86
+        if (isa) { tt_quant_row_avx2(x + (size_t)t * ldx, k, kp, q + (size_t)t * ldq, scale + t, sumx + t); continue; }
+#endif
+        tt_quant_row_portable(x + (size_t)t * ldx, k, kp, q + (size_t)t * ldq, scale + t, sumx + t);
+    }
+    (void)isa;
+}
+
+/* ============================================================== matmul job */
+typedef struct {
+    const tt_ctx *c;
+    const int8_t *xq;   /* [m, ldx], padded to kp with zeros */
+    size_t ldx;
+    int m;
+    const float *xs;    /* [m] activation scales */
+    const int32_t *sx;  /* [m] sum of x */
+    float *out;         /* [m, n] or NULL */
+    int32_t *dots;      /* [m, n] or NULL (raw integer dots) */
+    tt_params p;
+} tt_job;
+
+static inline void tt_store(const tt_job *J, int t, int row, int32_t acc) {
+    const tt_ctx *c = J->c;
+    if (row >= c->n) return;
+    int32_t d = acc - J->sx[t];
+    size_t o = (size_t)t * c->n + row;
+    if (J->dots) { J->dots[o] = d; return; }
+    float v = (float)((double)d * (double)c->wscale[row] / (double)J->xs[t]);
+    if (c->bias) v += c->bias[row];
+    J->out[o] = v;
+}
+
+/* split [0, units) into nth contiguous near-equal ranges */
+static inline void tt_range(int units, int tid, int nth, int *a, int *b) {
+    int base = units / nth, rem = units % nth;
+    *a = tid * base + (tid < rem ? tid : rem);
+    *b = *a + base + (tid < rem);
+}
+
+/* ---------------------------------------------------------------- portable kernels */
+static int32_t tt_dot_row_portable(const tt_ctx *c, int row, const int8_t *x) {
+    const int g = row >> 2, r = row & 3;
+    const uint8_t *w = c->w + (size_t)g * c->kb * TT_GROUP_BYTES_PER_BLOCK + r * 32;
+    int32_t acc = 0;
+    for (int b = 0; b < c->kb; b++) {
+        const uint8_t *wb = w + (size_t)b * TT_GROUP_BYTES_PER_BLOCK;
+        const int8_t *xb = x + (size_t)b * TT_BLOCK;
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) {
+            const int v = wb[j];
+            s += (v & 3) * xb[j] + ((v >> 2) & 3) * xb[j + 32] + ((v >> 4) & 3) * xb[j + 64] + ((v >> 6) & 3) * xb[j + 96];
+        }
+        acc += s;
+    }
+    return acc;
+}
+
+static void tt_task_portable(void *arg, int tid, int nth) {
+    const tt_job *J = (const tt_job *)arg;
+    int g0, g1;
+    tt_range(J->c->ngroups, tid, nth, &g0, &g1);
+    for (int t = 0; t < J->m; t++) {
+        const int8_t *x = J->xq + (size_t)t * J->ldx;
+        for (int row = 4 * g0; row < 4 * g1 && row < J->c->n; row++) tt_store(J, t, row, tt_dot_row_portable(J->c, row, x));
+    }
+}
+
+/* ---------------------------------------------------------------- AVX2 kernels */
+#if TT_X86
+TT_AVX2_INLINE __m128i tt_hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    __m256i ab = _mm256_hadd_epi32(a, b);
+    __m256i cd = _mm256_hadd_epi32(c, d);
+    __m256i abcd = _mm256_hadd_epi32(ab, cd);
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+TT_AVX2_INLINE int32_t tt_hsum1(__m256i a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* GEMV: one token, 4-row groups [g0, g1), weights streamed sequentially */
+TT_AVX2_FN static void tt_gemv_avx2(const tt_job *J, int g0, int g1) {
+    const tt_ctx *c = J->c;
+    const int kb = c->kb;
+    const int8_t *x = J->xq;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i one16 = _mm256_set1_epi16(1);
+    const size_t pf = (size_t)J->p.pf;
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *w = c->w + (size_t)g * kb * TT_GROUP_BYTES_PER_BLOCK;
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+        for (int b0 = 0; b0 < kb; b0 += 16) {
+            const int b1 = b0 + 16 < kb ? b0 + 16 : kb;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            for (int b = b0; b < b1; b++) {
+                const uint8_t *wb = w + (size_t)b * TT_GROUP_BYTES_PER_BLOCK;
+                const int8_t *xb = x + (size_t)b * TT_BLOCK;
+                if (pf) {
+                    _mm_prefetch((const char *)(wb + pf), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wb + pf + 64), _MM_HINT_T0);
+                }
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xb);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb + 32));
+                const __m256i x2 = _mm256_loadu_si256((const __m256i *)(xb + 64));
+                const __m256i x3 = _mm256_loadu_si256((const __m256i *)(xb + 96));
+#define TT_ROW(R, A)                                                                                   \
+    do {                                                                                               \
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * (R)));                        \
+        A = _mm256_add_epi16(A, _mm256_maddubs_epi16(_mm256_and_si256(v, m3), x0)); TT_PIN(A);       \
+        A = _mm256_add_epi16(A, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3), x1)); \
+        A = _mm256_add_epi16(A, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3), x2)); \
+        A = _mm256_add_epi16(A, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), x3)); \
+    } while (0)
+                TT_ROW(0, a0);
+                TT_ROW(1, a1);
+                TT_ROW(2, a2);
+                TT_ROW(3, a3);
+#undef TT_ROW
+            }
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(a0, one16));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(a1, one16));
+            s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(a2, one16));
+            s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(a3, one16));
+        }
+        int32_t r4[4];
+        _mm_storeu_si128((__m128i *)r4, tt_hsum4(s0, s1, s2, s3));
+        for (int r = 0; r < 4; r++) tt_store(J, 0, 4 * g + r, r4[r]);
+    }
+}
+
+/* GEMM register tile: 2 rows (wp, wp+32 in each 128-byte group block) x T tokens */
+TT_AVX2_INLINE void tt_tile_2xT(const uint8_t *wp, const int8_t *x, size_t ldx, int kb, int T, int32_t res[2][4]) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i one16 = _mm256_set1_epi16(1);
+    const __m256i z = _mm256_setzero_si256();
+    __m256i s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
+    const int8_t *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
+    for (int b0 = 0; b0 < kb; b0 += 16) {
+        const int b1 = b0 + 16 < kb ? b0 + 16 : kb;
+        __m256i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+        for (int b = b0; b < b1; b++) {
+            const uint8_t *wb = wp + (size_t)b * TT_GROUP_BYTES_PER_BLOCK;
+            const size_t xo = (size_t)b * TT_BLOCK;
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)wb);
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
+#define TT_STEP(Q)                                                                                  \
+    do {                                                                                            \
+        const __m256i u0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * (Q)), m3);                    \
+        const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * (Q)), m3);                    \
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x0 + xo + 32 * (Q)));                     \
+        a00 = _mm256_add_epi16(a00, _mm256_maddubs_epi16(u0, xv)); TT_PIN(a00);                     \
+        a10 = _mm256_add_epi16(a10, _mm256_maddubs_epi16(u1, xv)); TT_PIN(a10);                     \
+        if (T > 1) {                                                                                \
+            xv = _mm256_loadu_si256((const __m256i *)(x1 + xo + 32 * (Q)));                         \
+            a01 = _mm256_add_epi16(a01, _mm256_maddubs_epi16(u0, xv)); TT_PIN(a01);                 \
+            a11 = _mm256_add_epi16(a11, _mm256_maddubs_epi16(u1, xv)); TT_PIN(a11);                 \
+        }                                                                                           \
+        if (T > 2) {                                                                                \
+            xv = _mm256_loadu_si256((const __m256i *)(x2 + xo + 32 * (Q)));                         \
+            a02 = _mm256_add_epi16(a02, _mm256_maddubs_epi16(u0, xv)); TT_PIN(a02);                 \
+            a12 = _mm256_add_epi16(a12, _mm256_maddubs_epi16(u1, xv)); TT_PIN(a12);                 \
+        }                                                                                           \
+        if (T > 3) {                                                                                \
+            xv = _mm256_loadu_si256((const __m256i *)(x3 + xo + 32 * (Q)));                         \
+            a03 = _mm256_add_epi16(a03, _mm256_maddubs_epi16(u0, xv)); TT_PIN(a03);                 \
+            a13 = _mm256_add_epi16(a13, _mm256_maddubs_epi16(u1, xv)); TT_PIN(a13);                 \
+        }                                                                                           \
+    } while (0)
+            TT_STEP(0);
+            TT_STEP(1);
+            TT_STEP(2);
+            TT_STEP(3);
+#undef TT_STEP
+        }
+        s00 = _mm256_add_epi32(s00, _mm256_madd_epi16(a00, one16));
+        s10 = _mm256_add_epi32(s10, _mm256_madd_epi16(a10, one16));
+        if (T > 1) { s01 = _mm256_add_epi32(s01, _mm256_madd_epi16(a01, one16)); s11 = _mm256_add_epi32(s11, _mm256_madd_epi16(a11, one16)); }
+        if (T > 2) { s02 = _mm256_add_epi32(s02, _mm256_madd_epi16(a02, one16)); s12 = _mm256_add_epi32(s12, _mm256_madd_epi16(a12, one16)); }
+        if (T > 3) { s03 = _mm256_add_epi32(s03, _mm256_madd_epi16(a03, one16)); s13 = _mm256_add_epi32(s13, _mm256_madd_epi16(a13, one16)); }
+    }
+    res[0][0] = tt_hsum1(s00); res[1][0] = tt_hsum1(s10);
+    if (T > 1) { res[0][1] = tt_hsum1(s01); res[1][1] = tt_hsum1(s11); }
+    if (T > 2) { res[0][2] = tt_hsum1(s02); res[1][2] = tt_hsum1(s12); }
+    if (T > 3) { res[0][3] = tt_hsum1(s03); res[1][3] = tt_hsum1(s13); }
+}
+
+TT_AVX2_FN static void tt_tile_2x4(const uint8_t *wp, const int8_t *x, size_t ldx, int kb, int32_t res[2][4]) { tt_tile_2xT(wp, x, ldx, kb, 4, res); }
+TT_AVX2_FN static void tt_tile_2x3(const uint8_t *wp, const int8_t *x, size_t ldx, int kb, int32_t res[2][4]) { tt_tile_2xT(wp, x, ldx, kb, 3, res); }
+TT_AVX2_FN static void tt_tile_2x2(const uint8_t *wp, const int8_t *x, size_t ldx, int kb, int32_t res[2][4]) { tt_tile_2xT(wp, x, ldx, kb, 2, res); }
+TT_AVX2_FN static void tt_tile_2x1(const uint8_t *wp, const int8_t *x, size_t ldx, int kb, int32_t res[2][4]) { tt_tile_2xT(wp, x, ldx, kb, 1, res); }
+
+/* GEMM: groups [g0, g1) in panels of panel_rows rows; per panel: token quads outer, row pairs inner */
+TT_AVX2_FN static void tt_gemm_avx2(const tt_job *J, int g0, int g1) {
+    const tt_ctx *c = J->c;
+    const int kb = c->kb;
+    int pg = J->p.panel_rows / 4;
+    if (pg < 1) pg = 1;
+    const size_t gstride = (size_t)kb * TT_GROUP_BYTES_PER_BLOCK;
+    for (int p0 = g0; p0 < g1; p0 += pg) {
+        const int p1 = p0 + pg < g1 ? p0 + pg : g1;
+        for (int t0 = 0; t0 < J->m; t0 += 4) {
+            const int T = J->m - t0 < 4 ? J->m - t0 : 4;
+            const int8_t *x = J->xq + (size_t)t0 * J->ldx;
+            for (int g = p0; g < p1; g++) {
+                for (int rp = 0; rp < 2; rp++) {
+                    const uint8_t *wp = c->w + g * gstride + 64 * rp;
+                    int32_t res[2][4];
+                    switch (T) {
+                        case 4: tt_tile_2x4(wp, x, J->ldx, kb, res); break;
+                        case 3: tt_tile_2x3(wp, x, J->ldx, kb, res); break;
+                        case 2: tt_tile_2x2(wp, x, J->ldx, kb, res); break;
+                        default: tt_tile_2x1(wp, x, J->ldx, kb, res); break;
+                    }
+                    const int row = 4 * g + 2 * rp;
+                    for (int t = 0; t < T; t++) {
+                        tt_store(J, t0 + t, row, res[0][t]);
+                        tt_store(J, t0 + t, row + 1, res[1][t]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void tt_task_avx2(void *arg, int tid, int nth) {
+    const tt_job *J = (const tt_job *)arg;
+    const tt_ctx *c = J->c;
+    if (J->m == 1) {
+        int g0, g1;
+        tt_range(c->ngroups, tid, nth, &g0, &g1);
+        tt_gemv_avx2(J, g0, g1);
+    } else {
+        int pg = J->p.panel_rows / 4;
+        if (pg < 1) pg = 1;
+        const int npanels = (c->ngroups + pg - 1) / pg;
+        int a, b;
+        tt_range(npanels, tid, nth, &a, &b);
+        int g0 = a * pg, g1 = b * pg < c->ngroups ? b * pg : c->ngroups;
+        if (g0 < g1) tt_gemm_avx2(J, g0, g1);
+    }
+}
+#endif
+
+static int tt_pick_threads(const tt_ctx *c, int nth) {
+    if (nth <= 0) nth = P.nthreads;
+    if (nth > TT_MAX_THREADS) nth = TT_MAX_THREADS;
+    long work = (long)c->ngroups * 4 * c->kb;  /* row-blocks */
+    long mb = P.min_blocks > 0 ? P.min_blocks : 1;
+    long cap = work / mb;
+    if (cap < 1) cap = 1;
+    if (nth > cap) nth = (int)cap;
+    if (nth > c->ngroups) nth = c->ngroups;
+    return nth < 1 ? 1 : nth;
+}
+
+static void tt_run(tt_job *J, int nth) {
+    const tt_ctx *c = J->c;
+    J->p = c->params[tt_bucket(J->m)];
+    nth = tt_pick_threads(c, nth);
+#if TT_X86
+    if (c->isa) { tt_parallel(tt_task_avx2, J, nth); return; }
+#endif
+    tt_parallel(tt_task_portable, J, nth);
+}
+
+/* ============================================================== exported API */
+int tt_abi_version(void) { return TT_ABI_VERSION; }
+int tt_has_avx2(void) { return tt_cpu_has_avx2(); }
+
+void tt_set_num_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > TT_MAX_THREADS) n = TT_MAX_THREADS;
+    pthread_mutex_lock(&P.call_lock);
+    tt_init_once();
+    P.nthreads = n;
+    if (P.nworkers > n - 1) tt_pool_resize(n - 1);
+    pthread_mutex_unlock(&P.call_lock);
+}
+int tt_get_num_threads(void) { return P.nthreads; }
+void tt_set_spin_us(int us) { atomic_store(&P.spin_ns, (long)(us < 0 ? 0 : us) * 1000L); }
+void tt_set_min_blocks_per_thread(int b) { P.min_blocks = b < 1 ? 1 : b; }
+
+tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, const float *bias) {
+    if (!w || n <= 0 || k <= 0 || kp % TT_BLOCK || kp < k) return NULL;
+    tt_ctx *c = (tt_ctx *)calloc(1, sizeof(tt_ctx));
+    if (!c) return NULL;
+    c->w = w; c->n = n; c->k = k; c->kp = kp; c->kb = kp / TT_BLOCK; c->ngroups = (n + 3) / 4;
+    c->wscale = (float *)malloc(sizeof(float) * n);
+    if (!c->wscale) { free(c); return NULL; }
+    memcpy(c->wscale, wscale, sizeof(float) * n);
+    if (bias) {
+        c->bias = (float *)malloc(sizeof(float) * n);
+        if (!c->bias) { free(c->wscale); free(c); return NULL; }
+        memcpy(c->bias, bias, sizeof(float) * n);
+    }
+    c->isa = tt_cpu_has_avx2();
+    for (int i = 0; i < TT_NBUCKETS; i++) { c->params[i].pf = 2048; c->params[i].panel_rows = 32; }
+    return c;
+}
+
+void tt_ctx_free(tt_ctx *c) {
+    if (!c) return;
+    free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c);
+}
+
+/* isa: 1 = AVX2 (ignored / returns 0 when the CPU lacks it), 0 = portable. Returns the isa in use. */
+int tt_ctx_set_isa(tt_ctx *c, int isa) { c->isa = (isa && tt_cpu_has_avx2()) ? 1 : 0; return c->isa; }
+int tt_ctx_get_isa(const tt_ctx *c) { return c->isa; }
+void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows) {
+    if (bucket < 0 || bucket >= TT_NBUCKETS) return;
+    c->params[bucket].pf = pf < 0 ? 0 : pf;
+    c->params[bucket].panel_rows = panel_rows < 4 ? 4 : (panel_rows / 4) * 4;
+}
+
+/* quantise x [m, k] (row stride ldx floats) into the workspace and run; out [m, n] float32 */
+int tt_forward_f32(tt_ctx *c, const float *x, int m, long ldx, float *out, int nth) {
+    if (m <= 0) return 0;
+    pthread_mutex_lock(&P.call_lock);
+    tt_init_once();
+    if (tt_reserve(c, m) != 0) { pthread_mutex_unlock(&P.call_lock); return -1; }
+    tt_quant_rows(x, m, c->k, ldx, c->xq, c->kp, c->xs, c->sx, c->kp, c->isa);
+    tt_job J = {c, c->xq, (size_t)c->kp, m, c->xs, c->sx, out, NULL, {0, 0}};
+    tt_run(&J, nth);
+    pthread_mutex_unlock(&P.call_lock);
+    return 0;
+}
+
+/* int8 activations xq [m, k] (row stride ldx bytes) with scales xs [m]; out float32 [m, n], or
+ * (out == NULL) raw integer dots sum_k w*x into dots int32 [m, n]. */
+int tt_forward_i8(tt_ctx *c, const int8_t *xq, int m, long ldx, const float *xs, float *out, int32_t *dots, int nth) {
+    if (m <= 0) return 0;
+    pthread_mutex_lock(&P.call_lock);
+    tt_init_once();
+    if (tt_reserve(c, m) != 0) { pthread_mutex_unlock(&P.call_lock); return -1; }
+    const int8_t *xp = xq;
+    size_t ld = (size_t)ldx;
+    const int copy = c->k != c->kp; /* the kernels read whole 128-wide blocks */
+    if (copy) {
+        for (int t = 0; t < m; t++) {
+            memcpy(c->xq + (size_t)t * c->kp, xq + (size_t)t * ldx, (size_t)c->k);
+            memset(c->xq + (size_t)t * c->kp + c->k, 0, (size_t)(c->kp - c->k));
+        }
+        xp = c->xq; ld = (size_t)c->kp;
+    }
+    for (int t = 0; t < m; t++) {
+        int32_t s = 0;
+        const int8_t *r = xp + (size_t)t * ld;
+        for (int i = 0; i < c->k; i++) s += r[i];
+        c->sx[t] = s;
+    }
+    tt_job J = {c, xp, ld, m, xs, c->sx, out, out ? NULL : dots, {0, 0}};
+    tt_run(&J, nth);
+    pthread_mutex_unlock(&P.call_lock);
+    return 0;
+}
+
+/* standalone quantiser: q [m, ldq] (columns k..kp-1 zeroed), scale [m], sumx [m] (may be NULL) */
+void tt_quantize(const float *x, int m, int k, long ldx, int8_t *q, long ldq, int kp, float *scale, int32_t *sumx, int isa) {
+    int32_t tmp;
+    isa = isa && tt_cpu_has_avx2();
+    for (int t = 0; t < m; t++)
+        tt_quant_rows(x + (size_t)t * ldx, 1, k, ldx, q + (size_t)t * ldq, ldq, scale + t, sumx ? sumx + t : &tmp, kp, isa);
+}

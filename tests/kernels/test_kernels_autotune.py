@@ -1,0 +1,39 @@
+"""Autotune: a tiny smoke run, the JSON cache, and its use by new kernel objects."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tritlm.kernels import TernaryLinearKernel, autotune
+from tritlm.kernels.cpu import build
+
+pytestmark = pytest.mark.skipif(build.load_library() is None, reason="no compiled kernels")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITLM_CACHE_DIR", str(tmp_path))
+    autotune.clear_memo()
+    yield tmp_path
+    autotune.clear_memo()
+
+
+def test_tune_smoke_and_reuse(cache):
+    cands = {0: [{"prefetch": 0}, {"prefetch": 1024}], 1: [{"panel_rows": 8}], 2: [{"panel_rows": 16}, {"panel_rows": 32}]}
+    best = autotune.tune(12, 256, ms=(1, 3, 20), threads=1, candidates=cands, repeats=1, flush_bytes=0)
+    assert set(best) == {0, 1, 2}
+    assert best[0]["prefetch"] in (0, 1024) and best[1] == {"panel_rows": 8}
+    data = json.loads((cache / "autotune.json").read_text())
+    assert data["version"] == autotune.FORMAT_VERSION and len(data["entries"]) == 3
+    assert autotune.lookup(12, 256, 1, "avx2" if build.load_library().tt_has_avx2() else "portable") == best
+    kern = TernaryLinearKernel(np.zeros((12, 256), dtype=np.int8), threads=1)
+    assert kern.params[1]["panel_rows"] == 8 and kern.params[0]["prefetch"] == best[0]["prefetch"]
+    assert autotune.lookup(12, 256, 2, kern.backend) is None  # other thread count: not tuned
+
+
+def test_corrupt_cache_is_ignored(cache):
+    (cache / "autotune.json").write_text("{not json")
+    assert autotune.lookup(4, 4, 1, "avx2") is None
+    kern = TernaryLinearKernel(np.zeros((4, 4), dtype=np.int8))
+    assert kern.params[0]["prefetch"] == 2048

@@ -35,9 +35,9 @@ THREADS = [1, 2, 3]
 @pytest.fixture(autouse=True, scope="module")
 def _split_tiny_work():
     """Let every thread get work even on tiny matrices, so thread splits are exercised."""
-    ops.set_min_blocks_per_thread(1)
+    ops.set_min_chunk_blocks(1)
     yield
-    ops.set_min_blocks_per_thread(64)
+    ops.set_min_chunk_blocks(256)
 
 
 def _rel_close(y, ref, rtol=1e-6):
@@ -267,3 +267,54 @@ def test_backend_env_override(monkeypatch):
     monkeypatch.setenv("TRITLM_KERNEL", "bogus")
     with pytest.raises(ValueError):
         ops.resolve_backend()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_copy_and_pickle_rebuild_the_context(backend):
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(8)
+    w = rng.integers(-1, 2, size=(20, 150)).astype(np.int8)
+    kern = TernaryLinearKernel(w, 0.3, bias=np.arange(20, dtype=np.float32), backend=backend, threads=2)
+    x = rng.standard_normal((3, 150)).astype(np.float32)
+    y = kern(x)
+    for other in (copy.deepcopy(kern), pickle.loads(pickle.dumps(kern))):
+        assert other.backend == kern.backend and other.threads == 2
+        if kern._ctx is not None:
+            assert other._ctx != kern._ctx
+        assert np.array_equal(other(x), y)
+    del kern
+    import gc
+
+    gc.collect()
+
+
+@pytest.mark.skipif(not HAS_C, reason="no compiled kernels")
+@pytest.mark.timeout(120)
+def test_pool_stress_switching_threads_and_spin():
+    """Thousands of tiny calls while thread counts, pool size and spin time change: no race."""
+    rng = np.random.default_rng(12)
+    cases = []
+    for n, k in [(67, 300), (256, 512), (9, 129)]:
+        w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+        kern = TernaryLinearKernel(w, 1.0)
+        xs = []
+        for m in (1, 2, 5):
+            xq = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
+            xs.append((xq, ternary_matmul_int_ref(xq, w)))
+        cases.append((kern, xs))
+    old = ops.get_num_threads()
+    try:
+        for it in range(3000):
+            kern, xs = cases[it % 3]
+            xq, ref = xs[it % 2 if it % 7 else 2]
+            kern.threads = (2, 3, 1, 2, 4)[it % 5]
+            if it % 397 == 0:
+                ops.set_num_threads((2, 3, 1)[it % 3])
+            if it % 500 == 0:
+                ops.set_spin_us((0, 100, 5)[it % 3])
+            assert np.array_equal(kern.int_dots(xq), ref), it
+    finally:
+        ops.set_num_threads(old)
+        ops.set_spin_us(100)

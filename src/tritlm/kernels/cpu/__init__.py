@@ -8,7 +8,7 @@ from .ops import (
     kernel_info,
     quantize_act,
     resolve_backend,
-    set_min_blocks_per_thread,
+    set_min_chunk_blocks,
     set_num_threads,
     set_spin_us,
 )
@@ -24,7 +24,7 @@ __all__ = [
     "load_library",
     "quantize_act",
     "resolve_backend",
-    "set_min_blocks_per_thread",
+    "set_min_chunk_blocks",
     "set_num_threads",
     "set_spin_us",
 ]

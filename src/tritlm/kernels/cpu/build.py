@@ -29,7 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-lm"]
@@ -112,7 +112,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_set_num_threads": (None, [i32]),
         "tt_get_num_threads": (i32, []),
         "tt_set_spin_us": (None, [i32]),
-        "tt_set_min_blocks_per_thread": (None, [i32]),
+        "tt_set_min_chunk_blocks": (None, [i32]),
         "tt_ctx_new": (vp, [vp, i32, i32, i32, vp, vp]),
         "tt_ctx_free": (None, [vp]),
         "tt_ctx_set_isa": (i32, [vp, i32]),
@@ -161,6 +161,9 @@ def load_library(force_rebuild: bool = False) -> ctypes.CDLL | None:
         _lib, _lib_error = lib, None
         n = os.environ.get("TRITLM_NUM_THREADS")
         lib.tt_set_num_threads(int(n) if n else default_threads())
+        spin = os.environ.get("TRITLM_SPIN_US")
+        if spin:
+            lib.tt_set_spin_us(int(spin))
         return _lib
 
 

@@ -71,14 +71,15 @@ def set_spin_us(us: int) -> None:
         lib.tt_set_spin_us(int(us))
 
 
-def set_min_blocks_per_thread(blocks: int) -> None:
-    """Work floor per thread (row x 128-weight blocks) under which fewer threads are used.
+def set_min_chunk_blocks(blocks: int) -> None:
+    """Smallest unit of GEMV work handed to a thread, in row x 128-weight blocks (32 bytes each).
 
-    Default 64; tests set 1 to force multi-threaded splits on tiny matrices.
+    Default 256 (8 KiB of weights), so tiny matrices stay on one thread; tests set 1 to force
+    many chunks and multi-threaded splits on tiny matrices.
     """
     lib = build.load_library()
     if lib is not None:
-        lib.tt_set_min_blocks_per_thread(int(blocks))
+        lib.tt_set_min_chunk_blocks(int(blocks))
 
 
 def resolve_backend(requested: str | None = None) -> str:
@@ -399,6 +400,20 @@ class TernaryLinearKernel:
             res += self.bias
         return res
 
+    # ---------------------------------------------------------------- copy / pickle
+    def __reduce__(self):
+        """Pickle / deepcopy rebuild the C context from the packed weights (never copy pointers)."""
+        return (_rebuild_kernel, (self.packed, self.w_scale, self.bias, self.threads, self.backend,
+                                  {b: dict(p) for b, p in self.params.items()}))
+
     def __repr__(self) -> str:
         return (f"TernaryLinearKernel(n={self.n}, k={self.k}, backend={self.backend!r}, "
                 f"threads={self.threads})")
+
+
+def _rebuild_kernel(packed, w_scale, bias, threads, backend, params):
+    try:
+        be = resolve_backend(backend)
+    except ValueError:
+        be = None
+    return TernaryLinearKernel(packed, w_scale, bias, threads=threads, backend=be, params=params)

@@ -13,9 +13,10 @@
  * reaching 2^15 is -32768, i.e. every x = -128), then widened with madd(acc, 1) into int32.
  * Portable route: plain C loops (non-x86, or CPUs without AVX2), chosen at run time.
  *
- * Threads: a small persistent pthread pool (the caller is thread 0). Workers spin for
- * tt_spin_us microseconds after a job (to catch the next call cheaply), then sleep on a condvar.
- * Output rows are split into contiguous ranges of 4-row groups (GEMV) or of panels (GEMM).
+ * Threads: a small persistent pthread pool (the caller works too). Workers spin for tt_spin_us
+ * microseconds after a job (to catch the next call cheaply), then sleep on a condvar. Output rows
+ * are cut into chunks (runs of 4-row groups for GEMV, one panel each for GEMM) that the threads
+ * claim dynamically, so a preempted thread on a busy machine does not stall the call.
  *
  * No global state besides the pool; every entry point is serialised by one mutex, so the library
  * is safe to call from several Python threads (calls just queue).
@@ -43,7 +44,7 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 3
+#define TT_ABI_VERSION 4
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
@@ -64,25 +65,34 @@ static inline uint64_t tt_now_ns(void) {
 }
 
 /* ============================================================== thread pool */
-typedef void (*tt_task_fn)(void *arg, int tid, int nth);
+/* A job is `nchunks` independent chunks; every thread (the caller included) claims chunks with a
+ * CAS on P.claim = (job id << 32 | next chunk) until none is left, and the caller returns once
+ * all chunks are done. Nobody waits for a worker that is not running: on a busy machine the
+ * caller simply does more chunks itself. A late worker can only claim a chunk of the job that is
+ * live at the time of its CAS, and the fn/arg/nchunks it then reads belong to that job (they are
+ * written before the job is published and not rewritten before all its chunks are done). */
+typedef void (*tt_chunk_fn)(const void *arg, int chunk);
 
 static struct {
-    pthread_mutex_t call_lock; /* serialises entry points (and protects pool resizing) */
+    pthread_mutex_t call_lock; /* serialises entry points (and pool resizing) */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     pthread_t th[TT_MAX_THREADS];
-    int nworkers;   /* running worker threads (tid 1..nworkers) */
-    int nthreads;   /* default thread count incl. the caller */
-    _Atomic unsigned gen;
-    _Atomic int pending;
-    _Atomic int sleeping;
-    _Atomic int limit; /* workers with tid > limit exit */
-    tt_task_fn fn;
-    void *arg;
-    int nth;
-    _Atomic long spin_ns;
     unsigned start_gen[TT_MAX_THREADS];
-    int min_blocks; /* minimum weight blocks per thread before another thread is used */
+    int nworkers;              /* running worker threads (tid 1..nworkers) */
+    int nthreads;              /* default thread count incl. the caller */
+    _Atomic unsigned gen;      /* bumped to wake the workers */
+    _Atomic uint64_t claim;    /* job id << 32 | next chunk */
+    _Atomic int done;          /* chunks finished in the live job */
+    _Atomic int nchunks;
+    _Atomic(tt_chunk_fn) fn;
+    _Atomic(const void *) arg;
+    unsigned jobid;
+    _Atomic int sleeping;
+    _Atomic int limit;         /* workers with tid > limit exit */
+    _Atomic int nhelpers;      /* workers with tid > nhelpers sit this job out */
+    _Atomic long spin_ns;
+    int min_blocks;            /* minimum weight row-blocks (32 bytes each) per GEMV chunk */
     int inited;
 } P = {
     .call_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -91,16 +101,36 @@ static struct {
     .nworkers = 0,
     .nthreads = 1,
     .spin_ns = 100000,
-    .min_blocks = 64,
+    .min_blocks = 256,
 };
+
+/* claim the next chunk of the live job; -1 when none is left */
+static inline int tt_claim(void) {
+    uint64_t v = atomic_load_explicit(&P.claim, memory_order_acquire);
+    for (;;) {
+        const int idx = (int)(uint32_t)v;
+        if (idx >= atomic_load_explicit(&P.nchunks, memory_order_relaxed)) return -1;
+        if (atomic_compare_exchange_weak_explicit(&P.claim, &v, v + 1, memory_order_acq_rel, memory_order_acquire))
+            return idx;
+    }
+}
+
+static inline void tt_work(void) {
+    int c;
+    while ((c = tt_claim()) >= 0) {
+        tt_chunk_fn fn = atomic_load_explicit(&P.fn, memory_order_relaxed);
+        fn(atomic_load_explicit(&P.arg, memory_order_relaxed), c);
+        atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+    }
+}
 
 static void *tt_worker(void *p) {
     const int tid = (int)(intptr_t)p;
     unsigned seen = P.start_gen[tid]; /* gen at creation: a job posted before we run is not missed */
     for (;;) {
         unsigned g;
-        uint64_t t0 = tt_now_ns();
-        long spin = atomic_load_explicit(&P.spin_ns, memory_order_relaxed);
+        const uint64_t t0 = tt_now_ns();
+        const long spin = atomic_load_explicit(&P.spin_ns, memory_order_relaxed);
         int it = 0;
         while ((g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen) {
             tt_relax();
@@ -117,44 +147,28 @@ static void *tt_worker(void *p) {
             pthread_mutex_unlock(&P.mu);
         }
         seen = g;
-        if (tid > atomic_load(&P.limit)) {
-            atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
-            return NULL;
-        }
-        if (tid < P.nth) P.fn(P.arg, tid, P.nth);
-        atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+        if (tid > atomic_load(&P.limit)) return NULL;
+        if (tid <= atomic_load_explicit(&P.nhelpers, memory_order_relaxed)) tt_work();
     }
 }
 
-static void tt_kick_and_wait(int self_work, tt_task_fn fn, void *arg, int nth) {
-    /* caller holds call_lock; P.fn/arg/nth/pending set */
+static void tt_wake(void) {
     atomic_fetch_add(&P.gen, 1);
     if (atomic_load(&P.sleeping) > 0) {
         pthread_mutex_lock(&P.mu);
         pthread_cond_broadcast(&P.cv);
         pthread_mutex_unlock(&P.mu);
     }
-    if (self_work) fn(arg, 0, nth);
-    int it = 0;
-    while (atomic_load_explicit(&P.pending, memory_order_acquire) > 0) {
-        tt_relax();
-        if (++it > 4096) { sched_yield(); it = 0; } /* oversubscribed: let workers run */
-    }
 }
-
-static void tt_noop(void *arg, int tid, int nth) { (void)arg; (void)tid; (void)nth; }
 
 /* resize to exactly `want` workers; caller holds call_lock */
 static int tt_pool_resize(int want) {
     if (want < 0) want = 0;
     if (want > TT_MAX_THREADS - 1) want = TT_MAX_THREADS - 1;
     if (want < P.nworkers) {
-        int old = P.nworkers;
         atomic_store(&P.limit, want);
-        P.fn = tt_noop; P.arg = NULL; P.nth = 0;
-        atomic_store(&P.pending, old);
-        tt_kick_and_wait(0, tt_noop, NULL, 0);
-        for (int i = want + 1; i <= old; i++) pthread_join(P.th[i], NULL);
+        tt_wake();
+        for (int i = want + 1; i <= P.nworkers; i++) pthread_join(P.th[i], NULL);
         P.nworkers = want;
     }
     atomic_store(&P.limit, TT_MAX_THREADS);
@@ -173,7 +187,6 @@ static void tt_atfork_child(void) {
     pthread_mutex_init(&P.mu, NULL);
     pthread_cond_init(&P.cv, NULL);
     P.nworkers = 0;
-    atomic_store(&P.pending, 0);
     atomic_store(&P.sleeping, 0);
 }
 
@@ -184,16 +197,28 @@ static void tt_init_once(void) {
     }
 }
 
-/* run fn on nth threads (caller = tid 0); caller holds call_lock */
-static void tt_parallel(tt_task_fn fn, void *arg, int nth) {
-    if (nth <= 1) { fn(arg, 0, 1); return; }
-    if (P.nworkers < nth - 1 && tt_pool_resize(nth - 1) != 0) {
-        nth = P.nworkers + 1;
-        if (nth <= 1) { fn(arg, 0, 1); return; }
+/* run chunks 0..nchunks-1 of fn on up to nth threads (caller included); caller holds call_lock */
+static void tt_parallel(tt_chunk_fn fn, const void *arg, int nchunks, int nth) {
+    if (nth > nchunks) nth = nchunks;
+    if (nth <= 1) {
+        for (int c = 0; c < nchunks; c++) fn(arg, c);
+        return;
     }
-    P.fn = fn; P.arg = arg; P.nth = nth;
-    atomic_store(&P.pending, P.nworkers);
-    tt_kick_and_wait(1, fn, arg, nth);
+    if (P.nworkers < nth - 1) tt_pool_resize(nth - 1); /* on failure: fewer helpers, still correct */
+    P.jobid++;
+    atomic_store_explicit(&P.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&P.arg, arg, memory_order_relaxed);
+    atomic_store_explicit(&P.nchunks, nchunks, memory_order_relaxed);
+    atomic_store_explicit(&P.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&P.nhelpers, nth - 1, memory_order_relaxed);
+    atomic_store_explicit(&P.claim, (uint64_t)P.jobid << 32, memory_order_release);
+    tt_wake();
+    tt_work();
+    int it = 0;
+    while (atomic_load_explicit(&P.done, memory_order_acquire) < nchunks) {
+        tt_relax();
+        if (++it > 2048) { sched_yield(); it = 0; } /* a preempted worker holds a chunk */
+    }
 }
 
 /* ============================================================== context */
@@ -331,6 +356,7 @@ typedef struct {
     float *out;         /* [m, n] or NULL */
     int32_t *dots;      /* [m, n] or NULL (raw integer dots) */
     tt_params p;
+    int cg;             /* 4-row groups per chunk */
 } tt_job;
 
 static inline void tt_store(const tt_job *J, int t, int row, int32_t acc) {
@@ -344,11 +370,9 @@ static inline void tt_store(const tt_job *J, int t, int row, int32_t acc) {
     J->out[o] = v;
 }
 
-/* split [0, units) into nth contiguous near-equal ranges */
-static inline void tt_range(int units, int tid, int nth, int *a, int *b) {
-    int base = units / nth, rem = units % nth;
-    *a = tid * base + (tid < rem ? tid : rem);
-    *b = *a + base + (tid < rem);
+static inline void tt_chunk_groups(const tt_job *J, int chunk, int *g0, int *g1) {
+    *g0 = chunk * J->cg;
+    *g1 = *g0 + J->cg < J->c->ngroups ? *g0 + J->cg : J->c->ngroups;
 }
 
 /* ---------------------------------------------------------------- portable kernels */
@@ -369,10 +393,10 @@ static int32_t tt_dot_row_portable(const tt_ctx *c, int row, const int8_t *x) {
     return acc;
 }
 
-static void tt_task_portable(void *arg, int tid, int nth) {
+static void tt_task_portable(const void *arg, int chunk) {
     const tt_job *J = (const tt_job *)arg;
     int g0, g1;
-    tt_range(J->c->ngroups, tid, nth, &g0, &g1);
+    tt_chunk_groups(J, chunk, &g0, &g1);
     for (int t = 0; t < J->m; t++) {
         const int8_t *x = J->xq + (size_t)t * J->ldx;
         for (int row = 4 * g0; row < 4 * g1 && row < J->c->n; row++) tt_store(J, t, row, tt_dot_row_portable(J->c, row, x));
@@ -539,45 +563,43 @@ TT_AVX2_FN static void tt_gemm_avx2(const tt_job *J, int g0, int g1) {
     }
 }
 
-static void tt_task_avx2(void *arg, int tid, int nth) {
+static void tt_task_avx2(const void *arg, int chunk) {
     const tt_job *J = (const tt_job *)arg;
-    const tt_ctx *c = J->c;
-    if (J->m == 1) {
-        int g0, g1;
-        tt_range(c->ngroups, tid, nth, &g0, &g1);
-        tt_gemv_avx2(J, g0, g1);
-    } else {
-        int pg = J->p.panel_rows / 4;
-        if (pg < 1) pg = 1;
-        const int npanels = (c->ngroups + pg - 1) / pg;
-        int a, b;
-        tt_range(npanels, tid, nth, &a, &b);
-        int g0 = a * pg, g1 = b * pg < c->ngroups ? b * pg : c->ngroups;
-        if (g0 < g1) tt_gemm_avx2(J, g0, g1);
-    }
+    int g0, g1;
+    tt_chunk_groups(J, chunk, &g0, &g1);
+    if (J->m == 1) tt_gemv_avx2(J, g0, g1);
+    else tt_gemm_avx2(J, g0, g1);
 }
 #endif
 
-static int tt_pick_threads(const tt_ctx *c, int nth) {
-    if (nth <= 0) nth = P.nthreads;
-    if (nth > TT_MAX_THREADS) nth = TT_MAX_THREADS;
-    long work = (long)c->ngroups * 4 * c->kb;  /* row-blocks */
-    long mb = P.min_blocks > 0 ? P.min_blocks : 1;
-    long cap = work / mb;
-    if (cap < 1) cap = 1;
-    if (nth > cap) nth = (int)cap;
-    if (nth > c->ngroups) nth = c->ngroups;
-    return nth < 1 ? 1 : nth;
-}
+#define TT_CHUNKS_PER_THREAD 8
 
+/* chunking: GEMM = one panel per chunk; GEMV (and portable) = ~8 chunks per thread, each of at
+ * least min_blocks row-blocks (so tiny matrices stay on one thread). Chunks are claimed
+ * dynamically, so a preempted thread does not hold up the others. */
 static void tt_run(tt_job *J, int nth) {
     const tt_ctx *c = J->c;
     J->p = c->params[tt_bucket(J->m)];
-    nth = tt_pick_threads(c, nth);
+    if (nth <= 0) nth = P.nthreads;
+    if (nth > TT_MAX_THREADS) nth = TT_MAX_THREADS;
+    int gemm = J->m > 1 && c->isa;
+    if (gemm) {
+        J->cg = J->p.panel_rows / 4 > 0 ? J->p.panel_rows / 4 : 1;
+    } else if (nth <= 1) {
+        J->cg = c->ngroups;
+    } else {
+        long cg = ((long)c->ngroups + (long)nth * TT_CHUNKS_PER_THREAD - 1) / ((long)nth * TT_CHUNKS_PER_THREAD);
+        long mb = P.min_blocks > 0 ? P.min_blocks : 1;
+        long cg_min = (mb + 4L * c->kb - 1) / (4L * c->kb);
+        if (cg < cg_min) cg = cg_min;
+        if (cg > c->ngroups) cg = c->ngroups;
+        J->cg = (int)(cg < 1 ? 1 : cg);
+    }
+    const int nchunks = (c->ngroups + J->cg - 1) / J->cg;
 #if TT_X86
-    if (c->isa) { tt_parallel(tt_task_avx2, J, nth); return; }
+    if (c->isa) { tt_parallel(tt_task_avx2, J, nchunks, nth); return; }
 #endif
-    tt_parallel(tt_task_portable, J, nth);
+    tt_parallel(tt_task_portable, J, nchunks, nth);
 }
 
 /* ============================================================== exported API */
@@ -595,7 +617,7 @@ void tt_set_num_threads(int n) {
 }
 int tt_get_num_threads(void) { return P.nthreads; }
 void tt_set_spin_us(int us) { atomic_store(&P.spin_ns, (long)(us < 0 ? 0 : us) * 1000L); }
-void tt_set_min_blocks_per_thread(int b) { P.min_blocks = b < 1 ? 1 : b; }
+void tt_set_min_chunk_blocks(int b) { P.min_blocks = b < 1 ? 1 : b; }
 
 tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, const float *bias) {
     if (!w || n <= 0 || k <= 0 || kp % TT_BLOCK || kp < k) return NULL;
@@ -636,7 +658,7 @@ int tt_forward_f32(tt_ctx *c, const float *x, int m, long ldx, float *out, int n
     tt_init_once();
     if (tt_reserve(c, m) != 0) { pthread_mutex_unlock(&P.call_lock); return -1; }
     tt_quant_rows(x, m, c->k, ldx, c->xq, c->kp, c->xs, c->sx, c->kp, c->isa);
-    tt_job J = {c, c->xq, (size_t)c->kp, m, c->xs, c->sx, out, NULL, {0, 0}};
+    tt_job J = {.c = c, .xq = c->xq, .ldx = (size_t)c->kp, .m = m, .xs = c->xs, .sx = c->sx, .out = out, .dots = NULL};
     tt_run(&J, nth);
     pthread_mutex_unlock(&P.call_lock);
     return 0;
@@ -665,7 +687,7 @@ int tt_forward_i8(tt_ctx *c, const int8_t *xq, int m, long ldx, const float *xs,
         for (int i = 0; i < c->k; i++) s += r[i];
         c->sx[t] = s;
     }
-    tt_job J = {c, xp, ld, m, xs, c->sx, out, out ? NULL : dots, {0, 0}};
+    tt_job J = {.c = c, .xq = xp, .ldx = ld, .m = m, .xs = xs, .sx = c->sx, .out = out, .dots = out ? NULL : dots};
     tt_run(&J, nth);
     pthread_mutex_unlock(&P.call_lock);
     return 0;

@@ -104,10 +104,11 @@ def test_realistic_shape(backend):
 @pytest.mark.skipif(not HAS_C, reason="no compiled kernels")
 @pytest.mark.parametrize("panel_rows", [4, 8, 64])
 @pytest.mark.parametrize("prefetch", [0, 4096])
-def test_params_do_not_change_results(panel_rows, prefetch):
+@pytest.mark.parametrize("nta", [0, 1])
+def test_params_do_not_change_results(panel_rows, prefetch, nta):
     rng = np.random.default_rng(3)
     w = rng.integers(-1, 2, size=(70, 700)).astype(np.int8)
-    p = {"prefetch": prefetch, "panel_rows": panel_rows}
+    p = {"prefetch": prefetch, "panel_rows": panel_rows, "nta": nta, "chunks": 3}
     kern = TernaryLinearKernel(w, 1.0, params={0: p, 1: p, 2: p}, threads=2)
     for m in (1, 6, 17):
         xq = rng.integers(-128, 128, size=(m, 700)).astype(np.int8)

@@ -2,7 +2,8 @@
 
 Tuned per (backend, N, K, M-bucket, threads, CPU model):
 
-* M bucket ``"1"`` (decode GEMV): software-prefetch distance in bytes ahead of the weight stream;
+* M bucket ``"1"`` (decode GEMV): software-prefetch distance in bytes ahead of the weight stream
+  and its hint (non-temporal or not);
 * M buckets ``"2-15"`` and ``"16+"`` (GEMM): rows per panel (the weight panel a thread keeps in
   L2 while it walks all tokens in 2-row x 4-token register tiles).
 
@@ -30,7 +31,8 @@ __all__ = ["CANDIDATES", "cache_path", "clear_memo", "lookup", "tune"]
 
 FORMAT_VERSION = 1
 CANDIDATES = {
-    0: [{"prefetch": p} for p in (0, 512, 1024, 2048, 4096)],
+    0: [{"prefetch": 0}, {"prefetch": 2048, "nta": 0}]
+    + [{"prefetch": p, "nta": 1} for p in (1024, 2048, 4096)],
     1: [{"panel_rows": r} for r in (8, 16, 32, 64)],
     2: [{"panel_rows": r} for r in (8, 16, 32, 64)],
 }
@@ -99,7 +101,7 @@ def lookup(n: int, k: int, threads: int, backend: str) -> dict | None:
     for b in range(len(_BUCKETS)):
         e = entries.get(_key(backend, n, k, b, threads))
         if e:
-            out[b] = {kk: int(v) for kk, v in e.items() if kk in ("prefetch", "panel_rows")}
+            out[b] = {kk: int(v) for kk, v in e.items() if kk in ("prefetch", "panel_rows", "chunks", "nta")}
     return out or None
 
 

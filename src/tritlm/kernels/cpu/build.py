@@ -29,7 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 4
+ABI_VERSION = 6
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-lm"]
@@ -117,7 +117,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_ctx_free": (None, [vp]),
         "tt_ctx_set_isa": (i32, [vp, i32]),
         "tt_ctx_get_isa": (i32, [vp]),
-        "tt_ctx_set_params": (None, [vp, i32, i32, i32]),
+        "tt_ctx_set_params": (None, [vp, i32, i32, i32, i32, i32]),
         "tt_forward_f32": (i32, [vp, vp, i32, i64, vp, i32]),
         "tt_forward_i8": (i32, [vp, vp, i32, i64, vp, vp, vp, i32]),
         "tt_quantize": (None, [vp, i32, i32, i64, vp, i64, i32, vp, vp, i32]),

@@ -33,7 +33,7 @@ log = logging.getLogger("tritlm.kernels")
 BACKENDS = ("auto", "avx2", "portable", "numpy")
 # M buckets of the tuned parameters (same as the C side): 0: M == 1, 1: 2 <= M < 16, 2: M >= 16
 BUCKETS = ("1", "2-15", "16+")
-DEFAULT_PARAMS = {"prefetch": 2048, "panel_rows": 32}
+DEFAULT_PARAMS = {"prefetch": 2048, "panel_rows": 32, "chunks": 8, "nta": 1}
 
 _py_threads = None
 _threads_lock = threading.Lock()
@@ -245,7 +245,12 @@ class TernaryLinearKernel:
         return self.threads or get_num_threads()
 
     def set_params(self, params: dict) -> None:
-        """``{bucket (0/1/2 or "1"/"2-15"/"16+"): {"prefetch": int, "panel_rows": int}}``."""
+        """``{bucket (0/1/2 or "1"/"2-15"/"16+"): {"prefetch": bytes, "panel_rows": rows, "chunks": n}}``.
+
+        prefetch: software-prefetch distance of the GEMV weight stream (0 = none); panel_rows: rows
+        per GEMM panel (multiple of 4); chunks: GEMV chunks per thread (dynamic balancing); nta: 1 =
+        non-temporal prefetch hint (weights are read once per call), 0 = prefetch into all levels.
+        """
         for key, p in params.items():
             b = BUCKETS.index(key) if isinstance(key, str) else int(key)
             cur = dict(self.params[b])
@@ -253,7 +258,7 @@ class TernaryLinearKernel:
             self.params[b] = cur
         if self._ctx is not None:
             for b, p in self.params.items():
-                self._lib.tt_ctx_set_params(self._ctx, b, p["prefetch"], p["panel_rows"])
+                self._lib.tt_ctx_set_params(self._ctx, b, p["prefetch"], p["panel_rows"], p["chunks"], p["nta"])
 
     def tune(self, ms=(1, 128), threads: int | None = None, save: bool = True) -> dict:
         """Autotune this shape for the given batch sizes (cached in autotune.json)."""

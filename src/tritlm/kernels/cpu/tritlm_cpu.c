@@ -44,7 +44,7 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 4
+#define TT_ABI_VERSION 6
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
@@ -222,7 +222,7 @@ static void tt_parallel(tt_chunk_fn fn, const void *arg, int nchunks, int nth) {
 }
 
 /* ============================================================== context */
-typedef struct { int pf; int panel_rows; } tt_params;
+typedef struct { int pf; int panel_rows; int chunks; int nta; } tt_params;
 
 typedef struct {
     const uint8_t *w;  /* packed weights, i2s_r4 */
@@ -427,6 +427,7 @@ TT_AVX2_FN static void tt_gemv_avx2(const tt_job *J, int g0, int g1) {
     const __m256i m3 = _mm256_set1_epi8(3);
     const __m256i one16 = _mm256_set1_epi16(1);
     const size_t pf = (size_t)J->p.pf;
+    const int nta = pf && J->p.nta;
     for (int g = g0; g < g1; g++) {
         const uint8_t *w = c->w + (size_t)g * kb * TT_GROUP_BYTES_PER_BLOCK;
         __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
@@ -436,7 +437,10 @@ TT_AVX2_FN static void tt_gemv_avx2(const tt_job *J, int g0, int g1) {
             for (int b = b0; b < b1; b++) {
                 const uint8_t *wb = w + (size_t)b * TT_GROUP_BYTES_PER_BLOCK;
                 const int8_t *xb = x + (size_t)b * TT_BLOCK;
-                if (pf) {
+                if (nta) { /* streamed once: non-temporal hint keeps L2 for the activations */
+                    _mm_prefetch((const char *)(wb + pf), _MM_HINT_NTA);
+                    _mm_prefetch((const char *)(wb + pf + 64), _MM_HINT_NTA);
+                } else if (pf) {
                     _mm_prefetch((const char *)(wb + pf), _MM_HINT_T0);
                     _mm_prefetch((const char *)(wb + pf + 64), _MM_HINT_T0);
                 }
@@ -572,9 +576,7 @@ static void tt_task_avx2(const void *arg, int chunk) {
 }
 #endif
 
-#define TT_CHUNKS_PER_THREAD 8
-
-/* chunking: GEMM = one panel per chunk; GEMV (and portable) = ~8 chunks per thread, each of at
+/* chunking: GEMM = one panel per chunk; GEMV (and portable) = `chunks` chunks per thread, each of at
  * least min_blocks row-blocks (so tiny matrices stay on one thread). Chunks are claimed
  * dynamically, so a preempted thread does not hold up the others. */
 static void tt_run(tt_job *J, int nth) {
@@ -588,7 +590,8 @@ static void tt_run(tt_job *J, int nth) {
     } else if (nth <= 1) {
         J->cg = c->ngroups;
     } else {
-        long cg = ((long)c->ngroups + (long)nth * TT_CHUNKS_PER_THREAD - 1) / ((long)nth * TT_CHUNKS_PER_THREAD);
+        const long per = (long)nth * (J->p.chunks > 0 ? J->p.chunks : 1);
+        long cg = ((long)c->ngroups + per - 1) / per;
         long mb = P.min_blocks > 0 ? P.min_blocks : 1;
         long cg_min = (mb + 4L * c->kb - 1) / (4L * c->kb);
         if (cg < cg_min) cg = cg_min;
@@ -633,7 +636,7 @@ tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, 
         memcpy(c->bias, bias, sizeof(float) * n);
     }
     c->isa = tt_cpu_has_avx2();
-    for (int i = 0; i < TT_NBUCKETS; i++) { c->params[i].pf = 2048; c->params[i].panel_rows = 32; }
+    for (int i = 0; i < TT_NBUCKETS; i++) { c->params[i].pf = 2048; c->params[i].panel_rows = 32; c->params[i].chunks = 8; c->params[i].nta = 1; }
     return c;
 }
 
@@ -645,8 +648,10 @@ void tt_ctx_free(tt_ctx *c) {
 /* isa: 1 = AVX2 (ignored / returns 0 when the CPU lacks it), 0 = portable. Returns the isa in use. */
 int tt_ctx_set_isa(tt_ctx *c, int isa) { c->isa = (isa && tt_cpu_has_avx2()) ? 1 : 0; return c->isa; }
 int tt_ctx_get_isa(const tt_ctx *c) { return c->isa; }
-void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows) {
+void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows, int chunks, int nta) {
     if (bucket < 0 || bucket >= TT_NBUCKETS) return;
+    c->params[bucket].nta = nta ? 1 : 0;
+    c->params[bucket].chunks = chunks < 1 ? 1 : chunks;
     c->params[bucket].pf = pf < 0 ? 0 : pf;
     c->params[bucket].panel_rows = panel_rows < 4 ? 4 : (panel_rows / 4) * 4;
 }

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
@@ -101,7 +102,20 @@ def build_library(root: Path | None = None, force: bool = False, cc: str | None 
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.info("built tritlm CPU kernels: %s", out)
+    _prune(out)
     return out
+
+
+def _prune(keep: Path, max_age_days: float = 14.0) -> None:
+    """Drop libraries of other source versions unused for `max_age_days` (rebuilt if needed)."""
+    now = time.time()
+    for p in keep.parent.glob("tritlm_cpu-*.so"):
+        try:
+            age = now - p.stat().st_mtime
+            if p != keep and (age > max_age_days * 86400 or (p.name.endswith(".tmp.so") and age > 3600)):
+                p.unlink()
+        except OSError:
+            pass
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -133,6 +147,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib = _declare(ctypes.CDLL(str(path)))
     if lib.tt_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path}: ABI version {lib.tt_abi_version()} != {ABI_VERSION}")
+    try:
+        os.utime(path)  # mark as used, so _prune keeps it
+    except OSError:
+        pass
     return lib
 
 

@@ -22,6 +22,9 @@ class LoadedModel:
     tokenizer: Any
     path: Path
     source: str  # "checkpoint" | later: "packed", "hf", "gguf"
+    # The packed CPU runtime (tritlm.infer.engine.Engine) for source == "packed"; then ``model`` is
+    # the engine too (it has ``.cfg``), and logits/generate go through it.
+    engine: Any = None
 
     @property
     def config(self):
@@ -32,6 +35,9 @@ class LoadedModel:
         """float32 logits of shape [len(ids), vocab] for one sequence of token ids."""
         if len(ids) == 0:
             raise ValueError("ids must not be empty")
+        if self.engine is not None:
+            with self.engine.lock:
+                return self.engine.logits(list(ids)).clone()
         if len(ids) > self.model.cfg.max_seq_len:
             raise ValueError(f"{len(ids)} tokens exceed the model's context of {self.model.cfg.max_seq_len}")
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.model.embed_tokens.weight.device)
@@ -41,6 +47,9 @@ class LoadedModel:
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
                      params: SamplingParams | None = None):
         eos = self.tokenizer.eos_id
+        if self.engine is not None:
+            return self.engine.generate_locked(list(prompt_ids), max_tokens, params or SamplingParams(),
+                                               stop_ids={eos} if eos is not None else None)
         return generate_ids(self.model, list(prompt_ids), max_tokens, params or SamplingParams(),
                             stop_ids={eos} if eos is not None else None)
 
@@ -65,10 +74,19 @@ def load(path: str | Path) -> LoadedModel:
     """Load any model tritlm can read (for now: a training run folder or checkpoint folder)."""
     from tritlm.formats.native import is_native, load_native
 
-    p = Path(path)
+    from tritlm.infer.registry import resolve_path
+
+    p = resolve_path(path)  # a path, or a name from the model registry (tritlm models)
     if not p.exists():
         raise FormatError(f"no such file or folder: {p}")
     if is_native(p):
         model, tok, ckpt = load_native(p)
         return LoadedModel(model, tok, ckpt, "checkpoint")
+    from tritlm.formats.packed import is_packed
+
+    if is_packed(p):
+        from tritlm.infer.engine import load_engine
+
+        eng = load_engine(p)
+        return LoadedModel(eng, eng.tokenizer, p, "packed", engine=eng)
     raise FormatError(f"{p}: not a model format tritlm can read")

@@ -1,10 +1,22 @@
-"""Token samplers as composable logit processors over a 1-D logits vector."""
+"""Token samplers as composable logit processors over a 1-D logits vector.
+
+Stateless pieces (each ``logits -> logits``): penalties, bans, constraints, temperature and the
+truncation filters (top-k, locally typical, top-p, min-p). :func:`process_logits` chains them in
+llama.cpp's order; :func:`sample` draws one token. :class:`Sampler` adds the per-generation state
+(seeded RNG, mirostat's ``mu``, must-include bookkeeping) and is what the engine uses.
+:class:`StopStrings` cuts streamed text at stop strings, and :func:`contrastive_select` is the
+scoring step of contrastive search (the engine supplies the hidden states).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -15,12 +27,27 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off (CTRL-style: divide positive logits, multiply negative)
     seed: int | None = None
+    # ---- added for the packed runtime (keyword use only; the fields above keep their positions)
+    frequency_penalty: float = 0.0  # OpenAI: logit -= count * f (count over the generated tokens)
+    presence_penalty: float = 0.0  # OpenAI: logit -= p if the token was generated at all
+    typical_p: float = 1.0  # locally typical sampling (Meister et al. 2022); 1 = off
+    mirostat: int = 0  # 2 = mirostat v2 (replaces top-k/top-p/typical/min-p)
+    mirostat_tau: float = 5.0  # target surprise (bits)
+    mirostat_eta: float = 0.1  # learning rate of mu
+    banned_tokens: tuple[int, ...] = ()
+    # multi-token banned words: the last token of a sequence is banned when the history ends with the rest
+    banned_sequences: tuple[tuple[int, ...], ...] = ()
+    allowed_tokens: tuple[int, ...] | None = None  # only these may be sampled
+    must_include: tuple[int, ...] = ()  # the stop tokens are banned until all of these were generated
+    stop: tuple[str, ...] = ()  # stop strings (text level: see StopStrings)
+    max_tokens: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
 
 
+# --------------------------------------------------------------------------- stateless processors
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     if penalty == 1.0 or history.numel() == 0:
         return logits
@@ -31,11 +58,49 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits
 
 
+def apply_frequency_presence(logits: torch.Tensor, generated: torch.Tensor, frequency: float,
+                             presence: float) -> torch.Tensor:
+    if (frequency == 0 and presence == 0) or generated.numel() == 0:
+        return logits
+    counts = torch.bincount(generated, minlength=logits.numel()).to(logits.dtype)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def ban_tokens(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
+    if not banned:
+        return logits
+    out = logits.clone()
+    out[list(banned)] = NEG_INF
+    return out
+
+
+def ban_sequences(logits: torch.Tensor, history: Sequence[int], sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Ban the token that would complete any of ``sequences`` given the ``history``."""
+    bans = []
+    for seq in sequences:
+        seq = list(seq)
+        if not seq:
+            continue
+        pre = seq[:-1]
+        if not pre or list(history[len(history) - len(pre):]) == pre:
+            bans.append(seq[-1])
+    return ban_tokens(logits, bans)
+
+
+def allow_only(logits: torch.Tensor, allowed: Sequence[int] | None) -> torch.Tensor:
+    if allowed is None:
+        return logits
+    out = torch.full_like(logits, NEG_INF)
+    idx = list(allowed)
+    out[idx] = logits[idx]
+    return out
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.numel():
         return logits
     kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    return logits.masked_fill(logits < kth, NEG_INF)
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -48,7 +113,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     drop = cum - probs >= p  # mass before this token already reaches p
     drop[0] = False
     out = logits.clone()
-    out[order[drop]] = float("-inf")
+    out[order[drop]] = NEG_INF
     return out
 
 
@@ -56,27 +121,160 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     if min_p <= 0:
         return logits
     probs = logits.softmax(-1)
-    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits.masked_fill(probs < min_p * probs.max(), NEG_INF)
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams,
-                   history: torch.Tensor | None = None) -> torch.Tensor:
-    """Penalties, temperature and filters, in llama.cpp's order."""
+def typical_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to mass p."""
+    if p >= 1.0:
+        return logits
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    ent = -(probs * torch.nan_to_num(logp, neginf=0.0)).sum()
+    dev = (-logp - ent).abs()
+    order = torch.argsort(dev)
+    cum = probs[order].cumsum(-1)
+    keep_n = int((cum < p).sum()) + 1  # the smallest set reaching p
+    out = torch.full_like(logits, NEG_INF)
+    keep = order[:keep_n]
+    out[keep] = logits[keep]
+    return out
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
+                   generated: torch.Tensor | None = None) -> torch.Tensor:
+    """Constraints, penalties, temperature and filters, in llama.cpp's order (stateless part)."""
     logits = logits.float()
+    hist_list = history.tolist() if history is not None else []
+    logits = allow_only(logits, params.allowed_tokens)
+    logits = ban_tokens(logits, params.banned_tokens)
+    logits = ban_sequences(logits, hist_list, params.banned_sequences)
     if history is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if generated is not None:
+        logits = apply_frequency_presence(logits, generated, params.frequency_penalty, params.presence_penalty)
     if params.greedy:
         return logits
     logits = logits / params.temperature
+    if params.mirostat:
+        return logits  # mirostat does its own truncation
     logits = top_k_filter(logits, params.top_k)
+    logits = typical_filter(logits, params.typical_p)
     logits = top_p_filter(logits, params.top_p)
     return min_p_filter(logits, params.min_p)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> int:
+    """One token from ``logits`` (stateless; mirostat starts from mu = 2 tau each call)."""
     logits = process_logits(logits, params, history)
     if params.greedy:
         return int(logits.argmax())
+    if params.mirostat:
+        return mirostat_v2_step(logits, 2 * params.mirostat_tau, params.mirostat_tau, params.mirostat_eta,
+                                generator)[0]
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def mirostat_v2_step(logits: torch.Tensor, mu: float, tau: float, eta: float,
+                     generator: torch.Generator | None = None) -> tuple[int, float]:
+    """Mirostat v2 (Basu et al. 2021, as in llama.cpp): drop tokens with surprise > mu, sample,
+    then move mu towards the target surprise tau. Returns (token, new mu)."""
+    probs = logits.softmax(-1)
+    surprise = -torch.log2(probs)
+    keep = surprise <= mu
+    if not bool(keep.any()):
+        keep = probs == probs.max()
+    p = torch.where(keep, probs, torch.zeros_like(probs))
+    tok = int(torch.multinomial(p / p.sum(), 1, generator=generator))
+    observed = -math.log2(float(p[tok] / p.sum()))
+    return tok, mu - eta * (observed - tau)
+
+
+def contrastive_select(probs: torch.Tensor, cand_hidden: torch.Tensor, prev_hidden: torch.Tensor,
+                       alpha: float) -> int:
+    """Contrastive search step (Su et al. 2022): index of the candidate maximising
+    ``(1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j)``.
+
+    ``probs``: [k] model confidence of the candidates; ``cand_hidden``: [k, D] their hidden states;
+    ``prev_hidden``: [T, D] hidden states of the context.
+    """
+    if prev_hidden.numel() == 0:
+        return int(probs.argmax())
+    c = torch.nn.functional.normalize(cand_hidden.float(), dim=-1)
+    p = torch.nn.functional.normalize(prev_hidden.float(), dim=-1)
+    degeneration = (c @ p.T).max(dim=1).values
+    return int(((1 - alpha) * probs - alpha * degeneration).argmax())
+
+
+# --------------------------------------------------------------------------- stateful sampler
+class Sampler:
+    """Per-generation sampler: ``sampler(logits, history) -> token``.
+
+    Keeps the RNG (seeded), mirostat's ``mu``, the count of generated tokens (for frequency /
+    presence penalties, which OpenAI defines over the generated tokens only) and the must-include
+    state: the stop tokens are banned until every must-include token was generated, and when the
+    remaining budget equals the number of missing tokens, the next missing one is forced.
+    Extra processors ``(logits, history) -> logits`` run after the built-in constraints.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_len: int = 0, stop_ids: set[int] | None = None,
+                 max_tokens: int | None = None,
+                 processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = ()):
+        self.params = params
+        self.prompt_len = prompt_len
+        self.stop_ids = set(stop_ids or ())
+        self.max_tokens = max_tokens if max_tokens is not None else params.max_tokens
+        self.processors = list(processors)
+        self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.mu = 2 * params.mirostat_tau
+        self.steps = 0
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
+        p = self.params
+        generated = history[self.prompt_len:]
+        logits = logits.float()
+        for proc in self.processors:
+            logits = proc(logits, history)
+        missing = [t for t in p.must_include if t not in set(generated.tolist())]
+        if missing:
+            left = None if self.max_tokens is None else self.max_tokens - self.steps
+            if left is not None and left <= len(missing):
+                self.steps += 1
+                return missing[0]
+            logits = ban_tokens(logits, sorted(self.stop_ids))
+        logits = process_logits(logits, p, history, generated)
+        self.steps += 1
+        if p.greedy:
+            return int(logits.argmax())
+        if p.mirostat:
+            tok, self.mu = mirostat_v2_step(logits, self.mu, p.mirostat_tau, p.mirostat_eta, self.gen)
+            return tok
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=self.gen))
+
+
+class StopStrings:
+    """Incremental stop-string matcher for streamed text.
+
+    ``push(text_so_far) -> (safe_text, stopped)``: ``safe_text`` is the prefix that can be shown
+    (it holds back a tail that might still become a stop string); once a stop string appears, the
+    text is cut before it and ``stopped`` is True.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            return text[:cut], True
+        hold = 0
+        for s in self.stops:  # longest suffix of text that is a prefix of a stop string
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return text[:len(text) - hold], False

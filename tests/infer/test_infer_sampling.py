@@ -1,0 +1,129 @@
+"""Samplers on hand-built distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tritlm.infer.sampling import (Sampler, SamplingParams, StopStrings, apply_frequency_presence,
+                                   ban_sequences, contrastive_select, mirostat_v2_step, process_logits, sample,
+                                   top_k_filter, top_p_filter, typical_filter)
+
+LOGP = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits).nonzero().flatten().tolist()
+
+
+def test_greedy_and_legacy_positional_params():
+    p = SamplingParams(0.0, 0, 1.0, 0.0, 1.0, None)  # the trainer CLI builds it positionally
+    assert p.greedy and sample(LOGP, p) == 0
+
+
+def test_top_k_top_p_min_p():
+    assert kept(top_k_filter(LOGP, 2)) == [0, 1]
+    assert kept(top_p_filter(LOGP, 0.7)) == [0, 1]  # 0.5 < 0.7, 0.75 >= 0.7
+    assert kept(top_p_filter(LOGP, 0.76)) == [0, 1, 2]
+    assert kept(process_logits(LOGP, SamplingParams(min_p=0.35))) == [0, 1]  # p >= 0.175
+
+
+def test_temperature_changes_sharpness():
+    hot = process_logits(LOGP, SamplingParams(temperature=2.0)).softmax(-1)
+    cold = process_logits(LOGP, SamplingParams(temperature=0.5)).softmax(-1)
+    assert cold[0] > 0.5 > hot[0]
+
+
+def test_typical_keeps_tokens_near_entropy():
+    # entropy of [0.5,0.25,0.15,0.07,0.03] is ~1.30 nats; surprises: 0.69, 1.39, 1.90, 2.66, 3.51
+    assert kept(typical_filter(LOGP, 0.2)) == [1]
+    assert kept(typical_filter(LOGP, 0.7)) == [0, 1]
+
+
+def test_penalties():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    rp = process_logits(logits, SamplingParams(temperature=0, repetition_penalty=2.0), torch.tensor([0, 1]))
+    assert rp.tolist() == [1.0, -4.0, 1.0]
+    fp = apply_frequency_presence(logits, torch.tensor([0, 0, 2]), frequency=0.5, presence=1.0)
+    assert fp.tolist() == [0.0, -2.0, -0.5]
+
+
+def test_bans_allowed_and_sequences():
+    p = SamplingParams(temperature=0, banned_tokens=(0,))
+    assert sample(LOGP, p) == 1
+    p = SamplingParams(temperature=0, allowed_tokens=(3, 4))
+    assert sample(LOGP, p) == 3
+    # banned word [2, 0]: after a 2, token 0 is banned; elsewhere it is fine
+    assert kept(ban_sequences(LOGP, [4, 2], [(2, 0)])) == [1, 2, 3, 4]
+    assert kept(ban_sequences(LOGP, [4, 1], [(2, 0)])) == [0, 1, 2, 3, 4]
+
+
+def test_must_include_bans_stop_then_forces():
+    eos = 0
+    s = Sampler(SamplingParams(temperature=0, must_include=(3,)), prompt_len=1, stop_ids={eos}, max_tokens=3)
+    hist = [4]
+    out = []
+    for _ in range(3):
+        t = s(LOGP, torch.tensor(hist))
+        out.append(t)
+        hist.append(t)
+    assert eos not in out[:2] and out[-1] == 3  # forced when the budget runs out
+
+
+def test_seed_reproducible_and_distribution():
+    p = SamplingParams(temperature=1.0, seed=123)
+    a = [Sampler(p)(LOGP, torch.tensor([], dtype=torch.long)) for _ in range(1)]
+    s1, s2 = Sampler(p), Sampler(p)
+    h = torch.tensor([], dtype=torch.long)
+    assert [s1(LOGP, h) for _ in range(50)] == [s2(LOGP, h) for _ in range(50)]
+    g = torch.Generator().manual_seed(0)
+    draws = [sample(LOGP, SamplingParams(), None, g) for _ in range(2000)]
+    assert abs(draws.count(0) / 2000 - 0.5) < 0.05 and a
+
+
+def test_mirostat_v2_truncates_and_adapts():
+    g = torch.Generator().manual_seed(0)
+    # mu = 1.5 bits: only tokens with surprise <= 1.5 bits (p >= 0.354) survive -> token 0 only
+    tok, mu = mirostat_v2_step(LOGP, 1.5, tau=3.0, eta=0.1, generator=g)
+    assert tok == 0 and mu == pytest.approx(1.5 - 0.1 * (0.0 - 3.0))
+    # a target surprise (8 bits) above anything observed here: mu keeps growing from 2 tau = 16
+    s = Sampler(SamplingParams(mirostat=2, mirostat_tau=8.0, seed=0))
+    for _ in range(30):
+        s(LOGP, torch.tensor([], dtype=torch.long))
+    assert s.mu > 16.0
+    # a surprise above target moves mu down by eta * (observed - tau)
+    tok, mu = mirostat_v2_step(torch.tensor([0.0, 0.0]), 5.0, tau=0.5, eta=0.1, generator=g)
+    assert mu == pytest.approx(5.0 - 0.1 * (1.0 - 0.5))
+
+
+def test_contrastive_select_penalises_repetition():
+    probs = torch.tensor([0.6, 0.4])
+    prev = torch.tensor([[1.0, 0.0]])
+    cand = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # candidate 0 repeats the context
+    assert contrastive_select(probs, cand, prev, alpha=0.0) == 0
+    assert contrastive_select(probs, cand, prev, alpha=0.6) == 1
+
+
+def test_stop_strings_hold_back_partial_matches():
+    st = StopStrings(["\n\n", "END"])
+    assert st.push("hello EN") == ("hello ", False)
+    assert st.push("hello ENDING") == ("hello ", True)
+    assert st.push("a\nb") == ("a\nb", False)
+    assert st.push("a\n") == ("a", False)
+
+
+def test_engine_generate_uses_sampler_features():
+    from tritlm.formats.packed import random_packed
+    from tritlm.infer.engine import Engine
+    from tritlm.model.config import ModelConfig
+
+    pm = random_packed(ModelConfig(vocab_size=50, dim=128, n_layers=1, n_heads=4, ffn_dim=128, max_seq_len=64))
+    eng = Engine(pm)
+    out = list(eng.generate([1, 2], 10, SamplingParams(temperature=0, allowed_tokens=(7, 8))))
+    assert set(out) <= {7, 8} and len(out) == 10
+    out = list(eng.generate([1, 2], 5, SamplingParams(temperature=0.9, seed=1, banned_tokens=tuple(range(25)))))
+    assert min(out) >= 25
+    cs = list(eng.generate_contrastive([1, 2, 3], 6, k=3, alpha=0.6))
+    assert len(cs) == 6 and not math.isnan(sum(cs))

@@ -1,0 +1,113 @@
+"""chat (template, history, stop strings), profile (timer table, Chrome trace, layer tracer), registry CLI."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import torch
+
+from tritlm.formats.packed import from_transformer, random_packed, save_packed
+from tritlm.infer.chat import ChatSession, render, run_chat
+from tritlm.infer.engine import Engine
+from tritlm.infer.profile import LayerTimer, LayerTracer, run_profile
+from tritlm.infer.sampling import SamplingParams
+from tritlm.model.config import ModelConfig
+from tritlm.model.transformer import Transformer
+
+
+def _packed(tmp_path=None):
+    torch.manual_seed(0)
+    from tritlm.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("byte")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=128, n_layers=1, n_heads=4, ffn_dim=128, max_seq_len=256)
+    return from_transformer(Transformer(cfg).eval(), tok, fp_dtype="fp32")
+
+
+class Loaded:  # what tritlm.load returns, reduced to what ChatSession reads
+    def __init__(self, pm):
+        self.engine = Engine(pm)
+        self.tokenizer = pm.tokenizer
+        self.config = pm.config
+
+
+def test_render_template():
+    msgs = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    assert render(msgs) == "System: Be terse.\nUser: Hi\nAssistant:"
+
+
+def test_chat_history_and_incremental_prefill():
+    m = Loaded(_packed())
+    chat = ChatSession(m, SamplingParams(temperature=0), max_tokens=8, system="Be terse.")
+    streamed: list[str] = []
+    r1 = chat.reply("Hello", streamed.append)
+    assert "".join(streamed) == r1
+    pre = m.engine.stats.prefill_tokens
+    chat.reply("Again")
+    # the second turn's prompt extends the first: far fewer tokens prefilled than the whole prompt
+    n2 = len(render(chat.messages[:-1]).encode())
+    assert m.engine.stats.prefill_tokens - pre < n2
+    assert [x["role"] for x in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
+    chat.reset()
+    assert [x["role"] for x in chat.messages] == ["system"]
+
+
+def test_run_chat_reads_stdin(tmp_path):
+    p = save_packed(_packed(), tmp_path / "m")
+    a = argparse.Namespace(model=str(p), system=None, max_tokens=5, temperature=0.0, top_k=0, top_p=1.0,
+                           repetition_penalty=1.0, seed=0)
+    out = io.StringIO()
+    assert run_chat(a, io.StringIO("hi\n/reset\nyo\n/exit\n"), out) == 0
+    assert out.getvalue().count("\n") >= 2  # one line per reply (replies may hold newlines)
+
+
+def test_profile_timer_trace_and_tracer(tmp_path):
+    pm = random_packed(ModelConfig(vocab_size=300, dim=128, n_layers=2, n_heads=4, ffn_dim=256, max_seq_len=64))
+    eng = Engine(pm)
+    timer = LayerTimer()
+    eng.timer = timer
+    eng.logits([1, 2, 3])
+    names = {r[0] for r in timer.table()}
+    assert {"layer0.attn", "layer1.mlp", "head"} <= names
+    timer.chrome_trace(str(tmp_path / "t.json"))
+    ev = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert ev and all(e["ph"] == "X" and e["dur"] >= 0 for e in ev)
+    # tracer: packed vs itself -> no divergence; vs a model with one corrupted layer -> found there
+    a, b = LayerTracer(), LayerTracer()
+    eng.timer, eng.tracer = None, a
+    eng.logits([1, 2, 3])
+    bad = Engine(pm)
+    bad.layers[1].ln2 = bad.layers[1].ln2 * 3
+    bad.tracer = b
+    bad.logits([1, 2, 3])
+    rows = a.compare(b)
+    first = [r for r in rows if r["first_divergent"]]
+    assert len(first) == 1 and first[0]["layer"] == 1 and first[0]["name"] == "mlp_out"
+
+
+def test_profile_command_runs(tmp_path, capsys):
+    pm = random_packed(ModelConfig(vocab_size=300, dim=128, n_layers=2, n_heads=4, ffn_dim=256, max_seq_len=64))
+    p = save_packed(pm, tmp_path / "m")
+    a = argparse.Namespace(model=str(p), preset=None, prompt_tokens=8, decode_tokens=4, threads=None,
+                           trace=str(tmp_path / "trace.json"), compare=True)
+    assert run_profile(a) == 0
+    out = capsys.readouterr().out
+    assert "layer0.attn" in out and "rel diff" in out
+    assert (tmp_path / "trace.json").exists()
+
+
+def test_models_registry_cli(tmp_path, monkeypatch, capsys):
+    from tritlm.cli import main
+
+    monkeypatch.setenv("TRITLM_MODELS", str(tmp_path / "reg.json"))
+    target = tmp_path / "somewhere"
+    target.mkdir()
+    assert main(["models", "add", "mine", str(target)]) == 0
+    assert json.loads(capsys.readouterr().out)["models"] == {"mine": str(target.resolve())}
+    from tritlm.infer.registry import resolve_path
+
+    assert resolve_path("mine") == target.resolve()
+    assert main(["models", "remove", "mine"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"] == {}

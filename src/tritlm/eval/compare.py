@@ -47,6 +47,26 @@ class Comparison:
         return "\n".join(lines)
 
 
+def equal_bytes_fp_model(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
+    """Model overrides for the widest FP twin whose fp16 weights fit in the ternary model's packed
+    bytes (2 bits per ternary weight + fp16 embeddings and norms): "ternary vs FP at equal memory"."""
+    from tritlm.model.sizes import model_sizes
+    from tritlm.train.trainer import resolve_model_config
+
+    tern = resolve_model_config(dataclasses.replace(cfg, fp=False), vocab_size)
+    budget = model_sizes(tern).packed_bytes
+    step = 2 * tern.n_heads  # keeps the head dim even for RoPE
+    best = None
+    for dim in range(step, tern.dim + 1, step):
+        ffn = max(8, int(round(8 * dim / 3 / 4)) * 4)
+        m = dataclasses.replace(tern, dim=dim, ffn_dim=ffn).fp_twin()
+        if model_sizes(m).fp16_bytes <= budget:
+            best = {"dim": dim, "ffn_dim": ffn}
+    if best is None:
+        raise ValueError("no FP model fits in the ternary model's packed bytes")
+    return best
+
+
 def compare(cfg: TrainConfig, lrs: list[float] | None = None, out_dir: Path | None = None,
             variants: dict[str, dict[str, Any]] | None = None,
             callback_factory: Callable[[str], Callable] | None = None) -> Comparison:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-import types
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml

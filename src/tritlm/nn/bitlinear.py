@@ -1,0 +1,270 @@
+"""BitLinear: a drop-in ``nn.Linear`` that trains latent full-precision weights through quantisation.
+
+Forward quantises the weights (ternary / binary, per tensor, per ``QuantConfig``) and the input
+(per-token absmax int8) and multiplies the dequantised values; backward is straight-through.
+
+The common case (lambda = 1, no annealing) runs through ``_BitLinearFn``, a fused autograd Function
+that quantises once, folds both scales into the operands and saves only the two dequantised
+operands, so backward is two plain matmuls (the same work as ``nn.Linear``). The schedule phases
+(lambda mixing, tanh annealing) take the slower, composable path built from ``tritlm.quant``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tritlm.nn.rmsnorm import RMSNorm
+from tritlm.quant.activations import absmax_int8
+from tritlm.quant.config import TERNARY, QuantConfig
+from tritlm.quant.ste import clamp_latent_, mix, soft_binary, soft_ternary, ste
+from tritlm.quant.weights import quantize_weight, threshold_ternary
+
+log = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or None (works on torch 2.3 and newer)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def _dequant_weight(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Hard-quantised weight times its scale, as a fresh tensor (``w`` itself in fp mode).
+
+    Call it with autograd off (no_grad or inside an autograd Function).
+    """
+    if cfg.weight == "fp":
+        return w
+    wf = w.float() if w.dtype in _LOW_PRECISION else w
+    if cfg.weight == "ternary" and cfg.dynamic_threshold is None:
+        # absmean_ternary with the scale folded in: 1 reduction + 4 in-place passes, no temporaries.
+        gamma = wf.abs().mean()
+        return torch.div(wf, gamma.add(cfg.eps)).round_().clamp_(-1, 1).mul_(gamma)
+    q, scale = quantize_weight(wf, cfg)
+    return q.mul_(scale)
+
+
+def _dequant_act(x: torch.Tensor, bits: int, eps: float) -> torch.Tensor:
+    """absmax_int8 followed by q / s, as one fresh tensor (call with autograd off).
+
+    No clamp is needed: s = Qp / max(max|x|, eps) bounds |x * s| by Qp (to within one ulp), so
+    round(x * s) already lies in [-Qp, Qp] (the tests check the range).
+    """
+    xf = x.float() if x.dtype in _LOW_PRECISION else x
+    # == Qp / max(max|x|, eps) bit for bit (Tensor.__rtruediv__ is reciprocal() * Qp), in place
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=eps).reciprocal_().mul_(2 ** (bits - 1) - 1)
+    return (xf * s).round_().div_(s)
+
+
+# One-slot cache of the last quantised input, keyed by tensor identity and version: q/k/v (and
+# gate/up) projections read the same tensor, so it is quantised once per block instead of three
+# times, and their backward passes share one saved copy. The weakref callback frees the copy as soon
+# as the input itself is gone.
+_ACT_SLOT: tuple | None = None
+
+
+def _drop_slot(ref: weakref.ref) -> None:
+    global _ACT_SLOT
+    slot = _ACT_SLOT
+    if slot is not None and slot[0] is ref:
+        _ACT_SLOT = None
+
+
+def _quant_input(x: torch.Tensor, cfg: QuantConfig, cd: torch.dtype) -> torch.Tensor:
+    """Dequantised per-token input as a 2-D tensor in ``cd``, reused when ``x`` was just quantised."""
+    global _ACT_SLOT
+    key = (x._version, cfg.act_bits, cfg.eps, cd)
+    slot = _ACT_SLOT
+    if slot is not None and slot[0]() is x and slot[1] == key:
+        return slot[2]
+    x2 = x.detach()  # cheaper than a no_grad context; nothing here needs a graph
+    if x2.dim() != 2:
+        x2 = x2.reshape(-1, x2.shape[-1])
+    if cfg.act_bits is None:
+        return x2 if x2.dtype == cd else x2.to(cd)
+    xd = _dequant_act(x2, cfg.act_bits, cfg.eps)
+    if xd.dtype != cd:
+        xd = xd.to(cd)
+    _ACT_SLOT = (weakref.ref(x, _drop_slot), key, xd)
+    return xd
+
+
+def _hard_forward(xd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig,
+                  cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, deq(W)) for the 2-D dequantised input ``xd``, the weight cast to the compute dtype ``cd``."""
+    wd = _dequant_weight(weight, cfg)
+    if wd.dtype != cd:
+        wd = wd.to(cd)
+    y = torch.addmm(bias.to(cd), xd, wd.t()) if bias is not None else torch.mm(xd, wd.t())
+    return y, wd
+
+
+class _BitLinearFn(torch.autograd.Function):
+    """y = deq(x) @ deq(W)^T + b; straight-through backward with two matmuls.
+
+    ``x`` (2-D) only connects the graph; ``xd`` is its dequantised value, computed outside so that it
+    can be shared. Saves ``xd`` (in the compute dtype, the same size as what ``nn.Linear`` keeps) and
+    the dequantised weight; grad_x = g @ deq(W), grad_W = ste_scale * g^T @ xd.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, xd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                cfg: QuantConfig, cd: torch.dtype) -> torch.Tensor:
+        y, wd = _hard_forward(xd, weight, bias, cfg, cd)
+        ctx.save_for_backward(xd, wd)
+        ctx.scale = cfg.ste_scale if cfg.weight != "fp" else 1.0
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        xd, wd = ctx.saved_tensors
+        x_dt, w_dt, b_dt = ctx.dtypes
+        if g.dtype != xd.dtype:
+            g = g.to(xd.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g.mm(wd)
+            if gx.dtype != x_dt:
+                gx = gx.to(x_dt)
+        if ctx.needs_input_grad[2]:
+            gw = g.t().mm(xd)
+            if ctx.scale != 1.0:
+                gw.mul_(ctx.scale)
+            if gw.dtype != w_dt:
+                gw = gw.to(w_dt)
+        if ctx.needs_input_grad[3]:
+            gb = g.sum(0).to(b_dt)
+        return gx, None, gw, gb, None, None
+
+
+class BitLinear(nn.Linear):
+    """``nn.Linear`` with quantisation-aware forward; its parameters are the latent fp weights.
+
+    Runtime schedule state, set by the trainer every step (see ``tritlm.nn.set_quant_state``) and
+    deliberately not saved (it is a function of the step):
+
+    - ``lam``: quantisation strength in [0, 1] (0 = full precision, 1 = fully quantised);
+    - ``anneal_alpha``: sharpness of the tanh soft quantiser, None = hard quantisation with STE;
+    - ``residual_coef``: coefficient of a full-precision residual branch F.linear(x, W) added to the
+      output, annealed to 0 to ease the switch to ternary.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 config: QuantConfig = TERNARY, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if config.act_bits is not None and config.act_bits < 2:
+            raise ValueError(f"act_bits must be >= 2 or None, got {config.act_bits}")
+        self.config = config
+        # Parameter-free RMSNorm of the input (BitNet FAQ); it has no state, so checkpoints do not change.
+        self.norm = RMSNorm(in_features, affine=False) if config.input_norm else None
+        self.lam: float = 1.0
+        self.anneal_alpha: float | None = None
+        self.residual_coef: float = 0.0
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if self.norm is not None:
+            x = self.norm(x)
+        if not cfg.quantised and cfg.act_bits is None:
+            y = F.linear(x, self.weight, self.bias)  # the FP twin: exactly nn.Linear
+        elif self.lam == 1.0 and (self.anneal_alpha is None or not cfg.quantised):
+            y = self._hard(x)
+        else:
+            y = F.linear(self._act(x), self._weight(), self.bias)
+        if self.residual_coef != 0.0:
+            y = y + self.residual_coef * F.linear(x, self.weight)
+        return y
+
+    def _hard(self, x: torch.Tensor) -> torch.Tensor:
+        cd = _autocast_dtype(x.device.type) or x.dtype
+        xd = _quant_input(x, self.config, cd)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            y = _BitLinearFn.apply(x2, xd, self.weight, self.bias, self.config, cd)
+        else:  # inference: the same math without the autograd bookkeeping
+            with torch.no_grad():
+                y = _hard_forward(xd, self.weight, self.bias, self.config, cd)[0]
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token absmax activations with STE, mixed with the fp input by ``lam``."""
+        bits = self.config.act_bits
+        if bits is None:
+            return x
+        with torch.no_grad():
+            q, s = absmax_int8(x, bits, self.config.eps)
+            xd = (q / s).to(x.dtype)
+        return mix(x, ste(x, xd), self.lam)
+
+    def _weight(self) -> torch.Tensor:
+        """Dequantised weight (hard with STE, or soft during annealing), mixed with W by ``lam``."""
+        w, cfg = self.weight, self.config
+        if not cfg.quantised:
+            return w
+        if self.anneal_alpha is None:
+            with torch.no_grad():
+                wd = _dequant_weight(w, cfg)
+            wq = ste(w, wd, cfg.ste_scale)
+        else:
+            wq = self._soft_weight(w, float(self.anneal_alpha))
+        return mix(w, wq, self.lam)
+
+    def _soft_weight(self, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        """tanh staircase of W / scale, times the scale; the scale is treated as a constant (as in STE)."""
+        cfg = self.config
+        with torch.no_grad():
+            a = w.abs()
+            if cfg.weight == "binary":
+                scale = a.mean()
+                inv = 1.0 / (scale + cfg.eps)
+            elif cfg.dynamic_threshold is not None:
+                _, scale = threshold_ternary(w, cfg.dynamic_threshold, cfg.eps)
+                # put the TWN threshold delta at the staircase's step u = 1/2
+                inv = 0.5 / (cfg.dynamic_threshold * a.mean() + cfg.eps)
+            else:
+                scale = a.mean()
+                inv = 1.0 / (scale + cfg.eps)
+        soft = soft_binary if cfg.weight == "binary" else soft_ternary
+        return soft(w * inv, alpha) * scale
+
+    # ---- export / maintenance ----------------------------------------------------------------
+    @torch.no_grad()
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard-quantised weight for packing/export: (int8 [out, in] in {-1, 0, 1}, float32 0-dim scale)."""
+        if not self.config.quantised:
+            raise ValueError("a BitLinear with weight='fp' has no quantised weight")
+        q, scale = quantize_weight(self.weight.detach().float(), self.config)
+        return q.to(torch.int8), scale.float().reshape(())
+
+    def clamp_latent_(self) -> None:
+        """Clamp the latent weights to [-c, c] when ``config.latent_clamp`` is set (after opt.step)."""
+        if self.config.latent_clamp is not None:
+            clamp_latent_(self.weight, self.config.latent_clamp)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        s = f"{super().extra_repr()}, weight={c.weight}, act_bits={c.act_bits}"
+        if c.dynamic_threshold is not None:
+            s += f", dynamic_threshold={c.dynamic_threshold}"
+        if c.ste_scale != 1.0:
+            s += f", ste_scale={c.ste_scale}"
+        if c.latent_clamp is not None:
+            s += f", latent_clamp={c.latent_clamp}"
+        return s
+

@@ -257,6 +257,21 @@ def test_shared_input_quantised_once_and_invalidated_by_in_place_change():
     _close(xr.grad, expect)
 
 
+def test_inference_mode_1d_and_non_contiguous_inputs():
+    m = _module(QuantConfig(), 32, 8, bias=True, seed=9)
+    x = _tie_free_x((4, 6, 32), seed=9)
+    ref = ref_forward(m, x)
+    with torch.inference_mode():  # inference tensors have no version counter
+        xi = x.clone()
+        _close(m(xi).numpy(), ref)
+        _close(m(xi).numpy(), ref)
+    xt = x.transpose(0, 1)  # non-contiguous 3-D input
+    _close(m(xt).detach().numpy(), ref.transpose(1, 0, 2))
+    y1 = m(x[1, 2].clone().requires_grad_())  # a single token, 1-D
+    assert y1.shape == (8,)
+    _close(y1.detach().numpy(), ref[1, 2])
+
+
 def test_quantized_weight_clamp_and_repr():
     m = _module(QuantConfig(latent_clamp=0.01), 16, 8, bias=False)
     q, s = m.quantized_weight()

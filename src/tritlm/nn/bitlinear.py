@@ -86,9 +86,10 @@ def _drop_slot(ref: weakref.ref) -> None:
 def _quant_input(x: torch.Tensor, cfg: QuantConfig, cd: torch.dtype) -> torch.Tensor:
     """Dequantised per-token input as a 2-D tensor in ``cd``, reused when ``x`` was just quantised."""
     global _ACT_SLOT
-    key = (x._version, cfg.act_bits, cfg.eps, cd)
+    # inference-mode tensors have no version counter, so in-place changes are invisible: no cache
+    key = None if x.is_inference() else (x._version, cfg.act_bits, cfg.eps, cd)
     slot = _ACT_SLOT
-    if slot is not None and slot[0]() is x and slot[1] == key:
+    if key is not None and slot is not None and slot[0]() is x and slot[1] == key:
         return slot[2]
     x2 = x.detach()  # cheaper than a no_grad context; nothing here needs a graph
     if x2.dim() != 2:
@@ -98,7 +99,8 @@ def _quant_input(x: torch.Tensor, cfg: QuantConfig, cd: torch.dtype) -> torch.Te
     xd = _dequant_act(x2, cfg.act_bits, cfg.eps)
     if xd.dtype != cd:
         xd = xd.to(cd)
-    _ACT_SLOT = (weakref.ref(x, _drop_slot), key, xd)
+    if key is not None:
+        _ACT_SLOT = (weakref.ref(x, _drop_slot), key, xd)
     return xd
 
 

@@ -214,6 +214,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+def cmd_serve(a: argparse.Namespace) -> int:
+    from tritlm.serve.app import serve
+
+    logging.getLogger("tritlm.serve").setLevel(logging.DEBUG if a.verbose else logging.INFO)
+    serve(a.model, a.host, a.port, log_level="debug" if a.verbose else "info",
+          model_name=a.model_name, api_key=a.api_key or os.environ.get("TRITLM_API_KEY"),
+          max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
+          chat_template=a.chat_template, workers=a.workers, max_queue=a.max_queue, threads=a.threads)
+    return 0
+
+
 # ---- packed CPU runtime: pack, bench, chat, profile, models (implementations in tritlm.infer) ------
 def cmd_pack(a: argparse.Namespace) -> int:
     import json
@@ -365,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=2000)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    s.add_argument("model", help="run folder, checkpoint folder or packed model")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $TRITLM_API_KEY)")
+    s.add_argument("--model-name", help="the model id clients send (default: the model folder's name)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker; 503 beyond")
+    s.add_argument("--workers", type=int, default=1, help="requests generated at the same time")
+    s.add_argument("--threads", type=int, help="torch threads (default: torch's default split between workers)")
+    s.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: model context)")
+    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
+    s.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else plain text)")
+    s.set_defaults(fn=cmd_serve)
     _add_runtime_commands(sub)
     return p
 

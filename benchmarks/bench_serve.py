@@ -1,0 +1,203 @@
+"""Load test of ``tritlm serve``: N concurrent OpenAI clients, a fixed number of requests.
+
+Starts ``tritlm serve`` as a subprocess on a free loopback port (so clients and server do not share
+a GIL), drives it with ``openai.AsyncOpenAI`` clients, and prints latency percentiles, throughput
+and errors, once per ``--workers`` setting. Every loop is bounded in count and time.
+
+    .venv/bin/python benchmarks/bench_serve.py                 # trains the tiny FP model first
+    .venv/bin/python benchmarks/bench_serve.py --model runs/demo --workers 1,2 --write
+
+``--write`` appends a dated section to ``benchmarks/RESULTS-serve.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--fp", "--preset", "tiny", "--max-steps", "30", "--threads", "1", "--quiet", "--set", "model.dim=32", "--set",
+        "model.n_layers=1", "--set", "model.ffn_dim=64", "--set", "eval_batches=2", "--set", "tensorboard=false"]
+
+
+# Letters only: the tiny model's character vocabulary (Tiny Shakespeare) has no digits but 3.
+NAMES = ["ROMEO", "JULIET", "KING", "QUEEN", "HAMLET", "MERCUTIO", "TYBALT", "NURSE"]
+
+
+def prompt(i: int) -> str:
+    return f"{NAMES[i % len(NAMES)]}:\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+def start_server(model: str, workers: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
+    cmd = [sys.executable, "-m", "tritlm", "serve", model, "--port", str(port), "--workers", str(workers),
+           "--max-queue", str(max_queue), "--model-name", "bench"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy within 60 s")
+
+
+async def run_load(url: str, clients: int, per_client: int, max_tokens: int, stream: bool,
+                   timeout: float) -> dict:
+    from openai import AsyncOpenAI
+
+    lat: list[float] = []
+    ttft: list[float] = []
+    errors: list[str] = []
+    tokens = 0
+
+    async def one(client: AsyncOpenAI, i: int) -> None:
+        nonlocal tokens
+        t0 = time.perf_counter()
+        chat = i % 2 == 1  # alternate endpoints
+        if stream:
+            first = None
+            if chat:
+                s = await client.chat.completions.create(
+                    model="bench", messages=[{"role": "user", "content": f"Hello, {NAMES[i % len(NAMES)].title()}"}],
+                    max_tokens=max_tokens, stream=True, seed=i, stream_options={"include_usage": True})
+            else:
+                s = await client.completions.create(model="bench", prompt=prompt(i), max_tokens=max_tokens,
+                                                    stream=True, seed=i, stream_options={"include_usage": True})
+            async for ch in s:
+                if first is None and ch.choices:
+                    first = time.perf_counter() - t0
+                if ch.usage is not None:
+                    tokens += ch.usage.completion_tokens
+            if first is not None:
+                ttft.append(first)
+        elif chat:
+            r = await client.chat.completions.create(
+                model="bench", messages=[{"role": "user", "content": f"Hello, {NAMES[i % len(NAMES)].title()}"}],
+                max_tokens=max_tokens, seed=i)
+            tokens += r.usage.completion_tokens
+        else:
+            r = await client.completions.create(model="bench", prompt=prompt(i), max_tokens=max_tokens, seed=i)
+            tokens += r.usage.completion_tokens
+        lat.append(time.perf_counter() - t0)
+
+    async def worker(c: int) -> None:
+        # max_retries=0: a 503 or a dropped connection must count as an error, not be retried away.
+        async with AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=timeout) as client:
+            for k in range(per_client):
+                try:
+                    await one(client, c * per_client + k)
+                except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+                    errors.append(f"{type(e).__name__}: {e}")
+
+    t0 = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(worker(c) for c in range(clients))), timeout * per_client + 30)
+    wall = time.perf_counter() - t0
+    return {"n": clients * per_client, "ok": len(lat), "errors": errors, "wall_s": wall,
+            "p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99), "mean": statistics.fmean(lat) if lat else 0,
+            "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "tokens": tokens,
+            "req_s": len(lat) / wall, "tok_s": tokens / wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model to serve (default: train the tiny FP model into a temp folder)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64, help="total requests (split evenly over clients)")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
+    ap.add_argument("--threads", type=int, help="torch threads in the server (OMP_NUM_THREADS)")
+    ap.add_argument("--stream", action="store_true", help="streaming requests (also measures time to first token)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
+    ap.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS-serve.md")
+    a = ap.parse_args()
+
+    tmp = None
+    model = a.model
+    if model is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tritlm-bench-serve-")
+        model = str(Path(tmp.name) / "tiny")
+        subprocess.run([sys.executable, "-m", "tritlm", "train", *TINY, "--out", model], check=True,
+                       stdout=subprocess.DEVNULL, timeout=600)
+    per_client = max(1, a.requests // a.clients)
+    rows = []
+    for w in (int(x) for x in a.workers.split(",")):
+        proc, url = start_server(model, w, max_queue=a.clients, threads=a.threads)
+        try:
+            asyncio.run(run_load(url, 2, 1, a.max_tokens, a.stream, a.timeout))  # warm-up
+            r = asyncio.run(run_load(url, a.clients, per_client, a.max_tokens, a.stream, a.timeout))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        r["workers"] = w
+        rows.append(r)
+        ttft = f"  ttft p50 {r['ttft_p50'] * 1e3:.0f} ms p95 {r['ttft_p95'] * 1e3:.0f} ms" if a.stream else ""
+        print(f"workers={w}: {r['ok']}/{r['n']} ok, {len(r['errors'])} errors, p50 {r['p50'] * 1e3:.0f} ms, "
+              f"p95 {r['p95'] * 1e3:.0f} ms, p99 {r['p99'] * 1e3:.0f} ms, {r['req_s']:.1f} req/s, "
+              f"{r['tok_s']:.0f} tok/s, wall {r['wall_s']:.1f} s{ttft}")
+        for e in r["errors"][:5]:
+            print("  error:", e)
+    if a.write:
+        out = ROOT / "benchmarks" / "RESULTS-serve.md"
+        new = not out.exists()
+        with out.open("a") as f:
+            if new:
+                f.write("# `tritlm serve` load test\n\nProduced by `benchmarks/bench_serve.py`; latency is per "
+                        "request, client side, over loopback.\n")
+            f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} - {platform.machine()}, {os.cpu_count()} CPUs "
+                    f"(shared), torch threads {a.threads or 'default'}\n\n")
+            f.write(f"model `{a.model or 'tiny FP (dim 32, 1 layer, char vocab 65)'}`, {a.clients} concurrent "
+                    f"clients, {per_client * a.clients} requests, max_tokens {a.max_tokens}, "
+                    f"{'streaming' if a.stream else 'non-streaming'}, completions and chat alternating\n\n")
+            f.write("| workers | ok / total | errors | p50 ms | p95 ms | p99 ms | req/s | tokens/s |"
+                    + (" TTFT p50 ms | TTFT p95 ms |" if a.stream else "") + "\n")
+            f.write("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if a.stream else "") + "\n")
+            for r in rows:
+                f.write(f"| {r['workers']} | {r['ok']} / {r['n']} | {len(r['errors'])} | {r['p50'] * 1e3:.0f} | "
+                        f"{r['p95'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | {r['req_s']:.1f} | {r['tok_s']:.0f} |"
+                        + (f" {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} |" if a.stream else "") + "\n")
+        print(f"appended to {out}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

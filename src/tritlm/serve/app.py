@@ -1,0 +1,497 @@
+"""The OpenAI-compatible HTTP API (FastAPI), and running it with uvicorn.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream as server-sent
+events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``,
+``GET /metrics``. Every error is a JSON body ``{"error": {"message", "type", "param", "code"}}``.
+
+Request bodies are parsed by hand (JSON, then a strict pydantic model) rather than through
+FastAPI's body parameters, so that every malformed request - bad JSON included - gets the same
+OpenAI-style 400 with the offending field in ``param``, instead of FastAPI's own 422 format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from typing_extensions import Self
+
+from tritlm.errors import TritlmError
+from tritlm.infer.sampling import SamplingParams
+from tritlm.serve.chat_template import ChatTemplate, DefaultChatTemplate, TemplateError, load_chat_template
+from tritlm.serve.engine import Backend, Delta, Engine, Finish, GenerationRequest, Job, QueueFull, backend_for
+from tritlm.serve.metrics import CONTENT_TYPE, Metrics
+from tritlm.serve.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _Sampling,
+    error_body,
+    validation_to_api_error,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_BODY_BYTES = 8 * 2**20
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class ServeSettings:
+    model_name: str = "tritlm"
+    api_key: str | None = None
+    max_prompt_tokens: int | None = None  # None = the model's context length
+    max_tokens_limit: int = 4096
+    chat_template: ChatTemplate = field(default_factory=DefaultChatTemplate)
+    max_body_bytes: int = MAX_BODY_BYTES
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _read_json(request: Any, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"could not parse the JSON body: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the JSON body must be an object", code="invalid_json")
+    return data
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _usage(f: Finish) -> dict[str, int]:
+    return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+            "total_tokens": f.prompt_tokens + f.completion_tokens}
+
+
+class _MetricsMiddleware:
+    """Counts requests by endpoint and status and times them until their last byte (streams too).
+
+    A plain ASGI middleware, not ``BaseHTTPMiddleware``, which would buffer streaming bodies and
+    interfere with disconnect detection.
+    """
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/")
+                                                   else "other")
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - t0)
+
+
+# ---- the app ----------------------------------------------------------------------------------------
+def create_app(backend: Backend, settings: ServeSettings | None = None, *, workers: int = 1,
+               max_queue: int = 64, metrics: Metrics | None = None):
+    """A FastAPI app serving ``backend``. Its engine starts with the app and stops at shutdown."""
+    s = settings or ServeSettings()
+    metrics = metrics or Metrics()
+    engine = Engine(backend, workers=workers, max_queue=max_queue, metrics=metrics)
+    metrics.add_gauge("queue_depth", "Admitted requests waiting for a worker.", lambda: engine.waiting)
+    metrics.add_gauge("requests_in_flight", "Requests generating on a worker now.", lambda: engine.running)
+    metrics.add_gauge("workers", "Generation worker threads.", lambda: engine.workers)
+    max_prompt = s.max_prompt_tokens or backend.context_length
+    if max_prompt > backend.context_length:
+        log.warning("--max-prompt-tokens %d exceeds the model's context of %d: longer prompts keep their "
+                    "last %d tokens", max_prompt, backend.context_length, backend.context_length)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="tritlm", description="OpenAI-compatible API for tritlm models",
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.settings = s
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    # ---- errors: always the OpenAI shape, never a traceback ----
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError):
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        msg = {404: "not found", 405: "method not allowed"}.get(e.status_code, str(e.detail))
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(f"{msg}: see /v1/models, /v1/completions, /v1/chat/completions",
+                                       kind, None, str(e.status_code)),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        return JSONResponse(error_body(str(e.errors()[:1]), "invalid_request_error", None, "invalid_value"),
+                            status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal server error", "server_error", None, "internal_error"),
+                            status_code=500)
+
+    # ---- request handling ----
+    def check_auth(request: Request) -> None:
+        if s.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        # compare_digest: the time taken must not reveal how much of a guessed key is right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), s.api_key.encode()):
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != s.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {s.model_name!r}",
+                           param="model", code="model_not_found")
+
+    async def parse(request: Request, cls: type[_Sampling]) -> Any:
+        check_auth(request)
+        data = await _read_json(request, s.max_body_bytes)
+        try:
+            req = cls.model_validate(data)
+        except ValidationError as e:
+            raise validation_to_api_error(e) from None
+        req.check_supported()
+        check_model(req.model)
+        return req
+
+    async def encode(text: str, param: str) -> list[int]:
+        tok = backend.tokenizer
+        try:
+            # Off the event loop: a long prompt takes a while to tokenise.
+            ids = await asyncio.to_thread(tok.encode, text)
+        except TritlmError as e:  # e.g. a character outside a char tokenizer's vocabulary
+            raise ApiError(400, f"the prompt cannot be tokenised: {e}", param=param,
+                           code="invalid_prompt") from None
+        return list(ids)
+
+    def check_ids(ids: list[int], param: str) -> list[int]:
+        if not ids:
+            if backend.tokenizer.bos_id is None:
+                raise ApiError(400, "the prompt is empty (and the tokenizer has no BOS token to start from)",
+                               param=param, code="invalid_prompt")
+            ids = [backend.tokenizer.bos_id]
+        bad = next((t for t in ids if not 0 <= t < backend.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {backend.vocab_size})",
+                           param=param, code="invalid_prompt")
+        if len(ids) > max_prompt:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, more than the limit of {max_prompt}",
+                           param=param, code="context_length_exceeded")
+        return ids
+
+    def check_max_tokens(n: int | None, default: int, param: str) -> int:
+        if n is None:
+            return max(1, min(default, s.max_tokens_limit))
+        if n > s.max_tokens_limit:
+            raise ApiError(400, f"'{param}' is {n}, more than this server's limit of {s.max_tokens_limit}",
+                           param=param, code="invalid_value")
+        return n
+
+    def build(req: _Sampling, ids: list[int], max_tokens: int, stop: list[str], lstrip: bool
+              ) -> GenerationRequest:
+        bias = req.bias_map()
+        bad = next((t for t in bias if not 0 <= t < backend.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"logit_bias token id {bad} is outside the vocabulary [0, {backend.vocab_size})",
+                           param="logit_bias", code="invalid_value")
+        sampling = SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
+                                  min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
+        return GenerationRequest(ids, max_tokens, sampling, tuple(stop), req.presence_penalty,
+                                 req.frequency_penalty, bias, lstrip)
+
+    def submit(gen: GenerationRequest) -> Job:
+        try:
+            return engine.submit(gen)
+        except QueueFull as e:
+            raise ApiError(503, f"the server is busy: {e}", type="server_error", code="server_overloaded",
+                           headers={"Retry-After": "1"}) from None
+
+    async def collect(job: Job, request: Request) -> tuple[str, Finish]:
+        parts: list[str] = []
+        finish: Finish | None = None
+        async for ev in job.events(poll=request.is_disconnected):
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+            else:
+                finish = ev
+        if finish is None or finish.reason == "cancelled":
+            raise ApiError(499, "the client closed the request", code="client_closed")
+        if finish.reason == "error":
+            raise ApiError(500, f"generation failed: {finish.error}", type="server_error",
+                           code="generation_failed")
+        return "".join(parts), finish
+
+    def stream(job: Job, chunk: Callable[[str | None, str | None], dict], usage_chunk: Callable[[Finish], dict],
+               include_usage: bool, first: dict | None = None) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            # The finally of job.events() cancels the job when this generator is closed or cancelled
+            # (Starlette cancels it when the client disconnects), freeing the worker at the next token.
+            if first is not None:
+                yield _sse(first)
+            async for ev in job.events():
+                if isinstance(ev, Delta):
+                    yield _sse(chunk(ev.text, None))
+                elif ev.reason == "error":
+                    yield _sse(error_body(f"generation failed: {ev.error}", "server_error", None,
+                                          "generation_failed"))
+                elif ev.reason != "cancelled":
+                    yield _sse(chunk(None, ev.reason))
+                    if include_usage:
+                        yield _sse(usage_chunk(ev))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- endpoints ----
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        prompt = req.single_prompt()
+        ids = await encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+        ids = check_ids(ids, "prompt")
+        max_tokens = check_max_tokens(req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "max_tokens")
+        job = submit(build(req, ids, max_tokens, req.stop_list(), lstrip=False))
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name}
+        if req.stream:
+            def chunk(text: str | None, reason: str | None) -> dict:
+                return {**base, "choices": [{"index": 0, "text": text or "", "logprobs": None,
+                                             "finish_reason": reason}]}
+
+            def usage_chunk(f: Finish) -> dict:
+                return {**base, "choices": [], "usage": _usage(f)}
+
+            inc = bool(req.stream_options and req.stream_options.include_usage)
+            return stream(job, chunk, usage_chunk, inc)
+        text, f = await collect(job, request)
+        return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": f.reason}],
+                "usage": _usage(f)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = s.chat_template.render(msgs)
+        except TemplateError as e:
+            raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+        ids = check_ids(await encode(text, "messages"), "messages")
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        # No limit given: until EOS or the end of the context, as OpenAI does for chat.
+        max_tokens = check_max_tokens(req.limit(), backend.context_length - len(ids), param)
+        stop = list(s.chat_template.stop) + req.stop_list()
+        job = submit(build(req, ids, max_tokens, stop, lstrip=s.chat_template.lstrip_reply))
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": s.model_name}
+        if req.stream:
+            def chunk(text: str | None, reason: str | None) -> dict:
+                delta = {"content": text} if text is not None else {}
+                return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                             "finish_reason": reason}]}
+
+            def usage_chunk(f: Finish) -> dict:
+                return {**base, "choices": [], "usage": _usage(f)}
+
+            first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]}
+            inc = bool(req.stream_options and req.stream_options.include_usage)
+            return stream(job, chunk, usage_chunk, inc, first)
+        out, f = await collect(job, request)
+        return {**base, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out},
+                             "logprobs": None, "finish_reason": f.reason}],
+                "usage": _usage(f)}
+
+    def model_card() -> dict:
+        return {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "tritlm",
+                "max_model_len": backend.context_length}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        check_auth(request)
+        check_model(model_id)
+        return model_card()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": s.model_name, "queue_depth": engine.waiting,
+                "in_flight": engine.running}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+# ---- running it -------------------------------------------------------------------------------------
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 = any free port), IPv6 if the host is an IPv6 address."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise TritlmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def build_app_for_model(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
+                        max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096,
+                        chat_template: str | Path | None = None, workers: int = 1, max_queue: int = 64,
+                        threads: int | None = None):
+    """Load ``model`` (anything :func:`tritlm.load` reads) and build its app.
+
+    ``threads``: torch intra-op threads. By default torch's own count is split between the workers:
+    several workers each running a full-width thread pool oversubscribe the cores, and on a small
+    model a contended thread pool is several times slower than one thread (see docs/serve.md).
+    """
+    import torch
+
+    import tritlm
+
+    for flag, v, lo in (("--workers", workers, 1), ("--max-queue", max_queue, 0),
+                        ("--max-tokens-limit", max_tokens_limit, 1),
+                        ("--max-prompt-tokens", max_prompt_tokens if max_prompt_tokens is not None else 1, 1)):
+        if v < lo:
+            raise TritlmError(f"{flag} must be >= {lo}, got {v}")
+    if threads is not None and threads < 1:
+        raise TritlmError(f"--threads must be >= 1, got {threads}")
+    n_threads = threads or max(1, torch.get_num_threads() // workers)
+    if n_threads != torch.get_num_threads():
+        torch.set_num_threads(n_threads)
+    m = tritlm.load(model)
+    backend = backend_for(m)
+    name = model_name or Path(model).resolve().name
+    tmpl = load_chat_template(m.tokenizer, getattr(m, "path", None), chat_template)
+    settings = ServeSettings(model_name=name, api_key=api_key or None, max_prompt_tokens=max_prompt_tokens,
+                             max_tokens_limit=max_tokens_limit, chat_template=tmpl)
+    log.info("model %s: context %d, vocab %d, chat template %s, %d worker(s) x %d torch thread(s)", name,
+             backend.context_length, backend.vocab_size, tmpl.name, workers, n_threads)
+    return create_app(backend, settings, workers=workers, max_queue=max_queue)
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+          access_log: bool = True, **kwargs: Any) -> None:
+    """Serve ``model`` until interrupted (the ``tritlm serve`` command). ``kwargs``: see build_app_for_model."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise TritlmError("serving needs the serve extra: pip install 'tritlm[serve]'") from None
+    app = build_app_for_model(model, **kwargs)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: the server is reachable from the network%s", host,
+                    "" if kwargs.get("api_key") else " and has no API key (--api-key)")
+    sock = bind_socket(host, port)
+    log.info("serving %s at %s/v1", app.state.settings.model_name, _url(sock))
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class ServerThread:
+    """A uvicorn server on a background thread, on a free loopback port (tests and benchmarks).
+
+    ``with ServerThread(app) as srv: OpenAI(base_url=srv.url + "/v1")``.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
+        import uvicorn
+
+        self.sock = bind_socket(host, port)
+        self.url = _url(self.sock)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="tritlm-serve", daemon=True)
+        self.start_timeout = start_timeout
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

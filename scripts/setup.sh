@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${TRITLM_EXTRAS:-dev}
+EXTRAS=${TRITLM_EXTRAS:-dev,serve,hf,gguf}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -149,7 +149,21 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
     cfg = _train_config(a)
     lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else None
-    res = compare(cfg, lrs=lrs, out_dir=Path(a.out), callback_factory=lambda label: _Progress(label, a.quiet))
+    variants = None
+    if a.equal_bytes:
+        from tritlm.data import TokenData, default_corpus_path, prepare_dataset
+        from tritlm.eval.compare import equal_bytes_fp_model
+
+        ddir = Path(cfg.data.dataset_dir or Path(a.out) / "data")
+        if not cfg.data.dataset_dir:
+            prepare_dataset(cfg.data.corpus or default_corpus_path(), ddir, tokenizer=cfg.data.tokenizer,
+                            val_fraction=cfg.data.val_fraction)
+        cfg.data.dataset_dir = str(ddir)
+        small = equal_bytes_fp_model(cfg, TokenData(ddir).vocab_size)
+        variants = {"ternary": {"fp": False}, "fp": {"fp": True},
+                    "fp-equal-bytes": {"fp": True, "model": {**cfg.model, **small}}}
+    res = compare(cfg, lrs=lrs, out_dir=Path(a.out), variants=variants,
+                  callback_factory=lambda label: _Progress(label, a.quiet))
     _console().print(res.table_markdown())
     _console().print(f"plot: {res.plot_path}\ntable: {res.table_path}")
     return 0
@@ -358,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="train the ternary model and its FP twin on equal terms; table + plot")
     _add_train_args(s)
     s.add_argument("--lrs", help="comma-separated LR sweep; each model is reported at its best LR")
+    s.add_argument("--equal-bytes", action="store_true",
+                   help="also train the widest FP model whose fp16 weights fit in the ternary model's packed bytes")
     s.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("generate", help="sample text from a model")

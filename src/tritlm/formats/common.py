@@ -1,0 +1,138 @@
+"""Helpers shared by the interchange formats (HF, GGUF, .1bit): weight extraction, the latent-weight
+trick that makes a BitLinear reproduce a stored (q, scale) exactly, and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tritlm.errors import FormatError
+from tritlm.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def block_linears(cfg: ModelConfig) -> list[str]:
+    """Names (without ``.weight``) of every Linear inside the blocks, e.g. ``layers.0.mlp.up_proj``."""
+    out = []
+    for i in range(cfg.n_layers):
+        out += [f"layers.{i}.self_attn.{n}" for n in ATTN]
+        out += [f"layers.{i}.mlp.{n}" for n in MLP]
+    return out
+
+
+def check_exportable(cfg: ModelConfig, fmt: str) -> None:
+    """Refuse the options no external format represents, with the reason, instead of writing a
+    file that other tools would run differently."""
+    if cfg.residual_scale != 1.0:
+        raise FormatError(f"{fmt}: residual_scale={cfg.residual_scale} has no equivalent in this format")
+    q = cfg.quant
+    if q.input_norm and fmt != "hf":
+        raise FormatError(f"{fmt}: BitLinear input_norm has no equivalent in this format")
+    if q.quantised and q.act_bits not in (8, None):
+        raise FormatError(f"{fmt}: act_bits={q.act_bits}; only 8-bit activations are supported by other runtimes")
+
+
+@torch.no_grad()
+def quantised_linear(model: nn.Module, name: str) -> tuple[torch.Tensor, float]:
+    """(int8 levels [out, in], scale) of a quantised Linear of ``model``."""
+    mod = model.get_submodule(name)
+    if not hasattr(mod, "quantized_weight"):
+        raise FormatError(f"{name} is not a quantised layer")
+    q, s = mod.quantized_weight()
+    return q, float(s)
+
+
+@torch.no_grad()
+def latent_for(q: torch.Tensor, scale: float, weight: str = "ternary", eps: float = 1e-5) -> torch.Tensor:
+    """Latent float weights W such that BitLinear's quantiser gives back exactly ``q`` and ``scale``.
+
+    BitLinear re-quantises its latent weights every forward: q = clip(round(W / (mean|W| + eps))) and
+    scale = mean|W|. Storing W = q * scale would shrink the scale by the fraction of non-zeros f, so
+    the non-zeros are stored at ``scale / f``: mean|W| is then ``scale`` and |W| / (scale + eps) =
+    scale / (f (scale + eps)) >= 1 - eps/scale rounds to 1 (f <= 1). For binary weights f = 1.
+    """
+    qf = q.float()
+    nz = int((q != 0).sum())
+    if nz == 0:
+        return torch.zeros_like(qf)
+    f = nz / q.numel()
+    if weight == "binary":
+        return qf * scale
+    return qf * (scale / f)
+
+
+def set_linear(model: nn.Module, name: str, w: torch.Tensor) -> None:
+    mod = model.get_submodule(name)
+    if tuple(mod.weight.shape) != tuple(w.shape):
+        raise FormatError(f"{name}: shape {tuple(w.shape)} does not match the model's {tuple(mod.weight.shape)}")
+    with torch.no_grad():
+        mod.weight.copy_(w.to(mod.weight.dtype))
+
+
+def set_quantised(model: nn.Module, name: str, q: torch.Tensor, scale: float) -> None:
+    """Load stored levels + scale into a BitLinear (via :func:`latent_for`), or q * scale into an FP Linear."""
+    mod = model.get_submodule(name)
+    cfg = getattr(mod, "config", None)
+    if cfg is not None and cfg.quantised:
+        set_linear(model, name, latent_for(q, scale, cfg.weight, cfg.eps))
+    else:
+        set_linear(model, name, q.float() * scale)
+
+
+def ternary_config_from_levels(levels: list[torch.Tensor]):
+    """``binary`` when no stored level is 0 (sign weights), else ``ternary`` QuantConfig."""
+    from tritlm.quant.config import BINARY, TERNARY
+
+    return BINARY if levels and all(bool((q != 0).all()) for q in levels) else TERNARY
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it to ``dest`` only if the block succeeds, so a failed
+    or interrupted export never leaves a partial file under the real name."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir:
+            if dest.exists():
+                old = dest.with_name(f".{dest.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                dest.rename(old)
+                tmp.rename(dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(dest)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        if is_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the logit comparison used by the tests and ``validate``."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))

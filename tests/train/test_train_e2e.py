@@ -17,7 +17,7 @@ SMALL = ["--preset", "tiny", "--set", "model.dim=32", "--set", "model.ffn_dim=64
          "--set", "tensorboard=false", "--threads", "1", "--quiet"]
 
 
-def run_cli(args, env=None, check=True, timeout=300):
+def run_cli(args, env=None, check=True, timeout=600):
     e = {**os.environ, **(env or {})}
     r = subprocess.run([sys.executable, "-m", "tritlm", *args], capture_output=True, text=True,
                        env=e, cwd=ROOT, timeout=timeout)
@@ -34,7 +34,7 @@ def train_losses(out: Path) -> dict[int, str]:
 def test_smoke_train_then_generate_and_load(tmp_path):
     out = tmp_path / "run"
     r = run_cli(["train", "--preset", "tiny", "--max-steps", "40", "--out", str(out), "--quiet",
-                 "--set", "eval_batches=8"])
+                 "--set", "eval_batches=8", "--threads", "1"])
     assert "val loss" in r.stdout
     losses = train_losses(out)
     assert float(losses[40]) < float(losses[10])

@@ -24,17 +24,18 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 4e-3
+    # Defaults = the best ternary recipe on Tiny Shakespeare (benchmarks/RESULTS.md).
+    lr: float = 5e-3
     min_lr_ratio: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    schedule: str = "cosine"  # constant | linear | cosine | two-stage
+    schedule: str = "two-stage"  # constant | linear | cosine | two-stage
     warmup_steps: int = 100
     two_stage_split: float = 0.5
     two_stage_ratio: float = 0.6
-    wd_schedule: str = "constant"  # constant | two-stage (BitNet: 0.1 then 0)
+    wd_schedule: str = "two-stage"  # constant | two-stage (BitNet: 0.1 then 0)
     grad_clip: float = 1.0  # 0 = off
 
 

@@ -1,0 +1,387 @@
+"""GGUF export/import for llama.cpp (TQ2_0, TQ1_0) and bitnet.cpp (I2_S); see docs/formats.md.
+
+Architecture: a model with SubLN is written as llama.cpp's ``bitnet`` arch (``attn_sub_norm``,
+``ffn_sub_norm``; llama.cpp's converter does not permute q/k for it); a model without SubLN as
+``llama``, whose graph uses llama.cpp's interleaved ("NORM") RoPE, so q/k rows are permuted from HF's
+rotate_half order exactly as ``convert_hf_to_gguf.py``'s ``LlamaModel.permute`` does.
+
+Ternary Linear weights: TQ2_0/TQ1_0 blocks hold 256 weights of a row with one fp16 scale d = max|w|
+of the block, so our per-tensor scale survives rounded to fp16 (every non-zero block gets the same
+d). A row length K that is not a multiple of 256 cannot be blocked: that tensor falls back to F16
+(levels * scale, exact up to fp16 rounding of the scale) and the file records it. I2_S (bitnet.cpp):
+2-bit codes w + 1 in blocks of 128 (byte j of a 32-byte block holds weights j, j+32, j+64, j+96 in
+bits 7:6, 5:4, 3:2, 1:0), then one f32 scale, padded to 32 bytes; type id 36 is bitnet.cpp's own and
+collides with upstream ggml, so such files load only in bitnet.cpp (and here).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tritlm.errors import FormatError
+from tritlm.formats.common import (
+    atomic_path,
+    block_linears,
+    check_exportable,
+    quantised_linear,
+    set_linear,
+    set_quantised,
+)
+from tritlm.formats.gguf_io import F16, F32, I2_S, TQ1_0, TQ2_0, TYPE_NAMES, GGUFFile, read_gguf, write_gguf
+from tritlm.model.config import ModelConfig
+from tritlm.model.transformer import Transformer
+from tritlm.quant.config import FP, TERNARY
+
+log = logging.getLogger(__name__)
+
+QTYPES = {"TQ2_0": TQ2_0, "TQ1_0": TQ1_0, "I2_S": I2_S, "F16": F16, "F32": F32}
+# llama.cpp file types (LLAMA_FTYPE_*); 40 = MOSTLY_I2_S in bitnet.cpp's fork
+_FTYPE = {TQ2_0: 37, TQ1_0: 36, I2_S: 40, F16: 1, F32: 0}
+_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+          "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+          "attn_sub_norm": "attn_sub_norm", "ffn_sub_norm": "ffn_sub_norm"}
+
+
+def gguf_name(name: str) -> str:
+    """tritlm parameter name -> llama.cpp tensor name."""
+    if name == "embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "norm.weight":
+        return "output_norm.weight"
+    if name == "lm_head.weight":
+        return "output.weight"
+    parts = name.split(".")  # layers.{i}.[self_attn|mlp.]{mod}.weight
+    return f"blk.{parts[1]}.{_NAMES[parts[-2]]}.weight"
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate_half rows -> llama.cpp interleaved rows (convert_hf_to_gguf ``LlamaModel.permute``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- I2_S ---------------------------------------------------------------------------------------
+def pack_i2s(q: np.ndarray, scale: float) -> bytes:
+    """Levels [N, K] (N*K % 128 == 0) -> bitnet.cpp I2_S bytes: n/4 packed codes + f32 scale + pad."""
+    codes = (q.reshape(-1, 4, 32).astype(np.uint8) + 1)
+    shifts = np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)
+    packed = np.bitwise_or.reduce(codes << shifts, axis=1).astype(np.uint8)
+    tail = np.zeros(32, dtype=np.uint8)
+    tail[:4] = np.frombuffer(np.float32(scale).tobytes(), dtype=np.uint8)
+    return packed.tobytes() + tail.tobytes()
+
+
+def unpack_i2s(raw: np.ndarray, n: int) -> tuple[np.ndarray, float]:
+    """Inverse of :func:`pack_i2s`: (int8 levels [n], scale)."""
+    packed = raw[: n // 4].reshape(-1, 1, 32)
+    codes = (packed >> np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)) & 3
+    if (codes == 3).any():
+        raise FormatError("I2_S tensor holds the invalid 2-bit code 3")
+    scale = float(np.frombuffer(raw[n // 4: n // 4 + 4].tobytes(), dtype="<f4")[0])
+    return codes.reshape(-1).astype(np.int8) - 1, scale
+
+
+# ---- tokenizer metadata -------------------------------------------------------------------------
+def _tokenizer_kv(tok: Any, vocab_size: int) -> dict[str, Any]:
+    """llama.cpp vocabulary keys plus tritlm's own copy of the tokenizer (for an exact import)."""
+    from tritlm.formats.hf import _bytes_to_unicode, to_hf_tokenizer
+
+    if tok is None:
+        return {}
+    kv: dict[str, Any] = {"tritlm.tokenizer.kind": tok.kind}
+    tokens: list[str] = []
+    types: list[int] = []
+    if tok.kind == "sentencepiece":
+        import base64
+
+        kv["tritlm.tokenizer.data"] = base64.b64encode(tok._proto).decode("ascii")
+        sp = tok.sp
+        kv["tokenizer.ggml.model"] = "llama"
+        for i in range(sp.get_piece_size()):
+            tokens.append(sp.id_to_piece(i))
+            types.append(3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1)
+        kv["tokenizer.ggml.scores"] = np.asarray([sp.get_score(i) for i in range(len(tokens))], dtype="<f4")
+    else:
+        t = to_hf_tokenizer(tok)
+        spec = json.loads(t.to_str())
+        if tok.kind == "char":
+            kv["tritlm.tokenizer.data"] = json.dumps(tok.chars)
+            b2u = _bytes_to_unicode()
+            # llama.cpp's gpt2 vocab holds byte-level strings; multi-byte characters would need merges
+            # we do not write, so llama.cpp cannot *encode* them (decoding is exact).
+            tokens = ["".join(b2u[b] for b in c.encode("utf-8")) for c in tok.chars]
+            types = [1] * len(tokens)
+            merges: list[str] = []
+        else:
+            if tok.kind == "hf":
+                kv["tritlm.tokenizer.data"] = t.to_str()
+            if spec.get("model", {}).get("type") != "BPE":
+                log.warning("gguf: tokenizer model %s is not BPE: no llama.cpp vocabulary written",
+                            spec.get("model", {}).get("type"))
+                return kv
+            vocab = t.get_vocab(with_added_tokens=True)
+            inv = {i: s for s, i in vocab.items()}
+            tokens = [inv.get(i, f"[UNUSED{i}]") for i in range(t.get_vocab_size(with_added_tokens=True))]
+            special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+            types = [3 if i in special else 1 for i in range(len(tokens))]
+            merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+        kv["tokenizer.ggml.model"] = "gpt2"
+        kv["tokenizer.ggml.pre"] = "default"
+        kv["tokenizer.ggml.merges"] = merges
+    if len(tokens) > vocab_size:
+        raise FormatError(f"gguf: the tokenizer has {len(tokens)} tokens, the model only {vocab_size}")
+    for i in range(len(tokens), vocab_size):  # embedding padded past the tokenizer
+        tokens.append(f"[PAD{i}]")
+        types.append(5)
+    kv["tokenizer.ggml.tokens"] = tokens
+    kv["tokenizer.ggml.token_type"] = np.asarray(types, dtype="<i4")
+    if tok.bos_id is not None:
+        kv["tokenizer.ggml.bos_token_id"] = int(tok.bos_id)
+    if tok.eos_id is not None:
+        kv["tokenizer.ggml.eos_token_id"] = int(tok.eos_id)
+    kv["tokenizer.ggml.add_bos_token"] = False
+    return kv
+
+
+def _tokenizer_from_kv(kv: dict[str, Any]):
+    from tritlm.data.tokenizer import ByteTokenizer, CharTokenizer, HFTokenizer, SentencePieceTokenizer
+
+    kind, data = kv.get("tritlm.tokenizer.kind"), kv.get("tritlm.tokenizer.data")
+    try:
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "char":
+            return CharTokenizer(json.loads(data))
+        if kind == "hf":
+            from tokenizers import Tokenizer
+
+            return HFTokenizer(Tokenizer.from_str(data))
+        if kind == "sentencepiece":
+            import base64
+
+            return SentencePieceTokenizer(base64.b64decode(data))
+    except Exception as e:  # noqa: BLE001 - a corrupt embedded tokenizer: say so, keep the model
+        raise FormatError(f"gguf: the embedded {kind} tokenizer is corrupt ({str(e)[:120]})") from None
+    if "tokenizer.ggml.tokens" in kv:
+        log.warning("gguf: the llama.cpp vocabulary is not converted back; loaded without a tokenizer")
+    return None
+
+
+# ---- export -------------------------------------------------------------------------------------
+def _arch(cfg: ModelConfig) -> str:
+    if cfg.qk_norm:
+        raise FormatError("gguf: QK-norm is in neither llama.cpp's llama nor bitnet architecture")
+    if cfg.sub_norm:
+        if not cfg.tie_embeddings:
+            log.warning("gguf: llama.cpp's bitnet arch expects tied embeddings; writing output.weight anyway")
+        return "bitnet"
+    if cfg.mlp != "swiglu":
+        raise FormatError("gguf: a gated ReLU^2 FFN without SubLN fits no llama.cpp architecture")
+    return "llama"
+
+
+def export_gguf(model: Transformer, tokenizer: Any, path: str | Path, qtype: str = "TQ2_0",
+                fp_type: str = "F32", name: str = "tritlm") -> Path:
+    """Write ``model`` as GGUF v3 with its Linear weights in ``qtype`` (TQ2_0 | TQ1_0 | I2_S for
+    ternary/binary models; F16 | F32 for full-precision ones) and other tensors in ``fp_type``."""
+    from gguf.quants import quantize
+
+    cfg = model.cfg
+    check_exportable(cfg, "gguf")
+    if qtype not in QTYPES:
+        raise FormatError(f"gguf: qtype must be one of {', '.join(QTYPES)}, not {qtype!r}")
+    qt, ft = QTYPES[qtype], QTYPES[fp_type]
+    if qt in (TQ2_0, TQ1_0, I2_S) and not cfg.quantised:
+        raise FormatError(f"gguf: {qtype} needs a ternary/binary model; quantise it first (tritlm quantize)")
+    arch = _arch(cfg)
+    npdt = np.float16 if ft == F16 else np.float32
+    tensors: list[tuple[str, tuple[int, ...], int, bytes]] = []
+    fallback: list[str] = []
+    linears = set(block_linears(cfg))
+    for k, v in model.state_dict().items():
+        mod = k.rsplit(".", 1)[0]
+        if mod in linears or (k == "lm_head.weight" and cfg.tie_embeddings):
+            continue
+        a = v.detach().float().cpu().numpy()
+        # norms stay F32 (llama.cpp requires it); big matrices take fp_type
+        t = ft if a.ndim == 2 else F32
+        raw = a.astype(npdt if t == F16 else np.float32).tobytes()
+        tensors.append((gguf_name(k), tuple(reversed(a.shape)), t, raw))
+    for lname in block_linears(cfg):
+        short = lname.rsplit(".", 1)[1]
+        if cfg.quantised:
+            q, s = quantised_linear(model, lname)
+            lv = q.numpy().astype(np.int8)
+        else:
+            lv, s = model.get_submodule(lname).weight.detach().float().numpy(), 1.0
+        if arch == "llama" and short in ("q_proj", "k_proj"):
+            lv = _permute(lv, cfg.n_heads if short == "q_proj" else cfg.kv_heads)
+        n, kdim = lv.shape
+        shape = (kdim, n)
+        gname = gguf_name(lname + ".weight")
+        if qt in (TQ2_0, TQ1_0) and kdim % 256 == 0:
+            tensors.append((gname, shape, qt, quantize(lv.astype(np.float32) * np.float32(s), qt).tobytes()))
+        elif qt == I2_S and kdim % 128 == 0:
+            tensors.append((gname, shape, qt, pack_i2s(lv, s)))
+        else:
+            t = qt if qt in (F16, F32) else F16
+            if t != qt:
+                fallback.append(gname)
+            tensors.append((gname, shape, t, (lv.astype(np.float32) * np.float32(s)).astype(
+                np.float16 if t == F16 else np.float32).tobytes()))
+    if fallback:
+        log.warning("gguf: %d tensor(s) have rows not a multiple of the %s block and are stored as F16: %s",
+                    len(fallback), qtype, ", ".join(fallback[:4]))
+    kv: dict[str, Any] = {
+        "general.architecture": arch, "general.name": name, "general.file_type": _FTYPE[qt],
+        "general.quantization_version": 2,
+        f"{arch}.vocab_size": cfg.vocab_size, f"{arch}.context_length": cfg.max_seq_len,
+        f"{arch}.embedding_length": cfg.dim, f"{arch}.block_count": cfg.n_layers,
+        f"{arch}.feed_forward_length": cfg.ffn_dim, f"{arch}.attention.head_count": cfg.n_heads,
+        f"{arch}.attention.head_count_kv": cfg.kv_heads, f"{arch}.rope.freq_base": float(cfg.rope_theta),
+        f"{arch}.rope.dimension_count": cfg.head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+        "tritlm.config": json.dumps(cfg.to_dict()), "tritlm.qtype": qtype,
+        "tritlm.fallback_f16": fallback,
+    }
+    kv.update(_tokenizer_kv(tokenizer, cfg.vocab_size))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        write_gguf(tmp, kv, tensors)
+    log.info("wrote %s (%s, %s, %d tensors)", path, arch, qtype, len(tensors))
+    return path
+
+
+# ---- import -------------------------------------------------------------------------------------
+def dequantize_tensor(f: GGUFFile, t) -> np.ndarray:
+    """float32 array in numpy order (reversed GGUF shape)."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = f.tensor_bytes(t)
+    shape = tuple(reversed(t.shape))
+    if t.ttype == F32:
+        return raw.view("<f4").reshape(shape).astype(np.float32)
+    if t.ttype == F16:
+        return raw.view("<f2").reshape(shape).astype(np.float32)
+    if t.ttype in (TQ1_0, TQ2_0):
+        return dequantize(raw, GGMLQuantizationType(t.ttype)).reshape(shape).astype(np.float32)
+    if t.ttype == I2_S:
+        q, s = unpack_i2s(raw, int(np.prod(shape)))
+        return q.reshape(shape).astype(np.float32) * np.float32(s)
+    raise FormatError(f"{f.path}: tensor {t.name} has unsupported type {t.type_name}")
+
+
+def _levels(w: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """(levels, scale) when every non-zero of ``w`` has the same magnitude, else None."""
+    a = np.abs(w)
+    nz = a[a > 0]
+    if nz.size == 0:
+        return np.zeros(w.shape, dtype=np.int8), 0.0
+    s = float(nz.max())
+    if float(nz.min()) != s:
+        return None
+    return np.sign(w).astype(np.int8), s
+
+
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
+    kv = f.kv
+    arch = kv.get("general.architecture")
+    if arch not in ("llama", "bitnet"):
+        raise FormatError(f"{f.path}: architecture {arch!r} is not supported (llama, bitnet)")
+    if "tritlm.config" in kv:
+        try:
+            return ModelConfig.from_dict(json.loads(kv["tritlm.config"]))
+        except Exception as e:  # noqa: BLE001 - fall back to the llama.cpp keys below
+            log.warning("gguf: ignoring a bad tritlm.config (%s)", e)
+    try:
+        emb = f.by_name()["token_embd.weight"]
+        quant = FP if kv.get("general.file_type") in (0, 1) else TERNARY
+        return ModelConfig(
+            vocab_size=int(emb.shape[1]), dim=int(kv[f"{arch}.embedding_length"]),
+            n_layers=int(kv[f"{arch}.block_count"]), n_heads=int(kv[f"{arch}.attention.head_count"]),
+            n_kv_heads=int(kv.get(f"{arch}.attention.head_count_kv", kv[f"{arch}.attention.head_count"])),
+            ffn_dim=int(kv[f"{arch}.feed_forward_length"]),
+            max_seq_len=min(int(kv.get(f"{arch}.context_length", 2048)), 8192),
+            norm_eps=float(kv.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(kv.get(f"{arch}.rope.freq_base", 10000.0)),
+            tie_embeddings="output.weight" not in f.by_name(), sub_norm=arch == "bitnet", quant=quant)
+    except KeyError as e:
+        raise FormatError(f"{f.path}: missing metadata or tensor {e}") from None
+    except Exception as e:  # noqa: BLE001 - ConfigError on impossible values
+        raise FormatError(f"{f.path}: inconsistent model metadata ({e})") from None
+
+
+def import_gguf(path: str | Path):
+    """(Transformer in eval mode, tokenizer or None) from a GGUF file written by us or llama.cpp tools."""
+    f = read_gguf(path)
+    cfg = config_from_gguf(f)
+    arch = f.kv["general.architecture"]
+    tensors = f.by_name()
+    levels: dict[str, tuple[np.ndarray, float]] = {}
+    dense: dict[str, np.ndarray] = {}
+    model = Transformer(cfg)
+    linears = set(block_linears(cfg))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            mod = k.rsplit(".", 1)[0]
+            if k == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            g = gguf_name(k)
+            if g not in tensors:
+                raise FormatError(f"{f.path}: tensor {g} is missing")
+            t = tensors[g]
+            if tuple(reversed(t.shape)) != tuple(v.shape):
+                raise FormatError(f"{f.path}: {g} has shape {tuple(reversed(t.shape))}, expected {tuple(v.shape)}")
+            w = dequantize_tensor(f, t)
+            if not np.isfinite(w).all():
+                raise FormatError(f"{f.path}: {g} holds NaN or infinite values")
+            short = mod.rsplit(".", 1)[-1]
+            if arch == "llama" and short in ("q_proj", "k_proj"):
+                w = _unpermute(w, cfg.n_heads if short == "q_proj" else cfg.kv_heads)
+            if mod in linears:
+                lv = _levels(w) if cfg.quantised else None
+                if lv is None:
+                    dense[mod] = w
+                else:
+                    levels[mod] = lv
+            else:
+                v.copy_(torch.from_numpy(w))
+    if cfg.quantised and dense:
+        # Per-block scales that differ (a file quantised by llama.cpp from floats): tritlm's BitLinear
+        # has one scale per tensor, so the model is loaded as full precision instead, exactly.
+        log.warning("gguf: %d weight(s) have more than one scale; loading the model as full precision", len(dense))
+        model2 = Transformer(cfg.fp_twin())
+        model2.load_state_dict(model.state_dict(), strict=False)
+        model = model2
+        for name, (q, s) in levels.items():
+            dense[name] = q.astype(np.float32) * np.float32(s)
+        levels = {}
+    for name, (q, s) in levels.items():
+        set_quantised(model, name, torch.from_numpy(q), s)
+    for name, w in dense.items():
+        set_linear(model, name, torch.from_numpy(w))
+    model.eval()
+    return model, _tokenizer_from_kv(f.kv)
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            return p.is_file() and fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+__all__ = ["export_gguf", "import_gguf", "is_gguf", "pack_i2s", "unpack_i2s", "TYPE_NAMES"]

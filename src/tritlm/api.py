@@ -89,4 +89,9 @@ def load(path: str | Path) -> LoadedModel:
 
         eng = load_engine(p)
         return LoadedModel(eng, eng.tokenizer, p, "packed", engine=eng)
+    from tritlm.formats.detect import load_interop  # GGUF files, transformers folders
+
+    got = load_interop(p)
+    if got is not None:
+        return LoadedModel(got[0], got[1], p, got[2])
     raise FormatError(f"{p}: not a model format tritlm can read")

@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else plain text)")
     s.set_defaults(fn=cmd_serve)
     _add_runtime_commands(sub)
+    from tritlm.formats.detect import add_format_commands  # export, inspect, validate, repair
+
+    add_format_commands(sub)
     return p
 
 

@@ -1,0 +1,67 @@
+"""tritlm.load reads what the exporters write; the export/inspect/validate/repair commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+import tritlm  # noqa: E402
+from tritlm.cli import main  # noqa: E402
+from tritlm.data.tokenizer import ByteTokenizer  # noqa: E402
+from tritlm.formats.common import rel_error  # noqa: E402
+from tritlm.formats.gguf import export_gguf  # noqa: E402
+from tritlm.formats.hf import export_hf  # noqa: E402
+from tritlm.model.config import ModelConfig  # noqa: E402
+from tritlm.model.transformer import Transformer  # noqa: E402
+from tritlm.quant.config import TERNARY  # noqa: E402
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, dim=256, n_layers=1, n_heads=2, ffn_dim=256, max_seq_len=32, quant=TERNARY)
+    return Transformer(cfg).eval()
+
+
+def test_load_dispatches_and_cli_round_trip(tmp_path, model, capsys):
+    g = export_gguf(model, ByteTokenizer(), tmp_path / "m.gguf")
+    m = tritlm.load(g)
+    assert m.source == "gguf" and m.logits([1, 2, 3]).shape == (3, 257)
+    assert isinstance(m.generate("ab", max_tokens=3, seed=0), str)
+    # gguf -> hf through the CLI, then load the HF folder
+    assert main(["export", str(g), "--format", "hf", str(tmp_path / "hf")]) == 0
+    h = tritlm.load(tmp_path / "hf")
+    assert h.source == "hf"
+    assert rel_error(h.logits([5, 6, 7, 8]), m.logits([5, 6, 7, 8])) < 1e-5
+    assert main(["export", str(tmp_path / "hf"), "--format", "gguf-i2_s", str(tmp_path / "i.gguf")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "i.gguf")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "I2_S" in info["by_type"]
+    assert main(["validate", str(tmp_path / "i.gguf")]) == 0
+    assert main(["repair", str(g), str(tmp_path / "r.gguf")]) == 0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
+    assert main(["validate", str(bad)]) == 1
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tritlm: error:") and "\n" not in err
+    assert main(["inspect", str(tmp_path / "missing.gguf")]) == 2
+    export_hf_dir = tmp_path / "x"
+    export_hf_dir.mkdir()
+    (export_hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(tritlm.errors.FormatError, match="gpt2"):
+        tritlm.load(export_hf_dir)
+
+
+def test_export_hf_cli_from_hf(tmp_path, model):
+    export_hf(model, ByteTokenizer(), tmp_path / "a")
+    assert main(["export", str(tmp_path / "a"), "--format", "gguf-tq1_0", str(tmp_path / "b.gguf")]) == 0
+    assert tritlm.load(tmp_path / "b.gguf").config == model.cfg

@@ -65,3 +65,6 @@ def test_export_hf_cli_from_hf(tmp_path, model):
     export_hf(model, ByteTokenizer(), tmp_path / "a")
     assert main(["export", str(tmp_path / "a"), "--format", "gguf-tq1_0", str(tmp_path / "b.gguf")]) == 0
     assert tritlm.load(tmp_path / "b.gguf").config == model.cfg
+    assert main(["export", str(tmp_path / "b.gguf"), "--format", "1bit", str(tmp_path / "c.1bit")]) == 0
+    m = tritlm.load(tmp_path / "c.1bit")
+    assert m.source == "1bit" and m.config == model.cfg

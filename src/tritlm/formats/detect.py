@@ -13,24 +13,27 @@ from tritlm.errors import FormatError
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("hf", "gguf-tq2_0", "gguf-tq1_0", "gguf-i2_s")
+EXPORT_FORMATS = ("hf", "gguf-tq2_0", "gguf-tq1_0", "gguf-i2_s", "1bit")
 
 
 def detect_format(path: str | Path) -> str | None:
-    """"gguf" | "hf" | None (tritlm's own checkpoint and packed folders are detected by api.load)."""
+    """"gguf" | "1bit" | "hf" | None (tritlm's checkpoint and packed folders are detected by api.load)."""
     from tritlm.formats.gguf import is_gguf
     from tritlm.formats.hf import is_hf
+    from tritlm.formats.onebit import is_onebit
 
     p = Path(path)
     if is_gguf(p):
         return "gguf"
+    if p.is_file() and is_onebit(p):
+        return "1bit"
     if is_hf(p):
         return "hf"
     return None
 
 
 def load_interop(path: str | Path) -> tuple[Any, Any, str] | None:
-    """(model, tokenizer, source) for a GGUF file or a transformers folder; None for other paths."""
+    """(model, tokenizer, source) for a GGUF or .1bit file or a transformers folder; None otherwise."""
     fmt = detect_format(path)
     if fmt == "gguf":
         from tritlm.formats.gguf import import_gguf
@@ -42,6 +45,11 @@ def load_interop(path: str | Path) -> tuple[Any, Any, str] | None:
 
         model, tok = import_hf(path)
         return model, tok, "hf"
+    if fmt == "1bit":
+        from tritlm.formats.onebit import load_onebit
+
+        model, tok = load_onebit(path)
+        return model, tok, "1bit"
     return None
 
 
@@ -64,6 +72,10 @@ def export_model(src: str | Path, fmt: str, out: str | Path) -> Path:
             qtype = "F16"
             log.warning("export: %s is full precision: linear weights written as F16", src)
         return export_gguf(m.model, m.tokenizer, out, qtype=qtype)
+    if fmt == "1bit":
+        from tritlm.formats.onebit import export_onebit
+
+        return export_onebit(m.model, m.tokenizer, out)
     raise FormatError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 
 
@@ -117,7 +129,7 @@ def cmd_repair(a: argparse.Namespace) -> int:
 
 
 def add_format_commands(sub) -> None:
-    s = sub.add_parser("export", help="write a model as a transformers folder or a GGUF file")
+    s = sub.add_parser("export", help="write a model as a transformers folder, a GGUF file or a .1bit file")
     s.add_argument("model", help="checkpoint/run folder, HF folder, GGUF file or registered model name")
     s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     s.add_argument("out", help="output folder (hf) or file (gguf), written atomically")

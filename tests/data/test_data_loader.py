@@ -79,7 +79,7 @@ def test_eval_batches_cover_every_token_once(data, batch_size, block_size):
     val = np.asarray(data.array("val"), dtype=np.int64)
     xs, ys = [], []
     batches = list(data.eval_batches("val", batch_size, block_size))
-    for x, y in batches[:-1]:
+    for x, _y in batches[:-1]:
         assert x.shape[1] == block_size and 1 <= x.shape[0] <= batch_size
     for x, y in batches:
         assert x.dtype == torch.int64 and x.shape == y.shape and torch.equal(x[:, 1:], y[:, :-1])

@@ -10,8 +10,16 @@ import pytest
 import torch
 
 import tritlm
-from tritlm.formats.packed import (from_transformer, is_packed, linear_shapes, load_packed, pack_checkpoint,
-                                   random_packed, save_packed, size_report)
+from tritlm.formats.packed import (
+    from_transformer,
+    is_packed,
+    linear_shapes,
+    load_packed,
+    pack_checkpoint,
+    random_packed,
+    save_packed,
+    size_report,
+)
 from tritlm.infer.engine import Engine
 from tritlm.infer.sampling import SamplingParams
 from tritlm.model.config import ModelConfig

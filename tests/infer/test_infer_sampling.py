@@ -7,9 +7,20 @@ import math
 import pytest
 import torch
 
-from tritlm.infer.sampling import (Sampler, SamplingParams, StopStrings, apply_frequency_presence,
-                                   ban_sequences, contrastive_select, mirostat_v2_step, process_logits, sample,
-                                   top_k_filter, top_p_filter, typical_filter)
+from tritlm.infer.sampling import (
+    Sampler,
+    SamplingParams,
+    StopStrings,
+    apply_frequency_presence,
+    ban_sequences,
+    contrastive_select,
+    mirostat_v2_step,
+    process_logits,
+    sample,
+    top_k_filter,
+    top_p_filter,
+    typical_filter,
+)
 
 LOGP = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
 

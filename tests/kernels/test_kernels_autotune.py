@@ -20,7 +20,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_tune_smoke_and_reuse(cache):
-    cands = {0: [{"prefetch": 0}, {"prefetch": 1024, "nta": 0}], 1: [{"panel_rows": 8}], 2: [{"panel_rows": 16}, {"panel_rows": 32}]}
+    cands = {0: [{"prefetch": 0}, {"prefetch": 1024, "nta": 0}], 1: [{"panel_rows": 8}],
+             2: [{"panel_rows": 16}, {"panel_rows": 32}]}
     best = autotune.tune(12, 256, ms=(1, 3, 20), threads=1, candidates=cands, repeats=1, flush_bytes=0)
     assert set(best) == {0, 1, 2}
     assert best[0]["prefetch"] in (0, 1024) and best[1] == {"panel_rows": 8}

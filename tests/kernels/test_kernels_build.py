@@ -56,7 +56,8 @@ def test_fresh_process_first_use(tmp_path):
     )
     env = dict(os.environ, TRITLM_CACHE_DIR=str(tmp_path))
     env.pop("TRITLM_KERNEL", None)
-    res = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr
     assert "BACKEND avx2" in res.stdout or "BACKEND portable" in res.stdout
     assert str(tmp_path) in res.stdout

@@ -68,3 +68,19 @@ def test_export_hf_cli_from_hf(tmp_path, model):
     assert main(["export", str(tmp_path / "b.gguf"), "--format", "1bit", str(tmp_path / "c.1bit")]) == 0
     m = tritlm.load(tmp_path / "c.1bit")
     assert m.source == "1bit" and m.config == model.cfg
+
+
+def test_quantize_command(tmp_path, capsys):
+    from tritlm.quant.config import FP
+
+    torch.manual_seed(0)
+    fp = Transformer(ModelConfig(vocab_size=257, dim=256, n_layers=1, n_heads=2, ffn_dim=256, max_seq_len=32,
+                                 quant=FP)).eval()
+    export_hf(fp, ByteTokenizer(), tmp_path / "fp")
+    (tmp_path / "held.txt").write_text("some held-out text " * 20)
+    assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "q.gguf"), "--eval", str(tmp_path / "held.txt")]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    q = tritlm.load(tmp_path / "q.gguf")
+    assert q.config.quantised and q.config.quant.weight == "ternary"
+    assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "b.1bit"), "--bits", "binary"]) == 0
+    assert tritlm.load(tmp_path / "b.1bit").config.quant.weight == "binary"

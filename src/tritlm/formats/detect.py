@@ -1,5 +1,5 @@
 """Which format is this path, load it, and the CLI commands of the interchange formats
-(``export``, ``inspect``, ``validate``, ``repair``)."""
+(``export``, ``quantize``, ``inspect``, ``validate``, ``repair``)."""
 
 from __future__ import annotations
 
@@ -128,7 +128,44 @@ def cmd_repair(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from tritlm.api import load
+    from tritlm.formats.ptq import perplexity, quantize_model
+
+    m = load(a.src)
+    if m.engine is not None:
+        raise FormatError(f"{a.src} is a packed runtime folder (already ternary)")
+    q = quantize_model(m.model, a.bits)
+    if a.eval:
+        from tritlm.data.corpus import read_corpus
+
+        ids = m.tokenizer.encode(read_corpus(a.eval))
+        before, after = perplexity(m.model, ids, 64), perplexity(q, ids, 64)
+        print(f"perplexity on {a.eval}: {before:.3f} (fp) -> {after:.3f} ({a.bits}, x{after / before:.2f})")
+    out = Path(a.out)
+    if out.suffix == ".gguf":
+        from tritlm.formats.gguf import export_gguf
+
+        export_gguf(q, m.tokenizer, out, qtype="TQ2_0")
+    elif out.suffix == ".1bit":
+        from tritlm.formats.onebit import export_onebit
+
+        export_onebit(q, m.tokenizer, out)
+    else:
+        from tritlm.formats.hf import export_hf
+
+        export_hf(q, m.tokenizer, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def add_format_commands(sub) -> None:
+    s = sub.add_parser("quantize", help="post-training quantisation (absmean) of a full-precision model")
+    s.add_argument("src", help="checkpoint/run folder, HF Llama folder, GGUF file or registered model name")
+    s.add_argument("out", help="OUT.gguf (TQ2_0), OUT.1bit, or a folder (transformers BitNet/Llama)")
+    s.add_argument("--bits", choices=["ternary", "binary"], default="ternary")
+    s.add_argument("--eval", metavar="TEXT", help="held-out text file: print perplexity before and after")
+    s.set_defaults(fn=cmd_quantize)
     s = sub.add_parser("export", help="write a model as a transformers folder, a GGUF file or a .1bit file")
     s.add_argument("model", help="checkpoint/run folder, HF folder, GGUF file or registered model name")
     s.add_argument("--format", required=True, choices=EXPORT_FORMATS)

@@ -214,3 +214,46 @@ def test_import_refuses_bad_folders(tmp_path):
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(FormatError, match="safetensors"):
         import_hf(tmp_path / "m")
+
+
+def test_fuzz_loader(tmp_path):
+    """Mutated real checkpoints (safetensors header/data, config.json): a model or a FormatError."""
+    import shutil
+    import time
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    src = tmp_path / "src"
+    export_hf(make(bitnet_cfg(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64)), None, src)
+    st_bytes = (src / "model.safetensors").read_bytes()
+    conf_bytes = (src / "config.json").read_bytes()
+    head = 8 + int.from_bytes(st_bytes[:8], "little")
+    tried = {"n": 0, "loaded": 0, "errors": 0}
+    target = tmp_path / "t"
+    shutil.copytree(src, target)
+    which = st.sampled_from(["st", "st", "config"])
+    pos = st.one_of(st.integers(0, head - 1), st.integers(0, len(st_bytes) - 1))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(which, st.lists(st.tuples(pos, st.integers(0, 255)), min_size=1, max_size=3), st.integers(0, 40))
+    def run(kind, muts, cut):
+        b = bytearray(st_bytes if kind == "st" else conf_bytes)
+        for p_, v in muts:
+            b[p_ % len(b)] = v
+        if cut < 5:
+            b = b[: len(b) * cut // 5]
+        (target / "model.safetensors").write_bytes(bytes(b) if kind == "st" else st_bytes)
+        (target / "config.json").write_bytes(bytes(b) if kind == "config" else conf_bytes)
+        tried["n"] += 1
+        try:
+            import_hf(target, load_tokenizer_too=False)
+            tried["loaded"] += 1
+        except FormatError as e:
+            assert "\n" not in str(e)
+            tried["errors"] += 1
+
+    t0 = time.time()
+    run()
+    assert tried["n"] >= 300 and time.time() - t0 < 60
+    print(f"hf fuzz: {tried}")

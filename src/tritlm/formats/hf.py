@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tritlm.errors import FormatError
+from tritlm.errors import FormatError, TritlmError
 from tritlm.formats.common import (
     atomic_path,
     block_linears,
@@ -341,6 +341,8 @@ def config_from_hf(d: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any] | Non
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"hf: config.json lacks or has a bad {e}") from None
+    except TritlmError as e:  # ConfigError: impossible sizes
+        raise FormatError(f"hf: config.json describes an impossible model ({e})") from None
     ours = d.get("tritlm_config")
     if isinstance(ours, dict):
         # Our own export: restore what transformers has no field for (binary weights, eps...), but
@@ -372,6 +374,7 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
         raise FormatError(f"{p}/config.json is not a JSON object")
     cfg, qc = config_from_hf(d)
     sd = _read_tensors(p)
+    _check_sizes(p, cfg, sd)
     model = Transformer(cfg)
     online = qc is not None and qc.get("quantization_mode") == "online"
     divides = qc is not None and qc.get("linear_class", "bitlinear") == "bitlinear"
@@ -435,6 +438,21 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
     if load_tokenizer_too:
         tok = _load_tokenizer(p)
     return model, tok
+
+
+def _check_sizes(p: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> None:
+    """The config must describe the tensors before a model of its size is allocated (a corrupt
+    config.json could otherwise ask for gigabytes)."""
+    emb = sd.get("model.embed_tokens.weight")
+    if emb is None or tuple(emb.shape) != (cfg.vocab_size, cfg.dim):
+        got = None if emb is None else tuple(emb.shape)
+        raise FormatError(f"{p}: model.embed_tokens.weight is {got}, config.json says {(cfg.vocab_size, cfg.dim)}")
+    last = f"model.layers.{cfg.n_layers - 1}.input_layernorm.weight"
+    if last not in sd or f"model.layers.{cfg.n_layers}.input_layernorm.weight" in sd:
+        raise FormatError(f"{p}: the checkpoint does not have the {cfg.n_layers} layers config.json declares")
+    up = sd.get("model.layers.0.mlp.up_proj.weight")
+    if up is None or up.shape[-1] != cfg.dim or up.shape[0] not in (cfg.ffn_dim, cfg.ffn_dim // 4):
+        raise FormatError(f"{p}: model.layers.0.mlp.up_proj.weight does not match intermediate_size {cfg.ffn_dim}")
 
 
 def _online_quant(w: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -94,7 +94,7 @@ def unpack_i2s(raw: np.ndarray, n: int) -> tuple[np.ndarray, float]:
 # ---- tokenizer metadata -------------------------------------------------------------------------
 def _tokenizer_kv(tok: Any, vocab_size: int) -> dict[str, Any]:
     """llama.cpp vocabulary keys plus tritlm's own copy of the tokenizer (for an exact import)."""
-    from tritlm.formats.hf import _bytes_to_unicode, to_hf_tokenizer
+    from tritlm.formats.hf_tokenizer import _bytes_to_unicode, to_hf_tokenizer
 
     if tok is None:
         return {}

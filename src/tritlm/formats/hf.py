@@ -44,13 +44,13 @@ from tritlm.formats.common import (
     set_linear,
     set_quantised,
 )
+from tritlm.formats.hf_tokenizer import load_hf_folder_tokenizer, save_hf_tokenizer, to_hf_tokenizer
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import FP, QuantConfig
 
 log = logging.getLogger(__name__)
 
-TRITLM_TOK_DIR = "tritlm_tokenizer"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -73,83 +73,6 @@ def unpack_hf(p: torch.Tensor) -> torch.Tensor:
     if bool((codes == 3).any()):
         raise FormatError("packed BitNet weights contain the invalid 2-bit code 3")
     return codes.to(torch.int8) - 1
-
-
-# ---- tokenizer ----------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def to_hf_tokenizer(tok: Any):
-    """A ``tokenizers.Tokenizer`` that encodes exactly like ``tok``, or None (SentencePiece).
-
-    * ``hf``: itself.
-    * ``byte``: byte-level BPE without merges whose vocabulary maps byte b to id b, plus
-      ``<|endoftext|>`` = 256 (our EOS): every text encodes to its UTF-8 bytes, as ours does.
-    * ``char``: a BPE without merges or pre-tokenizer over our characters (id = our id) with a
-      Fuse decoder. A character outside the vocabulary is dropped by it, where ours raises.
-    """
-    kind = getattr(tok, "kind", None)
-    if kind == "hf":
-        return tok.tok
-    if kind not in ("byte", "char"):
-        return None
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    if kind == "byte":
-        b2u = _bytes_to_unicode()
-        t = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
-        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        t.decoder = decoders.ByteLevel()
-        t.add_special_tokens(["<|endoftext|>"])
-        return t
-    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tok.chars)}, merges=[]))
-    t.decoder = decoders.Fuse()
-    return t
-
-
-def _tokenizer_config(tok: Any) -> dict[str, Any]:
-    def name(i):
-        if i is None:
-            return None
-        try:
-            return tok.tok.id_to_token(i) if tok.kind == "hf" else tok.sp.id_to_piece(i)
-        except Exception:  # noqa: BLE001 - names are a convenience for AutoTokenizer only
-            return None
-    if tok.kind == "sentencepiece":
-        d = {"tokenizer_class": "LlamaTokenizer"}
-    else:
-        d = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    if tok.kind == "byte":
-        d["eos_token"] = "<|endoftext|>"
-    elif tok.kind in ("hf", "sentencepiece"):
-        for key, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
-            if name(i) is not None:
-                d[key] = name(i)
-    d["model_max_length"] = 1 << 30
-    return d
-
-
-def save_hf_tokenizer(tok: Any, out: Path) -> None:
-    if tok is None:
-        return
-    t = to_hf_tokenizer(tok)
-    if t is not None:
-        t.save(str(out / "tokenizer.json"))
-    elif tok.kind == "sentencepiece":
-        (out / "tokenizer.model").write_bytes(tok._proto)
-    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok), indent=2) + "\n")
-    tok.save(out / TRITLM_TOK_DIR)
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -436,7 +359,7 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
     model.eval()
     tok = None
     if load_tokenizer_too:
-        tok = _load_tokenizer(p)
+        tok = load_hf_folder_tokenizer(p)
     return model, tok
 
 
@@ -466,13 +389,4 @@ def _online_quant(w: torch.Tensor) -> tuple[torch.Tensor, float]:
     return q, float(1.0 / s)
 
 
-def _load_tokenizer(p: Path):
-    from tritlm.data import load_tokenizer
-
-    if (p / TRITLM_TOK_DIR).is_dir():
-        return load_tokenizer(p / TRITLM_TOK_DIR)
-    for f in ("tokenizer.json", "tokenizer.model"):
-        if (p / f).is_file():
-            return load_tokenizer(p / f)
-    log.warning("hf: %s has no tokenizer.json or tokenizer.model; loaded without a tokenizer", p)
-    return None
+__all__ = ["export_hf", "import_hf", "is_hf", "pack_hf", "unpack_hf", "to_hf_tokenizer", "save_hf_tokenizer"]

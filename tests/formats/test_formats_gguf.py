@@ -129,7 +129,7 @@ def test_binary_fp_and_tokenizers(tmp_path):
 
 
 def test_inspect_and_validate(tmp_path):
-    p = export_gguf(make(cfg_for(True)), ByteTokenizer(), tmp_path / "m.gguf", qtype="TQ2_0")
+    p = export_gguf(make(cfg_for(True, mlp="swiglu")), ByteTokenizer(), tmp_path / "m.gguf", qtype="TQ2_0")
     info = inspect_gguf(p)
     assert info["version"] == 3 and info["metadata"]["general.architecture"] == "bitnet"
     assert info["by_type"]["TQ2_0"]["bits_per_weight"] == pytest.approx(66 * 8 / 256)
@@ -242,17 +242,19 @@ def test_fuzz_loader(tmp_path):
 
 
 @pytest.mark.slow
-def test_llama_cpp_agrees_with_our_forward(tmp_path):
+@pytest.mark.parametrize(("sub_norm", "qtype", "tie"), [(False, "TQ2_0", False), (False, "TQ1_0", True),
+                                                       (True, "TQ2_0", True)])
+def test_llama_cpp_agrees_with_our_forward(tmp_path, sub_norm, qtype, tie):
     llama_cpp = pytest.importorskip("llama_cpp")
-    torch.manual_seed(0)
-    # A model with some structure (a peaked next-token distribution) so top-1 is meaningful: weights
-    # scaled up from the default random init.
-    cfg = cfg_for(False, n_layers=2, max_seq_len=512, vocab_size=257, tie_embeddings=False)
+    # llama arch (q/k permuted) and bitnet arch (SiLU-gated, SubLN, tied); embeddings scaled up from
+    # the random init so that the next-token distribution is peaked and top-1 is meaningful.
+    cfg = cfg_for(sub_norm, n_layers=2, max_seq_len=512, mlp="swiglu", tie_embeddings=tie)
     model = make(cfg)
     with torch.no_grad():
         model.embed_tokens.weight.mul_(20)
-        model.lm_head.weight.mul_(20)
-    p = export_gguf(model, ByteTokenizer(), tmp_path / "m.gguf", qtype="TQ2_0")
+        if not tie:
+            model.lm_head.weight.mul_(20)
+    p = export_gguf(model, ByteTokenizer(), tmp_path / "m.gguf", qtype=qtype)
     ref = reference_with_scales(model, fp16=True)
     ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     llm = llama_cpp.Llama(model_path=str(p), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
@@ -260,5 +262,15 @@ def test_llama_cpp_agrees_with_our_forward(tmp_path):
     theirs = np.asarray(llm.scores[: len(ids)])
     ours = logits(ref, torch.tensor([ids])).numpy()
     agree = float((theirs.argmax(-1) == ours.argmax(-1)).mean())
-    print(f"llama.cpp top-1 agreement over {len(ids)} positions: {agree:.3f}")
+    rel = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+    print(f"llama.cpp {qtype} sub_norm={sub_norm}: top-1 agreement over {len(ids)} positions {agree:.3f}, "
+          f"max rel logit error {rel:.2e}")
     assert agree >= 0.95
+
+
+def test_relu2_subln_is_written_for_bitnet_cpp(tmp_path):
+    model = make(cfg_for(True, n_layers=1))
+    p = export_gguf(model, None, tmp_path / "m.gguf", qtype="I2_S")
+    assert read_gguf(p).kv["general.architecture"] == "bitnet-b1.58"
+    back, _ = import_gguf(p)
+    assert back.cfg.mlp == "relu2"

@@ -1,7 +1,9 @@
 """GGUF export/import for llama.cpp (TQ2_0, TQ1_0) and bitnet.cpp (I2_S); see docs/formats.md.
 
-Architecture: a model with SubLN is written as llama.cpp's ``bitnet`` arch (``attn_sub_norm``,
-``ffn_sub_norm``; llama.cpp's converter does not permute q/k for it); a model without SubLN as
+Architecture: a model with SubLN and a SiLU-gated FFN is written as llama.cpp's ``bitnet`` arch
+(``attn_sub_norm``, ``ffn_sub_norm``; llama.cpp's converter does not permute q/k for it), one with a
+gated ReLU^2 FFN as bitnet.cpp's ``bitnet-b1.58`` (llama.cpp's bitnet graph is SiLU-gated: measured
+with llama-cpp-python, see docs/formats.md); a model without SubLN as
 ``llama``, whose graph uses llama.cpp's interleaved ("NORM") RoPE, so q/k rows are permuted from HF's
 rotate_half order exactly as ``convert_hf_to_gguf.py``'s ``LlamaModel.permute`` does.
 
@@ -184,6 +186,13 @@ def _arch(cfg: ModelConfig) -> str:
     if cfg.sub_norm:
         if not cfg.tie_embeddings:
             log.warning("gguf: llama.cpp's bitnet arch expects tied embeddings; writing output.weight anyway")
+        if cfg.mlp == "relu2":
+            # Measured: llama.cpp's `bitnet` graph gates the FFN with SiLU (logits 9% off for a relu2
+            # model). bitnet.cpp names its gated-ReLU^2 BitNet b1.58 2B4T graph "bitnet-b1.58"; upstream
+            # llama.cpp refuses that name instead of running the model wrong.
+            log.warning("gguf: a gated ReLU^2 model is written as arch 'bitnet-b1.58' (bitnet.cpp); upstream "
+                        "llama.cpp's 'bitnet' graph is SiLU-gated and cannot run it")
+            return "bitnet-b1.58"
         return "bitnet"
     if cfg.mlp != "swiglu":
         raise FormatError("gguf: a gated ReLU^2 FFN without SubLN fits no llama.cpp architecture")
@@ -297,8 +306,8 @@ def _levels(w: np.ndarray) -> tuple[np.ndarray, float] | None:
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
     kv = f.kv
     arch = kv.get("general.architecture")
-    if arch not in ("llama", "bitnet"):
-        raise FormatError(f"{f.path}: architecture {arch!r} is not supported (llama, bitnet)")
+    if arch not in ("llama", "bitnet", "bitnet-b1.58"):
+        raise FormatError(f"{f.path}: architecture {arch!r} is not supported (llama, bitnet, bitnet-b1.58)")
     if "tritlm.config" in kv:
         try:
             return ModelConfig.from_dict(json.loads(kv["tritlm.config"]))
@@ -315,7 +324,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
             max_seq_len=min(int(kv.get(f"{arch}.context_length", 2048)), 8192),
             norm_eps=float(kv.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(kv.get(f"{arch}.rope.freq_base", 10000.0)),
-            tie_embeddings="output.weight" not in f.by_name(), sub_norm=arch == "bitnet", quant=quant)
+            tie_embeddings="output.weight" not in f.by_name(), sub_norm=arch != "llama",
+            mlp="relu2" if arch == "bitnet-b1.58" else "swiglu", quant=quant)
     except KeyError as e:
         raise FormatError(f"{f.path}: missing metadata or tensor {e}") from None
     except Exception as e:  # noqa: BLE001 - ConfigError on impossible values

@@ -274,3 +274,18 @@ def test_relu2_subln_is_written_for_bitnet_cpp(tmp_path):
     assert read_gguf(p).kv["general.architecture"] == "bitnet-b1.58"
     back, _ = import_gguf(p)
     assert back.cfg.mlp == "relu2"
+
+
+def test_llama_cpp_tokenizes_like_us(tmp_path):
+    """The vocabulary metadata: llama.cpp encodes and decodes exactly as our tokenizers do."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    bpe_text = "the cat sat on the mat, the dog sat on the log\n" * 40
+    cases = [(ByteTokenizer(), "Hello, world!\n  h\u00e9llo x"),
+             (CharTokenizer.from_text("Hello, world!\n xabc"), "Hello, world!\n xabc"),  # ASCII only (docs)
+             (HFTokenizer.train_bpe(bpe_text, 280), "the cat sat on the log\n the mat")]
+    for tok, text in cases:
+        m = make(cfg_for(False, vocab_size=max(tok.vocab_size, 64), n_layers=1))
+        p = export_gguf(m, tok, tmp_path / f"{tok.kind}.gguf")
+        llm = llama_cpp.Llama(model_path=str(p), n_ctx=64, verbose=False, vocab_only=True)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), tok.kind
+        assert llm.detokenize(tok.encode(text)).decode() == text, tok.kind

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import struct
-import time
 
 import numpy as np
 import pytest
@@ -220,7 +219,8 @@ def test_fuzz_loader(tmp_path):
     # mutations land mostly in the header (parsing), some anywhere (tensor data)
     pos = st.one_of(st.integers(0, header - 1), st.integers(0, header - 1), st.integers(0, len(src) - 1))
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)  # the same 300 inputs on every CI run
     @given(st.lists(st.tuples(pos, st.integers(0, 255)), min_size=1, max_size=4), st.integers(0, len(src)))
     def run(muts, cut):
         b = bytearray(src)
@@ -235,9 +235,8 @@ def test_fuzz_loader(tmp_path):
             assert "\n" not in str(e)
             tried["errors"] += 1
 
-    t0 = time.time()
     run()
-    assert tried["n"] >= 300 and time.time() - t0 < 60
+    assert tried["n"] >= 300  # no time bound: timing belongs in benchmarks, not tests
     print(f"gguf fuzz: {tried}")
 
 

@@ -219,7 +219,6 @@ def test_import_refuses_bad_folders(tmp_path):
 def test_fuzz_loader(tmp_path):
     """Mutated real checkpoints (safetensors header/data, config.json): a model or a FormatError."""
     import shutil
-    import time
 
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -235,7 +234,8 @@ def test_fuzz_loader(tmp_path):
     which = st.sampled_from(["st", "st", "config"])
     pos = st.one_of(st.integers(0, head - 1), st.integers(0, len(st_bytes) - 1))
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)  # the same 300 inputs on every CI run
     @given(which, st.lists(st.tuples(pos, st.integers(0, 255)), min_size=1, max_size=3), st.integers(0, 40))
     def run(kind, muts, cut):
         b = bytearray(st_bytes if kind == "st" else conf_bytes)
@@ -253,7 +253,6 @@ def test_fuzz_loader(tmp_path):
             assert "\n" not in str(e)
             tried["errors"] += 1
 
-    t0 = time.time()
     run()
-    assert tried["n"] >= 300 and time.time() - t0 < 60
+    assert tried["n"] >= 300  # no time bound: timing belongs in benchmarks, not tests
     print(f"hf fuzz: {tried}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-import time
 
 import pytest
 import torch
@@ -138,7 +137,8 @@ def test_fuzz_loader(tmp_path):
     target = tmp_path / "f.1bit"
     pos = st.one_of(st.integers(0, head - 1), st.integers(0, head - 1), st.integers(0, len(data) - 1))
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)  # the same 300 inputs on every CI run
     @given(st.lists(st.tuples(pos, st.integers(0, 255)), min_size=1, max_size=4), st.integers(0, len(data)))
     def run(muts, cut):
         b = bytearray(data)
@@ -153,7 +153,6 @@ def test_fuzz_loader(tmp_path):
             assert "\n" not in str(e)
             tried["errors"] += 1
 
-    t0 = time.time()
     run()
-    assert tried["n"] >= 300 and time.time() - t0 < 60
+    assert tried["n"] >= 300  # no time bound: timing belongs in benchmarks, not tests
     print(f".1bit fuzz: {tried}")

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from tritlm.infer.generate import generate_ids
 from tritlm.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 
 log = logging.getLogger(__name__)
@@ -112,37 +113,8 @@ class TorchBackend:
     def generate_stream(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
                         stop_ids: frozenset[int], processors: Sequence[LogitsProcessor] = ()
                         ) -> Iterator[int]:
-        # The loop of tritlm.infer.generate.generate_ids, plus the logit processors, which that
-        # function has no hook for. Penalties go in llama.cpp's order: repetition, then
-        # frequency/presence, then temperature and the filters inside ``sample``.
-        model = self.model
-        ctx = self.context_length
-        if not prompt_ids:
-            raise ValueError("the prompt must hold at least one token")
-        prompt = list(prompt_ids)[-ctx:]
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        device = model.embed_tokens.weight.device
-        cache = model.new_cache(1, ctx)
-        history = torch.tensor(prompt, dtype=torch.long)
-        base = replace(params, repetition_penalty=1.0)  # applied here, before the processors
-        generated: list[int] = []
-        logits, _ = model(history.view(1, -1).to(device), cache=cache, last_only=True)
-        for _ in range(max_tokens):
-            lg = apply_repetition_penalty(logits[0, -1].float().cpu(), history, params.repetition_penalty)
-            for proc in processors:
-                lg = proc(lg, generated)
-            nxt = sample(lg, base, None, gen)
-            yield nxt
-            if nxt in stop_ids:
-                return
-            generated.append(nxt)
-            history = torch.cat([history, torch.tensor([nxt])])
-            if cache.pos >= ctx:  # context full: restart the cache on the most recent tokens
-                cache.reset()
-                keep = history[-(ctx // 2):]
-                logits, _ = model(keep.view(1, -1).to(device), cache=cache, last_only=True)
-            else:
-                logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
+        return generate_ids(self.model, list(prompt_ids)[-self.context_length:], max_tokens, params,
+                            stop_ids, processors)
 
 
 class PackedBackend:

@@ -149,21 +149,28 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
     cfg = _train_config(a)
     lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else None
-    variants = None
-    if a.equal_bytes:
+    variants, variant_lrs = None, None
+    if a.equal_bytes or a.wide_ternary:
         from tritlm.data import TokenData, default_corpus_path, prepare_dataset
-        from tritlm.eval.compare import equal_bytes_fp_model
+        from tritlm.eval.compare import equal_bytes_fp_model, wide_ternary_model
 
         ddir = Path(cfg.data.dataset_dir or Path(a.out) / "data")
         if not cfg.data.dataset_dir:
             prepare_dataset(cfg.data.corpus or default_corpus_path(), ddir, tokenizer=cfg.data.tokenizer,
                             val_fraction=cfg.data.val_fraction)
         cfg.data.dataset_dir = str(ddir)
-        small = equal_bytes_fp_model(cfg, TokenData(ddir).vocab_size)
-        variants = {"ternary": {"fp": False}, "fp": {"fp": True},
-                    "fp-equal-bytes": {"fp": True, "model": {**cfg.model, **small}}}
+        vocab = TokenData(ddir).vocab_size
+        variants = {"ternary": {"fp": False}, "fp": {"fp": True}}
+        if a.equal_bytes:
+            small = equal_bytes_fp_model(cfg, vocab)
+            variants["fp-equal-bytes"] = {"fp": True, "model": {**cfg.model, **small}}
+        if a.wide_ternary:
+            wide = wide_ternary_model(cfg, vocab)
+            variants["ternary-wide"] = {"fp": False, "model": {**cfg.model, **wide}}
+            if a.wide_lrs:
+                variant_lrs = {"ternary-wide": [float(x) for x in a.wide_lrs.split(",")]}
     res = compare(cfg, lrs=lrs, out_dir=Path(a.out), variants=variants,
-                  callback_factory=lambda label: _Progress(label, a.quiet))
+                  callback_factory=lambda label: _Progress(label, a.quiet), variant_lrs=variant_lrs)
     _console().print(res.table_markdown())
     _console().print(f"plot: {res.plot_path}\ntable: {res.table_path}")
     return 0
@@ -389,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lrs", help="comma-separated LR sweep; each model is reported at its best LR")
     s.add_argument("--equal-bytes", action="store_true",
                    help="also train the widest FP model whose fp16 weights fit in the ternary model's packed bytes")
+    s.add_argument("--wide-ternary", action="store_true",
+                   help="also train the widest ternary model whose packed bytes fit in the FP twin's fp16 bytes")
+    s.add_argument("--wide-lrs", help="LR sweep of the wide ternary model (default: --lrs)")
     s.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("generate", help="sample text from a model")

@@ -1,6 +1,6 @@
 import json
 
-from tritlm.eval.compare import compare, equal_bytes_fp_model
+from tritlm.eval.compare import compare, equal_bytes_fp_model, wide_ternary_model
 from tritlm.model.config import ModelConfig
 from tritlm.model.sizes import model_sizes
 from tritlm.train.config import load_config
@@ -38,3 +38,24 @@ def test_equal_bytes_fp_model_is_the_widest_that_fits(tmp_path):
     d = fp.dim + 2 * fp.n_heads  # the next width the search tried, with its FFN rule
     wider = ModelConfig.from_dict({**fp.to_dict(), "dim": d, "ffn_dim": round(8 * d / 12) * 4, "quant": "fp"})
     assert model_sizes(wider).fp16_bytes > budget
+
+
+def test_wide_ternary_model_is_the_widest_that_fits(tmp_path):
+    cfg = load_config(None, [], preset="tiny")
+    over = wide_ternary_model(cfg, 65)
+    tern = resolve_model_config(cfg, 65)
+    budget = model_sizes(tern.fp_twin()).fp16_bytes
+    wide = ModelConfig.from_dict({**tern.to_dict(), **over})
+    assert wide.quantised and wide.dim > 2 * tern.dim  # ~8x the weights at 1/8 the bits each
+    assert model_sizes(wide).packed_bytes <= budget
+    d = wide.dim + 2 * wide.n_heads
+    wider = ModelConfig.from_dict({**wide.to_dict(), "dim": d, "ffn_dim": round(8 * d / 12) * 4})
+    assert model_sizes(wider).packed_bytes > budget
+
+
+def test_compare_variant_lrs(tmp_path):
+    res = compare(_cfg(tmp_path), lrs=[1e-3, 3e-3], out_dir=tmp_path,
+                  variants={"ternary": {"fp": False}, "fp": {"fp": True}, "ternary-wide": {"fp": False}},
+                  variant_lrs={"ternary-wide": [2e-3]})
+    assert [(r.name, r.lr) for r in res.runs][-1] == ("ternary-wide", 2e-3)
+    assert "equal weight bytes (ternary-wide - fp)" in res.table_markdown()

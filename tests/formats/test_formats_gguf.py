@@ -14,7 +14,15 @@ gguf = pytest.importorskip("gguf")
 from tritlm.data.tokenizer import ByteTokenizer, CharTokenizer, HFTokenizer  # noqa: E402
 from tritlm.errors import FormatError  # noqa: E402
 from tritlm.formats.common import block_linears, quantised_linear, rel_error, set_quantised  # noqa: E402
-from tritlm.formats.gguf import _permute, _unpermute, export_gguf, import_gguf, pack_i2s, unpack_i2s  # noqa: E402
+from tritlm.formats.gguf import (  # noqa: E402
+    _permute,
+    _unpermute,
+    export_gguf,
+    export_gguf_packed,
+    import_gguf,
+    pack_i2s,
+    unpack_i2s,
+)
 from tritlm.formats.gguf_io import read_gguf  # noqa: E402
 from tritlm.formats.gguf_tools import inspect_gguf, repair_gguf, validate_gguf  # noqa: E402
 from tritlm.model.config import ModelConfig  # noqa: E402
@@ -80,6 +88,32 @@ def test_gguf_package_reads_our_file_and_agrees(tmp_path):
     wq = gguf.quants.dequantize(tq.data, tq.tensor_type)
     q, _ = quantised_linear(model, "layers.0.self_attn.q_proj")
     np.testing.assert_array_equal(np.sign(wq), _permute(q.numpy(), 4))
+
+
+def test_export_from_packed_model_is_the_same_file(tmp_path):
+    """The packed route (no float model) writes the same tensors as the training-model route."""
+    from tritlm.formats.packed import from_transformer
+
+    model = make(cfg_for(False, tie_embeddings=False))
+    a = export_gguf(model, ByteTokenizer(), tmp_path / "a.gguf", fp_type="F16", head_type="Q8_0")
+    b = export_gguf_packed(from_transformer(model, ByteTokenizer(), fp_dtype="fp32"), tmp_path / "b.gguf",
+                           fp_type="F16", head_type="Q8_0")
+    ra, rb = gguf.GGUFReader(str(a)), gguf.GGUFReader(str(b))
+    ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].tensor_type == tb[name].tensor_type, name
+        np.testing.assert_array_equal(np.asarray(ta[name].data), np.asarray(tb[name].data), err_msg=name)
+    head = ta["output.weight"]
+    assert head.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    # Q8_0: 32 weights share one scale d = max|w| / 127 stored as fp16 -> error <= d / 2 + 127 * d * 2^-11
+    w = model.lm_head.weight.detach().numpy()
+    back, _ = import_gguf(b)
+    err = np.abs(back.lm_head.weight.detach().numpy() - w).reshape(w.shape[0], -1, 32)
+    assert (err <= np.abs(w).reshape(err.shape).max(-1, keepdims=True) / 127 * 0.57).all()
+    assert err.max() > 0  # it is quantised, not stored as float
+    with pytest.raises(FormatError, match="Q6_K"):
+        export_gguf(model, ByteTokenizer(), tmp_path / "c.gguf", head_type="Q6_K")
 
 
 def test_permute_inverse_and_i2s_layout():

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from tiny_models import tiny_model  # noqa: E402  (tests/infer helper)
 
 import tritlm
 from tritlm.formats.packed import (
@@ -44,15 +45,7 @@ def trained(tmp_path_factory):
 
 
 def _model(**kw) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, dim=128, n_layers=2, n_heads=4, ffn_dim=256, max_seq_len=64, **kw)
-    m = Transformer(cfg)
-    # Trained models have norm weights away from 1; make the test see them.
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return m.eval()
+    return tiny_model(**kw)
 
 
 @pytest.mark.parametrize("kw", [

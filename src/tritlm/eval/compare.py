@@ -45,6 +45,10 @@ class Comparison:
             lines.append("")
             lines.append(f"gap at best LRs (ternary - fp): {t.val_loss - f.val_loss:+.4f}; "
                          f"step time ternary / fp: {t.step_ms / f.step_ms:.2f}x")
+        for small, big in (("fp-equal-bytes", "ternary"), ("fp", "ternary-wide")):
+            if small in self.best and big in self.best:
+                d = self.best[big].result.val_loss - self.best[small].result.val_loss
+                lines.append(f"equal weight bytes ({big} - {small}): {d:+.4f}")
         return "\n".join(lines)
 
 
@@ -68,20 +72,44 @@ def equal_bytes_fp_model(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
     return best
 
 
+def wide_ternary_model(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
+    """Model overrides for the widest ternary model (same depth and heads) whose packed bytes fit in
+    the FP twin's fp16 weight bytes: the other reading of "ternary vs FP at equal memory"."""
+    from tritlm.model.sizes import model_sizes
+    from tritlm.train.trainer import resolve_model_config
+
+    tern = resolve_model_config(dataclasses.replace(cfg, fp=False), vocab_size)
+    budget = model_sizes(tern.fp_twin()).fp16_bytes
+    step = 2 * tern.n_heads
+    best = None
+    dim = tern.dim
+    while True:
+        ffn = max(8, int(round(8 * dim / 3 / 4)) * 4)
+        if model_sizes(dataclasses.replace(tern, dim=dim, ffn_dim=ffn)).packed_bytes > budget:
+            break
+        best = {"dim": dim, "ffn_dim": ffn}
+        dim += step
+    if best is None:
+        raise ValueError("the ternary model does not fit in its FP twin's bytes")
+    return best
+
+
 def compare(cfg: TrainConfig, lrs: list[float] | None = None, out_dir: Path | None = None,
             variants: dict[str, dict[str, Any]] | None = None,
-            callback_factory: Callable[[str], Callable] | None = None) -> Comparison:
+            callback_factory: Callable[[str], Callable] | None = None,
+            variant_lrs: dict[str, list[float]] | None = None) -> Comparison:
     """Train each variant (default: ``ternary`` and its FP twin ``fp``) at every LR in ``lrs``.
 
     ``variants`` maps a name to TrainConfig field overrides (e.g. {"fp": {"fp": True}}), which
-    lets a benchmark add, say, a wider ternary model with the FP model's weight bytes.
+    lets a benchmark add, say, a wider ternary model with the FP model's weight bytes;
+    ``variant_lrs`` gives a variant its own sweep (an expensive one can try fewer LRs).
     """
     out = Path(out_dir or cfg.out_dir)
     variants = variants or {"ternary": {"fp": False}, "fp": {"fp": True}}
     lrs = lrs or [cfg.optim.lr]
     runs: list[Run] = []
     for name, over in variants.items():
-        for lr in lrs:
+        for lr in (variant_lrs or {}).get(name, lrs):
             c = dataclasses.replace(cfg, out_dir=str(out / f"{name}-lr{lr:g}"),
                                     optim=dataclasses.replace(cfg.optim, lr=lr), **over)
             cb = callback_factory(f"{name} lr {lr:g}") if callback_factory else None

@@ -35,7 +35,7 @@ from tritlm.formats.common import (
     set_linear,
     set_quantised,
 )
-from tritlm.formats.gguf_io import F16, F32, I2_S, TQ1_0, TQ2_0, TYPE_NAMES, GGUFFile, read_gguf, write_gguf
+from tritlm.formats.gguf_io import F16, F32, I2_S, Q8_0, TQ1_0, TQ2_0, TYPE_NAMES, GGUFFile, read_gguf, write_gguf
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import FP, TERNARY
@@ -43,6 +43,7 @@ from tritlm.quant.config import FP, TERNARY
 log = logging.getLogger(__name__)
 
 QTYPES = {"TQ2_0": TQ2_0, "TQ1_0": TQ1_0, "I2_S": I2_S, "F16": F16, "F32": F32}
+HEAD_TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0}
 # llama.cpp file types (LLAMA_FTYPE_*); 40 = MOSTLY_I2_S in bitnet.cpp's fork
 _FTYPE = {TQ2_0: 37, TQ1_0: 36, I2_S: 40, F16: 1, F32: 0}
 _NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -200,15 +201,45 @@ def _arch(cfg: ModelConfig) -> str:
 
 
 def export_gguf(model: Transformer, tokenizer: Any, path: str | Path, qtype: str = "TQ2_0",
-                fp_type: str = "F32", name: str = "tritlm") -> Path:
+                fp_type: str = "F32", name: str = "tritlm", head_type: str | None = None) -> Path:
     """Write ``model`` as GGUF v3 with its Linear weights in ``qtype`` (TQ2_0 | TQ1_0 | I2_S for
-    ternary/binary models; F16 | F32 for full-precision ones) and other tensors in ``fp_type``."""
+    ternary/binary models; F16 | F32 for full-precision ones) and other tensors in ``fp_type``
+    (``head_type``: the output matrix's own type, e.g. Q8_0 as llama.cpp's quantiser would pick)."""
+    cfg = model.cfg
+    linears = set(block_linears(cfg))
+    fp = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()
+          if k.rsplit(".", 1)[0] not in linears and not (k == "lm_head.weight" and cfg.tie_embeddings)}
+
+    def levels():
+        for lname in block_linears(cfg):
+            if cfg.quantised:
+                q, s = quantised_linear(model, lname)
+                yield lname, q.numpy().astype(np.int8), s
+            else:
+                yield lname, model.get_submodule(lname).weight.detach().float().numpy(), 1.0
+
+    return _write(cfg, fp, levels(), tokenizer, path, qtype, fp_type, head_type, name)
+
+
+def export_gguf_packed(pm, path: str | Path, qtype: str = "TQ2_0", fp_type: str = "F16",
+                       head_type: str | None = None, name: str = "tritlm") -> Path:
+    """:func:`export_gguf` straight from a :class:`~tritlm.formats.packed.PackedModel` (no float
+    model is built; ``tritlm bench`` hands its random 700M model to llama.cpp this way)."""
+    fp = {k: v.float().numpy() for k, v in pm.fp.items()}
+    levels = ((n, pm.linears[n][0].unpack(), pm.linears[n][1]) for n in block_linears(pm.config))
+    return _write(pm.config, fp, levels, pm.tokenizer, path, qtype, fp_type, head_type, name)
+
+
+def _write(cfg: ModelConfig, fp: dict[str, np.ndarray], levels, tokenizer: Any, path: str | Path, qtype: str,
+           fp_type: str, head_type: str | None, name: str) -> Path:
+    """fp: every non-block tensor by tritlm name (float32); levels: (linear name, levels or float
+    weights [out, in], scale) for every block Linear."""
     from gguf.quants import quantize
 
-    cfg = model.cfg
     check_exportable(cfg, "gguf")
-    if qtype not in QTYPES:
-        raise FormatError(f"gguf: qtype must be one of {', '.join(QTYPES)}, not {qtype!r}")
+    for t, allowed in ((qtype, QTYPES), (fp_type, ("F16", "F32")), (head_type, (None, *HEAD_TYPES))):
+        if t not in allowed:
+            raise FormatError(f"gguf: type must be one of {', '.join(str(a) for a in allowed)}, not {t!r}")
     qt, ft = QTYPES[qtype], QTYPES[fp_type]
     if qt in (TQ2_0, TQ1_0, I2_S) and not cfg.quantised:
         raise FormatError(f"gguf: {qtype} needs a ternary/binary model; quantise it first (tritlm quantize)")
@@ -216,23 +247,20 @@ def export_gguf(model: Transformer, tokenizer: Any, path: str | Path, qtype: str
     npdt = np.float16 if ft == F16 else np.float32
     tensors: list[tuple[str, tuple[int, ...], int, bytes]] = []
     fallback: list[str] = []
-    linears = set(block_linears(cfg))
-    for k, v in model.state_dict().items():
-        mod = k.rsplit(".", 1)[0]
-        if mod in linears or (k == "lm_head.weight" and cfg.tie_embeddings):
+    for k, a in fp.items():
+        gname = gguf_name(k)
+        if a.ndim == 2 and head_type is not None and gname == "output.weight":
+            ht = HEAD_TYPES[head_type]
+            raw = a.astype(np.float32).tobytes() if ht == F32 else (
+                a.astype(np.float16).tobytes() if ht == F16 else quantize(a.astype(np.float32), ht).tobytes())
+            tensors.append((gname, tuple(reversed(a.shape)), ht, raw))
             continue
-        a = v.detach().float().cpu().numpy()
         # norms stay F32 (llama.cpp requires it); big matrices take fp_type
         t = ft if a.ndim == 2 else F32
         raw = a.astype(npdt if t == F16 else np.float32).tobytes()
-        tensors.append((gguf_name(k), tuple(reversed(a.shape)), t, raw))
-    for lname in block_linears(cfg):
+        tensors.append((gname, tuple(reversed(a.shape)), t, raw))
+    for lname, lv, s in levels:
         short = lname.rsplit(".", 1)[1]
-        if cfg.quantised:
-            q, s = quantised_linear(model, lname)
-            lv = q.numpy().astype(np.int8)
-        else:
-            lv, s = model.get_submodule(lname).weight.detach().float().numpy(), 1.0
         if arch == "llama" and short in ("q_proj", "k_proj"):
             lv = _permute(lv, cfg.n_heads if short == "q_proj" else cfg.kv_heads)
         n, kdim = lv.shape
@@ -283,7 +311,7 @@ def dequantize_tensor(f: GGUFFile, t) -> np.ndarray:
         return raw.view("<f4").reshape(shape).astype(np.float32)
     if t.ttype == F16:
         return raw.view("<f2").reshape(shape).astype(np.float32)
-    if t.ttype in (TQ1_0, TQ2_0):
+    if t.ttype in (TQ1_0, TQ2_0, Q8_0):
         return dequantize(raw, GGMLQuantizationType(t.ttype)).reshape(shape).astype(np.float32)
     if t.ttype == I2_S:
         q, s = unpack_i2s(raw, int(np.prod(shape)))
@@ -394,4 +422,4 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
-__all__ = ["export_gguf", "import_gguf", "is_gguf", "pack_i2s", "unpack_i2s", "TYPE_NAMES"]
+__all__ = ["export_gguf", "export_gguf_packed", "import_gguf", "is_gguf", "pack_i2s", "unpack_i2s", "TYPE_NAMES"]

@@ -23,10 +23,10 @@ MAGIC = b"GGUF"
 ALIGN = 32
 # ggml type ids. I2_S = 36 is bitnet.cpp's id (its fork of ggml); upstream ggml gave 36 to
 # IQ4_NL_4_4 (removed) - so a file with type 36 is only meaningful to bitnet.cpp.
-F32, F16, TQ1_0, TQ2_0, I2_S = 0, 1, 34, 35, 36
-TYPE_NAMES = {F32: "F32", F16: "F16", TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", I2_S: "I2_S"}
+F32, F16, Q8_0, TQ1_0, TQ2_0, I2_S = 0, 1, 8, 34, 35, 36
+TYPE_NAMES = {F32: "F32", F16: "F16", Q8_0: "Q8_0", TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", I2_S: "I2_S"}
 # (weights per block, bytes per block)
-_BLOCK = {F32: (1, 4), F16: (1, 2), TQ1_0: (256, 54), TQ2_0: (256, 66)}
+_BLOCK = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), TQ1_0: (256, 54), TQ2_0: (256, 66)}
 
 # GGUF metadata value types
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tritlm.formats.packed import PackedModel
+from tritlm.infer.fused_decode import FusedDecoder
 from tritlm.infer.sampling import Sampler, SamplingParams, contrastive_select, sample
 from tritlm.kernels.cpu import TernaryLinearKernel, set_num_threads
 from tritlm.kernels.pack import PackedTernary, pack_ternary_kernel
@@ -162,11 +163,13 @@ class Engine:
         max_len: cache length (default: the model's context).
         torch_threads: intra-op threads of torch while the engine runs (None: leave as is); 1
             keeps torch's OpenMP workers from spinning against the kernel threads on small ops.
+        fused: decode single tokens with one C call for all layers (``infer/fused_decode.py``)
+            when the compiled kernels are available; False keeps every step on the torch path.
     """
 
     def __init__(self, pm: PackedModel, *, threads: int | None = None, backend: str = "packed",
                  dense_dtype: torch.dtype = torch.float32, head: str = "fp32", slots: int = 1,
-                 max_len: int | None = None, torch_threads: int | None = 1):
+                 max_len: int | None = None, torch_threads: int | None = 1, fused: bool = True):
         if backend not in ("packed", "dense"):
             raise ValueError(f"backend must be 'packed' or 'dense', got {backend!r}")
         if head not in ("fp32", "t4"):
@@ -233,6 +236,9 @@ class Engine:
         self.timer: Callable[[str], contextlib.AbstractContextManager] | None = None
         # One cache, one caller at a time: servers share a LoadedModel across request threads.
         self.lock = threading.RLock()
+        self.fused = FusedDecoder.create(self) if fused and backend == "packed" else None
+        self._step_x = torch.empty(c.dim)
+        self._step_h = torch.empty(1, c.dim)
 
     # ---------------------------------------------------------------- helpers
     def _buf(self, name: str, m: int, n: int) -> torch.Tensor:
@@ -324,6 +330,14 @@ class Engine:
         self._trace("logits", c.n_layers, logits)
         return logits
 
+    def _fused_step(self, tok: int, slot: int, pos: int) -> torch.Tensor:
+        """One token through the C decode step (same math as :meth:`_forward`); logits [1, V]."""
+        x = self._step_x
+        x.copy_(self.embed[tok])
+        self.fused.step(x, slot, pos, self._step_h, self.threads or 0)
+        self.last_hidden = h = self._step_h.clone()
+        return self.head(h, torch.empty(1, self.cfg.vocab_size))
+
     def _check_room(self, slot: int, start: int, t: int) -> None:
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} out of range (engine has {self.slots})")
@@ -363,8 +377,11 @@ class Engine:
 
         t0 = time.perf_counter()
         with self._torch_threads():
-            out = self._forward(torch.as_tensor(list(ids), dtype=torch.long),
-                                torch.arange(start, end), attend, "all" if all_logits else "last")
+            if t == 1 and self.fused is not None and self.tracer is None and self.timer is None:
+                out = self._fused_step(int(ids[0]), slot, start)
+            else:
+                out = self._forward(torch.as_tensor(list(ids), dtype=torch.long),
+                                    torch.arange(start, end), attend, "all" if all_logits else "last")
         dt = time.perf_counter() - t0
         if t == 1:
             self.stats.decode_tokens += 1

@@ -165,6 +165,17 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
     res: dict = {"model": preset_name, "ternary_params": sizes["ternary_params"],
                  "packed_weight_bytes": sizes["weight_bytes"], "bytes_per_decode_token": per_token,
                  "head": head, "rows": []}
+    from tritlm.infer import bench_llama_cpp
+
+    gguf_path = None
+    if bench_llama_cpp.available():
+        try:
+            gguf_path = bench_llama_cpp.gguf_for(pm, head, seed)
+            res["llama_cpp"] = f"TQ2_0 GGUF of the same weights ({gguf_path.name}), llama-cpp-python"
+        except Exception as e:  # noqa: BLE001 - the peer is optional; say why it is missing
+            res["llama_cpp"] = f"export failed: {str(e)[:200]}"
+    else:
+        res["llama_cpp"] = "not installed (pip install llama-cpp-python)"
     for th in threads_list:
         bw = read_bandwidth(th)
         res["rows"].append({"impl": "bandwidth ceiling", "threads": th, "decode": bw / per_token,
@@ -177,6 +188,10 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         res["rows"].append({"impl": f"tritlm packed (head {head})", "threads": th, "decode": dec, "prefill": pre,
                             "kernel_share": share})
         del eng
+        if gguf_path is not None:
+            r = bench_llama_cpp.bench(gguf_path, th, decode_tokens, prompt_tokens, cfg.max_seq_len)
+            res["rows"].append({"impl": f"llama.cpp TQ2_0 (head {'Q8_0' if head == 't4' else 'F32'})",
+                                "threads": th, **r})
         if dense:
             for dt, name in ((torch.float32, "torch dense fp32"), (torch.bfloat16, "torch dense bf16")):
                 eng = Engine(pm, threads=th, backend="dense", dense_dtype=dt, max_len=cfg.max_seq_len,
@@ -188,13 +203,24 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
                 res["rows"].append({"impl": name, "threads": th, "decode": dec, "prefill": pre,
                                     "decode_tokens": n})
                 del eng
-    try:
-        import llama_cpp  # noqa: F401
-
-        res["llama_cpp"] = "installed (no GGUF of this random model is built here; see RESULTS.md)"
-    except ImportError:
-        res["llama_cpp"] = "not installed"
+    res["ratios"] = ratios(res["rows"])
     return res
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per thread count: our packed runtime over llama.cpp and over the dense bf16 path."""
+    out = []
+    for th in sorted({r["threads"] for r in rows}):
+        by = {r["impl"].split(" (")[0]: r for r in rows if r["threads"] == th}
+        ours = by.get("tritlm packed")
+        if ours is None:
+            continue
+        for peer in ("llama.cpp TQ2_0", "torch dense bf16"):
+            p = by.get(peer)
+            if p is not None:
+                out.append({"threads": th, "vs": peer, "decode": ours["decode"] / p["decode"],
+                            "prefill": ours["prefill"] / p["prefill"]})
+    return out
 
 
 def run_bench(a: argparse.Namespace) -> int:
@@ -224,6 +250,9 @@ def run_bench(a: argparse.Namespace) -> int:
             elif "decode_tokens" in r:
                 note = f"decode over {r['decode_tokens']} tokens"
             print(f"{mres['model']:6} {r['impl']:28} {r['threads']:>3} {r['decode']:>12.1f} {pre:>13}  {note}")
+        for q in mres["ratios"]:
+            print(f"{mres['model']:6} tritlm / {q['vs']:<23} {q['threads']:>3} {q['decode']:>11.2f}x "
+                  f"{q['prefill']:>12.2f}x")
         print(f"{mres['model']:6} llama.cpp: {mres['llama_cpp']}")
     return 0
 

@@ -30,8 +30,10 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
+# files SOURCE #includes: part of the cache key, so editing any of them triggers a rebuild
+INCLUDED = (Path(__file__).with_name("tritlm_decode.c"),)
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-lm"]
 
@@ -72,7 +74,8 @@ def library_path(cc: str | None = None, root: Path | None = None) -> Path | None
     if cc is None or not SOURCE.exists():
         return None
     root = root or cache_dir()
-    return root / "kernels" / f"tritlm_cpu-{_key(SOURCE.read_bytes(), cc)}.so"
+    src = SOURCE.read_bytes() + b"".join(p.read_bytes() for p in INCLUDED if p.exists())
+    return root / "kernels" / f"tritlm_cpu-{_key(src, cc)}.so"
 
 
 def build_library(root: Path | None = None, force: bool = False, cc: str | None = None) -> Path:
@@ -83,8 +86,9 @@ def build_library(root: Path | None = None, force: bool = False, cc: str | None 
     cc = cc or find_compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set TRITLM_CC or CC, or install gcc/clang)")
-    if not SOURCE.exists():
-        raise RuntimeError(f"kernel source {SOURCE} is missing from the installed package")
+    for src in (SOURCE, *INCLUDED):
+        if not src.exists():
+            raise RuntimeError(f"kernel source {src} is missing from the installed package")
     out = library_path(cc, root)
     assert out is not None
     if out.exists() and not force:
@@ -119,7 +123,7 @@ def _prune(keep: Path, max_age_days: float = 14.0) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    vp, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     sig = {
         "tt_abi_version": (i32, []),
         "tt_has_avx2": (i32, []),
@@ -135,6 +139,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_forward_f32": (i32, [vp, vp, i32, i64, vp, i32]),
         "tt_forward_i8": (i32, [vp, vp, i32, i64, vp, vp, vp, i32]),
         "tt_quantize": (None, [vp, i32, i32, i64, vp, i64, i32, vp, vp, i32]),
+        "tt_dec_new": (vp, [i32, i32, i32, i32, i32, i32, i32, i32, f32, f32, i32, i32, vp, vp, vp]),
+        "tt_dec_free": (None, [vp]),
+        "tt_dec_set_layer": (i32, [vp, i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp]),
+        "tt_dec_step": (i32, [vp, vp, i32, i32, vp, i32]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)

@@ -44,7 +44,7 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 6
+#define TT_ABI_VERSION 7
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
@@ -657,16 +657,22 @@ void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows, int chunks
 }
 
 /* quantise x [m, k] (row stride ldx floats) into the workspace and run; out [m, n] float32 */
+/* the body of tt_forward_f32; caller holds call_lock */
+static int tt_forward_f32_locked(tt_ctx *c, const float *x, int m, long ldx, float *out, int nth) {
+    if (tt_reserve(c, m) != 0) return -1;
+    tt_quant_rows(x, m, c->k, ldx, c->xq, c->kp, c->xs, c->sx, c->kp, c->isa);
+    tt_job J = {.c = c, .xq = c->xq, .ldx = (size_t)c->kp, .m = m, .xs = c->xs, .sx = c->sx, .out = out, .dots = NULL};
+    tt_run(&J, nth);
+    return 0;
+}
+
 int tt_forward_f32(tt_ctx *c, const float *x, int m, long ldx, float *out, int nth) {
     if (m <= 0) return 0;
     pthread_mutex_lock(&P.call_lock);
     tt_init_once();
-    if (tt_reserve(c, m) != 0) { pthread_mutex_unlock(&P.call_lock); return -1; }
-    tt_quant_rows(x, m, c->k, ldx, c->xq, c->kp, c->xs, c->sx, c->kp, c->isa);
-    tt_job J = {.c = c, .xq = c->xq, .ldx = (size_t)c->kp, .m = m, .xs = c->xs, .sx = c->sx, .out = out, .dots = NULL};
-    tt_run(&J, nth);
+    const int rc = tt_forward_f32_locked(c, x, m, ldx, out, nth);
     pthread_mutex_unlock(&P.call_lock);
-    return 0;
+    return rc;
 }
 
 /* int8 activations xq [m, k] (row stride ldx bytes) with scales xs [m]; out float32 [m, n], or
@@ -705,3 +711,6 @@ void tt_quantize(const float *x, int m, int k, long ldx, int8_t *q, long ldq, in
     for (int t = 0; t < m; t++)
         tt_quant_rows(x + (size_t)t * ldx, 1, k, ldx, q + (size_t)t * ldq, ldq, scale + t, sumx ? sumx + t : &tmp, kp, isa);
 }
+
+/* the fused one-token decode step of a whole model (tritlm/infer/engine.py uses it) */
+#include "tritlm_decode.c"

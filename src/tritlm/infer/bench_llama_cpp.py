@@ -1,0 +1,89 @@
+"""llama.cpp as the peer in ``tritlm bench``: the same random weights, exported as TQ2_0 GGUF.
+
+The packed model is written with :func:`~tritlm.formats.gguf.export_gguf_packed` (llama arch,
+ternary Linears in TQ2_0, token embeddings F16, output matrix Q8_0 next to our ``t4`` head or F32
+next to our exact fp32 head) into the cache folder, once per model, and run through
+``llama-cpp-python`` with the same thread count, prompt and token counts as our runtime. Decode is
+greedy (argmax of llama.cpp's logits, in Python, like our sampler), one ``eval`` per token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gguf_for(pm, head: str, seed: int) -> Path:
+    """The cached TQ2_0 GGUF of ``pm`` (written on first use; keyed by config, weights and head)."""
+    from tritlm.data.tokenizer import ByteTokenizer
+    from tritlm.formats.gguf import export_gguf_packed
+    from tritlm.kernels.cpu import cache_dir
+
+    h = hashlib.sha256(json.dumps(pm.config.to_dict(), sort_keys=True).encode())
+    for name in sorted(pm.linears)[:4]:
+        p, s = pm.linears[name]
+        h.update(p.data.reshape(-1)[: 1 << 16].tobytes())
+        h.update(np.float32(s).tobytes())
+    head_type = "Q8_0" if head == "t4" else "F32"
+    path = cache_dir() / "bench" / f"tq2_0-{head_type}-{h.hexdigest()[:16]}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        tok = pm.tokenizer
+        if tok is None:  # random weights: any vocabulary of the right size lets llama.cpp load it
+            pm.tokenizer = ByteTokenizer()
+        try:
+            export_gguf_packed(pm, path, qtype="TQ2_0", fp_type="F16", head_type=head_type)
+        finally:
+            pm.tokenizer = tok
+        log.info("wrote %s in %.1f s", path, time.perf_counter() - t)
+    return path
+
+
+def bench(path: Path, threads: int, decode_tokens: int, prompt_tokens: int, n_ctx: int) -> dict:
+    """decode / prefill tok/s of llama.cpp on ``path`` (same prompts as our runtime's bench)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    try:
+        prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+
+        def decode(n: int) -> float:
+            llm.reset()
+            llm.eval(prompt)
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            t = time.perf_counter()
+            for _ in range(n):
+                llm.eval([tok])
+                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            return n / (time.perf_counter() - t)
+
+        decode(4)  # warm-up: page the weights in, start the thread pool
+        dec = decode(decode_tokens)
+        ids = [(7 * i) % 1000 + 1 for i in range(prompt_tokens)]
+        best = float("inf")
+        for _ in range(2):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(ids)
+            best = min(best, time.perf_counter() - t)
+        return {"decode": dec, "prefill": prompt_tokens / best}
+    finally:
+        if hasattr(llm, "close"):  # frees the model and context now, not at garbage collection
+            llm.close()

@@ -1,0 +1,77 @@
+"""One C call per decoded token: the Python face of ``kernels/cpu/tritlm_decode.c``.
+
+The engine's torch forward runs ~25 small ops per layer; at M = 1 on a 2-core CPU their dispatch
+cost about as much as the ternary GEMVs themselves (measured on the 700M shape: ~12 ms of glue
+next to ~12 ms of kernels per token). :class:`FusedDecoder` hands the C side pointers to the
+engine's own buffers (packed weights via the kernel contexts, norms, KV cache, RoPE tables) once,
+so a decode step is: copy the embedding row, one C call, the LM head, sampling.
+
+The torch path stays the reference: tests compare the two on random models of every
+architecture option, and profiling / tracing (which need per-layer hooks) use the torch path.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from tritlm.kernels.cpu import build
+
+
+class FusedDecoder:
+    """Binds an :class:`~tritlm.infer.engine.Engine`'s buffers to a C decode context.
+
+    Use :meth:`create`, which returns None when the compiled kernels are not available (numpy
+    fallback) or the engine is not a packed one.
+    """
+
+    def __init__(self, lib, handle: int, keep: list):
+        self._lib = lib
+        self._h = handle
+        self._keep = keep  # tensors and kernels whose memory the C side points into
+        self._finalizer = weakref.finalize(self, lib.tt_dec_free, handle)
+
+    @classmethod
+    def create(cls, eng) -> FusedDecoder | None:
+        lib = build.load_library()
+        if lib is None or eng.backend != "packed":
+            return None
+        lins = [lin for L in eng.layers for lin in (L.qkv, L.o, L.gu, L.down)]
+        if not all(getattr(lin, "_fast", False) for lin in lins):
+            return None
+        c = eng.cfg
+        keep: list = [eng.cos, eng.sin_signed, eng.final_norm]
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in keep):
+            return None
+        h = lib.tt_dec_new(c.n_layers, c.dim, eng.H, eng.KV, eng.hd, c.ffn_dim, eng.max_len, eng.slots,
+                           float(eng.eps), float(c.residual_scale), int(c.mlp == "relu2"), int(bool(eng.input_norm)),
+                           eng.cos.data_ptr(), eng.sin_signed.data_ptr(), eng.final_norm.data_ptr())
+        if not h:
+            return None
+        dec = cls(lib, h, keep)
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            t = t.float().contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        for i, L in enumerate(eng.layers):
+            rc = lib.tt_dec_set_layer(h, i, ptr(L.ln1), ptr(L.ln2), ptr(L.q_norm), ptr(L.k_norm), ptr(L.attn_sub),
+                                      ptr(L.ffn_sub), L.qkv._ctx, L.o._ctx, L.gu._ctx, L.down._ctx,
+                                      eng.k_cache[i].data_ptr(), eng.v_cache[i].data_ptr())
+            if rc != 0:
+                return None
+            keep += [L.qkv, L.o, L.gu, L.down, eng.k_cache[i], eng.v_cache[i]]
+        return dec
+
+    def step(self, x: torch.Tensor, slot: int, pos: int, out: torch.Tensor, threads: int = 0) -> torch.Tensor:
+        """``x``: float32 [dim] embedding (overwritten); writes the final-normed hidden state to ``out``."""
+        rc = self._lib.tt_dec_step(self._h, x.data_ptr(), slot, pos, out.data_ptr(), threads)
+        if rc == -1:
+            raise MemoryError("tritlm kernel: workspace allocation failed")
+        if rc != 0:
+            raise ValueError(f"fused decode step rejected slot {slot} / position {pos}")
+        return out

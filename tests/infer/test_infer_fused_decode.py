@@ -1,0 +1,89 @@
+"""The fused C decode step against the engine's torch path (its reference), step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model  # noqa: E402  (tests/infer helper)
+
+from tritlm.formats.packed import from_transformer
+from tritlm.infer.engine import Engine
+from tritlm.kernels.cpu import build, set_min_chunk_blocks
+from tritlm.model.transformer import Transformer
+from tritlm.quant.config import QuantConfig
+
+pytestmark = pytest.mark.skipif(build.load_library() is None, reason="no C compiler: no compiled kernels")
+
+
+def _model(max_len: int = 64, **kw) -> Transformer:
+    return tiny_model(max_len=max_len, ffn_dim=200, **kw)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"n_kv_heads": 2, "qk_norm": True},
+    {"n_kv_heads": 1, "mlp": "relu2", "sub_norm": True, "tie_embeddings": True, "residual_scale": 0.7},
+    {"quant": QuantConfig(input_norm=True)},
+], ids=["base", "gqa-qknorm", "mqa-relu2-subln-tied", "input-norm"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_step_matches_torch_path(kw, threads):
+    pm = from_transformer(_model(**kw), fp_dtype="fp32")
+    fused = Engine(pm, slots=2, threads=threads)
+    plain = Engine(pm, slots=2, threads=threads, fused=False)
+    assert fused.fused is not None and plain.fused is None
+    set_min_chunk_blocks(1)  # split even these tiny matrices across the threads
+    try:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 97, (40,), generator=g).tolist()
+        for e in (fused, plain):  # slot 1: the slot offset into the KV cache is exercised
+            e.prefill(ids[:8], slot=1)
+        for t in ids[8:]:
+            a, b = fused.forward_seq([t], slot=1)[-1], plain.forward_seq([t], slot=1)[-1]
+            # same math in float32, different summation order: int8 rounding of an activation
+            # may flip by one step, hence a tolerance rather than bitwise equality
+            assert _rel(a, b) < 2e-3
+            assert torch.allclose(fused.last_hidden, plain.last_hidden, rtol=0, atol=2e-3 * float(
+                plain.last_hidden.abs().max()))
+        for i in range(pm.config.n_layers):  # the keys/values it wrote are the torch path's
+            assert _rel(fused.k_cache[i][1, :, :40], plain.k_cache[i][1, :, :40]) < 2e-3
+            assert _rel(fused.v_cache[i][1, :, :40], plain.v_cache[i][1, :, :40]) < 2e-3
+        assert fused.k_cache[0][0].abs().max() == 0  # slot 0 untouched
+        assert fused.stats.decode_tokens == 32
+    finally:
+        set_min_chunk_blocks(256)
+
+
+def test_fused_long_context_parallel_attention():
+    """Past ~128 positions the heads are spread over the thread pool."""
+    pm = from_transformer(_model(max_len=300, n_kv_heads=2), fp_dtype="fp32")
+    fused, plain = Engine(pm, threads=2), Engine(pm, threads=2, fused=False)
+    ids = list(range(1, 97)) * 3
+    fused.prefill(ids[:150])
+    plain.prefill(ids[:150])
+    for t in ids[150:290]:
+        a, b = fused.forward_seq([t])[-1], plain.forward_seq([t])[-1]
+        assert _rel(a, b) < 2e-3
+
+
+def test_fused_greedy_tokens_identical():
+    pm = from_transformer(_model(n_kv_heads=2), fp_dtype="fp32")
+    from tritlm.infer.sampling import SamplingParams
+
+    p = SamplingParams(temperature=0)
+    a = list(Engine(pm).generate([3, 1, 4, 1, 5], 40, p))
+    b = list(Engine(pm, fused=False).generate([3, 1, 4, 1, 5], 40, p))
+    assert a == b
+
+
+def test_fused_rejects_out_of_range_position():
+    pm = from_transformer(_model(), fp_dtype="fp32")
+    eng = Engine(pm)
+    x, out = torch.zeros(128), torch.empty(1, 128)
+    with pytest.raises(ValueError, match="position"):
+        eng.fused.step(x, 0, 64, out)
+    with pytest.raises(ValueError, match="slot"):
+        eng.fused.step(x, 1, 0, out)

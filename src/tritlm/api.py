@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 
 from tritlm.errors import FormatError
 from tritlm.infer.generate import generate_ids
-from tritlm.infer.sampling import SamplingParams
+from tritlm.infer.sampling import SamplingParams, StopStrings
 from tritlm.model.transformer import Transformer
 
 
@@ -55,18 +56,30 @@ class LoadedModel:
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None) -> str:
-        """The continuation of ``prompt`` (without the prompt)."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+                 seed: int | None = None, stop: Sequence[str] = ()) -> str:
+        """The continuation of ``prompt`` (without the prompt), cut before the first stop string."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop=tuple(stop))
         ids = self.tokenizer.encode(prompt)
         if not ids and self.tokenizer.bos_id is not None:
             ids = [self.tokenizer.bos_id]
         if not ids:
             raise ValueError("the prompt is empty and the tokenizer has no BOS token")
-        out = list(self.generate_ids(ids, max_tokens, params))
         eos = self.tokenizer.eos_id
-        if out and eos is not None and out[-1] == eos:
-            out = out[:-1]
+        stops = StopStrings(params.stop)
+        out: list[int] = []
+        gen = self.generate_ids(ids, max_tokens, params)
+        try:
+            for t in gen:
+                if eos is not None and t == eos:
+                    break
+                out.append(t)
+                if stops.stops:
+                    text, stopped = stops.push(self.tokenizer.decode(out))
+                    if stopped:  # no more tokens: the rest of the generation is never computed
+                        return text
+        finally:
+            if hasattr(gen, "close"):
+                gen.close()  # releases the engine lock of a packed model right away
         return self.tokenizer.decode(out)
 
 

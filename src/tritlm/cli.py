@@ -186,17 +186,28 @@ def cmd_generate(a: argparse.Namespace) -> int:
     ids = m.tokenizer.encode(a.prompt)
     if not ids:
         raise TritlmError("the prompt encodes to no tokens")
+    from tritlm.infer.sampling import StopStrings
+
+    stops = StopStrings(a.stop)
     out: list[int] = []
     sys.stdout.write(a.prompt)
-    prev = ""
-    for t in m.generate_ids(ids, a.max_tokens, params):
+    prev, stopped = "", False
+    gen = m.generate_ids(ids, a.max_tokens, params)
+    for t in gen:
         if t == m.tokenizer.eos_id:
             break
         out.append(t)
-        text = m.tokenizer.decode(out)  # decode the whole tail: multi-byte tokens print whole
+        # decode the whole tail (multi-byte tokens print whole); hold back a possible stop string
+        text, stopped = stops.push(m.tokenizer.decode(out))
         sys.stdout.write(text[len(prev):])
         sys.stdout.flush()
         prev = text
+        if stopped:
+            break
+    if not stopped:  # the tail held back for a stop string that never came
+        sys.stdout.write(m.tokenizer.decode(out)[len(prev):])
+    if hasattr(gen, "close"):
+        gen.close()
     sys.stdout.write("\n")
     return 0
 
@@ -411,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-p", type=float, default=0.0)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable): output ends before it")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("demo", help="train the tiny ternary model on Tiny Shakespeare, pack it, generate a sample")

@@ -154,3 +154,37 @@ def test_trained_checkpoint_pack_load_generate(trained, tmp_path, monkeypatch):
     # tiny's FFN of 344 pads to 384 in the kernel layout, so only the 700M-shape test checks < 2%
     assert json.loads(r.stdout)["weight_bytes"] == rep16["weight_bytes"]
     assert is_packed(tmp_path / "cli")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_api_generate_stops_at_stop_strings(packed):
+    from tritlm.api import LoadedModel
+    from tritlm.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer([chr(33 + i) for i in range(97)])
+    m = _model()
+    if packed:
+        eng = Engine(from_transformer(m, tok, fp_dtype="fp32"))
+        lm = LoadedModel(eng, tok, None, "packed", engine=eng)
+    else:
+        lm = LoadedModel(m, tok, None, "checkpoint")
+    full = lm.generate("abc", 30, temperature=0)
+    assert len(full) == 30
+    stop = full[12:14]
+    cut = full.find(stop)
+    assert lm.generate("abc", 30, temperature=0, stop=[stop, "never-there"]) == full[:cut]
+    assert lm.generate("abc", 30, temperature=0, stop=["never-there"]) == full
+    if packed:  # the generation was closed at the stop: another thread can take the engine now
+        import threading
+
+        got = []
+
+        def probe():
+            got.append(eng.lock.acquire(blocking=False))
+            if got[-1]:
+                eng.lock.release()
+
+        th = threading.Thread(target=probe)
+        th.start()
+        th.join()
+        assert got == [True]

@@ -40,6 +40,11 @@ def test_smoke_train_then_generate_and_load(tmp_path):
     assert float(losses[40]) < float(losses[10])
     g = run_cli(["generate", str(out), "--prompt", "ROMEO:", "--max-tokens", "20", "--seed", "3"])
     assert g.stdout.startswith("ROMEO:") and len(g.stdout) > 20
+    greedy = ["generate", str(out), "--prompt", "ROMEO:", "--max-tokens", "30", "--temperature", "0"]
+    full = run_cli(greedy).stdout.rstrip("\n")[len("ROMEO:"):]
+    stop = full[10:12]
+    cut = run_cli([*greedy, "--stop", stop]).stdout.rstrip("\n")[len("ROMEO:"):]
+    assert cut == full[:full.find(stop)]
 
     import tritlm
 

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 
+import pytest
 import torch
 
 from tritlm.formats.packed import from_transformer, random_packed, save_packed
@@ -111,3 +112,25 @@ def test_models_registry_cli(tmp_path, monkeypatch, capsys):
     assert resolve_path("mine") == target.resolve()
     assert main(["models", "remove", "mine"]) == 0
     assert json.loads(capsys.readouterr().out)["models"] == {}
+
+
+def test_bench_json_rows_and_ratios(capsys):
+    """`tritlm bench --json` on the tiny preset: every row measured, ratios computed from them."""
+    from tritlm.infer.bench_llama_cpp import available
+    from tritlm.infer.profile import run_bench
+
+    a = argparse.Namespace(models="tiny", threads="1", decode_tokens=4, prompt_tokens=8, no_dense=False,
+                           head="t4", json=True)
+    assert run_bench(a) == 0
+    res = json.loads(capsys.readouterr().out)
+    (m,) = res["models"]
+    impls = [r["impl"] for r in m["rows"]]
+    assert impls[:2] == ["bandwidth ceiling", "tritlm packed (head t4)"]
+    assert "torch dense bf16" in impls and ("llama.cpp TQ2_0 (head Q8_0)" in impls) == available()
+    for r in m["rows"]:
+        assert r["decode"] > 0 and (r["prefill"] is None or r["prefill"] > 0)
+    ours = m["rows"][1]
+    assert 0 < ours["native_share"] <= 1
+    bf16 = next(r for r in m["rows"] if r["impl"] == "torch dense bf16")
+    q = next(q for q in m["ratios"] if q["vs"] == "torch dense bf16")
+    assert q["decode"] == pytest.approx(ours["decode"] / bf16["decode"])

@@ -148,6 +148,7 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    native_s: float = 0.0  # of decode_s: inside the fused C step and the LM head (the rest is Python)
 
 
 class Engine:
@@ -334,9 +335,12 @@ class Engine:
         """One token through the C decode step (same math as :meth:`_forward`); logits [1, V]."""
         x = self._step_x
         x.copy_(self.embed[tok])
+        t = time.perf_counter()
         self.fused.step(x, slot, pos, self._step_h, self.threads or 0)
-        self.last_hidden = h = self._step_h.clone()
-        return self.head(h, torch.empty(1, self.cfg.vocab_size))
+        out = self.head(self._step_h, torch.empty(1, self.cfg.vocab_size))
+        self.stats.native_s += time.perf_counter() - t
+        self.last_hidden = self._step_h.clone()
+        return out
 
     def _check_room(self, slot: int, start: int, t: int) -> None:
         if not 0 <= slot < self.slots:

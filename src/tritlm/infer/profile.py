@@ -102,16 +102,22 @@ def read_bandwidth(threads: int, mib: int = 512) -> float:
 
 
 # --------------------------------------------------------------------------- bench
-def _time_decode(eng, n: int) -> float:
+def _time_decode(eng, n: int, native: list | None = None) -> float:
+    """Decode tok/s (greedy, sampling included); ``native`` gets the share of the wall time spent
+    in the fused C step + LM head (the rest: Python and torch glue per token)."""
     from tritlm.infer.sampling import SamplingParams
 
     eng.reset()
     prompt = [1, 2, 3, 4, 5, 6, 7, 8]
     it = eng.generate(prompt, n + 1, SamplingParams(temperature=0))
     next(it)  # the prefill and the first sampled token: not decode
+    n0 = eng.stats.native_s
     t = time.perf_counter()
     k = sum(1 for _ in it)
-    return k / (time.perf_counter() - t)
+    dt = time.perf_counter() - t
+    if native is not None:
+        native.append((eng.stats.native_s - n0) / dt)
+    return k / dt
 
 
 def _time_prefill(eng, n: int, reps: int = 2) -> float:
@@ -126,7 +132,8 @@ def _time_prefill(eng, n: int, reps: int = 2) -> float:
 
 
 def kernel_share(eng, reps: int = 20) -> float:
-    """Fraction of one decode step spent inside the ternary kernels + head (the rest: Python/torch)."""
+    """Fraction of one decode step spent inside the ternary kernels + head (the rest: Python/torch);
+    meaningful for the torch path (``fused=False``), whose per-layer glue it measures."""
     c = eng.cfg
     x = {k: torch.randn(1, k) for k in {c.dim, c.n_heads * c.head_dim, c.ffn_dim}}
     outs = {}
@@ -182,11 +189,15 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
                             "prefill": None, "read_GBps": bw / 1e9})
         eng = Engine(pm, threads=th, head=head, max_len=cfg.max_seq_len)
         _time_decode(eng, 4)  # warm-up (thread pool, page faults)
-        dec = _time_decode(eng, decode_tokens)
+        native: list[float] = []
+        dec = _time_decode(eng, decode_tokens, native)
         pre = _time_prefill(eng, prompt_tokens)
-        share = kernel_share(eng)
-        res["rows"].append({"impl": f"tritlm packed (head {head})", "threads": th, "decode": dec, "prefill": pre,
-                            "kernel_share": share})
+        row = {"impl": f"tritlm packed (head {head})", "threads": th, "decode": dec, "prefill": pre}
+        if eng.fused is not None:
+            row["native_share"] = native[0]
+        else:
+            row["kernel_share"] = kernel_share(eng)
+        res["rows"].append(row)
         del eng
         if gguf_path is not None:
             r = bench_llama_cpp.bench(gguf_path, th, decode_tokens, prompt_tokens, cfg.max_seq_len)
@@ -245,6 +256,8 @@ def run_bench(a: argparse.Namespace) -> int:
             note = ""
             if "read_GBps" in r:
                 note = f"{r['read_GBps']:.1f} GB/s read, {mres['bytes_per_decode_token'] / 1e6:.0f} MB/token"
+            elif "native_share" in r:
+                note = f"Python {100 * (1 - r['native_share']):.0f}% of a decode step (C step + head: the rest)"
             elif "kernel_share" in r:
                 note = f"kernels {100 * r['kernel_share']:.0f}% of a decode step"
             elif "decode_tokens" in r:

@@ -326,6 +326,8 @@ def _add_runtime_commands(sub) -> None:
     s.add_argument("--prompt-tokens", type=int, default=128)
     s.add_argument("--no-dense", action="store_true", help="skip the dense PyTorch baselines")
     s.add_argument("--head", choices=["t4", "fp32"], default="t4", help="LM head of the packed runtime")
+    s.add_argument("--tune", action="store_true",
+                   help="autotune the kernel parameters of every shape first (cached for later runs)")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("chat", help="interactive chat with a model (history, simple chat template)")

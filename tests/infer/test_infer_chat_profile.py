@@ -114,14 +114,19 @@ def test_models_registry_cli(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["models"] == {}
 
 
-def test_bench_json_rows_and_ratios(capsys):
-    """`tritlm bench --json` on the tiny preset: every row measured, ratios computed from them."""
+def test_bench_json_rows_and_ratios(capsys, tmp_path, monkeypatch):
+    """`tritlm bench --json --tune` on the tiny preset: every row measured, ratios computed from them."""
     from tritlm.infer.bench_llama_cpp import available
-    from tritlm.infer.profile import run_bench
+    from tritlm.infer.profile import engine_shapes, run_bench
+    from tritlm.model.config import preset
 
+    monkeypatch.setenv("TRITLM_CACHE_DIR", str(tmp_path))  # the tuning cache (and GGUF) go here
     a = argparse.Namespace(models="tiny", threads="1", decode_tokens=4, prompt_tokens=8, no_dense=False,
-                           head="t4", json=True)
+                           head="t4", json=True, tune=True)
     assert run_bench(a) == 0
+    tuned = json.loads((tmp_path / "autotune.json").read_text())["entries"]
+    for n, k in engine_shapes(preset("tiny", vocab_size=32000), "t4"):
+        assert any(f"|n={n}|k={k}|m=1|t=1|" in key for key in tuned), (n, k)
     res = json.loads(capsys.readouterr().out)
     (m,) = res["models"]
     impls = [r["impl"] for r in m["rows"]]

@@ -156,8 +156,18 @@ def kernel_share(eng, reps: int = 20) -> float:
     return min(1.0, k / step)
 
 
+def engine_shapes(cfg, head: str) -> list[tuple[int, int]]:
+    """(N, K) of every distinct kernel call the packed engine makes (fused qkv and gate/up)."""
+    hd = cfg.head_dim
+    shapes = {((cfg.n_heads + 2 * cfg.kv_heads) * hd, cfg.dim), (cfg.dim, cfg.n_heads * hd),
+              (2 * cfg.ffn_dim, cfg.dim), (cfg.dim, cfg.ffn_dim)}
+    if head == "t4":
+        shapes.add((4 * cfg.vocab_size, cfg.dim))
+    return sorted(shapes)
+
+
 def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, prompt_tokens: int = 128,
-                dense: bool = True, head: str = "t4", seed: int = 0) -> dict:
+                dense: bool = True, head: str = "t4", seed: int = 0, tune: bool = False) -> dict:
     from tritlm.formats.packed import random_packed, size_report
     from tritlm.infer.engine import Engine
     from tritlm.model.config import preset
@@ -187,6 +197,11 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         bw = read_bandwidth(th)
         res["rows"].append({"impl": "bandwidth ceiling", "threads": th, "decode": bw / per_token,
                             "prefill": None, "read_GBps": bw / 1e9})
+        if tune:  # cached in autotune.json; the engine's kernels read it when they are built
+            from tritlm.kernels import autotune
+
+            for n, k in engine_shapes(cfg, head):
+                autotune.tune(n, k, ms=(1, prompt_tokens), threads=th)
         eng = Engine(pm, threads=th, head=head, max_len=cfg.max_seq_len)
         _time_decode(eng, 4)  # warm-up (thread pool, page faults)
         native: list[float] = []
@@ -243,7 +258,7 @@ def run_bench(a: argparse.Namespace) -> int:
            "decode_tokens": a.decode_tokens, "prompt_tokens": a.prompt_tokens, "models": []}
     for name in [m for m in a.models.split(",") if m]:
         out["models"].append(bench_model(name, threads, a.decode_tokens, a.prompt_tokens, not a.no_dense,
-                                         a.head))
+                                         a.head, tune=getattr(a, "tune", False)))
     if a.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -325,7 +325,8 @@ def _add_runtime_commands(sub) -> None:
     s.add_argument("--decode-tokens", type=int, default=64)
     s.add_argument("--prompt-tokens", type=int, default=128)
     s.add_argument("--no-dense", action="store_true", help="skip the dense PyTorch baselines")
-    s.add_argument("--head", choices=["t4", "fp32"], default="t4", help="LM head of the packed runtime")
+    s.add_argument("--head", choices=["t4", "f16", "fp32"], default="t4",
+                   help="LM head of the packed runtime (t4: 8 bits/weight, approximate; f16, fp32: exact)")
     s.add_argument("--tune", action="store_true",
                    help="autotune the kernel parameters of every shape first (cached for later runs)")
     s.set_defaults(fn=cmd_bench)

@@ -111,6 +111,17 @@ def test_t4_head_is_close():
     assert rel_err(approx, exact) < 3e-2
 
 
+def test_f16_head_is_the_default_and_exact():
+    pm = from_transformer(_model(), fp_dtype="fp16")
+    ids = list(range(1, 30))
+    auto, fp32 = Engine(pm), Engine(pm, head="fp32")
+    assert auto.head_kind == "f16" and Engine(from_transformer(_model(), fp_dtype="fp32")).head_kind == "fp32"
+    # the same fp16 weights, read as fp16 instead of a float32 copy: only summation order differs
+    assert rel_err(auto.logits(ids), fp32.logits(ids)) < 1e-5
+    with pytest.raises(ValueError, match="head must be one of"):
+        Engine(pm, head="q4")
+
+
 def test_dense_backends_match_packed():
     pm = from_transformer(_model(), fp_dtype="fp32")
     ids = list(range(1, 20))

@@ -1,8 +1,8 @@
 """llama.cpp as the peer in ``tritlm bench``: the same random weights, exported as TQ2_0 GGUF.
 
 The packed model is written with :func:`~tritlm.formats.gguf.export_gguf_packed` (llama arch,
-ternary Linears in TQ2_0, token embeddings F16, output matrix Q8_0 next to our ``t4`` head or F32
-next to our exact fp32 head) into the cache folder, once per model, and run through
+ternary Linears in TQ2_0, token embeddings F16, output matrix Q8_0 next to our ``t4`` head, F16
+next to our ``f16`` head, F32 next to ``fp32``) into the cache folder, once per model, and run through
 ``llama-cpp-python`` with the same thread count, prompt and token counts as our runtime. Decode is
 greedy (argmax of llama.cpp's logits, in Python, like our sampler), one ``eval`` per token.
 """
@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# our head -> the GGUF output matrix type of about the same bytes and accuracy
+HEAD_TYPES = {"t4": "Q8_0", "f16": "F16", "fp32": "F32"}
 
 
 def available() -> bool:
@@ -39,7 +42,7 @@ def gguf_for(pm, head: str, seed: int) -> Path:
         p, s = pm.linears[name]
         h.update(p.data.reshape(-1)[: 1 << 16].tobytes())
         h.update(np.float32(s).tobytes())
-    head_type = "Q8_0" if head == "t4" else "F32"
+    head_type = HEAD_TYPES[head]
     path = cache_dir() / "bench" / f"tq2_0-{head_type}-{h.hexdigest()[:16]}.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,11 @@ Design choices (each measured on 2-core Zen3 boxes, see benchmarks/RESULTS.md "C
   per-call validation or allocation on the decode path.
 * The KV cache is preallocated ``[slots, kv_heads, max_len, head_dim]`` per layer; a slot is one
   sequence. Decode of several sequences (batching) is one forward with M = number of sequences.
-* The LM head is a dense float32 matmul by default (exact); ``head="t4"`` stores it as four
-  balanced-ternary digit planes (an int8-like per-row code in [-40, 40], ~6.3 bits, like the
-  Q6_K output tensor of llama.cpp) run by the same ternary kernel, which reads 8 bits per weight
-  at kernel speed instead of 32 bits at BLAS GEMV speed.
+* The LM head is exact by default: the stored fp16 matrix read as fp16 by a C GEMV
+  (``kernels/cpu/f16.py``: half the bytes of a float32 BLAS call), or a float32 matmul when the
+  model stores it in float32. ``head="t4"`` stores it as four balanced-ternary digit planes (an
+  int8-like per-row code in [-40, 40], ~6.3 bits, like the Q6_K output tensor of llama.cpp) run
+  by the same ternary kernel, which reads 8 bits per weight (approximate logits, ~3% max error).
 * ``backend="dense"`` gives the dense PyTorch baseline (F.linear over the dequantised weights,
   float32 or bfloat16) through the same code, for ``tritlm bench``.
 """
@@ -34,10 +35,13 @@ from tritlm.formats.packed import PackedModel
 from tritlm.infer.fused_decode import FusedDecoder
 from tritlm.infer.sampling import Sampler, SamplingParams, contrastive_select, sample
 from tritlm.kernels.cpu import TernaryLinearKernel, set_num_threads
+from tritlm.kernels.cpu.f16 import F16MatMul
 from tritlm.kernels.pack import PackedTernary, pack_ternary_kernel
 from tritlm.model.transformer import rope_tables
 
 log = logging.getLogger(__name__)
+
+HEADS = ("auto", "f16", "fp32", "t4")
 
 
 # --------------------------------------------------------------------------- linears
@@ -159,7 +163,9 @@ class Engine:
         threads: kernel threads (None: the kernels' global default).
         backend: "packed" (ternary kernels) or "dense" (F.linear baseline).
         dense_dtype: float32 or bfloat16 for ``backend="dense"``.
-        head: "fp32" (exact) or "t4" (4 ternary digit planes, ~4x less memory traffic).
+        head: "auto" (exact: "f16" when the model stores its head in fp16, else "fp32"), "f16"
+            (fp16 weights, C GEMV), "fp32" (float32 matmul) or "t4" (4 ternary digit planes,
+            approximate, 8 bits per weight).
         slots: how many sequences the KV cache holds (batch size).
         max_len: cache length (default: the model's context).
         torch_threads: intra-op threads of torch while the engine runs (None: leave as is); 1
@@ -169,12 +175,12 @@ class Engine:
     """
 
     def __init__(self, pm: PackedModel, *, threads: int | None = None, backend: str = "packed",
-                 dense_dtype: torch.dtype = torch.float32, head: str = "fp32", slots: int = 1,
+                 dense_dtype: torch.dtype = torch.float32, head: str = "auto", slots: int = 1,
                  max_len: int | None = None, torch_threads: int | None = 1, fused: bool = True):
         if backend not in ("packed", "dense"):
             raise ValueError(f"backend must be 'packed' or 'dense', got {backend!r}")
-        if head not in ("fp32", "t4"):
-            raise ValueError(f"head must be 'fp32' or 't4', got {head!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         self.pm = pm
         self.cfg = c = pm.config
         self.backend, self.head_kind = backend, head
@@ -189,10 +195,15 @@ class Engine:
         self.embed = fp["embed_tokens.weight"]
         self.final_norm = fp["norm.weight"].float()
         head_w = fp["embed_tokens.weight"] if c.tie_embeddings else fp["lm_head.weight"]
+        if head == "auto":
+            head = "f16" if head_w.dtype is torch.float16 else "fp32"
+        self.head_kind = head
         if backend == "dense":
             self.head = DenseLinear(head_w.float(), dense_dtype)
         elif head == "t4":
             self.head = TritPlaneHead(head_w)
+        elif head == "f16":
+            self.head = F16MatMul(head_w)
         else:
             self.head = DenseLinear(head_w.float(), torch.float32)
 

@@ -177,7 +177,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
     pm = random_packed(cfg, seed=seed)
     log.info("built random packed %s in %.1f s", preset_name, time.perf_counter() - t)
     sizes = size_report(pm)
-    head_bytes = cfg.vocab_size * cfg.dim * (1 if head == "t4" else 4)
+    head_bytes = cfg.vocab_size * cfg.dim * {"t4": 1, "f16": 2, "fp32": 4}[head]
     per_token = sizes["ternary_bytes"] + head_bytes
     res: dict = {"model": preset_name, "ternary_params": sizes["ternary_params"],
                  "packed_weight_bytes": sizes["weight_bytes"], "bytes_per_decode_token": per_token,
@@ -216,7 +216,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         del eng
         if gguf_path is not None:
             r = bench_llama_cpp.bench(gguf_path, th, decode_tokens, prompt_tokens, cfg.max_seq_len)
-            res["rows"].append({"impl": f"llama.cpp TQ2_0 (head {'Q8_0' if head == 't4' else 'F32'})",
+            res["rows"].append({"impl": f"llama.cpp TQ2_0 (head {bench_llama_cpp.HEAD_TYPES[head]})",
                                 "threads": th, **r})
         if dense:
             for dt, name in ((torch.float32, "torch dense fp32"), (torch.bfloat16, "torch dense bf16")):

@@ -30,10 +30,10 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 # files SOURCE #includes: part of the cache key, so editing any of them triggers a rebuild
-INCLUDED = (Path(__file__).with_name("tritlm_decode.c"),)
+INCLUDED = (Path(__file__).with_name("tritlm_decode.c"), Path(__file__).with_name("tritlm_f16.c"))
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-lm"]
 
@@ -143,6 +143,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_dec_free": (None, [vp]),
         "tt_dec_set_layer": (i32, [vp, i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp]),
         "tt_dec_step": (i32, [vp, vp, i32, i32, vp, i32]),
+        "tt_has_f16c": (i32, []),
+        "tt_f16_matmul": (i32, [vp, i32, i32, vp, i32, i64, vp, i32, i32]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)

@@ -1,0 +1,137 @@
+/*
+ * fp16-weight x fp32-activation GEMV / small GEMM: the LM head of packed models.
+ *
+ * Included at the end of tritlm_cpu.c (it uses the thread pool). Why: packed models store the
+ * output matrix in fp16; converting it to fp32 for a BLAS GEMV doubles the bytes read per token
+ * (vocab x dim x 4: 197 MB at the 700M shape, as much as all its ternary layers). Reading the fp16
+ * weights directly and widening them in registers (F16C `vcvtph2ps`) halves that, with the same
+ * result up to float32 summation order: the weights are exactly the stored ones.
+ *
+ * out[t, r] = sum_k float(w[r, k]) * x[t, k]; rows are split into chunks that the pool's threads
+ * claim; up to 4 tokens share each load of a weight row.
+ */
+
+#define TT_F16_ROWS_PER_CHUNK 256
+
+#if TT_X86
+#define TT_F16C_FN __attribute__((target("avx2,fma,f16c")))
+#endif
+
+static int tt_cpu_has_f16c(void) {
+#if TT_X86
+    __builtin_cpu_init();
+    return tt_cpu_has_avx2() && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* IEEE half -> float, every case (subnormals, inf, nan) */
+static inline float tt_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400u));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+typedef struct {
+    const uint16_t *w;
+    int n, k;
+    const float *x;
+    long ldx;
+    int m;
+    float *out; /* [m, n] */
+    int isa;
+} tt_f16_job;
+
+static void tt_f16_rows_portable(const tt_f16_job *J, int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+        const uint16_t *w = J->w + (size_t)r * J->k;
+        for (int t = 0; t < J->m; t++) {
+            const float *x = J->x + (size_t)t * J->ldx;
+            float s = 0.0f;
+            for (int i = 0; i < J->k; i++) s += tt_half_to_float(w[i]) * x[i];
+            J->out[(size_t)t * J->n + r] = s;
+        }
+    }
+}
+
+#if TT_X86
+TT_F16C_FN static inline float tt_hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* rows [r0, r1) for tokens [t0, t0 + T), T <= 4; two accumulators per token hide FMA latency */
+TT_F16C_FN static void tt_f16_rows_avx2(const tt_f16_job *J, int r0, int r1, int t0, int T) {
+    const int k = J->k, k16 = k & ~15;
+    const float *x0 = J->x + (size_t)t0 * J->ldx;
+    for (int r = r0; r < r1; r++) {
+        const uint16_t *w = J->w + (size_t)r * k;
+        __m256 a[4][2];
+        for (int t = 0; t < 4; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();
+        for (int i = 0; i < k16; i += 16) {
+            _mm_prefetch((const char *)(w + i) + 1024, _MM_HINT_NTA);
+            const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
+            const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8)));
+            for (int t = 0; t < T; t++) {
+                const float *x = x0 + (size_t)t * J->ldx + i;
+                a[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), a[t][0]);
+                a[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), a[t][1]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            float s = tt_hsum_ps(_mm256_add_ps(a[t][0], a[t][1]));
+            const float *x = x0 + (size_t)t * J->ldx;
+            for (int i = k16; i < k; i++) s += tt_half_to_float(w[i]) * x[i];
+            J->out[(size_t)(t0 + t) * J->n + r] = s;
+        }
+    }
+}
+#endif
+
+static void tt_f16_task(const void *arg, int chunk) {
+    const tt_f16_job *J = (const tt_f16_job *)arg;
+    const int r0 = chunk * TT_F16_ROWS_PER_CHUNK;
+    const int r1 = r0 + TT_F16_ROWS_PER_CHUNK < J->n ? r0 + TT_F16_ROWS_PER_CHUNK : J->n;
+#if TT_X86
+    if (J->isa) {
+        for (int t0 = 0; t0 < J->m; t0 += 4) tt_f16_rows_avx2(J, r0, r1, t0, J->m - t0 < 4 ? J->m - t0 : 4);
+        return;
+    }
+#endif
+    tt_f16_rows_portable(J, r0, r1);
+}
+
+int tt_has_f16c(void) { return tt_cpu_has_f16c(); }
+
+/* w: fp16 [n, k] row-major; x: float32 [m, ldx]; out: float32 [m, n]. isa: 1 = AVX2+F16C when the
+ * CPU has it, 0 = portable. Returns 0, or -1 on bad arguments. */
+int tt_f16_matmul(const uint16_t *w, int n, int k, const float *x, int m, long ldx, float *out, int nth, int isa) {
+    if (!w || !x || !out || n <= 0 || k <= 0 || m < 0 || ldx < k) return -1;
+    if (m == 0) return 0;
+    tt_f16_job J = {.w = w, .n = n, .k = k, .x = x, .ldx = ldx, .m = m, .out = out,
+                    .isa = isa && tt_cpu_has_f16c()};
+    pthread_mutex_lock(&P.call_lock);
+    tt_init_once();
+    if (nth <= 0) nth = P.nthreads;
+    tt_parallel(tt_f16_task, &J, (n + TT_F16_ROWS_PER_CHUNK - 1) / TT_F16_ROWS_PER_CHUNK, nth);
+    pthread_mutex_unlock(&P.call_lock);
+    return 0;
+}

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class TrainResult:
     val_loss: float
     val_history: list[tuple[int, float]] = field(default_factory=list)
     tokens_per_s: float = 0.0
-    step_ms: float = 0.0
+    step_ms: float = 0.0  # median over the run (first steps excluded)
     mfu: float = 0.0
     rollbacks: int = 0
     params: int = 0
@@ -163,7 +164,8 @@ class Trainer:
         self.callback({"event": "start", "step": start, "max_steps": cfg.max_steps,
                        "params": model.num_params(), "model": mcfg})
 
-        step, last_loss, last_val, t_sum, n_timed = start, float("nan"), float("nan"), 0.0, 0
+        step, last_loss, last_val = start, float("nan"), float("nan")
+        step_times: list[float] = []
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             o = cfg.optim
@@ -211,8 +213,7 @@ class Trainer:
             last_loss = loss_val
             dt = time.perf_counter() - t0
             if step - start > 3:  # the first steps include one-off allocation costs
-                t_sum += dt
-                n_timed += 1
+                step_times.append(dt)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 tps = tokens_per_step / dt
                 metrics.log(step, "train", loss=loss_val, lr=lr, wd=wd, grad_norm=gnorm_val,
@@ -227,7 +228,8 @@ class Trainer:
                 save(step)
 
         metrics.close()
-        step_s = t_sum / max(1, n_timed)
+        # median: a step stalled by another process on a shared machine does not move it
+        step_s = statistics.median(step_times) if step_times else 0.0
         tps = tokens_per_step / step_s if step_s > 0 else 0.0
         final = ck.latest_checkpoint(self.ckpt_root)
         result = TrainResult(self.out, final, mcfg, step, last_loss, last_val,

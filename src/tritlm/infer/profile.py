@@ -132,8 +132,8 @@ def _time_prefill(eng, n: int, reps: int = 2) -> float:
 
 
 def kernel_share(eng, reps: int = 20) -> float:
-    """Fraction of one decode step spent inside the ternary kernels + head (the rest: Python/torch);
-    meaningful for the torch path (``fused=False``), whose per-layer glue it measures."""
+    """Fraction of one decode step on the per-layer torch path spent inside the ternary kernels +
+    head (the rest: Python/torch glue, which the fused C path removes)."""
     c = eng.cfg
     x = {k: torch.randn(1, k) for k in {c.dim, c.n_heads * c.head_dim, c.ffn_dim}}
     outs = {}
@@ -152,7 +152,11 @@ def kernel_share(eng, reps: int = 20) -> float:
     for _ in range(reps):
         run_all()
     k = (time.perf_counter() - t) / reps
-    step = 1.0 / _time_decode(eng, reps)
+    fused, eng.fused = eng.fused, None
+    try:
+        step = 1.0 / _time_decode(eng, reps)
+    finally:
+        eng.fused = fused
     return min(1.0, k / step)
 
 
@@ -322,8 +326,13 @@ def run_profile(a: argparse.Namespace) -> int:
     t_dec = (time.perf_counter() - t) / max(1, a.decode_tokens)
     eng.timer = None
     timer.chrome_trace(a.trace)
-    print(f"prefill {a.prompt_tokens} tokens: {1e3 * t_pre:.1f} ms; decode: {1e3 * t_dec:.2f} ms/token "
-          f"({1 / t_dec:.1f} tok/s); kernels {100 * kernel_share(eng):.0f}% of a decode step")
+    print(f"prefill {a.prompt_tokens} tokens: {1e3 * t_pre:.1f} ms; decode on the per-layer (torch) path: "
+          f"{1e3 * t_dec:.2f} ms/token ({1 / t_dec:.1f} tok/s), kernels {100 * kernel_share(eng):.0f}% of it")
+    if eng.fused is not None:
+        native: list[float] = []
+        tps = _time_decode(eng, max(4, a.decode_tokens), native)
+        print(f"decode on the fused C path (the default; no per-layer hooks): {1e3 / tps:.2f} ms/token "
+              f"({tps:.1f} tok/s), Python {100 * (1 - native[0]):.0f}% of it")
     print(f"{'section':16} {'calls':>6} {'total ms':>9} {'mean us':>9}")
     for name, n, tot, mean in timer.table():
         print(f"{name:16} {n:>6} {tot:>9.2f} {mean:>9.1f}")

@@ -87,3 +87,16 @@ def test_fused_rejects_out_of_range_position():
         eng.fused.step(x, 0, 64, out)
     with pytest.raises(ValueError, match="slot"):
         eng.fused.step(x, 1, 0, out)
+
+
+def test_engine_without_compiled_kernels_uses_the_torch_path(monkeypatch):
+    """TRITLM_KERNEL=numpy (what a machine without a C compiler gets): no fused step, fp32 head,
+    same greedy tokens as the compiled engine."""
+    from tritlm.infer.sampling import SamplingParams
+
+    pm = from_transformer(_model(n_kv_heads=2), fp_dtype="fp16")
+    want = list(Engine(pm).generate([3, 1, 4], 12, SamplingParams(temperature=0)))
+    monkeypatch.setenv("TRITLM_KERNEL", "numpy")
+    eng = Engine(pm)
+    assert eng.fused is None and eng.head._lib is None
+    assert list(eng.generate([3, 1, 4], 12, SamplingParams(temperature=0))) == want

@@ -1,6 +1,7 @@
-"""CPU runtime benchmark: same as ``tritlm bench`` (packed vs dense PyTorch fp32/bf16, 700M and 125M).
+"""CPU runtime benchmark: same as ``tritlm bench`` (packed vs dense PyTorch fp32/bf16 and, when
+llama-cpp-python is installed, llama.cpp TQ2_0 on the same weights; 700M and 125M).
 
-    .venv/bin/python benchmarks/bench_runtime.py [--json] [--models 700M,125M] [--threads 1,2]
+    .venv/bin/python benchmarks/bench_runtime.py [--tune] [--json] [--models 700M,125M] [--threads 1,2]
 
 Results of one run are recorded in benchmarks/RESULTS.md, section "CPU runtime".
 """

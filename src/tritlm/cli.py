@@ -167,8 +167,17 @@ def cmd_compare(a: argparse.Namespace) -> int:
         if a.wide_ternary:
             wide = wide_ternary_model(cfg, vocab)
             variants["ternary-wide"] = {"fp": False, "model": {**cfg.model, **wide}}
-            if a.wide_lrs:
-                variant_lrs = {"ternary-wide": [float(x) for x in a.wide_lrs.split(",")]}
+    if a.variant_lrs:
+        variant_lrs = {}
+        for spec in a.variant_lrs:
+            name, _, vals = spec.partition("=")
+            if name not in (variants or {"ternary": 0, "fp": 0}) or not vals:
+                raise TritlmError(f"--variant-lrs {spec!r}: expected NAME=LR[,LR...] with NAME one of "
+                                  f"{', '.join(variants or ['ternary', 'fp'])}")
+            try:
+                variant_lrs[name] = [float(x) for x in vals.split(",")]
+            except ValueError:
+                raise TritlmError(f"--variant-lrs {spec!r}: not a list of numbers") from None
     res = compare(cfg, lrs=lrs, out_dir=Path(a.out), variants=variants,
                   callback_factory=lambda label: _Progress(label, a.quiet), variant_lrs=variant_lrs)
     _console().print(res.table_markdown())
@@ -412,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the widest FP model whose fp16 weights fit in the ternary model's packed bytes")
     s.add_argument("--wide-ternary", action="store_true",
                    help="also train the widest ternary model whose packed bytes fit in the FP twin's fp16 bytes")
-    s.add_argument("--wide-lrs", help="LR sweep of the wide ternary model (default: --lrs)")
+    s.add_argument("--variant-lrs", action="append", default=[], metavar="NAME=LR,LR",
+                   help="a model's own LR sweep instead of --lrs (NAME: ternary, fp, fp-equal-bytes, "
+                        "ternary-wide); repeatable")
     s.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("generate", help="sample text from a model")

@@ -121,9 +121,11 @@ def test_two_process_ddp_gloo(tmp_path):
     (["train", "--config", "/no/such.yaml"], "config file not found"),
     (["generate", "/no/such/model"], "no such file"),
     (["info", "--preset", "9B"], "unknown preset"),
+    (["compare", "--variant-lrs", "fp-wide=1e-3"], "expected NAME=LR"),
+    (["compare", "--variant-lrs", "fp=1e-3,fast"], "not a list of numbers"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, msg):
-    r = run_cli([*args] + (["--out", str(tmp_path / "o")] if args[0] == "train" else []), check=False)
+    r = run_cli([*args] + (["--out", str(tmp_path / "o")] if args[0] in ("train", "compare") else []), check=False)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]

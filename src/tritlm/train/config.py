@@ -25,7 +25,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     # Defaults = the best ternary recipe on Tiny Shakespeare (benchmarks/RESULTS.md).
-    lr: float = 5e-3
+    lr: float = 2e-3  # best of the ternary sweep on Tiny Shakespeare (benchmarks/RESULTS.md)
     min_lr_ratio: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

@@ -32,6 +32,19 @@ def block_linears(cfg: ModelConfig) -> list[str]:
     return out
 
 
+FP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def fp_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """State-dict entries that are not block Linears (embeddings, norms, an untied LM head): what
+    every format stores in full precision. A tied LM head is the embedding and is skipped."""
+    linears = set(block_linears(model.cfg))
+    for k, v in model.state_dict().items():
+        if k.rsplit(".", 1)[0] in linears or (k == "lm_head.weight" and model.cfg.tie_embeddings):
+            continue
+        yield k, v.detach()
+
+
 def check_exportable(cfg: ModelConfig, fmt: str) -> None:
     """Refuse the options no external format represents, with the reason, instead of writing a
     file that other tools would run differently."""

@@ -31,6 +31,7 @@ from tritlm.formats.common import (
     atomic_path,
     block_linears,
     check_exportable,
+    fp_tensors,
     quantised_linear,
     set_linear,
     set_quantised,
@@ -206,9 +207,7 @@ def export_gguf(model: Transformer, tokenizer: Any, path: str | Path, qtype: str
     ternary/binary models; F16 | F32 for full-precision ones) and other tensors in ``fp_type``
     (``head_type``: the output matrix's own type, e.g. Q8_0 as llama.cpp's quantiser would pick)."""
     cfg = model.cfg
-    linears = set(block_linears(cfg))
-    fp = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()
-          if k.rsplit(".", 1)[0] not in linears and not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    fp = {k: v.float().cpu().numpy() for k, v in fp_tensors(model)}
 
     def levels():
         for lname in block_linears(cfg):

@@ -37,9 +37,11 @@ import torch
 
 from tritlm.errors import FormatError, TritlmError
 from tritlm.formats.common import (
+    FP_DTYPES,
     atomic_path,
     block_linears,
     check_exportable,
+    fp_tensors,
     quantised_linear,
     set_linear,
     set_quantised,
@@ -51,7 +53,6 @@ from tritlm.quant.config import FP, QuantConfig
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -129,16 +130,10 @@ def hf_state_dict(model: Transformer, linear_class: str = "autobitlinear",
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     sd: dict[str, torch.Tensor] = {}
-    linears = set(block_linears(cfg))
-    for k, v in model.state_dict().items():
-        mod_name = k.rsplit(".", 1)[0]
-        if mod_name in linears:
-            continue
-        if k == "lm_head.weight" and cfg.tie_embeddings:
-            continue
+    for k, v in fp_tensors(model):
         hk = k if k.startswith("lm_head.") else f"model.{k}"
-        sd[hk] = v.detach().to(dtype).contiguous().clone()
-    for name in sorted(linears):
+        sd[hk] = v.to(dtype).contiguous().clone()
+    for name in sorted(block_linears(cfg)):
         hk = f"model.{name}"
         if not cfg.quantised:
             sd[f"{hk}.weight"] = model.get_submodule(name).weight.detach().to(dtype).contiguous().clone()
@@ -164,9 +159,9 @@ def export_hf(model: Transformer, tokenizer: Any, out_dir: str | Path, *, linear
     """Write a transformers checkpoint folder (config.json, model.safetensors, tokenizer files)."""
     from safetensors.torch import save_file
 
-    if dtype not in _DTYPES:
-        raise FormatError(f"hf: dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
-    td = _DTYPES[dtype]
+    if dtype not in FP_DTYPES:
+        raise FormatError(f"hf: dtype must be one of {', '.join(FP_DTYPES)}, not {dtype!r}")
+    td = FP_DTYPES[dtype]
     cfg = model.cfg
     conf = hf_config(cfg, linear_class, td, tokenizer)
     sd = hf_state_dict(model, linear_class, td)

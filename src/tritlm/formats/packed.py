@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tritlm.errors import FormatError
+from tritlm.formats.common import FP_DTYPES, block_linears, fp_tensors
 from tritlm.kernels.pack import PackedTernary, pack_ternary_kernel
 from tritlm.model.config import ModelConfig
 
@@ -42,27 +43,13 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 
 # The ternary Linear layers of one block, in the order the engine fuses them.
-ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-_FP_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def linear_names(cfg: ModelConfig) -> list[str]:
-    """Names of every ternary Linear of the model, e.g. ``layers.3.self_attn.q_proj``."""
-    out = []
-    for i in range(cfg.n_layers):
-        out += [f"layers.{i}.self_attn.{n}" for n in ATTN_LINEARS]
-        out += [f"layers.{i}.mlp.{n}" for n in MLP_LINEARS]
-    return out
-
-
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """``{name: (out, in)}`` of every ternary Linear."""
     hd, h, kv = cfg.head_dim, cfg.n_heads, cfg.kv_heads
     per = {"q_proj": (h * hd, cfg.dim), "k_proj": (kv * hd, cfg.dim), "v_proj": (kv * hd, cfg.dim),
            "o_proj": (cfg.dim, h * hd), "gate_proj": (cfg.ffn_dim, cfg.dim),
            "up_proj": (cfg.ffn_dim, cfg.dim), "down_proj": (cfg.dim, cfg.ffn_dim)}
-    return {n: per[n.rsplit(".", 1)[1]] for n in linear_names(cfg)}
+    return {n: per[n.rsplit(".", 1)[1]] for n in block_linears(cfg)}
 
 
 @dataclass
@@ -96,19 +83,13 @@ def from_transformer(model: torch.nn.Module, tokenizer: Any = None, fp_dtype: st
         raise FormatError(f"the CPU runtime needs 8-bit activations (quant.act_bits = {cfg.quant.act_bits})")
     mods = dict(model.named_modules())
     linears = {}
-    for name in linear_names(cfg):
+    for name in block_linears(cfg):
         q, s = mods[name].quantized_weight()
         linears[name] = (pack_ternary_kernel(q.numpy()), float(s))
-    dt = _FP_DTYPES[fp_dtype]
-    fp = {}
-    for name, t in model.state_dict().items():
-        base = name.rsplit(".", 1)[0]
-        if base in linears:
-            continue
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        # Norm weights are tiny and sensitive: always float32.
-        fp[name] = t.detach().to(torch.float32 if "norm" in name else dt).contiguous().clone()
+    dt = FP_DTYPES[fp_dtype]
+    # Norm weights are tiny and sensitive: always float32.
+    fp = {name: t.to(torch.float32 if "norm" in name else dt).contiguous().clone()
+          for name, t in fp_tensors(model)}
     return PackedModel(cfg, linears, fp, tokenizer, meta={"fp_dtype": fp_dtype})
 
 
@@ -124,7 +105,7 @@ def random_packed(cfg: ModelConfig, seed: int = 0, fp_dtype: str = "fp16", zero_
         u = rng.random((n, k), dtype=np.float32)
         w = np.where(u < zero_frac, 0, np.where(u < (1 + zero_frac) / 2, -1, 1)).astype(np.int8)
         linears[name] = (pack_ternary_kernel(w), float(cfg.init_std * 1.2))
-    dt = _FP_DTYPES[fp_dtype]
+    dt = FP_DTYPES[fp_dtype]
     g = torch.Generator().manual_seed(seed)
     fp: dict[str, torch.Tensor] = {
         "embed_tokens.weight": (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * cfg.init_std).to(dt),
@@ -223,7 +204,7 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
         if data.shape != (-(-n // 4), kp // 128, 4, 32):
             raise FormatError(f"{p}: {name}.qweight has shape {tuple(data.shape)}, expected for [{n}, {k}]")
         linears[name] = (PackedTernary(data=data, n=n, k=k, k_padded=kp), scale)
-    want = set(linear_names(cfg))
+    want = set(block_linears(cfg))
     if set(linears) != want:
         raise FormatError(f"{p}: ternary layers missing: {sorted(want - set(linears))[:3]}")
     tok = None

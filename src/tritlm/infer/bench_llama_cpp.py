@@ -31,7 +31,7 @@ def available() -> bool:
     return True
 
 
-def gguf_for(pm, head: str, seed: int) -> Path:
+def gguf_for(pm, head: str) -> Path:
     """The cached TQ2_0 GGUF of ``pm`` (written on first use; keyed by config, weights and head)."""
     from tritlm.data.tokenizer import ByteTokenizer
     from tritlm.formats.gguf import export_gguf_packed

@@ -183,7 +183,7 @@ class Engine:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         self.pm = pm
         self.cfg = c = pm.config
-        self.backend, self.head_kind = backend, head
+        self.backend = backend
         self.threads = threads
         self.torch_threads = torch_threads
         if threads is not None:

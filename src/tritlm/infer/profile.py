@@ -191,7 +191,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
     gguf_path = None
     if bench_llama_cpp.available():
         try:
-            gguf_path = bench_llama_cpp.gguf_for(pm, head, seed)
+            gguf_path = bench_llama_cpp.gguf_for(pm, head)
             res["llama_cpp"] = f"TQ2_0 GGUF of the same weights ({gguf_path.name}), llama-cpp-python"
         except Exception as e:  # noqa: BLE001 - the peer is optional; say why it is missing
             res["llama_cpp"] = f"export failed: {str(e)[:200]}"

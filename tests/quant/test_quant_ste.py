@@ -1,7 +1,6 @@
-"""STE, soft (tanh) quantisers, lambda mixing, schedule helpers and latent clamping."""
+"""STE, soft (tanh) quantisers, lambda mixing and latent clamping."""
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -9,9 +8,7 @@ import torch
 
 from tritlm.quant import (
     absmean_ternary,
-    anneal_alpha,
     clamp_latent_,
-    linear_ramp,
     mix,
     soft_binary,
     soft_ternary,
@@ -83,33 +80,6 @@ def test_mix_endpoints_exact_and_gradient():
     x.grad = None
     mix(x, ste(x, q, 2.0), 0.25).sum().backward()
     assert torch.allclose(x.grad, torch.full((4, 5), 0.75 + 0.25 * 2.0))
-
-
-def test_anneal_alpha_schedule():
-    assert anneal_alpha(0, 100) == 1.0
-    assert anneal_alpha(50, 100) == pytest.approx(math.sqrt(8.0))
-    assert anneal_alpha(99, 100, 2.0, 32.0) < 32.0
-    assert anneal_alpha(100, 100) is None and anneal_alpha(1000, 100) is None
-    assert anneal_alpha(5, 0) is None
-    vals = [anneal_alpha(s, 40, 1.0, 16.0) for s in range(40)]
-    assert all(b > a for a, b in itertools.pairwise(vals))
-
-
-def test_anneal_alpha_agrees_with_trainer_schedule():
-    from tritlm.train.schedule import QuantSchedule, quant_state_at
-
-    qs = QuantSchedule(anneal_steps=30, alpha0=1.5, alpha1=12.0)
-    for s in [0, 1, 7, 15, 29, 30, 31]:
-        assert quant_state_at(s, qs)["anneal_alpha"] == pytest.approx(anneal_alpha(s, 30, 1.5, 12.0))
-
-
-def test_linear_ramp():
-    assert linear_ramp(0, 10, 20, 1.0, 3.0) == 1.0
-    assert linear_ramp(10, 10, 20, 1.0, 3.0) == 1.0
-    assert linear_ramp(15, 10, 20, 1.0, 3.0) == pytest.approx(2.0)
-    assert linear_ramp(20, 10, 20, 1.0, 3.0) == 3.0
-    assert linear_ramp(99, 10, 20, 1.0, 3.0) == 3.0
-    assert linear_ramp(4, 5, 5, 0.0, 1.0) == 0.0 and linear_ramp(5, 5, 5, 0.0, 1.0) == 1.0
 
 
 def test_clamp_latent_in_place():

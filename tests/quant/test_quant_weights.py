@@ -130,4 +130,6 @@ def test_quantize_weight_dispatch():
     q, s = quantize_weight(w, FP)
     assert torch.equal(q, w) and float(s) == 1.0
     with pytest.raises(ValueError):
-        quantize_weight(w, QuantConfig(weight="int4"))  # type: ignore[arg-type]
+        QuantConfig(weight="int3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        QuantConfig(weight="int4", group_size=48)

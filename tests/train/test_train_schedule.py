@@ -46,3 +46,11 @@ def test_quant_schedule():
     assert s100["anneal_alpha"] is None and s100["residual_coef"] == 0.0
     off = quant_state_at(0, QuantSchedule())
     assert off == {"lam": 1.0, "anneal_alpha": None, "residual_coef": 0.0}
+
+
+def test_anneal_alpha_is_geometric_and_ends_hard():
+    qs = QuantSchedule(anneal_steps=40, alpha0=1.0, alpha1=16.0)
+    vals = [quant_state_at(s, qs)["anneal_alpha"] for s in range(40)]
+    assert all(b > a for a, b in zip(vals, vals[1:]))
+    assert vals[10] == pytest.approx(2.0) and vals[-1] < 16.0  # 16 ** (10 / 40) == 2
+    assert quant_state_at(40, qs)["anneal_alpha"] is None and quant_state_at(1000, qs)["anneal_alpha"] is None

@@ -1,35 +1,26 @@
 """Helpers shared by the interchange formats (HF, GGUF, .1bit): weight extraction, the latent-weight
-trick that makes a BitLinear reproduce a stored (q, scale) exactly, and atomic writes."""
+trick that makes a BitLinear reproduce a stored (q, scale) exactly. (``atomic_path`` is
+:func:`tritlm.io_atomic.atomic_path`, re-exported.)"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from tritlm.errors import FormatError
+from tritlm.io_atomic import atomic_path  # noqa: F401 - re-exported; defined once there
 from tritlm.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def block_linears(cfg: ModelConfig) -> list[str]:
     """Names (without ``.weight``) of every Linear inside the blocks, e.g. ``layers.0.mlp.up_proj``."""
-    out = []
-    for i in range(cfg.n_layers):
-        out += [f"layers.{i}.self_attn.{n}" for n in ATTN]
-        out += [f"layers.{i}.mlp.{n}" for n in MLP]
-    return out
+    return cfg.linear_names()
 
 
 FP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -102,47 +93,6 @@ def set_quantised(model: nn.Module, name: str, q: torch.Tensor, scale: float) ->
         set_linear(model, name, latent_for(q, scale, cfg.weight, cfg.eps))
     else:
         set_linear(model, name, q.float() * scale)
-
-
-def ternary_config_from_levels(levels: list[torch.Tensor]):
-    """``binary`` when no stored level is 0 (sign weights), else ``ternary`` QuantConfig."""
-    from tritlm.quant.config import BINARY, TERNARY
-
-    return BINARY if levels and all(bool((q != 0).all()) for q in levels) else TERNARY
-
-
-@contextlib.contextmanager
-def atomic_path(dest: str | Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it to ``dest`` only if the block succeeds, so a failed
-    or interrupted export never leaves a partial file under the real name."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        if is_dir:
-            if dest.exists():
-                old = dest.with_name(f".{dest.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                dest.rename(old)
-                tmp.rename(dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(dest)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        if is_dir:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

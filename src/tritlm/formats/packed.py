@@ -42,14 +42,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 
-# The ternary Linear layers of one block, in the order the engine fuses them.
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """``{name: (out, in)}`` of every ternary Linear."""
-    hd, h, kv = cfg.head_dim, cfg.n_heads, cfg.kv_heads
-    per = {"q_proj": (h * hd, cfg.dim), "k_proj": (kv * hd, cfg.dim), "v_proj": (kv * hd, cfg.dim),
-           "o_proj": (cfg.dim, h * hd), "gate_proj": (cfg.ffn_dim, cfg.dim),
-           "up_proj": (cfg.ffn_dim, cfg.dim), "down_proj": (cfg.dim, cfg.ffn_dim)}
-    return {n: per[n.rsplit(".", 1)[1]] for n in block_linears(cfg)}
+    """``{name: (out, in)}`` of every block Linear."""
+    return cfg.linear_shapes()
 
 
 @dataclass

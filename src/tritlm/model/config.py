@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tritlm.errors import ConfigError
-from tritlm.quant.config import FP, QuantConfig
+from tritlm.quant.config import FP, WEIGHT_MODES, QuantConfig
 
 MLPKind = Literal["swiglu", "relu2"]
+# Ordered per-layer overrides: (glob over block Linear names, QuantConfig); the first match wins.
+QuantOverrides = tuple[tuple[str, QuantConfig], ...]
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,9 @@ class ModelConfig:
     sub_norm: bool = False
     # How the Linear layers of the blocks are quantised; the LM head and embeddings stay FP.
     quant: QuantConfig = field(default_factory=QuantConfig)
+    # Per-layer kinds: ordered (glob, QuantConfig) pairs matched against block Linear names such as
+    # ``layers.0.self_attn.q_proj``; the first match wins, no match = ``quant``.
+    quant_overrides: QuantOverrides = ()
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -50,6 +59,10 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.mlp not in ("swiglu", "relu2"):
             raise ConfigError(f"mlp must be 'swiglu' or 'relu2', got {self.mlp!r}")
+        for pair in self.quant_overrides:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                    and isinstance(pair[1], QuantConfig)):
+                raise ConfigError(f"quant_overrides entries must be (glob, QuantConfig) pairs, got {pair!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -61,40 +74,121 @@ class ModelConfig:
 
     @property
     def quantised(self) -> bool:
-        return self.quant.quantised
+        """True when any block Linear has quantised weights."""
+        return self.quant.quantised or any(q.quantised for _, q in self.quant_overrides)
+
+    def linear_names(self) -> list[str]:
+        """Names (without ``.weight``) of every Linear inside the blocks, e.g. ``layers.0.mlp.up_proj``."""
+        out = []
+        for i in range(self.n_layers):
+            out += [f"layers.{i}.self_attn.{n}" for n in ATTN_LINEARS]
+            out += [f"layers.{i}.mlp.{n}" for n in MLP_LINEARS]
+        return out
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{name: (out, in)}`` of every block Linear."""
+        hd, h, kv, d, f = self.head_dim, self.n_heads, self.kv_heads, self.dim, self.ffn_dim
+        per = {"q_proj": (h * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d), "o_proj": (d, h * hd),
+               "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+        return {n: per[n.rsplit(".", 1)[1]] for n in self.linear_names()}
+
+    def quant_for(self, name: str) -> QuantConfig:
+        """The QuantConfig of the block Linear ``name``: the first matching override, else ``quant``."""
+        for pattern, q in self.quant_overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                return q
+        return self.quant
+
+    def layer_quants(self) -> dict[str, QuantConfig]:
+        """``{name: QuantConfig}`` of every block Linear, in model order."""
+        return {n: self.quant_for(n) for n in self.linear_names()}
+
+    @property
+    def uniform_quant(self) -> QuantConfig | None:
+        """The one QuantConfig every block Linear uses, or None when the kinds are mixed."""
+        qs = set(self.layer_quants().values()) if self.quant_overrides else {self.quant}
+        return next(iter(qs)) if len(qs) == 1 else None
 
     def fp_twin(self) -> ModelConfig:
         """The same architecture with full-precision Linear layers."""
-        return dataclasses.replace(self, quant=FP)
+        return dataclasses.replace(self, quant=FP, quant_overrides=())
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # ordered {glob: full QuantConfig dict}: every field resolved, so a reload is exact
+        d["quant_overrides"] = {g: dataclasses.asdict(q) for g, q in self.quant_overrides}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"the model config must be a mapping, got {type(d).__name__}")
         d = dict(d)
         q = d.pop("quant", None)
+        ov = d.pop("quant_overrides", None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
         quant = QuantConfig() if q is None else quant_from_dict(q)
-        return cls(quant=quant, **d)
+        overrides = quant_overrides_from(ov, quant) if ov else ()
+        try:
+            return cls(quant=quant, quant_overrides=overrides, **d)
+        except TypeError as e:
+            raise ConfigError(f"invalid model config: {e}") from None
 
 
-def quant_from_dict(d: dict[str, Any] | str) -> QuantConfig:
-    if isinstance(d, str):  # shorthand: "ternary" | "binary" | "fp"
-        return FP if d == "fp" else QuantConfig(weight=d)  # type: ignore[arg-type]
+def quant_from_dict(d: Mapping[str, Any] | str, base: QuantConfig | None = None) -> QuantConfig:
+    """A QuantConfig from a dict of its fields or a kind shorthand (``ternary``, ``int8``, ``fp``...).
+
+    Fields not given come from ``base`` (default: QuantConfig()). ``weight: fp`` without an explicit
+    ``act_bits`` means a plain full-precision Linear (activations not quantised either).
+    """
+    base = base if base is not None else QuantConfig()
+    if isinstance(d, str):
+        d = {"weight": d}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"a quant config must be a mapping or a kind name, got {d!r}")
     names = {f.name for f in dataclasses.fields(QuantConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"unknown quant config key(s): {', '.join(unknown)}")
-    if d.get("weight", "ternary") not in ("fp", "ternary", "binary"):
-        raise ConfigError(f"quant.weight must be fp, ternary or binary, got {d['weight']!r}")
-    return QuantConfig(**d)
+    if d.get("weight", base.weight) not in WEIGHT_MODES:
+        raise ConfigError(f"quant.weight must be one of {', '.join(WEIGHT_MODES)}, got {d['weight']!r}")
+    d = dict(d)
+    if d.get("weight") == "fp" and "act_bits" not in d:
+        d["act_bits"] = None
+    try:
+        return dataclasses.replace(base, **d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid quant config {dict(d)}: {e}") from None
+
+
+def quant_overrides_from(spec: Any, base: QuantConfig) -> QuantOverrides:
+    """Ordered overrides from ``{glob: fields-or-kind}`` (YAML / JSON) or ``[(glob, ...)]`` pairs.
+
+    Each entry's fields are applied over ``base`` (the model's default ``quant``), so
+    ``"*.down_proj": {weight: int4}`` keeps the default activation bits.
+    """
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    elif isinstance(spec, (list, tuple)):
+        items = []
+        for pair in spec:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise ConfigError(f"quant_overrides entries must be [glob, config] pairs, got {pair!r}")
+            items.append(tuple(pair))
+    else:
+        raise ConfigError(f"quant_overrides must map globs to quant configs, got {type(spec).__name__}")
+    out = []
+    for glob, q in items:
+        if not isinstance(glob, str) or not glob:
+            raise ConfigError(f"quant_overrides keys must be non-empty globs, got {glob!r}")
+        out.append((glob, q if isinstance(q, QuantConfig) else quant_from_dict(q, base)))
+    return tuple(out)
 
 
 def _llama_ffn(dim: int, multiple: int = 256) -> int:

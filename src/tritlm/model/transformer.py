@@ -1,6 +1,7 @@
 """Decoder-only transformer: RoPE, GQA, SwiGLU / gated ReLU^2, RMSNorm, optional QK-norm and SubLN.
 
-The model only knows "which Linear class do I build" (``_linear``): quantisation lives in BitLinear.
+Every block Linear is built by :func:`tritlm.nn.make_linear` from the per-layer kind the config
+gives its name (``ModelConfig.quant_for``): quantisation lives in BitLinear, not here.
 """
 
 from __future__ import annotations
@@ -13,16 +14,8 @@ from torch import nn
 
 from tritlm.model.config import ModelConfig
 from tritlm.model.kv_cache import KVCache
+from tritlm.nn.linear import make_linear
 from tritlm.nn.rmsnorm import RMSNorm
-from tritlm.quant.config import QuantConfig
-
-
-def _linear(in_f: int, out_f: int, quant: QuantConfig) -> nn.Module:
-    if not quant.quantised and quant.act_bits is None and not quant.input_norm:
-        return nn.Linear(in_f, out_f, bias=False)
-    from tritlm.nn.bitlinear import BitLinear  # imported lazily: FP models need no quant code
-
-    return BitLinear(in_f, out_f, bias=False, config=quant)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,11 +38,11 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        q = cfg.quant
-        self.q_proj = _linear(cfg.dim, cfg.n_heads * self.hd, q)
-        self.k_proj = _linear(cfg.dim, self.n_kv * self.hd, q)
-        self.v_proj = _linear(cfg.dim, self.n_kv * self.hd, q)
-        self.o_proj = _linear(cfg.n_heads * self.hd, cfg.dim, q)
+        p = f"layers.{layer}.self_attn."
+        self.q_proj = make_linear(cfg.dim, cfg.n_heads * self.hd, cfg.quant_for(p + "q_proj"))
+        self.k_proj = make_linear(cfg.dim, self.n_kv * self.hd, cfg.quant_for(p + "k_proj"))
+        self.v_proj = make_linear(cfg.dim, self.n_kv * self.hd, cfg.quant_for(p + "v_proj"))
+        self.o_proj = make_linear(cfg.n_heads * self.hd, cfg.dim, cfg.quant_for(p + "o_proj"))
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sub_norm else None
@@ -85,13 +78,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        q = cfg.quant
+        p = f"layers.{layer}.mlp."
         self.kind = cfg.mlp
-        self.gate_proj = _linear(cfg.dim, cfg.ffn_dim, q)
-        self.up_proj = _linear(cfg.dim, cfg.ffn_dim, q)
-        self.down_proj = _linear(cfg.ffn_dim, cfg.dim, q)
+        self.gate_proj = make_linear(cfg.dim, cfg.ffn_dim, cfg.quant_for(p + "gate_proj"))
+        self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, cfg.quant_for(p + "up_proj"))
+        self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, cfg.quant_for(p + "down_proj"))
         self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps) if cfg.sub_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +102,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
         self.rs = cfg.residual_scale
 
     def forward(self, x, cos, sin, cache=None):

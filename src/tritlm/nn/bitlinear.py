@@ -22,7 +22,7 @@ from tritlm.nn.rmsnorm import RMSNorm
 from tritlm.quant.activations import absmax_int8
 from tritlm.quant.config import TERNARY, QuantConfig
 from tritlm.quant.ste import clamp_latent_, mix, soft_binary, soft_ternary, ste
-from tritlm.quant.weights import quantize_weight, threshold_ternary
+from tritlm.quant.weights import expand_scale, quantize_weight, threshold_ternary
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ def _dequant_weight(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     if cfg.weight == "fp":
         return w
     wf = w.float() if w.dtype in _LOW_PRECISION else w
-    if cfg.weight == "ternary" and cfg.dynamic_threshold is None:
+    if cfg.weight == "ternary" and cfg.dynamic_threshold is None and cfg.scale == "tensor":
         # absmean_ternary with the scale folded in: 1 reduction + 4 in-place passes, no temporaries.
         gamma = wf.abs().mean()
         return torch.div(wf, gamma.add(cfg.eps)).round_().clamp_(-1, 1).mul_(gamma)
     q, scale = quantize_weight(wf, cfg)
-    return q.mul_(scale)
+    return q.mul_(expand_scale(scale, tuple(q.shape), cfg.group_size))
 
 
 def _dequant_act(x: torch.Tensor, bits: int, eps: float) -> torch.Tensor:
@@ -228,19 +228,28 @@ class BitLinear(nn.Linear):
         return mix(w, wq, self.lam)
 
     def _soft_weight(self, w: torch.Tensor, alpha: float) -> torch.Tensor:
-        """tanh staircase of W / scale, times the scale; the scale is treated as a constant (as in STE)."""
+        """tanh staircase of W / scale, times the scale; the scale is treated as a constant (as in STE).
+
+        int8 / int4 layers have no soft form: with 255 / 15 levels the hard grid plus STE is
+        already fine-grained, so annealing leaves them hard.
+        """
         cfg = self.config
+        if cfg.weight in ("int8", "int4"):
+            with torch.no_grad():
+                wd = _dequant_weight(w, cfg)
+            return ste(w, wd, cfg.ste_scale)
+        ch = dict(dim=-1, keepdim=True) if cfg.scale == "channel" else {}
         with torch.no_grad():
             a = w.abs()
             if cfg.weight == "binary":
-                scale = a.mean()
+                scale = a.mean(**ch)
                 inv = 1.0 / (scale + cfg.eps)
             elif cfg.dynamic_threshold is not None:
-                _, scale = threshold_ternary(w, cfg.dynamic_threshold, cfg.eps)
+                _, scale = threshold_ternary(w, cfg.dynamic_threshold, cfg.eps, per_channel=bool(ch))
                 # put the TWN threshold delta at the staircase's step u = 1/2
-                inv = 0.5 / (cfg.dynamic_threshold * a.mean() + cfg.eps)
+                inv = 0.5 / (cfg.dynamic_threshold * a.mean(**ch) + cfg.eps)
             else:
-                scale = a.mean()
+                scale = a.mean(**ch)
                 inv = 1.0 / (scale + cfg.eps)
         soft = soft_binary if cfg.weight == "binary" else soft_ternary
         return soft(w * inv, alpha) * scale
@@ -248,11 +257,13 @@ class BitLinear(nn.Linear):
     # ---- export / maintenance ----------------------------------------------------------------
     @torch.no_grad()
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard-quantised weight for packing/export: (int8 [out, in] in {-1, 0, 1}, float32 0-dim scale)."""
+        """Hard-quantised weight for packing/export: int8 levels ``[out, in]`` and the float32 scale
+        (0-dim per tensor, ``[out, 1]`` per channel, ``[out, groups]`` for int4; see
+        :func:`tritlm.quant.weights.quantize_weight`)."""
         if not self.config.quantised:
             raise ValueError("a BitLinear with weight='fp' has no quantised weight")
         q, scale = quantize_weight(self.weight.detach().float(), self.config)
-        return q.to(torch.int8), scale.float().reshape(())
+        return q.to(torch.int8), scale.float()
 
     def clamp_latent_(self) -> None:
         """Clamp the latent weights to [-c, c] when ``config.latent_clamp`` is set (after opt.step)."""
@@ -261,7 +272,7 @@ class BitLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         c = self.config
-        s = f"{super().extra_repr()}, weight={c.weight}, act_bits={c.act_bits}"
+        s = f"{super().extra_repr()}, weight={c.kind}, act_bits={c.act_bits}"
         if c.dynamic_threshold is not None:
             s += f", dynamic_threshold={c.dynamic_threshold}"
         if c.ste_scale != 1.0:

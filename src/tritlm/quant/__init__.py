@@ -1,20 +1,28 @@
 """Quantisation math: pure functions on tensors (no modules, no I/O)."""
 
 from tritlm.quant.activations import absmax_int8
-from tritlm.quant.config import BINARY, FP, TERNARY, QuantConfig
+from tritlm.quant.config import BINARY, FP, INT4, INT8, TERNARY, WEIGHT_MODES, QuantConfig
 from tritlm.quant.ste import (
-    anneal_alpha,
     clamp_latent_,
-    linear_ramp,
     mix,
     soft_binary,
     soft_ternary,
     ste,
 )
-from tritlm.quant.weights import absmean_ternary, quantize_weight, sign_binary, threshold_ternary
+from tritlm.quant.weights import (
+    absmax_int4,
+    absmax_int8_weight,
+    absmean_ternary,
+    dequantize,
+    expand_scale,
+    quantize_weight,
+    sign_binary,
+    threshold_ternary,
+)
 
 __all__ = [
-    "BINARY", "FP", "TERNARY", "QuantConfig",
-    "absmax_int8", "absmean_ternary", "anneal_alpha", "clamp_latent_", "linear_ramp", "mix",
+    "BINARY", "FP", "INT4", "INT8", "TERNARY", "WEIGHT_MODES", "QuantConfig",
+    "absmax_int4", "absmax_int8_weight", "dequantize", "expand_scale",
+    "absmax_int8", "absmean_ternary", "clamp_latent_", "mix",
     "quantize_weight", "sign_binary", "soft_binary", "soft_ternary", "ste", "threshold_ternary",
 ]

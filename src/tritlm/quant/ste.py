@@ -1,6 +1,6 @@
-"""Straight-through estimators, soft (tanh) quantisers, lambda mixing and schedule helpers.
+"""Straight-through estimators, soft (tanh) quantisers, lambda mixing and latent clamping.
 
-The schedules are pure functions of the step so that resuming a run reproduces them exactly.
+The schedules that drive them (lambda warm-up, tanh annealing) are in :mod:`tritlm.train.schedule`.
 """
 
 from __future__ import annotations
@@ -56,26 +56,6 @@ def mix(x: torch.Tensor, q: torch.Tensor, lam: float) -> torch.Tensor:
     if lam == 1.0:
         return q
     return x + lam * (q - x)
-
-
-def anneal_alpha(step: int, total_anneal_steps: int, alpha0: float = 1.0,
-                 alpha1: float = 8.0) -> float | None:
-    """Sharpness of the soft quantiser: geometric alpha0 -> alpha1, then None (= hard quant + STE).
-
-    Geometric because the staircase's transition width scales like 1/alpha.
-    """
-    if total_anneal_steps <= 0 or step >= total_anneal_steps:
-        return None
-    return alpha0 * (alpha1 / alpha0) ** (max(step, 0) / total_anneal_steps)
-
-
-def linear_ramp(step: int, start: int, end: int, v0: float, v1: float) -> float:
-    """``v0`` until ``start``, linear to ``v1`` at ``end``, ``v1`` after."""
-    if step >= end:
-        return v1
-    if step <= start:
-        return v0
-    return v0 + (v1 - v0) * (step - start) / (end - start)
 
 
 @torch.no_grad()

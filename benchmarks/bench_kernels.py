@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tritlm.kernels import TernaryLinearKernel, kernel_info, set_num_threads
+from tritlm.sysinfo import cpu_name
 
 SHAPES = [(2048, 2048), (4096, 4096), (11008, 4096)]
 
@@ -176,7 +177,7 @@ def main(argv=None):
                 if args.json != "-":
                     print(fmt_table(rows[-1:], {}).splitlines()[-1], file=sys.stderr, flush=True)
     result = {
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "kernel": info,
         "read_bw_gbs": {str(t): b / 1e9 for t, b in bws.items()},
@@ -193,17 +194,6 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return result
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

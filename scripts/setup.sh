@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install tritlm into it; safe to run any number of times.
-# torch goes in first and explicitly as the CPU build: a bare `torch` requirement on a machine
-# without torch would pull a multi-GB CUDA wheel.
+# torch goes in first and pinned, so the editable install below never re-resolves it. Which index
+# (and so which build: CPU or CUDA) it comes from is pip's own configuration (pip.conf,
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL), not this script's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,8 +13,7 @@ fi
 VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install -q --upgrade pip
-  "$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q "torch>=2.3,<2.15" \
-    --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+  "$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q "torch>=2.3,<2.15"
 fi
 stamp=.venv/.tritlm-installed
 # Reinstall only when the project definition changed: keeps a second run fast.

@@ -1,4 +1,5 @@
-"""The Python API: ``m = tritlm.load(path)``; ``m.logits(ids)``; ``m.generate(prompt, ...)``."""
+"""The Python API: ``m = tritlm.load(path)``; ``m.logits(ids)``; ``m.generate(prompt, ...)``;
+``export_model(src, fmt, out)``; ``quantize(src, out, bits=...)``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from tritlm.errors import FormatError
+from tritlm.formats.detect import load_interop, write_by_suffix, write_format
 from tritlm.infer.generate import generate_ids
 from tritlm.infer.sampling import SamplingParams, StopStrings
 from tritlm.model.transformer import Transformer
@@ -101,9 +103,47 @@ def load(path: str | Path) -> LoadedModel:
 
         eng = load_engine(p)
         return LoadedModel(eng, eng.tokenizer, p, "packed", engine=eng)
-    from tritlm.formats.detect import load_interop  # GGUF files, transformers folders
-
-    got = load_interop(p)
+    got = load_interop(p)  # GGUF files, .1bit files, transformers folders
     if got is not None:
         return LoadedModel(got[0], got[1], p, got[2])
     raise FormatError(f"{p}: not a model format tritlm can read")
+
+
+def export_model(src: str | Path, fmt: str, out: str | Path) -> Path:
+    """Load any model tritlm reads as a Transformer and write it as ``fmt``
+    (one of :data:`tritlm.formats.detect.EXPORT_FORMATS`); the path written."""
+    m = load(src)
+    if m.engine is not None:
+        raise FormatError(f"{src} is a packed runtime folder; export from the training checkpoint instead")
+    return write_format(m.model, m.tokenizer, fmt, out, name=str(src))
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` wrote; perplexities (full precision, quantised) when ``eval_text`` was given."""
+
+    out: Path
+    bits: str
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+
+
+def quantize(src: str | Path, out: str | Path, bits: str = "ternary",
+             eval_text: str | Path | None = None) -> QuantizeResult:
+    """Post-training quantisation of a full-precision model, written by ``out``'s suffix
+    (``.gguf``: TQ2_0, ``.1bit``, else a transformers folder). ``eval_text``: a held-out text file
+    whose perplexity is measured before and after (64 windows)."""
+    from tritlm.formats.ptq import perplexity, quantize_model
+
+    m = load(src)
+    if m.engine is not None:
+        raise FormatError(f"{src} is a packed runtime folder (already ternary)")
+    q = quantize_model(m.model, bits)
+    res = QuantizeResult(Path(out), bits)
+    if eval_text:
+        from tritlm.data.corpus import read_corpus
+
+        ids = m.tokenizer.encode(read_corpus(eval_text))
+        res.ppl_before, res.ppl_after = perplexity(m.model, ids, 64), perplexity(q, ids, 64)
+    write_by_suffix(q, m.tokenizer, out)
+    return res

@@ -291,94 +291,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-# ---- packed CPU runtime: pack, bench, chat, profile, models (implementations in tritlm.infer) ------
-def cmd_pack(a: argparse.Namespace) -> int:
-    import json
-
-    from tritlm.formats.packed import pack_checkpoint
-    from tritlm.infer.registry import resolve_path
-
-    path, rep = pack_checkpoint(resolve_path(a.checkpoint), a.out, fp_dtype=a.fp_dtype, overwrite=a.force)
-    print(json.dumps({"out": str(path), **rep}, indent=2))
-    return 0
-
-
-def cmd_bench(a: argparse.Namespace) -> int:
-    from tritlm.infer.profile import run_bench
-
-    return run_bench(a)
-
-
-def cmd_chat(a: argparse.Namespace) -> int:
-    from tritlm.infer.chat import run_chat
-
-    return run_chat(a)
-
-
-def cmd_profile(a: argparse.Namespace) -> int:
-    from tritlm.infer.profile import run_profile
-
-    return run_profile(a)
-
-
-def cmd_models(a: argparse.Namespace) -> int:
-    from tritlm.infer.registry import run_models
-
-    return run_models(a)
-
-
-def _add_runtime_commands(sub) -> None:
-    s = sub.add_parser("pack", help="pack a training checkpoint into a 2-bit model folder for the CPU runtime")
-    s.add_argument("checkpoint", help="run folder, checkpoint folder or registered model name")
-    s.add_argument("out", help="output folder (written atomically)")
-    s.add_argument("--fp-dtype", choices=["fp16", "fp32", "bf16"], default="fp16",
-                   help="dtype of embeddings and lm_head (norms stay fp32)")
-    s.add_argument("--force", action="store_true", help="replace an existing output folder")
-    s.set_defaults(fn=cmd_pack)
-
-    s = sub.add_parser("bench", help="CPU runtime speed: packed vs dense PyTorch (fp32/bf16), 700M and 125M")
-    s.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    s.add_argument("--models", default="700M,125M", help="comma-separated presets (default 700M,125M)")
-    s.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    s.add_argument("--decode-tokens", type=int, default=64)
-    s.add_argument("--prompt-tokens", type=int, default=128)
-    s.add_argument("--no-dense", action="store_true", help="skip the dense PyTorch baselines")
-    s.add_argument("--head", choices=["t4", "f16", "fp32"], default="t4",
-                   help="LM head of the packed runtime (t4: 8 bits/weight, approximate; f16, fp32: exact)")
-    s.add_argument("--tune", action="store_true",
-                   help="autotune the kernel parameters of every shape first (cached for later runs)")
-    s.set_defaults(fn=cmd_bench)
-
-    s = sub.add_parser("chat", help="interactive chat with a model (history, simple chat template)")
-    s.add_argument("model", help="packed folder, run folder or registered model name")
-    s.add_argument("--system", default=None, help="system prompt")
-    s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--repetition-penalty", type=float, default=1.1)
-    s.add_argument("--seed", type=int)
-    s.set_defaults(fn=cmd_chat)
-
-    s = sub.add_parser("profile", help="per-layer timing table + Chrome trace; layer tracer to compare runtimes")
-    s.add_argument("model", nargs="?", help="packed folder / run folder / name (default: random --preset)")
-    s.add_argument("--preset", default="125M", help="random packed model of this preset when no model is given")
-    s.add_argument("--prompt-tokens", type=int, default=32)
-    s.add_argument("--decode-tokens", type=int, default=16)
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--trace", default="tritlm-trace.json", help="Chrome trace output (chrome://tracing, Perfetto)")
-    s.add_argument("--compare", action="store_true",
-                   help="trace per-layer activations of the packed engine and the dense reference; "
-                        "report where they diverge")
-    s.set_defaults(fn=cmd_profile)
-
-    s = sub.add_parser("models", help="the model registry: names -> paths ($TRITLM_MODELS overrides the file)")
-    s.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list")
-    s.add_argument("name", nargs="?")
-    s.add_argument("path", nargs="?")
-    s.set_defaults(fn=cmd_models)
-
-
 # ---- parser --------------------------------------------------------------------------------------
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML training config (see configs/)")
@@ -467,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
     s.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else plain text)")
     s.set_defaults(fn=cmd_serve)
-    _add_runtime_commands(sub)
-    from tritlm.formats.detect import add_format_commands  # export, inspect, validate, repair
+    from tritlm.cli_runtime import add_runtime_commands  # pack, bench, chat, profile, models
+
+    add_runtime_commands(sub)
+    from tritlm.cli_formats import add_format_commands  # quantize, export, inspect, validate, repair
 
     add_format_commands(sub)
     return p

@@ -84,3 +84,25 @@ def test_quantize_command(tmp_path, capsys):
     assert q.config.quantised and q.config.quant.weight == "ternary"
     assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "b.1bit"), "--bits", "binary"]) == 0
     assert tritlm.load(tmp_path / "b.1bit").config.quant.weight == "binary"
+
+
+def test_export_and_quantize_api(tmp_path, model):
+    """The library twins of `tritlm export` and `tritlm quantize`: typed arguments, results returned."""
+    from tritlm.api import QuantizeResult, export_model, quantize
+    from tritlm.quant.config import FP
+
+    export_hf(model, ByteTokenizer(), tmp_path / "a")
+    out = export_model(tmp_path / "a", "gguf-tq2_0", tmp_path / "a.gguf")
+    assert out == tmp_path / "a.gguf" and tritlm.load(out).config == model.cfg
+    with pytest.raises(tritlm.errors.FormatError, match="unknown export format"):
+        export_model(tmp_path / "a", "onnx", tmp_path / "x")
+    torch.manual_seed(0)
+    fp = Transformer(ModelConfig(vocab_size=257, dim=256, n_layers=1, n_heads=2, ffn_dim=256, max_seq_len=32,
+                                 quant=FP)).eval()
+    export_hf(fp, ByteTokenizer(), tmp_path / "fp")
+    (tmp_path / "held.txt").write_text("some held-out text " * 20)
+    r = quantize(tmp_path / "fp", tmp_path / "q.1bit", bits="binary", eval_text=tmp_path / "held.txt")
+    assert isinstance(r, QuantizeResult) and r.out == tmp_path / "q.1bit" and r.bits == "binary"
+    assert r.ppl_before > 0 and r.ppl_after > 0
+    assert quantize(tmp_path / "fp", tmp_path / "q2.gguf").ppl_before is None
+    assert tritlm.load(tmp_path / "q.1bit").config.quant.weight == "binary"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 
@@ -10,9 +9,9 @@ import pytest
 import torch
 
 from tritlm.formats.packed import from_transformer, random_packed, save_packed
-from tritlm.infer.chat import ChatSession, render, run_chat
+from tritlm.infer.chat import ChatSession, chat_repl, render
 from tritlm.infer.engine import Engine
-from tritlm.infer.profile import LayerTimer, LayerTracer, run_profile
+from tritlm.infer.profile import LayerTimer, LayerTracer, profile_model
 from tritlm.infer.sampling import SamplingParams
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
@@ -55,13 +54,25 @@ def test_chat_history_and_incremental_prefill():
     assert [x["role"] for x in chat.messages] == ["system"]
 
 
-def test_run_chat_reads_stdin(tmp_path):
+def test_chat_repl_reads_stdin(tmp_path):
+    import tritlm
+
     p = save_packed(_packed(), tmp_path / "m")
-    a = argparse.Namespace(model=str(p), system=None, max_tokens=5, temperature=0.0, top_k=0, top_p=1.0,
-                           repetition_penalty=1.0, seed=0)
+    chat = ChatSession(tritlm.load(p), SamplingParams(temperature=0.0, seed=0), max_tokens=5)
     out = io.StringIO()
-    assert run_chat(a, io.StringIO("hi\n/reset\nyo\n/exit\n"), out) == 0
+    chat_repl(chat, io.StringIO("hi\n/reset\nyo\n/exit\n"), out, banner="not shown: stdin is no terminal")
     assert out.getvalue().count("\n") >= 2  # one line per reply (replies may hold newlines)
+    assert "not shown" not in out.getvalue()
+    assert [x["role"] for x in chat.messages] == ["user", "assistant"]  # /reset dropped the first turn
+
+
+def test_chat_command_reads_stdin(tmp_path, monkeypatch, capsys):
+    from tritlm.cli import main
+
+    p = save_packed(_packed(), tmp_path / "m")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/exit\n"))
+    assert main(["chat", str(p), "--max-tokens", "5", "--temperature", "0", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.count("\n") >= 1
 
 
 def test_profile_timer_trace_and_tracer(tmp_path):
@@ -91,12 +102,19 @@ def test_profile_timer_trace_and_tracer(tmp_path):
 def test_profile_command_runs(tmp_path, capsys):
     pm = random_packed(ModelConfig(vocab_size=300, dim=128, n_layers=2, n_heads=4, ffn_dim=256, max_seq_len=64))
     p = save_packed(pm, tmp_path / "m")
-    a = argparse.Namespace(model=str(p), preset=None, prompt_tokens=8, decode_tokens=4, threads=None,
-                           trace=str(tmp_path / "trace.json"), compare=True)
-    assert run_profile(a) == 0
+    r = profile_model(p, prompt_tokens=8, decode_tokens=4, trace=tmp_path / "trace.json", compare=True)
+    assert r.prefill_s > 0 and r.decode_s > 0 and 0 < r.kernel_share <= 1
+    assert "layer0.attn" in {row[0] for row in r.sections}
+    assert r.divergence and all(d["rel_diff"] >= 0 for d in r.divergence)
+    assert r.trace == tmp_path / "trace.json" and r.trace.exists()
+    # the command prints the same report
+    from tritlm.cli import main
+
+    assert main(["profile", str(p), "--prompt-tokens", "8", "--decode-tokens", "4",
+                 "--trace", str(tmp_path / "t2.json"), "--compare"]) == 0
     out = capsys.readouterr().out
     assert "layer0.attn" in out and "rel diff" in out
-    assert (tmp_path / "trace.json").exists()
+    assert (tmp_path / "t2.json").exists()
 
 
 def test_models_registry_cli(tmp_path, monkeypatch, capsys):
@@ -114,20 +132,17 @@ def test_models_registry_cli(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["models"] == {}
 
 
-def test_bench_json_rows_and_ratios(capsys, tmp_path, monkeypatch):
+def test_bench_json_rows_and_ratios(tmp_path, monkeypatch):
     """`tritlm bench --json --tune` on the tiny preset: every row measured, ratios computed from them."""
     from tritlm.infer.bench_llama_cpp import available
-    from tritlm.infer.profile import engine_shapes, run_bench
+    from tritlm.infer.profile import bench_models, engine_shapes
     from tritlm.model.config import preset
 
     monkeypatch.setenv("TRITLM_CACHE_DIR", str(tmp_path))  # the tuning cache (and GGUF) go here
-    a = argparse.Namespace(models="tiny", threads="1", decode_tokens=4, prompt_tokens=8, no_dense=False,
-                           head="t4", json=True, tune=True)
-    assert run_bench(a) == 0
+    res = bench_models(["tiny"], [1], decode_tokens=4, prompt_tokens=8, dense=True, head="t4", tune=True)
     tuned = json.loads((tmp_path / "autotune.json").read_text())["entries"]
     for n, k in engine_shapes(preset("tiny", vocab_size=32000), "t4"):
         assert any(f"|n={n}|k={k}|m=1|t=1|" in key for key in tuned), (n, k)
-    res = json.loads(capsys.readouterr().out)
     (m,) = res["models"]
     impls = [r["impl"] for r in m["rows"]]
     assert impls[:2] == ["bandwidth ceiling", "tritlm packed (head t4)"]
@@ -139,3 +154,8 @@ def test_bench_json_rows_and_ratios(capsys, tmp_path, monkeypatch):
     bf16 = next(r for r in m["rows"] if r["impl"] == "torch dense bf16")
     q = next(q for q in m["ratios"] if q["vs"] == "torch dense bf16")
     assert q["decode"] == pytest.approx(ours["decode"] / bf16["decode"])
+    json.dumps(res)  # what `tritlm bench --json` prints
+    from tritlm.cli_runtime import bench_lines
+
+    lines = bench_lines(res)
+    assert lines[0].startswith("# tritlm bench") and any("tritlm / torch dense bf16" in x for x in lines)

@@ -28,6 +28,7 @@ import numpy as np
 from tritlm.data.corpus import read_corpus
 from tritlm.data.tokenizer import Tokenizer, build_tokenizer
 from tritlm.errors import ConfigError, FormatError
+from tritlm.io_atomic import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ def _clean_stale(out: Path) -> None:
 def _write_array(path: Path, arr: np.ndarray) -> None:
     with open(path, "wb") as f:
         arr.tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def prepare_dataset(source: str | Path, out_dir: str | Path, tokenizer: str | Tokenizer = "char",
@@ -191,23 +190,14 @@ def prepare_dataset(source: str | Path, out_dir: str | Path, tokenizer: str | To
     (out / META_FILE).unlink(missing_ok=True)
     suffix = f".tmp-{os.getpid()}"
     arr = ids.astype(dtype.newbyteorder("<"), copy=False)
+    # Each file is written as NAME.tmp-<pid> (_clean_stale removes those of killed runs), fsynced and
+    # renamed into place; meta.json, which marks the dataset complete, comes last.
     for name, part in ((TRAIN_FILE, arr[:n_train]), (VAL_FILE, arr[n_train:])):
-        tmp = out / (name + suffix)
-        _write_array(tmp, part)
-        os.replace(tmp, out / name)
-    tmp_tok, old_tok = out / (TOKENIZER_DIR + suffix), out / (TOKENIZER_DIR + ".old" + suffix)
-    shutil.rmtree(tmp_tok, ignore_errors=True)
-    tok.save(tmp_tok)
-    if (out / TOKENIZER_DIR).exists():
-        os.replace(out / TOKENIZER_DIR, old_tok)  # a folder cannot be replaced over a non-empty one
-    os.replace(tmp_tok, out / TOKENIZER_DIR)
-    shutil.rmtree(old_tok, ignore_errors=True)
-    tmp_meta = out / (META_FILE + suffix)
-    with open(tmp_meta, "w") as f:
-        json.dump(meta.to_dict(), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_meta, out / META_FILE)
+        with atomic_path(out / name, suffix=suffix) as tmp:
+            _write_array(tmp, part)
+    with atomic_path(out / TOKENIZER_DIR, is_dir=True, suffix=suffix) as tmp:
+        tok.save(tmp)
+    write_json_atomic(out / META_FILE, meta.to_dict(), suffix=suffix)
     log.info("tokenised %s with %s: %d train + %d val tokens (vocab %d, %s) in %.1fs -> %s", source, spec,
              n_train, n_val, tok.vocab_size, dtype.name, time.perf_counter() - t0, out)
     return meta

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from tritlm.errors import FormatError, TritlmError
-from tritlm.formats.common import atomic_path
 from tritlm.formats.gguf_io import GGUFFile, read_gguf, write_gguf
+from tritlm.io_atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

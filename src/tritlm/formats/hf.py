@@ -38,7 +38,6 @@ import torch
 from tritlm.errors import FormatError, TritlmError
 from tritlm.formats.common import (
     FP_DTYPES,
-    atomic_path,
     block_linears,
     check_exportable,
     fp_tensors,
@@ -47,6 +46,7 @@ from tritlm.formats.common import (
     set_quantised,
 )
 from tritlm.formats.hf_tokenizer import load_hf_folder_tokenizer, save_hf_tokenizer, to_hf_tokenizer
+from tritlm.io_atomic import atomic_path
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import FP, QuantConfig

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from tritlm.errors import FormatError
-from tritlm.formats.common import atomic_path, block_linears, quantised_linear, set_quantised
+from tritlm.formats.common import block_linears, quantised_linear, set_quantised
+from tritlm.io_atomic import atomic_path, write_text_atomic
 from tritlm.kernels.pack import pack_2bit, pack_binary, unpack_2bit, unpack_binary
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
@@ -132,7 +133,7 @@ def export_onebit(model: Transformer, tokenizer: Any, path: str | Path, fp_dtype
             f.write(data)
             f.write(b"\0" * (-len(data) % DATA_ALIGN))
     if c_header_path is not None:
-        Path(c_header_path).write_text(c_header())
+        write_text_atomic(c_header_path, c_header())
     log.info("wrote %s (%d tensors, %d bytes)", path, len(entries), path.stat().st_size)
     return path
 

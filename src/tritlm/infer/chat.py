@@ -16,11 +16,10 @@ engine reuses its cache prefix).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import torch
 
@@ -101,21 +100,19 @@ class ChatSession:
             yield from self.model.generate_ids(ids, self.max_tokens, self.params)
 
 
-def run_chat(a: argparse.Namespace, stdin=None, stdout=None) -> int:
-    import tritlm
+def chat_repl(chat: ChatSession, stdin: TextIO, stdout: TextIO, *, banner: str | None = None,
+              prompt: str = "> ") -> None:
+    """Read user lines from ``stdin`` until EOF or ``/exit`` (``/quit``), stream each reply to ``stdout``.
 
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-    m = tritlm.load(a.model)
-    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            repetition_penalty=a.repetition_penalty, seed=a.seed)
-    chat = ChatSession(m, params, a.max_tokens, a.system)
+    ``/reset`` clears the history (the system prompt stays). When ``stdin`` is a terminal, ``banner``
+    (if any) is written first and ``prompt`` before each line.
+    """
     interactive = stdin.isatty()
-    if interactive:
-        stdout.write(f"tritlm chat: {m.path} ({m.source}). /reset clears the history, /exit quits.\n")
+    if interactive and banner:
+        stdout.write(banner + "\n")
     while True:
         if interactive:
-            stdout.write("> ")
+            stdout.write(prompt)
             stdout.flush()
         line = stdin.readline()
         if not line:
@@ -136,4 +133,3 @@ def run_chat(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         with torch.no_grad():
             chat.reply(line, emit)
         stdout.write("\n")
-    return 0

@@ -7,14 +7,13 @@ read as the path (paths win, so a folder named like a model is never shadowed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from tritlm.errors import TritlmError
+from tritlm.io_atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,8 @@ def list_models() -> dict[str, str]:
 
 
 def _write(models: dict[str, str]) -> None:
-    f = registry_file()
-    f.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", dir=f.parent)
-    with os.fdopen(fd, "w") as fh:  # atomic replace: a crash never leaves half a registry
-        json.dump({"models": models}, fh, indent=2, sort_keys=True)
-    os.replace(tmp, f)
+    # atomic replace: a crash never leaves half a registry
+    write_json_atomic(registry_file(), {"models": models}, indent=2, sort_keys=True)
 
 
 def register(name: str, path: str | Path) -> None:
@@ -76,16 +71,3 @@ def resolve_path(name_or_path: str | Path) -> Path:
     if str(name_or_path) in models:
         return Path(models[str(name_or_path)])
     return p
-
-
-def run_models(a: argparse.Namespace) -> int:
-    if a.action == "add":
-        if not (a.name and a.path):
-            raise TritlmError("usage: tritlm models add NAME PATH")
-        register(a.name, a.path)
-    elif a.action == "remove":
-        if not a.name:
-            raise TritlmError("usage: tritlm models remove NAME")
-        unregister(a.name)
-    print(json.dumps({"registry": str(registry_file()), "models": list_models()}, indent=2))
-    return 0

@@ -23,34 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tritlm.errors import FormatError
+from tritlm.io_atomic import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step-(\d+)$")
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = (
     "model.safetensors", "optimizer.safetensors", "state.json", "config.json")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -125,32 +103,23 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
     """Write ``ckpt_root/step-XXXXXX`` atomically, point ``latest`` at it, prune old ones."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(model_state_dict(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    extra = {}
-    if optimizer is not None:
-        tensors, meta = optimizer_tensors(optimizer)
-        tensors.update(rng_state())
-        save_file(tensors, str(tmp / OPTIM_FILE))
-        extra["optimizer"] = meta
-    _kill_point("after-weights", step)
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(tmp / "tokenizer")
-    # state.json is written last: its presence marks a complete checkpoint.
-    (tmp / STATE_FILE).write_text(json.dumps({**state, **extra, "step": step}, indent=2))
-    for p in tmp.rglob("*"):
-        if p.is_file():
-            _fsync_file(p)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a rollback): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    write_json_atomic(ckpt_root / "latest.json", {"step": step, "path": final.name})
+    # Written as step-XXXXXX.tmp-<pid>/ (clean_partial removes those of killed runs); every file is
+    # fsynced before the folder is renamed into place (replacing a re-saved step whole).
+    with atomic_path(final, is_dir=True, suffix=f".tmp-{os.getpid()}") as tmp:
+        save_file(model_state_dict(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        extra = {}
+        if optimizer is not None:
+            tensors, meta = optimizer_tensors(optimizer)
+            tensors.update(rng_state())
+            save_file(tensors, str(tmp / OPTIM_FILE))
+            extra["optimizer"] = meta
+        _kill_point("after-weights", step)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+        # state.json is written last: its presence marks a complete checkpoint.
+        (tmp / STATE_FILE).write_text(json.dumps({**state, **extra, "step": step}, indent=2))
+    write_json_atomic(ckpt_root / "latest.json", {"step": step, "path": final.name}, suffix=f".tmp-{os.getpid()}")
     _prune(ckpt_root, keep, protect=final)
     return final
 

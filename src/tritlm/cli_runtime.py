@@ -1,0 +1,174 @@
+"""The packed CPU runtime commands of ``tritlm``: ``pack``, ``bench``, ``chat``, ``profile``,
+``models``. Parse, call the library (:mod:`tritlm.formats.packed`, :mod:`tritlm.infer`), print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tritlm.errors import TritlmError
+
+
+def cmd_pack(a: argparse.Namespace) -> int:
+    from tritlm.formats.packed import pack_checkpoint
+    from tritlm.infer.registry import resolve_path
+
+    path, rep = pack_checkpoint(resolve_path(a.checkpoint), a.out, fp_dtype=a.fp_dtype, overwrite=a.force)
+    print(json.dumps({"out": str(path), **rep}, indent=2))
+    return 0
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+def bench_lines(res: dict) -> list[str]:
+    """The text table of :func:`tritlm.infer.profile.bench_models`' result."""
+    lines = [f"# tritlm bench  {res['date']}  {res['cpu']}  torch {res['torch']}  kernel {res['kernel']}",
+             f"# decode: {res['decode_tokens']} tokens after an 8-token prompt; prefill: "
+             f"{res['prompt_tokens']}-token prompt",
+             f"{'model':6} {'impl':28} {'thr':>3} {'decode tok/s':>12} {'prefill tok/s':>13}  notes"]
+    for mres in res["models"]:
+        for r in mres["rows"]:
+            pre = "" if r["prefill"] is None else f"{r['prefill']:.1f}"
+            note = ""
+            if "read_GBps" in r:
+                note = f"{r['read_GBps']:.1f} GB/s read, {mres['bytes_per_decode_token'] / 1e6:.0f} MB/token"
+            elif "native_share" in r:
+                note = f"Python {100 * (1 - r['native_share']):.0f}% of a decode step (C step + head: the rest)"
+            elif "kernel_share" in r:
+                note = f"kernels {100 * r['kernel_share']:.0f}% of a decode step"
+            elif "decode_tokens" in r:
+                note = f"decode over {r['decode_tokens']} tokens"
+            lines.append(f"{mres['model']:6} {r['impl']:28} {r['threads']:>3} {r['decode']:>12.1f} {pre:>13}  {note}")
+        for q in mres["ratios"]:
+            lines.append(f"{mres['model']:6} tritlm / {q['vs']:<23} {q['threads']:>3} {q['decode']:>11.2f}x "
+                         f"{q['prefill']:>12.2f}x")
+        lines.append(f"{mres['model']:6} llama.cpp: {mres['llama_cpp']}")
+    return lines
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from tritlm.infer.profile import bench_models
+
+    res = bench_models([m for m in a.models.split(",") if m], [int(x) for x in str(a.threads).split(",") if x],
+                       decode_tokens=a.decode_tokens, prompt_tokens=a.prompt_tokens, dense=not a.no_dense,
+                       head=a.head, tune=a.tune)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print("\n".join(bench_lines(res)))
+    return 0
+
+
+# ---- chat ----------------------------------------------------------------------------------------
+def cmd_chat(a: argparse.Namespace) -> int:
+    import tritlm
+    from tritlm.infer.chat import ChatSession, chat_repl
+    from tritlm.infer.sampling import SamplingParams
+
+    m = tritlm.load(a.model)
+    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            repetition_penalty=a.repetition_penalty, seed=a.seed)
+    chat = ChatSession(m, params, a.max_tokens, a.system)
+    chat_repl(chat, sys.stdin, sys.stdout,
+              banner=f"tritlm chat: {m.path} ({m.source}). /reset clears the history, /exit quits.")
+    return 0
+
+
+# ---- profile -------------------------------------------------------------------------------------
+def profile_lines(r) -> list[str]:
+    """The text report of a :class:`tritlm.infer.profile.ProfileReport`."""
+    lines = [f"prefill {r.prompt_tokens} tokens: {1e3 * r.prefill_s:.1f} ms; decode on the per-layer (torch) "
+             f"path: {1e3 * r.decode_s:.2f} ms/token ({1 / r.decode_s:.1f} tok/s), kernels "
+             f"{100 * r.kernel_share:.0f}% of it"]
+    if r.fused_decode_s is not None:
+        lines.append(f"decode on the fused C path (the default; no per-layer hooks): {1e3 * r.fused_decode_s:.2f} "
+                     f"ms/token ({1 / r.fused_decode_s:.1f} tok/s), Python "
+                     f"{100 * (1 - r.fused_native_share):.0f}% of it")
+    lines.append(f"{'section':16} {'calls':>6} {'total ms':>9} {'mean us':>9}")
+    for name, n, tot, mean in r.sections:
+        lines.append(f"{name:16} {n:>6} {tot:>9.2f} {mean:>9.1f}")
+    lines.append(f"chrome trace: {r.trace}")
+    if r.divergence is not None:
+        lines.append(f"{'activation':12} {'layer':>5} {'rel diff (packed vs dense fp32)':>32}")
+        for d in r.divergence:
+            mark = "  <- first > 1e-2" if d["first_divergent"] else ""
+            lines.append(f"{d['name']:12} {d['layer']:>5} {d['rel_diff']:>32.2e}{mark}")
+    return lines
+
+
+def cmd_profile(a: argparse.Namespace) -> int:
+    from tritlm.infer.profile import profile_model
+
+    r = profile_model(a.model, preset=a.preset, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens,
+                      threads=a.threads, trace=a.trace, compare=a.compare)
+    print("\n".join(profile_lines(r)))
+    return 0
+
+
+# ---- models --------------------------------------------------------------------------------------
+def cmd_models(a: argparse.Namespace) -> int:
+    from tritlm.infer.registry import list_models, register, registry_file, unregister
+
+    if a.action == "add":
+        if not (a.name and a.path):
+            raise TritlmError("usage: tritlm models add NAME PATH")
+        register(a.name, a.path)
+    elif a.action == "remove":
+        if not a.name:
+            raise TritlmError("usage: tritlm models remove NAME")
+        unregister(a.name)
+    print(json.dumps({"registry": str(registry_file()), "models": list_models()}, indent=2))
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------------
+def add_runtime_commands(sub) -> None:
+    s = sub.add_parser("pack", help="pack a training checkpoint into a 2-bit model folder for the CPU runtime")
+    s.add_argument("checkpoint", help="run folder, checkpoint folder or registered model name")
+    s.add_argument("out", help="output folder (written atomically)")
+    s.add_argument("--fp-dtype", choices=["fp16", "fp32", "bf16"], default="fp16",
+                   help="dtype of embeddings and lm_head (norms stay fp32)")
+    s.add_argument("--force", action="store_true", help="replace an existing output folder")
+    s.set_defaults(fn=cmd_pack)
+
+    s = sub.add_parser("bench", help="CPU runtime speed: packed vs dense PyTorch (fp32/bf16), 700M and 125M")
+    s.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    s.add_argument("--models", default="700M,125M", help="comma-separated presets (default 700M,125M)")
+    s.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    s.add_argument("--decode-tokens", type=int, default=64)
+    s.add_argument("--prompt-tokens", type=int, default=128)
+    s.add_argument("--no-dense", action="store_true", help="skip the dense PyTorch baselines")
+    s.add_argument("--head", choices=["t4", "f16", "fp32"], default="t4",
+                   help="LM head of the packed runtime (t4: 8 bits/weight, approximate; f16, fp32: exact)")
+    s.add_argument("--tune", action="store_true",
+                   help="autotune the kernel parameters of every shape first (cached for later runs)")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("chat", help="interactive chat with a model (history, simple chat template)")
+    s.add_argument("model", help="packed folder, run folder or registered model name")
+    s.add_argument("--system", default=None, help="system prompt")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--repetition-penalty", type=float, default=1.1)
+    s.add_argument("--seed", type=int)
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("profile", help="per-layer timing table + Chrome trace; layer tracer to compare runtimes")
+    s.add_argument("model", nargs="?", help="packed folder / run folder / name (default: random --preset)")
+    s.add_argument("--preset", default="125M", help="random packed model of this preset when no model is given")
+    s.add_argument("--prompt-tokens", type=int, default=32)
+    s.add_argument("--decode-tokens", type=int, default=16)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--trace", default="tritlm-trace.json", help="Chrome trace output (chrome://tracing, Perfetto)")
+    s.add_argument("--compare", action="store_true",
+                   help="trace per-layer activations of the packed engine and the dense reference; "
+                        "report where they diverge")
+    s.set_defaults(fn=cmd_profile)
+
+    s = sub.add_parser("models", help="the model registry: names -> paths ($TRITLM_MODELS overrides the file)")
+    s.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list")
+    s.add_argument("name", nargs="?")
+    s.add_argument("path", nargs="?")
+    s.set_defaults(fn=cmd_models)

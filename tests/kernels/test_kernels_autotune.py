@@ -7,6 +7,7 @@ import pytest
 
 from tritlm.kernels import TernaryLinearKernel, autotune
 from tritlm.kernels.cpu import build
+from tritlm.kernels.cpu.ops import tune
 
 pytestmark = pytest.mark.skipif(build.load_library() is None, reason="no compiled kernels")
 
@@ -22,7 +23,7 @@ def cache(tmp_path, monkeypatch):
 def test_tune_smoke_and_reuse(cache):
     cands = {0: [{"prefetch": 0}, {"prefetch": 1024, "nta": 0}], 1: [{"panel_rows": 8}],
              2: [{"panel_rows": 16}, {"panel_rows": 32}]}
-    best = autotune.tune(12, 256, ms=(1, 3, 20), threads=1, candidates=cands, repeats=1, flush_bytes=0)
+    best = tune(12, 256, ms=(1, 3, 20), threads=1, candidates=cands, repeats=1, flush_bytes=0)
     assert set(best) == {0, 1, 2}
     assert best[0]["prefetch"] in (0, 1024) and best[1] == {"panel_rows": 8}
     data = json.loads((cache / "autotune.json").read_text())

@@ -1,7 +1,10 @@
-"""Speed and correctness instruments of the CPU runtime: ``tritlm bench``, ``tritlm profile``.
+"""Speed and correctness instruments of the CPU runtime (``tritlm bench``, ``tritlm profile``
+print what these return).
 
 * :func:`bench_model` - decode / prefill tok/s of the packed runtime and the dense PyTorch
-  baselines on one packed model, plus the memory-bandwidth ceiling.
+  baselines on one packed model, plus the memory-bandwidth ceiling; :func:`bench_models` - that
+  for several presets, with the machine's description.
+* :func:`profile_model` - per-section timings of the packed engine (:class:`ProfileReport`).
 * :class:`LayerTimer` - per-layer wall times of an :class:`~tritlm.infer.engine.Engine`, as a table
   and as a Chrome trace (``chrome://tracing`` / Perfetto "traceEvents" JSON).
 * :class:`LayerTracer` - per-layer activation statistics (mean, std, absmax, a few values), so two
@@ -11,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -19,10 +21,13 @@ import os
 import platform
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
 import torch
+
+from tritlm.sysinfo import cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +207,10 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         res["rows"].append({"impl": "bandwidth ceiling", "threads": th, "decode": bw / per_token,
                             "prefill": None, "read_GBps": bw / 1e9})
         if tune:  # cached in autotune.json; the engine's kernels read it when they are built
-            from tritlm.kernels import autotune
+            from tritlm.kernels.cpu.ops import tune
 
             for n, k in engine_shapes(cfg, head):
-                autotune.tune(n, k, ms=(1, prompt_tokens), threads=th)
+                tune(n, k, ms=(1, prompt_tokens), threads=th)
         eng = Engine(pm, threads=th, head=head, max_len=cfg.max_seq_len)
         _time_decode(eng, 4)  # warm-up (thread pool, page faults)
         native: list[float] = []
@@ -253,65 +258,56 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run_bench(a: argparse.Namespace) -> int:
+def bench_models(models: Sequence[str] = ("700M", "125M"), threads: Sequence[int] = (1, 2),
+                 decode_tokens: int = 64, prompt_tokens: int = 128, dense: bool = True, head: str = "t4",
+                 tune: bool = False) -> dict:
+    """:func:`bench_model` for each preset in ``models``, with the machine's description: the
+    document ``tritlm bench --json`` prints."""
     from tritlm.kernels.cpu import kernel_info
 
-    threads = [int(x) for x in str(a.threads).split(",") if x]
     out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-           "cpu": _cpu_name(), "torch": torch.__version__, "kernel": kernel_info()["backend"],
-           "decode_tokens": a.decode_tokens, "prompt_tokens": a.prompt_tokens, "models": []}
-    for name in [m for m in a.models.split(",") if m]:
-        out["models"].append(bench_model(name, threads, a.decode_tokens, a.prompt_tokens, not a.no_dense,
-                                         a.head, tune=getattr(a, "tune", False)))
-    if a.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    print(f"# tritlm bench  {out['date']}  {out['cpu']}  torch {out['torch']}  kernel {out['kernel']}")
-    print(f"# decode: {a.decode_tokens} tokens after an 8-token prompt; prefill: {a.prompt_tokens}-token prompt")
-    print(f"{'model':6} {'impl':28} {'thr':>3} {'decode tok/s':>12} {'prefill tok/s':>13}  notes")
-    for mres in out["models"]:
-        for r in mres["rows"]:
-            pre = "" if r["prefill"] is None else f"{r['prefill']:.1f}"
-            note = ""
-            if "read_GBps" in r:
-                note = f"{r['read_GBps']:.1f} GB/s read, {mres['bytes_per_decode_token'] / 1e6:.0f} MB/token"
-            elif "native_share" in r:
-                note = f"Python {100 * (1 - r['native_share']):.0f}% of a decode step (C step + head: the rest)"
-            elif "kernel_share" in r:
-                note = f"kernels {100 * r['kernel_share']:.0f}% of a decode step"
-            elif "decode_tokens" in r:
-                note = f"decode over {r['decode_tokens']} tokens"
-            print(f"{mres['model']:6} {r['impl']:28} {r['threads']:>3} {r['decode']:>12.1f} {pre:>13}  {note}")
-        for q in mres["ratios"]:
-            print(f"{mres['model']:6} tritlm / {q['vs']:<23} {q['threads']:>3} {q['decode']:>11.2f}x "
-                  f"{q['prefill']:>12.2f}x")
-        print(f"{mres['model']:6} llama.cpp: {mres['llama_cpp']}")
-    return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
+           "cpu": cpu_name(), "torch": torch.__version__, "kernel": kernel_info()["backend"],
+           "decode_tokens": decode_tokens, "prompt_tokens": prompt_tokens, "models": []}
+    for name in models:
+        out["models"].append(bench_model(name, list(threads), decode_tokens, prompt_tokens, dense, head,
+                                         tune=tune))
+    return out
 
 
 # --------------------------------------------------------------------------- profile
-def run_profile(a: argparse.Namespace) -> int:
+@dataclass
+class ProfileReport:
+    """What :func:`profile_model` measured on the packed engine."""
+
+    prompt_tokens: int
+    decode_tokens: int
+    prefill_s: float  # one prefill of the prompt
+    decode_s: float  # per token, on the per-layer (torch) path, where the timer hooks run
+    kernel_share: float  # fraction of a per-layer decode step spent in the ternary kernels + head
+    sections: list[tuple[str, int, float, float]]  # LayerTimer.table(): (section, calls, total ms, mean us)
+    trace: Path | None = None  # the Chrome trace written
+    fused_decode_s: float | None = None  # per token on the fused C path (None: no fused path)
+    fused_native_share: float | None = None  # fraction of a fused step in C (the rest: Python)
+    divergence: list[dict] | None = None  # LayerTracer.compare() packed vs dense fp32 (compare=True)
+
+
+def profile_model(model: str | Path | None = None, *, preset: str = "125M", prompt_tokens: int = 32,
+                  decode_tokens: int = 16, threads: int | None = None, trace: str | Path | None = None,
+                  compare: bool = False) -> ProfileReport:
+    """Per-section timing of the packed engine on ``model`` (a packed folder or registered name;
+    None: a random packed model of ``preset``); a Chrome trace written to ``trace`` if given;
+    ``compare``: per-layer activations of the packed engine vs the dense fp32 reference."""
     from tritlm.formats.packed import load_packed, random_packed
     from tritlm.infer.engine import Engine
     from tritlm.infer.registry import resolve_path
-    from tritlm.model.config import preset
+    from tritlm.model.config import preset as preset_config
 
-    if a.model:
-        pm = load_packed(resolve_path(a.model))
+    if model:
+        pm = load_packed(resolve_path(model))
     else:
-        pm = random_packed(preset(a.preset, vocab_size=32000, max_seq_len=512))
-    eng = Engine(pm, threads=a.threads)
-    prompt = [(5 * i) % pm.config.vocab_size for i in range(1, a.prompt_tokens + 1)]
+        pm = random_packed(preset_config(preset, vocab_size=32000, max_seq_len=512))
+    eng = Engine(pm, threads=threads)
+    prompt = [(5 * i) % pm.config.vocab_size for i in range(1, prompt_tokens + 1)]
     eng.prefill(prompt)  # warm-up
     eng.reset()
     timer = LayerTimer()
@@ -321,23 +317,19 @@ def run_profile(a: argparse.Namespace) -> int:
     t_pre = time.perf_counter() - t
     t = time.perf_counter()
     tok = int(logits.argmax())
-    for _ in range(a.decode_tokens):
+    for _ in range(decode_tokens):
         tok = int(eng.forward_seq([tok])[-1].argmax())
-    t_dec = (time.perf_counter() - t) / max(1, a.decode_tokens)
+    t_dec = (time.perf_counter() - t) / max(1, decode_tokens)
     eng.timer = None
-    timer.chrome_trace(a.trace)
-    print(f"prefill {a.prompt_tokens} tokens: {1e3 * t_pre:.1f} ms; decode on the per-layer (torch) path: "
-          f"{1e3 * t_dec:.2f} ms/token ({1 / t_dec:.1f} tok/s), kernels {100 * kernel_share(eng):.0f}% of it")
+    if trace is not None:
+        timer.chrome_trace(str(trace))
+    rep = ProfileReport(prompt_tokens, decode_tokens, t_pre, t_dec, kernel_share(eng), timer.table(),
+                        Path(trace) if trace is not None else None)
     if eng.fused is not None:
         native: list[float] = []
-        tps = _time_decode(eng, max(4, a.decode_tokens), native)
-        print(f"decode on the fused C path (the default; no per-layer hooks): {1e3 / tps:.2f} ms/token "
-              f"({tps:.1f} tok/s), Python {100 * (1 - native[0]):.0f}% of it")
-    print(f"{'section':16} {'calls':>6} {'total ms':>9} {'mean us':>9}")
-    for name, n, tot, mean in timer.table():
-        print(f"{name:16} {n:>6} {tot:>9.2f} {mean:>9.1f}")
-    print(f"chrome trace: {a.trace}")
-    if a.compare:
+        tps = _time_decode(eng, max(4, decode_tokens), native)
+        rep.fused_decode_s, rep.fused_native_share = 1.0 / tps, native[0]
+    if compare:
         ids = prompt[:16]
         tr_p, tr_d = LayerTracer(), LayerTracer()
         eng.tracer = tr_p
@@ -345,12 +337,5 @@ def run_profile(a: argparse.Namespace) -> int:
         dense = Engine(pm, backend="dense")
         dense.tracer = tr_d
         dense.logits(ids)
-        print(f"{'activation':12} {'layer':>5} {'rel diff (packed vs dense fp32)':>32}")
-        for r in tr_p.compare(tr_d):
-            mark = "  <- first > 1e-2" if r["first_divergent"] else ""
-            print(f"{r['name']:12} {r['layer']:>5} {r['rel_diff']:>32.2e}{mark}")
-    return 0
-
-
-def _np(x) -> np.ndarray:  # small helper kept for scripts that post-process traces
-    return np.asarray(x)
+        rep.divergence = tr_p.compare(tr_d)
+    return rep

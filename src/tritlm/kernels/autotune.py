@@ -1,17 +1,17 @@
-"""Per-shape tuning of the CPU kernel parameters, cached in a JSON file.
+"""The cache of tuned CPU kernel parameters: one JSON file, read / written / looked up here.
 
-Tuned per (backend, N, K, M-bucket, threads, CPU model):
+Entries are keyed by (backend, N, K, M-bucket, threads, CPU model, weight kind):
 
 * M bucket ``"1"`` (decode GEMV): software-prefetch distance in bytes ahead of the weight stream
   and its hint (non-temporal or not);
 * M buckets ``"2-15"`` and ``"16+"`` (GEMM): rows per panel (the weight panel a thread keeps in
-  L2 while it walks all tokens in 2-row x 4-token register tiles).
+  L2 while it walks all tokens in register tiles).
 
-:func:`tune` times each candidate a few times (median; for decode the caches are flushed before
-each call so the weights come from DRAM, as in a real model) and stores the winner in
-``$TRITLM_CACHE_DIR/autotune.json`` (default ``~/.cache/tritlm/autotune.json``).
-:func:`lookup` (used by every :class:`~tritlm.kernels.cpu.TernaryLinearKernel` at construction)
-only reads that file - nothing is ever timed implicitly.
+The file is ``$TRITLM_CACHE_DIR/autotune.json`` (default ``~/.cache/tritlm/autotune.json``).
+:func:`lookup` (used by every kernel object at construction) only reads it - nothing is ever
+timed implicitly. The timing loop lives with the kernels:
+:meth:`tritlm.kernels.cpu.ops.LinearKernelBase.tune` and :func:`tritlm.kernels.cpu.ops.tune`
+This module imports no kernel code.
 """
 
 from __future__ import annotations
@@ -20,22 +20,14 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 from .cpu.build import cache_dir
 
-__all__ = ["CANDIDATES", "cache_path", "clear_memo", "lookup", "tune"]
+__all__ = ["FORMAT_VERSION", "cache_path", "clear_memo", "key", "lookup", "save"]
 
 FORMAT_VERSION = 1
-CANDIDATES = {
-    0: [{"prefetch": 0}, {"prefetch": 2048, "nta": 0}]
-    + [{"prefetch": p, "nta": 1} for p in (1024, 2048, 4096)],
-    1: [{"panel_rows": r} for r in (8, 16, 32, 64)],
-    2: [{"panel_rows": r} for r in (8, 16, 32, 64)],
-}
+PARAM_NAMES = ("prefetch", "panel_rows", "chunks", "nta")
 _BUCKETS = ("1", "2-15", "16+")
 _memo: dict = {"path": None, "mtime": None, "data": None}
 
@@ -55,8 +47,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _key(backend: str, n: int, k: int, bucket: int, threads: int) -> str:
-    return f"{backend}|n={n}|k={k}|m={_BUCKETS[bucket]}|t={threads}|cpu={_cpu_model()}"
+def key(backend: str, n: int, k: int, bucket: int, threads: int, kind: str = "ternary") -> str:
+    """The cache key of one entry (ternary keys carry no kind, as before kinds existed)."""
+    base = f"{backend}|n={n}|k={k}|m={_BUCKETS[bucket]}|t={threads}|cpu={_cpu_model()}"
+    return base if kind == "ternary" else f"{base}|kind={kind}"
+
+
+_key = key  # old private name
 
 
 def clear_memo() -> None:
@@ -80,7 +77,8 @@ def _load() -> dict:
     return entries
 
 
-def _save(new: dict) -> None:
+def save(new: dict) -> None:
+    """Merge ``{key: entry}`` into the cache file (atomic replace)."""
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = dict(_load())
@@ -92,63 +90,17 @@ def _save(new: dict) -> None:
     clear_memo()
 
 
-def lookup(n: int, k: int, threads: int, backend: str) -> dict | None:
+_save = save  # old private name
+
+
+def lookup(n: int, k: int, threads: int, backend: str, kind: str = "ternary") -> dict | None:
     """Cached parameters ``{bucket: {...}}`` for this shape, or None if never tuned."""
     entries = _load()
     if not entries:
         return None
     out = {}
     for b in range(len(_BUCKETS)):
-        e = entries.get(_key(backend, n, k, b, threads))
+        e = entries.get(key(backend, n, k, b, threads, kind))
         if e:
-            out[b] = {kk: int(v) for kk, v in e.items() if kk in ("prefetch", "panel_rows", "chunks", "nta")}
+            out[b] = {kk: int(v) for kk, v in e.items() if kk in PARAM_NAMES}
     return out or None
-
-
-def _flush(buf: np.ndarray) -> None:
-    buf.sum()  # read the whole buffer (clean lines): evicts the weights from every cache level
-
-
-def tune(n: int, k: int, ms=(1, 128), threads: int | None = None, backend: str | None = None,
-         candidates: dict | None = None, repeats: int = 5, save: bool = True,
-         flush_bytes: int = 64 << 20, seed: int = 0) -> dict:
-    """Time the candidates for each batch size in ``ms`` and return ``{bucket: best params}``.
-
-    Random ternary weights of the given shape are used (the timing does not depend on values).
-    """
-    from .cpu.ops import TernaryLinearKernel, get_num_threads, m_bucket, resolve_backend
-
-    backend = resolve_backend(backend)
-    threads = int(threads or get_num_threads())
-    cands = candidates or CANDIDATES
-    rng = np.random.default_rng(seed)
-    w = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
-    kern = TernaryLinearKernel(w, 1.0, threads=threads, backend=backend, params={})
-    flush = np.zeros(max(flush_bytes, 1) // 8, dtype=np.uint64) if flush_bytes else None
-    best: dict = {}
-    new_entries = {}
-    for m in ms:
-        b = m_bucket(int(m))
-        if b in best or backend == "numpy":
-            continue
-        x = rng.standard_normal((int(m), k)).astype(np.float32)
-        out = np.empty((int(m), n), dtype=np.float32)
-        results = []
-        for cand in cands[b]:
-            kern.set_params({b: cand})
-            kern(x, out=out)  # warm-up
-            ts = []
-            for _ in range(repeats):
-                if flush is not None and b == 0:
-                    _flush(flush)
-                t0 = time.perf_counter()
-                kern(x, out=out)
-                ts.append(time.perf_counter() - t0)
-            results.append((float(np.median(ts)), cand))
-        t_best, c_best = min(results, key=lambda r: r[0])
-        best[b] = dict(c_best)
-        new_entries[_key(backend, n, k, b, threads)] = {**c_best, "us": round(t_best * 1e6, 1),
-                                                        "tuned_at_m": int(m)}
-    if save and new_entries:
-        _save(new_entries)
-    return best

@@ -1,8 +1,11 @@
-"""CPU ternary kernels: C (AVX2 ``maddubs`` + portable loops) compiled on first use, numpy fallback."""
+"""CPU kernels for ternary, int8, int4 and binary weights: C (AVX2 + portable loops) compiled on
+first use, numpy fallback."""
 
 from .build import build_library, cache_dir, find_compiler, load_library
+from .lowbit import BinaryLinearKernel, Int4LinearKernel, Int8LinearKernel
 from .ops import (
     BACKENDS,
+    LinearKernelBase,
     TernaryLinearKernel,
     get_num_threads,
     kernel_info,
@@ -15,6 +18,10 @@ from .ops import (
 
 __all__ = [
     "BACKENDS",
+    "BinaryLinearKernel",
+    "Int4LinearKernel",
+    "Int8LinearKernel",
+    "LinearKernelBase",
     "TernaryLinearKernel",
     "build_library",
     "cache_dir",

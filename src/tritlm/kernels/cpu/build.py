@@ -30,10 +30,10 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 # files SOURCE #includes: part of the cache key, so editing any of them triggers a rebuild
-INCLUDED = (Path(__file__).with_name("tritlm_decode.c"), Path(__file__).with_name("tritlm_f16.c"))
+INCLUDED = tuple(Path(__file__).with_name(f) for f in ("tritlm_intk.c", "tritlm_decode.c", "tritlm_f16.c"))
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-lm"]
 
@@ -132,6 +132,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_set_spin_us": (None, [i32]),
         "tt_set_min_chunk_blocks": (None, [i32]),
         "tt_ctx_new": (vp, [vp, i32, i32, i32, vp, vp]),
+        "tt_ctx_new_int8": (vp, [vp, i32, i32, i32, vp, vp]),
+        "tt_ctx_new_int4": (vp, [vp, i32, i32, i32, i32, vp, vp]),
+        "tt_ctx_new_binary": (vp, [vp, i32, i32, i32, vp, vp]),
+        "tt_ctx_get_kind": (i32, [vp]),
         "tt_ctx_free": (None, [vp]),
         "tt_ctx_set_isa": (i32, [vp, i32]),
         "tt_ctx_get_isa": (i32, [vp]),

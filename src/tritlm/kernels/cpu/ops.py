@@ -1,4 +1,6 @@
-"""Python face of the CPU ternary kernels: :class:`TernaryLinearKernel` and friends.
+"""Python face of the CPU kernels: :class:`TernaryLinearKernel`, the shared base class of every
+packed-weight kernel object (:class:`LinearKernelBase`; int8 / int4 / binary in :mod:`.lowbit`),
+the settings of the thread pool and the parameter tuning loop (:func:`tune`).
 
 Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL``, else "auto"):
 
@@ -20,10 +22,12 @@ import ctypes
 import logging
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
 
+from .. import autotune
 from ..pack import PackedTernary, pack_ternary_kernel
 from ..reference import quantize_act_ref
 from . import build
@@ -164,41 +168,35 @@ def quantize_act(x, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]
     return q, s
 
 
-# --------------------------------------------------------------------------- the kernel object
-class TernaryLinearKernel:
-    """``y = x @ W^T * w_scale (+ bias)`` for ternary ``W`` with int8 per-token activations.
+def _vector(v, n: int, name: str) -> np.ndarray:
+    """float32 ``[n]`` from a scalar (broadcast) or an ``n``-vector (numpy or torch)."""
+    a = np.asarray(v.detach().cpu().numpy() if _is_torch(v) else v, dtype=np.float32).reshape(-1)
+    if a.size == 1:
+        a = np.full(n, a[0], dtype=np.float32)
+    if a.size != n:
+        raise ValueError(f"{name} must be a scalar or have N = {n} entries, got {a.size}")
+    return np.ascontiguousarray(a)
 
-    Built once per weight matrix (packs, aligns, creates the C context); then
-    ``kernel(x)`` quantises ``x`` (float, ``[..., K]``, numpy or torch) per token and returns
-    float32 ``[..., N]`` of the same kind. Inference only: no autograd.
 
-    Args:
-        weight: int8-like ``[N, K]`` with values in {-1, 0, 1}, or a :class:`PackedTernary`.
-        w_scale: scalar (per tensor) or ``[N]`` (per output row); multiplies: W ~= wq * w_scale.
-        bias: optional ``[N]``.
-        threads: threads for this kernel (None: the global :func:`set_num_threads` value).
-        backend: "auto" | "avx2" | "portable" | "numpy" (None: ``$TRITLM_KERNEL`` or auto).
-        params: ``{bucket: {"prefetch": bytes, "panel_rows": rows}}`` overrides; by default the
-            autotune cache (``autotune.json``) is consulted, then built-in defaults.
+# --------------------------------------------------------------------------- the kernel objects
+class LinearKernelBase:
+    """What every packed-weight CPU kernel object shares (ternary here; int8 / int4 / binary in
+    :mod:`.lowbit`): the calling convention, the int8 entry point, thread / backend / parameter
+    handling, tuning and the numpy fallback. A subclass sets ``n``, ``k``, ``k_padded``,
+    ``packed`` and its scales, calls :meth:`_init_common`, then (unless the backend is "numpy")
+    creates its C context and hands it to :meth:`_attach`; it implements :meth:`_numpy_out`
+    (and :meth:`_numpy_levels` when its integer dots are exact).
     """
 
-    def __init__(self, weight, w_scale=1.0, bias=None, *, threads: int | None = None,
-                 backend: str | None = None, params: dict | None = None):
-        if isinstance(weight, PackedTernary):
-            packed = weight if weight.layout == "i2s_r4" else pack_ternary_kernel(weight.unpack())
-        else:
-            packed = pack_ternary_kernel(weight)
-        self.packed = packed
-        self.n, self.k, self.k_padded = packed.n, packed.k, packed.k_padded
-        if self.k > (1 << 22):
-            raise ValueError(f"K = {self.k} too large for int32 accumulation (max {1 << 22})")
-        ws = np.asarray(w_scale.detach().cpu().numpy() if _is_torch(w_scale) else w_scale, dtype=np.float32)
-        ws = ws.reshape(-1)
-        if ws.size == 1:
-            ws = np.full(self.n, ws[0], dtype=np.float32)
-        if ws.size != self.n:
-            raise ValueError(f"w_scale must be a scalar or have N = {self.n} entries, got {ws.size}")
-        self.w_scale = np.ascontiguousarray(ws)
+    kind = "ternary"      # part of the autotune cache key
+    exact_int = True      # plain integer dots (int_dots) exist
+    _max_level = 1        # max |weight level|: picks an exact float dtype for the numpy dots
+
+    n: int
+    k: int
+    k_padded: int
+
+    def _init_common(self, bias, threads, backend) -> None:
         if bias is not None:
             b = np.asarray(bias.detach().cpu().numpy() if _is_torch(bias) else bias, dtype=np.float32)
             b = np.ascontiguousarray(b.reshape(-1))
@@ -213,14 +211,12 @@ class TernaryLinearKernel:
         self._ctx = None
         self._dense = None
         self.params = {b: dict(DEFAULT_PARAMS) for b in range(len(BUCKETS))}
-        if self.backend == "numpy":
-            return
-        self._lib = lib = build.load_library()
-        self._data = _aligned_copy(packed.data)
-        ctx = lib.tt_ctx_new(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale),
-                             _ptr(bias) if bias is not None else None)
+
+    def _attach(self, ctx, params: dict | None) -> None:
+        """Own the C context ``ctx`` (freed with the object), select the ISA, apply parameters."""
+        lib = self._lib
         if not ctx:
-            raise MemoryError("tt_ctx_new failed")
+            raise MemoryError(f"{type(self).__name__}: creating the C context failed")
         self._ctx = ctx
         self._finalizer = weakref.finalize(self, lib.tt_ctx_free, ctx)
         lib.tt_ctx_set_isa(ctx, 1 if self.backend == "avx2" else 0)
@@ -228,16 +224,11 @@ class TernaryLinearKernel:
         self._fwd_i8 = lib.tt_forward_i8
         if params is None:
             try:
-                from .. import autotune
-
-                params = autotune.lookup(self.n, self.k, self.effective_threads, self.backend)
+                params = autotune.lookup(self.n, self.k, self.effective_threads, self.backend, kind=self.kind)
             except Exception as e:  # noqa: BLE001 - a broken cache must not break inference
                 log.warning("tritlm: ignoring the autotune cache (%s)", e)
                 params = None
-        if params:
-            self.set_params(params)
-        else:
-            self.set_params({})
+        self.set_params(params or {})
 
     # ---------------------------------------------------------------- configuration
     @property
@@ -247,9 +238,10 @@ class TernaryLinearKernel:
     def set_params(self, params: dict) -> None:
         """``{bucket (0/1/2 or "1"/"2-15"/"16+"): {"prefetch": bytes, "panel_rows": rows, "chunks": n}}``.
 
-        prefetch: software-prefetch distance of the GEMV weight stream (0 = none); panel_rows: rows
-        per GEMM panel (multiple of 4); chunks: GEMV chunks per thread (dynamic balancing); nta: 1 =
-        non-temporal prefetch hint (weights are read once per call), 0 = prefetch into all levels.
+        prefetch: software-prefetch distance of the GEMV weight stream (0 = none; ternary only);
+        panel_rows: rows per GEMM panel (multiple of 4); chunks: GEMV chunks per thread (dynamic
+        balancing); nta: 1 = non-temporal prefetch hint (weights are read once per call), 0 =
+        prefetch into all levels.
         """
         for key, p in params.items():
             b = BUCKETS.index(key) if isinstance(key, str) else int(key)
@@ -260,14 +252,56 @@ class TernaryLinearKernel:
             for b, p in self.params.items():
                 self._lib.tt_ctx_set_params(self._ctx, b, p["prefetch"], p["panel_rows"], p["chunks"], p["nta"])
 
-    def tune(self, ms=(1, 128), threads: int | None = None, save: bool = True) -> dict:
-        """Autotune this shape for the given batch sizes (cached in autotune.json)."""
-        from .. import autotune
+    def tune(self, ms=(1, 128), threads: int | None = None, save: bool = True, *,
+             candidates: dict | None = None, repeats: int = 5, flush_bytes: int = 64 << 20,
+             seed: int = 0) -> dict:
+        """Time the parameter candidates on this kernel for each batch size in ``ms``; returns
+        ``{bucket: best params}``, applies them and (``save``) stores them in ``autotune.json``.
 
-        res = autotune.tune(self.n, self.k, ms=ms, threads=threads or self.effective_threads,
-                            backend=self.backend, save=save)
-        self.set_params(res)
-        return res
+        For decode (M = 1) the caches are flushed before each timed call so the weights come from
+        DRAM, as in a real model; the median of ``repeats`` calls is compared.
+        """
+        threads = int(threads or self.effective_threads)
+        if self._ctx is None:
+            return {}
+        cands = candidates or CANDIDATES
+        rng = np.random.default_rng(seed)
+        flush = np.zeros(max(flush_bytes, 1) // 8, dtype=np.uint64) if flush_bytes else None
+        saved_threads, saved_params = self.threads, {b: dict(p) for b, p in self.params.items()}
+        best: dict = {}
+        new_entries = {}
+        try:
+            self.threads = threads
+            for m in ms:
+                b = m_bucket(int(m))
+                if b in best:
+                    continue
+                x = rng.standard_normal((int(m), self.k)).astype(np.float32)
+                out = np.empty((int(m), self.n), dtype=np.float32)
+                results = []
+                for cand in cands[b]:
+                    self.set_params({b: {**saved_params[b], **cand}})
+                    self(x, out=out)  # warm-up
+                    ts = []
+                    for _ in range(repeats):
+                        if flush is not None and b == 0:
+                            flush.sum()  # read a big buffer: evicts the weights from every cache level
+                        t0 = time.perf_counter()
+                        self(x, out=out)
+                        ts.append(time.perf_counter() - t0)
+                    results.append((float(np.median(ts)), cand))
+                t_best, c_best = min(results, key=lambda r: r[0])
+                best[b] = dict(c_best)
+                new_entries[autotune.key(self.backend, self.n, self.k, b, threads, self.kind)] = {
+                    **c_best, "us": round(t_best * 1e6, 1), "tuned_at_m": int(m)}
+        finally:
+            self.threads = saved_threads
+            self.params = saved_params
+            self.set_params({})
+        if save and new_entries:
+            autotune.save(new_entries)
+        self.set_params(best)
+        return best
 
     # ---------------------------------------------------------------- calls
     def __call__(self, x, out=None):
@@ -357,8 +391,9 @@ class TernaryLinearKernel:
     def matmul_int8(self, xq, x_scale, out: np.ndarray | None = None) -> np.ndarray:
         """Low-level path: int8 ``[M, K]`` activations with per-token scales ``[M]`` (x ~= xq / s).
 
-        Writes ``(xq @ wq^T) * w_scale / x_scale[:, None] (+ bias)`` into ``out`` (float32
-        ``[M, N]``, C-contiguous, preallocated by the caller for zero allocation) and returns it.
+        Writes ``(xq @ wq^T) * w_scale / x_scale[:, None] (+ bias)`` (for int4: the group-scaled
+        sum) into ``out`` (float32 ``[M, N]``, C-contiguous, preallocated by the caller for zero
+        allocation) and returns it.
         """
         xq, x_scale = self._check_int8(xq, x_scale)
         m = xq.shape[0]
@@ -369,8 +404,7 @@ class TernaryLinearKernel:
         if m == 0:
             return out
         if self._ctx is None:
-            dots = self._numpy_dots(xq).astype(np.float64)
-            res = dots * self.w_scale.astype(np.float64) / x_scale.astype(np.float64)[:, None]
+            res = self._numpy_out(xq, x_scale)
             out[...] = res.astype(np.float32) + (self.bias if self.bias is not None else np.float32(0))
             return out
         if self._fwd_i8(self._ctx, _ptr(xq), m, self.k, _ptr(x_scale), _ptr(out), None, self.threads or 0):
@@ -379,6 +413,8 @@ class TernaryLinearKernel:
 
     def int_dots(self, xq) -> np.ndarray:
         """Exact integer dot products ``xq @ wq^T`` as int32 ``[M, N]`` (for tests / debugging)."""
+        if not self.exact_int:
+            raise ValueError(f"{type(self).__name__}: no single integer dot per row (group scales)")
         xq, _ = self._check_int8(xq)
         m = xq.shape[0]
         dots = np.empty((m, self.n), dtype=np.int32)
@@ -391,19 +427,64 @@ class TernaryLinearKernel:
         return dots
 
     # ---------------------------------------------------------------- numpy fallback
+    def _numpy_levels(self) -> np.ndarray:
+        """int8 ``[N, K]`` weight levels (for the numpy fallback)."""
+        return self.packed.unpack()
+
     def _numpy_dots(self, xq: np.ndarray) -> np.ndarray:
-        if self._dense is None:  # float32 is exact for |dot| < 2^24 (K * 128 < 2^24)
-            dt = np.float32 if self.k * 128 < (1 << 24) else np.float64
-            self._dense = np.ascontiguousarray(self.packed.unpack().T.astype(dt))
+        if self._dense is None:  # float32 is exact for |dot| < 2^24
+            dt = np.float32 if self.k * 128 * self._max_level < (1 << 24) else np.float64
+            self._dense = np.ascontiguousarray(self._numpy_levels().T.astype(dt))
         return np.rint(xq.astype(self._dense.dtype) @ self._dense).astype(np.int64)
+
+    def _numpy_out(self, xq: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """float64 ``[M, N]`` results before the bias: dots * per-row scale / x_scale."""
+        dots = self._numpy_dots(xq).astype(np.float64)
+        return dots * self.w_scale.astype(np.float64) / xs.astype(np.float64)[:, None]
 
     def _numpy_forward(self, x: np.ndarray) -> np.ndarray:
         xq, xs = quantize_act_ref(x)
-        dots = self._numpy_dots(xq).astype(np.float64)
-        res = (dots * self.w_scale.astype(np.float64) / xs.astype(np.float64)[:, None]).astype(np.float32)
+        res = self._numpy_out(xq, xs).astype(np.float32)
         if self.bias is not None:
             res += self.bias
         return res
+
+
+class TernaryLinearKernel(LinearKernelBase):
+    """``y = x @ W^T * w_scale (+ bias)`` for ternary ``W`` with int8 per-token activations.
+
+    Built once per weight matrix (packs, aligns, creates the C context); then
+    ``kernel(x)`` quantises ``x`` (float, ``[..., K]``, numpy or torch) per token and returns
+    float32 ``[..., N]`` of the same kind. Inference only: no autograd.
+
+    Args:
+        weight: int8-like ``[N, K]`` with values in {-1, 0, 1}, or a :class:`PackedTernary`.
+        w_scale: scalar (per tensor) or ``[N]`` (per output row); multiplies: W ~= wq * w_scale.
+        bias: optional ``[N]``.
+        threads: threads for this kernel (None: the global :func:`set_num_threads` value).
+        backend: "auto" | "avx2" | "portable" | "numpy" (None: ``$TRITLM_KERNEL`` or auto).
+        params: ``{bucket: {"prefetch": bytes, "panel_rows": rows}}`` overrides; by default the
+            autotune cache (``autotune.json``) is consulted, then built-in defaults.
+    """
+
+    def __init__(self, weight, w_scale=1.0, bias=None, *, threads: int | None = None,
+                 backend: str | None = None, params: dict | None = None):
+        if isinstance(weight, PackedTernary):
+            packed = weight if weight.layout == "i2s_r4" else pack_ternary_kernel(weight.unpack())
+        else:
+            packed = pack_ternary_kernel(weight)
+        self.packed = packed
+        self.n, self.k, self.k_padded = packed.n, packed.k, packed.k_padded
+        if self.k > (1 << 22):
+            raise ValueError(f"K = {self.k} too large for int32 accumulation (max {1 << 22})")
+        self.w_scale = _vector(w_scale, self.n, "w_scale")
+        self._init_common(bias, threads, backend)
+        if self.backend == "numpy":
+            return
+        self._lib = lib = build.load_library()
+        self._data = _aligned_copy(packed.data)
+        self._attach(lib.tt_ctx_new(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale),
+                                    _ptr(self.bias) if self.bias is not None else None), params)
 
     # ---------------------------------------------------------------- copy / pickle
     def __reduce__(self):
@@ -422,3 +503,30 @@ def _rebuild_kernel(packed, w_scale, bias, threads, backend, params):
     except ValueError:
         be = None
     return TernaryLinearKernel(packed, w_scale, bias, threads=threads, backend=be, params=params)
+
+
+# --------------------------------------------------------------------------- tuning
+# candidates per M bucket: GEMV (bucket 0) prefetch distance / hint; GEMM (1, 2) rows per panel
+CANDIDATES = {
+    0: [{"prefetch": 0}, {"prefetch": 2048, "nta": 0}]
+    + [{"prefetch": p, "nta": 1} for p in (1024, 2048, 4096)],
+    1: [{"panel_rows": r} for r in (8, 16, 32, 64)],
+    2: [{"panel_rows": r} for r in (8, 16, 32, 64)],
+}
+
+
+def tune(n: int, k: int, ms=(1, 128), threads: int | None = None, backend: str | None = None,
+         candidates: dict | None = None, repeats: int = 5, save: bool = True,
+         flush_bytes: int = 64 << 20, seed: int = 0) -> dict:
+    """Tune the ternary kernel of shape ``[n, k]`` for each batch size in ``ms`` (see
+    :meth:`LinearKernelBase.tune`) and return ``{bucket: best params}``; random weights are used
+    (the timing does not depend on values). Cached in ``autotune.json`` when ``save``.
+    """
+    backend = resolve_backend(backend)
+    if backend == "numpy":
+        return {}
+    threads = int(threads or get_num_threads())
+    w = np.random.default_rng(seed).integers(-1, 2, size=(n, k), dtype=np.int8)
+    kern = TernaryLinearKernel(w, 1.0, threads=threads, backend=backend, params={})
+    return kern.tune(ms=ms, threads=threads, save=save, candidates=candidates, repeats=repeats,
+                     flush_bytes=flush_bytes, seed=seed)

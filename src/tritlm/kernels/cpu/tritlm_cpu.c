@@ -20,6 +20,9 @@
  *
  * No global state besides the pool; every entry point is serialised by one mutex, so the library
  * is safe to call from several Python threads (calls just queue).
+ *
+ * One context type covers every weight kind (tt_ctx.kind): 0 = ternary (this file), 1 = int8,
+ * 2 = int4 (group scales), 3 = binary; kinds 1-3 live in tritlm_intk.c (tt_run hands them over).
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -44,11 +47,16 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 8
+#define TT_ABI_VERSION 9
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
 #define TT_NBUCKETS 3
+/* tt_ctx.kind */
+#define TT_KIND_TERNARY 0
+#define TT_KIND_INT8 1
+#define TT_KIND_INT4 2
+#define TT_KIND_BINARY 3
 
 static inline void tt_relax(void) {
 #if TT_X86
@@ -235,6 +243,12 @@ typedef struct {
     float *xs;         /* [cap_m] */
     int32_t *sx;       /* [cap_m] */
     int cap_m;
+    /* kinds 1-3 (tritlm_intk.c); a ternary context has kind 0 and leaves the rest zero */
+    int kind;          /* TT_KIND_* */
+    int group;         /* int4: weights per scale group (32, 64 or 128) */
+    int ngk;           /* int4: scale groups per row as the kernel walks them, ceil(kp / group) */
+    float *gscale;     /* int4: [n, ngk] group scales (groups past ceil(k / group) are 0) */
+    size_t rowb;       /* kinds 1-3: bytes per packed row */
 } tt_ctx;
 
 static int tt_cpu_has_avx2(void) {
@@ -586,11 +600,14 @@ static void tt_task_avx2(const void *arg, int chunk) {
 }
 #endif
 
+static void tt_lb_run(tt_job *J, int nth); /* kinds 1-3: tritlm_intk.c */
+
 /* chunking: GEMM = one panel per chunk; GEMV (and portable) = `chunks` chunks per thread, each of at
  * least min_blocks row-blocks (so tiny matrices stay on one thread). Chunks are claimed
  * dynamically, so a preempted thread does not hold up the others. */
 static void tt_run(tt_job *J, int nth) {
     const tt_ctx *c = J->c;
+    if (c->kind != TT_KIND_TERNARY) { tt_lb_run(J, nth); return; }
     J->p = c->params[tt_bucket(J->m)];
     if (nth <= 0) nth = P.nthreads;
     if (nth > TT_MAX_THREADS) nth = TT_MAX_THREADS;
@@ -652,7 +669,7 @@ tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, 
 
 void tt_ctx_free(tt_ctx *c) {
     if (!c) return;
-    free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c);
+    free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c->gscale); free(c);
 }
 
 /* isa: 1 = AVX2 (ignored / returns 0 when the CPU lacks it), 0 = portable. Returns the isa in use. */
@@ -689,12 +706,13 @@ int tt_forward_f32(tt_ctx *c, const float *x, int m, long ldx, float *out, int n
  * (out == NULL) raw integer dots sum_k w*x into dots int32 [m, n]. */
 int tt_forward_i8(tt_ctx *c, const int8_t *xq, int m, long ldx, const float *xs, float *out, int32_t *dots, int nth) {
     if (m <= 0) return 0;
+    if (!out && c->kind == TT_KIND_INT4) return -2; /* group scales: no single integer dot per row */
     pthread_mutex_lock(&P.call_lock);
     tt_init_once();
     if (tt_reserve(c, m) != 0) { pthread_mutex_unlock(&P.call_lock); return -1; }
     const int8_t *xp = xq;
     size_t ld = (size_t)ldx;
-    const int copy = c->k != c->kp; /* the kernels read whole 128-wide blocks */
+    const int copy = c->k != c->kp; /* the kernels read whole blocks (128 / 32 / 64 / 128 wide) */
     if (copy) {
         for (int t = 0; t < m; t++) {
             memcpy(c->xq + (size_t)t * c->kp, xq + (size_t)t * ldx, (size_t)c->k);
@@ -722,6 +740,8 @@ void tt_quantize(const float *x, int m, int k, long ldx, int8_t *q, long ldq, in
         tt_quant_rows(x + (size_t)t * ldx, 1, k, ldx, q + (size_t)t * ldq, ldq, scale + t, sumx ? sumx + t : &tmp, kp, isa);
 }
 
+/* int8 / int4 / binary weight kinds (tt_lb_run, tt_ctx_new_int8/int4/binary) */
+#include "tritlm_intk.c"
 /* the fused one-token decode step of a whole model (tritlm/infer/engine.py uses it) */
 #include "tritlm_decode.c"
 /* fp16-weight GEMV for the LM head */

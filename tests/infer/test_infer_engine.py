@@ -85,9 +85,10 @@ def test_pack_roundtrip_and_size(tmp_path):
     out = save_packed(pm, tmp_path / "p")
     assert is_packed(out) and not list(tmp_path.glob(".p.tmp-*"))
     pm2 = load_packed(out)
-    for name, (p, s) in pm.linears.items():
-        p2, s2 = pm2.linears[name]
-        assert (p2.data == p.data).all() and s2 == s
+    for name, pl in pm.linears.items():
+        p2 = pm2.linears[name]
+        assert p2.kind == pl.kind == "ternary"
+        assert (p2.weights.data == pl.weights.data).all() and (p2.scale == pl.scale).all()
     rep = size_report(pm2, out)
     assert rep["overhead_pct"] < 2.0
     with pytest.raises(tritlm.errors.FormatError):

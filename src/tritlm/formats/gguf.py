@@ -28,7 +28,6 @@ import torch
 
 from tritlm.errors import FormatError
 from tritlm.formats.common import (
-    atomic_path,
     block_linears,
     check_exportable,
     fp_tensors,
@@ -37,6 +36,7 @@ from tritlm.formats.common import (
     set_quantised,
 )
 from tritlm.formats.gguf_io import F16, F32, I2_S, Q8_0, TQ1_0, TQ2_0, TYPE_NAMES, GGUFFile, read_gguf, write_gguf
+from tritlm.io_atomic import atomic_path
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import FP, TERNARY
@@ -225,7 +225,7 @@ def export_gguf_packed(pm, path: str | Path, qtype: str = "TQ2_0", fp_type: str 
     """:func:`export_gguf` straight from a :class:`~tritlm.formats.packed.PackedModel` (no float
     model is built; ``tritlm bench`` hands its random 700M model to llama.cpp this way)."""
     fp = {k: v.float().numpy() for k, v in pm.fp.items()}
-    levels = ((n, pm.linears[n][0].unpack(), pm.linears[n][1]) for n in block_linears(pm.config))
+    levels = ((n, pm.linears[n].levels(), float(pm.linears[n].scale[0])) for n in block_linears(pm.config))
     return _write(pm.config, fp, levels, pm.tokenizer, path, qtype, fp_type, head_type, name)
 
 

@@ -1,14 +1,17 @@
-"""Packed ternary model folders: what the CPU runtime (``tritlm.infer.engine``) loads.
+"""Packed model folders: what the CPU runtime (``tritlm.infer.engine``) loads.
 
 A packed folder holds
 
-* ``model.safetensors`` - for every ternary Linear ``<name>`` of the blocks: ``<name>.qweight``
-  (uint8, the kernel layout ``i2s_r4`` of :func:`tritlm.kernels.pack.pack_ternary_kernel`, shape
-  ``[n_padded/4, k_padded/128, 4, 32]``, i.e. 2 bits per weight) and ``<name>.scale`` (float32
-  ``[1]``: W ~= q * scale); the full-precision parts (embeddings, RMSNorm weights, lm_head) in
-  fp16 (default) or fp32;
-* ``config.json`` - ``{"format": "tritlm-packed", "version": 1, "model": ModelConfig dict,
-  "fp_dtype": ..., "shapes": {name: [n, k]}}``;
+* ``model.safetensors`` - for every block Linear ``<name>``: a quantised kind stores
+  ``<name>.qweight`` (its kernel layout, see :mod:`tritlm.nn.packed_linear`: ternary ``i2s_r4``
+  2 bits, binary ``b1_k128`` 1 bit, int8 ``i8_k32``, int4 ``i4_k64``) and ``<name>.scale``
+  (float32: ``[1]`` per tensor, ``[n]`` per row, ``[n, groups]`` per int4 group); an FP kind stores
+  ``<name>.weight`` (fp16 or fp32). Then the other full-precision parts (embeddings, RMSNorm
+  weights, lm_head) in fp16 (default) or fp32;
+* ``config.json`` - ``{"format": "tritlm-packed", "version": 2, "model": ModelConfig dict (with its
+  per-layer ``quant_overrides``), "fp_dtype": ..., "tensors": {name: {kind, bits, layout, shape,
+  scale_shape, group_size}}}``. Version 1 folders (every Linear ternary, ``"shapes": {name:
+  [n, k]}``) still load;
 * ``tokenizer/`` - the tokenizer, as ``Tokenizer.save`` writes it (optional for synthetic models).
 
 Writes are atomic: everything goes to a temporary sibling folder that is renamed into place, so
@@ -19,9 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,16 +31,19 @@ import torch
 
 from tritlm.errors import FormatError
 from tritlm.formats.common import FP_DTYPES, block_linears, fp_tensors
-from tritlm.kernels.pack import PackedTernary, pack_ternary_kernel
+from tritlm.io_atomic import atomic_path, fsync_tree
+from tritlm.kernels.pack import PackedBinary, PackedInt4, PackedInt8, PackedTernary, pack_ternary_kernel
 from tritlm.model.config import ModelConfig
+from tritlm.nn.packed_linear import PackedLinear, pack_levels, pack_module
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tritlm-packed"
-VERSION = 1
+VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
+
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """``{name: (out, in)}`` of every block Linear."""
@@ -49,38 +52,52 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 @dataclass
 class PackedModel:
-    """A packed model in memory: ternary matrices in kernel layout + full-precision tensors."""
+    """A packed model in memory: one :class:`PackedLinear` per block Linear + full-precision tensors."""
 
     config: ModelConfig
-    linears: dict[str, tuple[PackedTernary, float]]  # name -> (packed weights, scale)
+    linears: dict[str, PackedLinear]
     fp: dict[str, torch.Tensor]  # embed_tokens.weight, norm weights, lm_head.weight (if untied)
     tokenizer: Any = None
     path: Path | None = None
     meta: dict = field(default_factory=dict)
 
     def weight_bytes(self) -> dict[str, int]:
-        """Bytes of the packed ternary weights, their scales and the full-precision parts."""
-        tern = sum(p.nbytes for p, _ in self.linears.values())
-        return {"ternary": tern, "scales": 4 * len(self.linears),
+        """Bytes of the quantised Linears (levels + scales), the FP Linears and the other FP parts."""
+        q = [p for p in self.linears.values() if p.scale is not None]
+        return {"quantised": sum(p.weights.nbytes for p in q), "scales": sum(4 * p.scale.size for p in q),
+                "fp_linears": sum(p.nbytes for p in self.linears.values() if p.scale is None),
                 "fp": sum(t.numel() * t.element_size() for t in self.fp.values())}
 
     def ternary_params(self) -> int:
-        return sum(p.n * p.k for p, _ in self.linears.values())
+        """Weights of the low-bit (non-FP) Linears."""
+        return sum(p.n * p.k for p in self.linears.values() if p.scale is not None)
+
+    def kinds(self) -> dict[str, str]:
+        """``{name: kind}`` of every block Linear."""
+        return {n: p.kind for n, p in self.linears.items()}
+
+
+def _check_runtime_config(cfg: ModelConfig) -> None:
+    """What the packed runtime can run: 8-bit activations on quantised layers, plain FP layers, one
+    input-norm setting for the whole model."""
+    for name, q in cfg.layer_quants().items():
+        if q.quantised and q.act_bits != 8:
+            raise FormatError(f"{name}: the CPU runtime needs 8-bit activations (act_bits = {q.act_bits})")
+        if not q.quantised and q.act_bits is not None:
+            raise FormatError(f"{name}: an fp layer with {q.act_bits}-bit activations has no packed form")
+        if q.input_norm != cfg.quant.input_norm:
+            raise FormatError(f"{name}: input_norm differs from the model default; the runtime needs one setting")
 
 
 # --------------------------------------------------------------------------- building
 def from_transformer(model: torch.nn.Module, tokenizer: Any = None, fp_dtype: str = "fp16") -> PackedModel:
-    """Pack a (trained) :class:`~tritlm.model.transformer.Transformer` whose Linears are ternary BitLinears."""
+    """Pack a (trained) :class:`~tritlm.model.transformer.Transformer`: every block Linear in the
+    kind its config gives it (ternary, binary, int8, int4, or FP in ``fp_dtype``)."""
     cfg: ModelConfig = model.cfg
-    if cfg.quant.weight != "ternary":
-        raise FormatError(f"only ternary models can be packed (quant.weight = {cfg.quant.weight!r})")
-    if cfg.quant.act_bits != 8:
-        raise FormatError(f"the CPU runtime needs 8-bit activations (quant.act_bits = {cfg.quant.act_bits})")
-    mods = dict(model.named_modules())
-    linears = {}
-    for name in block_linears(cfg):
-        q, s = mods[name].quantized_weight()
-        linears[name] = (pack_ternary_kernel(q.numpy()), float(s))
+    if fp_dtype not in FP_DTYPES:
+        raise FormatError(f"fp_dtype must be one of {', '.join(FP_DTYPES)}, got {fp_dtype!r}")
+    _check_runtime_config(cfg)
+    linears = {name: pack_module(model.get_submodule(name), fp_dtype) for name in block_linears(cfg)}
     dt = FP_DTYPES[fp_dtype]
     # Norm weights are tiny and sensitive: always float32.
     fp = {name: t.to(torch.float32 if "norm" in name else dt).contiguous().clone()
@@ -88,20 +105,34 @@ def from_transformer(model: torch.nn.Module, tokenizer: Any = None, fp_dtype: st
     return PackedModel(cfg, linears, fp, tokenizer, meta={"fp_dtype": fp_dtype})
 
 
-def random_packed(cfg: ModelConfig, seed: int = 0, fp_dtype: str = "fp16", zero_frac: float = 0.35) -> PackedModel:
-    """A packed model with random ternary weights, built straight from int8 (no float model).
+def _random_levels(rng: np.random.Generator, kind: str, n: int, k: int, zero_frac: float) -> np.ndarray:
+    u = rng.random((n, k), dtype=np.float32)
+    if kind == "ternary":  # codes with ~zero_frac zeros, as trained BitNets
+        return np.where(u < zero_frac, 0, np.where(u < (1 + zero_frac) / 2, -1, 1)).astype(np.int8)
+    if kind == "binary":
+        return np.where(u < 0.5, -1, 1).astype(np.int8)
+    top = 127 if kind == "int8" else 7
+    return np.clip(np.rint(rng.standard_normal((n, k)) * top / 3), -top, top).astype(np.int8)
 
-    Scales follow init_std so activations stay in a sane range; used by ``tritlm bench``.
-    """
+
+def random_packed(cfg: ModelConfig, seed: int = 0, fp_dtype: str = "fp16", zero_frac: float = 0.35) -> PackedModel:
+    """A packed model with random weights in each layer's kind, built straight from integer levels
+    (no float model). Scales follow init_std so activations stay in a sane range; ``tritlm bench``."""
     rng = np.random.default_rng(seed)
-    linears = {}
-    for name, (n, k) in linear_shapes(cfg).items():
-        # Draw 2-bit codes directly (0, 1, 2 = -1, 0, +1) with ~zero_frac zeros, as trained BitNets.
-        u = rng.random((n, k), dtype=np.float32)
-        w = np.where(u < zero_frac, 0, np.where(u < (1 + zero_frac) / 2, -1, 1)).astype(np.int8)
-        linears[name] = (pack_ternary_kernel(w), float(cfg.init_std * 1.2))
     dt = FP_DTYPES[fp_dtype]
     g = torch.Generator().manual_seed(seed)
+    linears = {}
+    for name, (n, k) in linear_shapes(cfg).items():
+        q = cfg.quant_for(name)
+        if not q.quantised:
+            linears[name] = PackedLinear("fp16" if fp_dtype == "fp16" else "fp32",
+                                         (torch.randn(n, k, generator=g) * cfg.init_std).to(dt))
+            continue
+        lv = _random_levels(rng, q.weight, n, k, zero_frac)
+        rms = {"ternary": np.sqrt(1 - zero_frac), "binary": 1.0}.get(q.weight, (127 if q.weight == "int8" else 7) / 3)
+        s = cfg.init_std * 1.2 * np.sqrt(1 - zero_frac) / rms  # the same weight RMS for every kind
+        shape = (n, -(-k // q.group_size)) if q.weight == "int4" else ((n,) if q.per_channel else (1,))
+        linears[name] = pack_levels(lv, np.full(shape, s, np.float32), q)
     fp: dict[str, torch.Tensor] = {
         "embed_tokens.weight": (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * cfg.init_std).to(dt),
         "norm.weight": torch.ones(cfg.dim),
@@ -122,45 +153,33 @@ def random_packed(cfg: ModelConfig, seed: int = 0, fp_dtype: str = "fp16", zero_
 
 # --------------------------------------------------------------------------- save / load
 def save_packed(pm: PackedModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``pm`` to the folder ``out`` atomically (temp folder + rename)."""
+    """Write ``pm`` to the folder ``out`` atomically (temp folder + fsync + rename)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise FormatError(f"{out} exists; choose another output folder (or pass overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tensors: dict[str, torch.Tensor] = {}
-        shapes = {}
-        for name, (p, s) in pm.linears.items():
-            if p.layout != "i2s_r4":
-                p = pack_ternary_kernel(p.unpack())
-            tensors[f"{name}.qweight"] = torch.from_numpy(np.ascontiguousarray(p.data))
-            tensors[f"{name}.scale"] = torch.tensor([s], dtype=torch.float32)
-            shapes[name] = [p.n, p.k]
-        tensors.update({k: v.contiguous() for k, v in pm.fp.items()})
+    tensors: dict[str, torch.Tensor] = {}
+    records = {}
+    for name, pl in pm.linears.items():
+        if pl.kind == "ternary" and pl.weights.layout != "i2s_r4":
+            pl = PackedLinear("ternary", pack_ternary_kernel(pl.levels()), pl.scale)
+        if pl.scale is None:
+            tensors[f"{name}.weight"] = pl.weights.contiguous()
+        else:
+            tensors[f"{name}.qweight"] = torch.from_numpy(np.ascontiguousarray(pl.weights.data))
+            tensors[f"{name}.scale"] = torch.from_numpy(np.ascontiguousarray(pl.scale))
+        records[name] = pl.describe()
+    tensors.update({k: v.contiguous() for k, v in pm.fp.items()})
+    cfg = {"format": FORMAT, "version": VERSION, "model": pm.config.to_dict(),
+           "fp_dtype": pm.meta.get("fp_dtype", "fp16"), "tensors": records,
+           "bytes": pm.weight_bytes(), "ternary_params": pm.ternary_params()}
+    with atomic_path(out, is_dir=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        cfg = {"format": FORMAT, "version": VERSION, "model": pm.config.to_dict(),
-               "fp_dtype": pm.meta.get("fp_dtype", "fp16"), "shapes": shapes,
-               "bytes": pm.weight_bytes(), "ternary_params": pm.ternary_params()}
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
         if pm.tokenizer is not None:
             pm.tokenizer.save(tmp / TOKENIZER_DIR)
-        for f in tmp.rglob("*"):  # durable before the rename makes it visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fsync_tree(tmp)
     log.info("packed model written to %s", out)
     return out
 
@@ -171,43 +190,99 @@ def is_packed(path: str | Path) -> bool:
     if not (p.is_dir() and cfg.is_file() and (p / WEIGHTS_FILE).is_file()):
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
+        meta = json.loads(cfg.read_text())
+        return isinstance(meta, dict) and meta.get("format") == FORMAT
     except (OSError, ValueError):
         return False
 
 
+def _expected_qweight(kind: str, n: int, k: int) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of ``<name>.qweight`` in each kind's kernel layout."""
+    if kind == "ternary":
+        return (-(-n // 4), -(-k // 128), 4, 32), torch.uint8
+    if kind == "int8":
+        return (n, -(-k // 32) * 32), torch.int8
+    if kind == "int4":
+        return (n, -(-k // 64) * 32), torch.uint8
+    if kind == "binary":
+        return (n, -(-k // 128) * 16), torch.uint8
+    raise FormatError(f"unknown packed kind {kind!r}")
+
+
+def _read_linear(p: Path, tensors: dict, name: str, rec: dict, want: tuple[int, int]) -> PackedLinear:
+    if not isinstance(rec, dict):
+        raise FormatError(f"{p}: tensor record of {name} is not a mapping")
+    kind, shape = rec.get("kind"), rec.get("shape")
+    if list(shape or []) != list(want):
+        raise FormatError(f"{p}: {name} has shape {shape}, the model config says {list(want)}")
+    n, k = want
+    if kind in ("fp16", "fp32"):
+        w = tensors.pop(f"{name}.weight", None)
+        dt = torch.float16 if kind == "fp16" else torch.float32
+        if w is None or tuple(w.shape) != (n, k) or w.dtype != dt:
+            raise FormatError(f"{p}: {name}.weight missing or not {kind} [{n}, {k}]")
+        return PackedLinear(kind, w)
+    data, scale = tensors.pop(f"{name}.qweight", None), tensors.pop(f"{name}.scale", None)
+    if data is None or scale is None:
+        raise FormatError(f"{p}: tensor {name}.qweight/.scale missing")
+    eshape, edt = _expected_qweight(kind, n, k)
+    if tuple(data.shape) != eshape or data.dtype != edt:
+        raise FormatError(f"{p}: {name}.qweight is {data.dtype} {tuple(data.shape)}, expected {edt} {eshape} "
+                          f"for {kind} [{n}, {k}]")
+    if scale.dtype != torch.float32:
+        raise FormatError(f"{p}: {name}.scale must be float32, got {scale.dtype}")
+    d = data.numpy()
+    kp = {"ternary": 128, "int8": 32, "int4": 64, "binary": 128}[kind]
+    kp = -(-k // kp) * kp
+    if kind == "ternary":
+        w: Any = PackedTernary(data=d, n=n, k=k, k_padded=kp)
+    elif kind == "int8":
+        w = PackedInt8(data=d, n=n, k=k, k_padded=kp)
+    elif kind == "binary":
+        w = PackedBinary(data=d, n=n, k=k, k_padded=kp)
+    else:
+        g = rec.get("group_size")
+        if g not in (32, 64, 128):
+            raise FormatError(f"{p}: {name}: int4 group_size {g!r} is not 32, 64 or 128")
+        w = PackedInt4(data=d, n=n, k=k, k_padded=kp, group_size=g)
+    try:
+        return PackedLinear(kind, w, scale.numpy())
+    except ValueError as e:
+        raise FormatError(f"{p}: {name}: {e}") from None
+
+
 def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
-    """Read a packed folder written by :func:`save_packed`."""
+    """Read a packed folder written by :func:`save_packed` (format version 1 or 2)."""
     from safetensors.torch import load_file
 
     p = Path(path)
     if not is_packed(p):
         raise FormatError(f"{p} is not a tritlm packed model folder")
     meta = json.loads((p / CONFIG_FILE).read_text())
-    if meta.get("version", 0) > VERSION:
-        raise FormatError(f"{p}: packed format version {meta['version']} is newer than this tritlm ({VERSION})")
-    cfg = ModelConfig.from_dict(meta["model"])
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise FormatError(f"{p}: packed format version {version!r} is newer than this tritlm ({VERSION})")
+    cfg = ModelConfig.from_dict(meta.get("model", {}))
+    shapes = cfg.linear_shapes()
+    if version >= 2:
+        records = meta.get("tensors")
+    else:  # v1: every block Linear ternary with one scale per tensor
+        old = meta.get("shapes")
+        records = {n: {"kind": "ternary", "shape": s} for n, s in old.items()} if isinstance(old, dict) else None
+    if not isinstance(records, dict):
+        raise FormatError(f"{p}: config.json has no tensor records")
+    if set(records) != set(shapes):
+        missing = sorted(set(shapes) - set(records))[:3]
+        extra = sorted(set(records) - set(shapes))[:3]
+        raise FormatError(f"{p}: block Linears do not match the model config (missing {missing}, unexpected {extra})")
     tensors = load_file(str(p / WEIGHTS_FILE))
-    linears = {}
-    for name, (n, k) in meta["shapes"].items():
-        try:
-            data = tensors.pop(f"{name}.qweight").numpy()
-            scale = float(tensors.pop(f"{name}.scale")[0])
-        except KeyError:
-            raise FormatError(f"{p}: tensor {name}.qweight/.scale missing") from None
-        kp = -(-k // 128) * 128
-        if data.shape != (-(-n // 4), kp // 128, 4, 32):
-            raise FormatError(f"{p}: {name}.qweight has shape {tuple(data.shape)}, expected for [{n}, {k}]")
-        linears[name] = (PackedTernary(data=data, n=n, k=k, k_padded=kp), scale)
-    want = set(block_linears(cfg))
-    if set(linears) != want:
-        raise FormatError(f"{p}: ternary layers missing: {sorted(want - set(linears))[:3]}")
+    linears = {name: _read_linear(p, tensors, name, records[name], shapes[name]) for name in shapes}
     tok = None
     if load_tokenizer and (p / TOKENIZER_DIR).exists():
         from tritlm.data import load_tokenizer as _lt
 
         tok = _lt(p / TOKENIZER_DIR)
-    return PackedModel(cfg, linears, tensors, tok, p, meta={"fp_dtype": meta.get("fp_dtype")})
+    return PackedModel(cfg, linears, tensors, tok, p, meta={"fp_dtype": meta.get("fp_dtype"), "version": version})
 
 
 def pack_checkpoint(checkpoint: str | Path, out: str | Path, fp_dtype: str = "fp16",
@@ -222,12 +297,20 @@ def pack_checkpoint(checkpoint: str | Path, out: str | Path, fp_dtype: str = "fp
 
 
 def size_report(pm: PackedModel, path: Path | None = None) -> dict:
-    """Weight bytes vs the ideal 2 bits x ternary params + FP parts (padding makes up the rest)."""
+    """Weight bytes vs the ideal (each kind's bits per weight + its scales, FP parts as stored)."""
     b = pm.weight_bytes()
-    ideal = pm.ternary_params() / 4 + b["fp"]
-    actual = b["ternary"] + b["scales"] + b["fp"]
-    rep = {"ternary_params": pm.ternary_params(), "ternary_bytes": b["ternary"], "fp_bytes": b["fp"],
-           "weight_bytes": actual, "ideal_bytes": int(ideal), "overhead_pct": 100.0 * (actual / ideal - 1)}
+    ideal = sum(pl.ideal_bytes for pl in pm.linears.values()) + b["fp"]
+    actual = b["quantised"] + b["scales"] + b["fp_linears"] + b["fp"]
+    kinds: dict[str, dict[str, float]] = {}
+    for pl in pm.linears.values():
+        e = kinds.setdefault(pl.kind, {"layers": 0, "params": 0, "bytes": 0, "ideal_bytes": 0.0})
+        e["layers"] += 1
+        e["params"] += pl.n * pl.k
+        e["bytes"] += pl.nbytes
+        e["ideal_bytes"] += pl.ideal_bytes
+    rep = {"ternary_params": pm.ternary_params(), "ternary_bytes": b["quantised"], "fp_bytes": b["fp"],
+           "weight_bytes": actual, "ideal_bytes": int(ideal), "overhead_pct": 100.0 * (actual / ideal - 1),
+           "kinds": kinds}
     if path is not None:
         rep["file_bytes"] = (Path(path) / WEIGHTS_FILE).stat().st_size
     return rep

@@ -39,9 +39,12 @@ def gguf_for(pm, head: str) -> Path:
 
     h = hashlib.sha256(json.dumps(pm.config.to_dict(), sort_keys=True).encode())
     for name in sorted(pm.linears)[:4]:
-        p, s = pm.linears[name]
-        h.update(p.data.reshape(-1)[: 1 << 16].tobytes())
-        h.update(np.float32(s).tobytes())
+        pl = pm.linears[name]
+        h.update(pl.kind.encode())
+        data = pl.weights.data if pl.scale is not None else pl.weights.numpy()
+        h.update(np.asarray(data).reshape(-1)[: 1 << 16].tobytes())
+        if pl.scale is not None:
+            h.update(pl.scale.reshape(-1)[:4096].tobytes())
     head_type = HEAD_TYPES[head]
     path = cache_dir() / "bench" / f"tq2_0-{head_type}-{h.hexdigest()[:16]}.gguf"
     if not path.exists():

@@ -1,10 +1,12 @@
-"""The packed ternary CPU runtime: a torch forward where every ternary Linear is a C kernel call.
+"""The packed CPU runtime: a torch forward where every low-bit Linear is a C kernel call.
 
 Design choices (each measured on 2-core Zen3 boxes, see benchmarks/RESULTS.md "CPU runtime"):
 
-* q/k/v and gate/up share their input, so each group is *one* :class:`TernaryLinearKernel` over
-  the row-concatenated packed weights (per-row scales): 4 kernel calls per layer instead of 7,
-  which halves the per-call overhead and gives the thread pool bigger chunks.
+* Every block Linear has its own kind (ternary, binary, int8, int4, fp16 / fp32; see
+  ``nn/packed_linear.py``). q/k/v and gate/up share their input, so when a group shares one
+  quantised kind it is *one* kernel over the row-concatenated packed weights (per-row scales): 4
+  kernel calls per layer instead of 7, which halves the per-call overhead and gives the thread
+  pool bigger chunks. A group of mixed kinds runs part by part (:class:`SplitLinear`).
 * The kernel's C entry point is called directly with ``data_ptr()`` of preallocated buffers: no
   per-call validation or allocation on the decode path.
 * The KV cache is preallocated ``[slots, kv_heads, max_len, head_dim]`` per layer; a slot is one
@@ -36,8 +38,9 @@ from tritlm.infer.fused_decode import FusedDecoder
 from tritlm.infer.sampling import Sampler, SamplingParams, contrastive_select, sample
 from tritlm.kernels.cpu import TernaryLinearKernel, set_num_threads
 from tritlm.kernels.cpu.f16 import F16MatMul
-from tritlm.kernels.pack import PackedTernary, pack_ternary_kernel
+from tritlm.kernels.pack import pack_ternary_kernel
 from tritlm.model.transformer import rope_tables
+from tritlm.nn.packed_linear import PackedLinear, concat_linears
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +48,19 @@ HEADS = ("auto", "f16", "fp32", "t4")
 
 
 # --------------------------------------------------------------------------- linears
-def concat_packed(parts: Sequence[PackedTernary]) -> PackedTernary:
-    """Row-concatenate packed matrices that share K (no unpacking when every N is a multiple of 4)."""
-    k = parts[0].k
-    if any(p.k != k for p in parts):
-        raise ValueError("concat_packed: all parts must have the same K")
-    if all(p.layout == "i2s_r4" and p.n % 4 == 0 for p in parts):
-        data = np.concatenate([p.data for p in parts], axis=0)
-        return PackedTernary(data=data, n=sum(p.n for p in parts), k=k, k_padded=parts[0].k_padded)
-    return pack_ternary_kernel(np.concatenate([p.unpack() for p in parts], axis=0))
-
-
 class KernelLinear:
-    """A (possibly fused) ternary Linear run by the C kernel; ``__call__(x, out)`` with 2-D float32."""
+    """A (possibly fused) low-bit Linear run by a C kernel; ``__call__(x, out)`` with 2-D float32.
 
-    def __init__(self, packed: PackedTernary, scales: np.ndarray, threads: int | None = None):
-        self.kernel = TernaryLinearKernel(packed, scales, threads=threads)
-        self.n, self.k = packed.n, packed.k
-        self._fast = self.kernel._ctx is not None
+    ``kernel``: a ``TernaryLinearKernel`` / ``Int8LinearKernel`` / ``Int4LinearKernel`` /
+    ``BinaryLinearKernel`` (one C context type with a kind tag: the fused decode step runs any).
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.n, self.k = kernel.n, kernel.k
+        self._fast = kernel._ctx is not None
         if self._fast:  # hoisted: the ctypes entry point and context (see KERNELS.md, per-call cost)
-            self._fn, self._ctx, self._threads = self.kernel._fwd, self.kernel._ctx, self.kernel.threads or 0
+            self._fn, self._ctx, self._threads = kernel._fwd, kernel._ctx, kernel.threads or 0
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self._fast:
@@ -72,6 +68,40 @@ class KernelLinear:
                 raise MemoryError("tritlm kernel: workspace allocation failed")
             return out
         return self.kernel(x, out=out)
+
+
+class F16Linear:
+    """An fp16-stored FP layer read as fp16 by the C GEMV (exact float32 math)."""
+
+    def __init__(self, w: torch.Tensor):
+        self.mm = F16MatMul(w)
+        self.n, self.k = w.shape
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.mm(x, out)
+
+
+class SplitLinear:
+    """Layers that share an input but not a kind (e.g. an int8 q_proj next to ternary k/v): each
+    part runs its own kernel into its columns of the output. No fused decode for these."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.n, self.k = sum(p.n for p in parts), parts[0].k
+        self._bufs: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        bufs = self._bufs.get(m)
+        if bufs is None:
+            if len(self._bufs) > 16:
+                self._bufs.clear()
+            bufs = self._bufs[m] = [torch.empty(m, p.n) for p in self.parts]
+        c = 0
+        for p, b in zip(self.parts, bufs):
+            out[:, c:c + p.n] = p(x, b)
+            c += p.n
+        return out
 
 
 class DenseLinear:
@@ -112,8 +142,8 @@ class TritPlaneHead:
             c = (c - dig) // 3
             planes.append(dig.astype(np.int8))
             scales.append(s * 3.0 ** p)
-        self.lin = KernelLinear(pack_ternary_kernel(np.concatenate(planes)), np.concatenate(scales).astype(np.float32),
-                                threads)
+        self.lin = KernelLinear(TernaryLinearKernel(pack_ternary_kernel(np.concatenate(planes)),
+                                                    np.concatenate(scales).astype(np.float32), threads=threads))
         self.n, self.k, self.v = v, d, v
         self._buf: torch.Tensor | None = None
 
@@ -125,10 +155,6 @@ class TritPlaneHead:
         self.lin(x, buf)
         torch.sum(buf.view(m, self.PLANES, self.v), dim=1, out=out)
         return out
-
-
-def _dequant(p: PackedTernary, s: float) -> torch.Tensor:
-    return torch.from_numpy(p.unpack().astype(np.float32)) * s
 
 
 # --------------------------------------------------------------------------- engine
@@ -207,13 +233,20 @@ class Engine:
         else:
             self.head = DenseLinear(head_w.float(), torch.float32)
 
+        def one(p: PackedLinear):
+            if p.kind == "fp16":
+                return F16Linear(p.weights)
+            if p.kind == "fp32":
+                return DenseLinear(p.weights, torch.float32)
+            return KernelLinear(p.kernel())
+
         def lin(names: list[str]):
             parts = [pm.linears[n] for n in names]
             if backend == "dense":
-                return DenseLinear(torch.cat([_dequant(p, s) for p, s in parts]), dense_dtype)
-            scales = np.concatenate([np.full(p.n, s, np.float32) for p, s in parts])
-            packed = parts[0][0] if len(parts) == 1 else concat_packed([p for p, _ in parts])
-            return KernelLinear(packed, scales)
+                return DenseLinear(torch.cat([p.dequant() for p in parts]), dense_dtype)
+            if all(parts[0].fusable_with(p) for p in parts):
+                return one(concat_linears(parts))
+            return SplitLinear([one(p) for p in parts])
 
         def opt(name: str) -> torch.Tensor | None:
             t = fp.get(name)
@@ -566,10 +599,6 @@ class Engine:
             yield nxt
             if stop_ids and nxt in stop_ids:
                 return
-
-    def kv_bytes(self) -> int:
-        return sum(t.numel() * 4 for t in self.k_cache) * 2
-
 
 def load_engine(path, **kw) -> Engine:
     """An :class:`Engine` over the packed folder at ``path`` (keyword arguments go to Engine)."""

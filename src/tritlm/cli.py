@@ -24,23 +24,50 @@ def _console():
 def cmd_info(a: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from tritlm.model.config import PRESETS, preset
-    from tritlm.model.sizes import model_sizes
+    from tritlm.model.config import PRESETS, load_quant_spec, preset, quant_overrides_from
+    from tritlm.model.sizes import kind_summary, layer_sizes, model_sizes
 
-    names = [a.preset] if a.preset else list(PRESETS)
-    t = Table(title="tritlm model presets" if not a.preset else f"preset {a.preset}")
-    for col in ("preset", "dim x L", "heads", "ffn", "params", "ternary", "train*", "fp16", "2-bit"):
+    con = _console()
+    if a.model:
+        from tritlm.formats.detect import read_model_config
+        from tritlm.infer.registry import resolve_path
+
+        cfgs = [(str(a.model), read_model_config(resolve_path(a.model)))]
+    else:
+        names = [a.preset] if a.preset else list(PRESETS)
+        cfgs = [(n, preset(n, **({"vocab_size": a.vocab} if a.vocab else {}))) for n in names]
+    if a.quant_spec:
+        spec = load_quant_spec(a.quant_spec)
+        cfgs = [(n, c.replace(quant_overrides=quant_overrides_from(spec, c.quant) + c.quant_overrides))
+                for n, c in cfgs]
+    t = Table(title="tritlm model presets" if len(cfgs) > 1 else f"{cfgs[0][0]}")
+    for col in ("model", "dim x L", "heads", "ffn", "params", "low-bit", "train*", "fp16", "packed"):
         t.add_column(col, justify="right")
-    for n in names:
-        cfg = preset(n, **({"vocab_size": a.vocab} if a.vocab else {}))
+    for n, cfg in cfgs:
         s = model_sizes(cfg)
         t.add_row(n, f"{cfg.dim} x {cfg.n_layers}", f"{cfg.n_heads} ({cfg.kv_heads})", str(cfg.ffn_dim),
                   _h(s.params), _h(s.ternary_params), _b(s.train_bytes), _b(s.fp16_bytes),
                   _b(s.packed_bytes))
-    con = _console()
     con.print(t)
     con.print("heads = query (key/value) heads; train* = fp32 weights + grads + AdamW moments, "
-              "activations excluded; 2-bit = packed ternary Linear weights + fp16 embeddings/norms")
+              "activations excluded; packed = block Linears at their kinds' bits (ternary 2, binary 1, "
+              "int8 8, int4 4, scales included; FP layers fp16) + fp16 embeddings/norms")
+    if len(cfgs) == 1:
+        cfg = cfgs[0][1]
+        k = Table(title="block Linears by kind")
+        for col in ("kind", "layers", "params", "bytes", "bits/weight"):
+            k.add_column(col, justify="right")
+        for kind, e in kind_summary(cfg).items():
+            k.add_row(kind, str(e["layers"]), _h(e["params"]), _b(e["bytes"]), f"{8 * e['bytes'] / e['params']:.2f}")
+        con.print(k)
+        if a.layers or (cfg.quant_overrides and cfg.n_layers <= 8):
+            lt = Table(title="per layer")
+            for col in ("layer", "kind", "shape", "bytes"):
+                lt.add_column(col, justify="right" if col == "bytes" else "left")
+            shapes = cfg.linear_shapes()
+            for ls in layer_sizes(cfg):
+                lt.add_row(ls.name, ls.kind, "x".join(map(str, shapes[ls.name])), _b(ls.bytes))
+            con.print(lt)
     return 0
 
 
@@ -78,6 +105,10 @@ def _train_config(a: argparse.Namespace):
               "device": a.device, "seed": a.seed, "eval_interval": a.eval_interval}
     if getattr(a, "fp", False):
         direct["fp"] = True
+    if a.quant_spec:
+        from tritlm.model.config import load_quant_spec
+
+        direct["model.quant_overrides"] = load_quant_spec(a.quant_spec)
     return load_config(a.config, a.set, **direct)
 
 
@@ -307,6 +338,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int)
+    p.add_argument("--quant-spec", metavar="FILE.yaml",
+                   help="per-layer kinds: a YAML mapping of globs over layer names (layers.0.self_attn.q_proj ...) "
+                        "to quant configs, first match wins, e.g. '\"layers.*.self_attn.*\": {weight: int8}'; "
+                        "stored as model.quant_overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.schedule=two-stage (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -317,8 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("info", help="presets: parameter counts and memory (training, fp16, packed 2-bit)")
+    s = sub.add_parser("info", help="parameter counts, memory and per-layer kinds of a model or the presets")
+    s.add_argument("model", nargs="?", help="a checkpoint, packed folder, GGUF / .1bit file or transformers folder")
     s.add_argument("--preset", help="one preset (default: all)")
+    s.add_argument("--quant-spec", metavar="FILE.yaml", help="per-layer kinds to apply first (what-if sizes)")
+    s.add_argument("--layers", action="store_true", help="list every block Linear with its kind and bytes")
     s.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's)")
     s.set_defaults(fn=cmd_info)
 

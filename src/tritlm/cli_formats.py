@@ -20,7 +20,17 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from tritlm.formats.detect import require_gguf
     from tritlm.formats.gguf_tools import inspect_gguf
+    from tritlm.formats.packed import inspect_packed, is_packed
 
+    if is_packed(a.file):
+        info = inspect_packed(a.file)
+        if not a.all:
+            names = list(info["tensors"])
+            info["tensors"] = {n: info["tensors"][n] for n in names[:12]}
+            if len(names) > 12:
+                info["tensors"][f"... {len(names) - 12} more"] = None
+        print(json.dumps(info, indent=2, default=str))
+        return 0
     require_gguf(a.file)
     info = inspect_gguf(a.file)
     if not a.all:
@@ -68,7 +78,7 @@ def add_format_commands(sub) -> None:
     s = sub.add_parser("quantize", help="post-training quantisation (absmean) of a full-precision model")
     s.add_argument("src", help="checkpoint/run folder, HF Llama folder, GGUF file or registered model name")
     s.add_argument("out", help="OUT.gguf (TQ2_0), OUT.1bit, or a folder (transformers BitNet/Llama)")
-    s.add_argument("--bits", choices=["ternary", "binary"], default="ternary")
+    s.add_argument("--bits", choices=["ternary", "binary", "int8", "int4"], default="ternary")
     s.add_argument("--eval", metavar="TEXT", help="held-out text file: print perplexity before and after")
     s.set_defaults(fn=cmd_quantize)
     s = sub.add_parser("export", help="write a model as a transformers folder, a GGUF file or a .1bit file")
@@ -76,7 +86,7 @@ def add_format_commands(sub) -> None:
     s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     s.add_argument("out", help="output folder (hf) or file (gguf), written atomically")
     s.set_defaults(fn=cmd_export)
-    s = sub.add_parser("inspect", help="a GGUF file's metadata, tensors, types and sizes (JSON)")
+    s = sub.add_parser("inspect", help="a GGUF file or packed folder: metadata, tensors, kinds, types and sizes (JSON)")
     s.add_argument("file")
     s.add_argument("--all", action="store_true", help="list every tensor")
     s.set_defaults(fn=cmd_inspect)

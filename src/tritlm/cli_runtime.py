@@ -11,10 +11,13 @@ from tritlm.errors import TritlmError
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
-    from tritlm.formats.packed import pack_checkpoint
+    from tritlm.formats.packed import pack_model
     from tritlm.infer.registry import resolve_path
+    from tritlm.model.config import load_quant_spec
 
-    path, rep = pack_checkpoint(resolve_path(a.checkpoint), a.out, fp_dtype=a.fp_dtype, overwrite=a.force)
+    spec = load_quant_spec(a.quant_spec) if a.quant_spec else None
+    path, rep = pack_model(resolve_path(a.checkpoint), a.out, fp_dtype=a.fp_dtype, quant_spec=spec,
+                           quant=a.quant, overwrite=a.force)
     print(json.dumps({"out": str(path), **rep}, indent=2))
     return 0
 
@@ -48,10 +51,12 @@ def bench_lines(res: dict) -> list[str]:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from tritlm.infer.profile import bench_models
+    from tritlm.model.config import load_quant_spec
 
     res = bench_models([m for m in a.models.split(",") if m], [int(x) for x in str(a.threads).split(",") if x],
                        decode_tokens=a.decode_tokens, prompt_tokens=a.prompt_tokens, dense=not a.no_dense,
-                       head=a.head, tune=a.tune)
+                       head=a.head, tune=a.tune,
+                       quant_spec=load_quant_spec(a.quant_spec) if a.quant_spec else None)
     if a.json:
         print(json.dumps(res, indent=2))
     else:
@@ -123,17 +128,27 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 # ---- parser --------------------------------------------------------------------------------------
 def add_runtime_commands(sub) -> None:
-    s = sub.add_parser("pack", help="pack a training checkpoint into a 2-bit model folder for the CPU runtime")
-    s.add_argument("checkpoint", help="run folder, checkpoint folder or registered model name")
+    s = sub.add_parser("pack", help="pack a model (checkpoint, GGUF, .1bit, transformers folder) for the CPU runtime; "
+                                    "each layer in its kind, or re-quantised with --quant / --quant-spec")
+    s.add_argument("checkpoint", metavar="model",
+                   help="run folder, checkpoint folder, GGUF / .1bit file, transformers folder or registered name")
     s.add_argument("out", help="output folder (written atomically)")
     s.add_argument("--fp-dtype", choices=["fp16", "fp32", "bf16"], default="fp16",
                    help="dtype of embeddings and lm_head (norms stay fp32)")
+    s.add_argument("--quant", metavar="KIND", choices=["ternary", "binary", "int8", "int4", "fp"],
+                   help="post-training: re-quantise every block Linear to KIND first (the default of --quant-spec)")
+    s.add_argument("--quant-spec", metavar="FILE.yaml",
+                   help="post-training: per-layer kinds, a YAML mapping of globs over layer names to quant "
+                        "configs (first match wins), e.g. '\"*.down_proj\": {weight: int4, group_size: 64}'")
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.set_defaults(fn=cmd_pack)
 
     s = sub.add_parser("bench", help="CPU runtime speed: packed vs dense PyTorch (fp32/bf16), 700M and 125M")
     s.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    s.add_argument("--models", default="700M,125M", help="comma-separated presets (default 700M,125M)")
+    s.add_argument("--models", default="700M,125M",
+                   help="comma-separated presets or packed model folders (default 700M,125M)")
+    s.add_argument("--quant-spec", metavar="FILE.yaml",
+                   help="per-layer kinds of the random preset models (a mixed model)")
     s.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     s.add_argument("--decode-tokens", type=int, default=64)
     s.add_argument("--prompt-tokens", type=int, default=128)

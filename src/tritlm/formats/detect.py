@@ -54,6 +54,51 @@ def load_interop(path: str | Path) -> tuple[Any, Any, str] | None:
     return None
 
 
+def load_transformer(path: str | Path) -> tuple[Any, Any, str]:
+    """(Transformer in eval mode, tokenizer, source kind) from a training checkpoint, a GGUF or
+    .1bit file or a transformers folder: every model whose weights tritlm can rebuild as floats."""
+    from tritlm.formats.native import is_native, load_native
+    from tritlm.formats.packed import is_packed
+
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"no such file or folder: {p}")
+    if is_native(p):
+        model, tok, _ = load_native(p)
+        return model, tok, "checkpoint"
+    if is_packed(p):
+        raise FormatError(f"{p} is already a packed runtime folder; pack from the checkpoint or file it came from")
+    got = load_interop(p)
+    if got is None:
+        raise FormatError(f"{p}: not a model format tritlm can read")
+    return got
+
+
+def read_model_config(path: str | Path):
+    """The :class:`~tritlm.model.config.ModelConfig` of any model tritlm reads; checkpoints and
+    packed folders are read from their ``config.json`` without loading weights."""
+    import json
+
+    from tritlm.formats.native import resolve_checkpoint
+    from tritlm.formats.packed import CONFIG_FILE, is_packed
+    from tritlm.model.config import ModelConfig
+
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"no such file or folder: {p}")
+    try:
+        if is_packed(p):
+            return ModelConfig.from_dict(json.loads((p / CONFIG_FILE).read_text())["model"])
+        from tritlm.formats.native import is_native
+
+        if is_native(p):
+            ck = resolve_checkpoint(p)
+            return ModelConfig.from_dict(json.loads((ck / "config.json").read_text())["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{p}: config.json holds no valid model config ({str(e)[:100]})") from None
+    return load_transformer(p)[0].cfg
+
+
 def write_format(model: Any, tokenizer: Any, fmt: str, out: str | Path, *, name: str | None = None) -> Path:
     """Write a Transformer as ``fmt`` (one of :data:`EXPORT_FORMATS`); ``name`` labels log messages."""
     if fmt == "hf":

@@ -92,6 +92,10 @@ def export_onebit(model: Transformer, tokenizer: Any, path: str | Path, fp_dtype
     cfg = model.cfg
     if not cfg.quantised:
         raise FormatError(".1bit holds ternary or binary models; quantise it first (tritlm quantize)")
+    for lname, q in cfg.layer_quants().items():
+        if q.weight not in ("ternary", "binary") or q.scale != "tensor" or q != cfg.quant:
+            raise FormatError(f".1bit: {lname} is {q.kind if q.quantised else 'fp'}; the format holds models whose "
+                              "layers are all ternary or all binary with one scale per tensor (export GGUF instead)")
     if fp_dtype not in ("fp16", "fp32"):
         raise FormatError(f".1bit: fp_dtype must be fp16 or fp32, not {fp_dtype!r}")
     fdt = F16 if fp_dtype == "fp16" else F32

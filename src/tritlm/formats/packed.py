@@ -196,6 +196,30 @@ def is_packed(path: str | Path) -> bool:
         return False
 
 
+def inspect_packed(path: str | Path) -> dict:
+    """What a packed folder holds, from its ``config.json`` (no weights read): format version, the
+    model config, per-tensor kind / bits / layout / shape / bytes, and the totals by kind."""
+    p = Path(path)
+    if not is_packed(p):
+        raise FormatError(f"{p} is not a tritlm packed model folder")
+    meta = json.loads((p / CONFIG_FILE).read_text())
+    cfg = ModelConfig.from_dict(meta.get("model", {}))
+    records = meta.get("tensors")
+    if not isinstance(records, dict):  # version 1: all ternary, one scale per tensor
+        records = {n: {"kind": "ternary", "bits": 2, "layout": "i2s_r4", "shape": s, "scale_shape": [1],
+                       "group_size": None} for n, s in (meta.get("shapes") or {}).items()}
+    kinds: dict[str, dict[str, int]] = {}
+    for r in records.values():
+        e = kinds.setdefault(str(r.get("kind")), {"tensors": 0, "params": 0})
+        e["tensors"] += 1
+        n, k = r.get("shape", [0, 0])
+        e["params"] += int(n) * int(k)
+    return {"path": str(p), "format": FORMAT, "version": meta.get("version"), "fp_dtype": meta.get("fp_dtype"),
+            "model": {k: v for k, v in cfg.to_dict().items() if k != "quant_overrides"},
+            "quant_overrides": cfg.to_dict()["quant_overrides"], "kinds": kinds, "bytes": meta.get("bytes"),
+            "file_bytes": (p / WEIGHTS_FILE).stat().st_size, "tensors": records}
+
+
 def _expected_qweight(kind: str, n: int, k: int) -> tuple[tuple[int, ...], torch.dtype]:
     """Shape and dtype of ``<name>.qweight`` in each kind's kernel layout."""
     if kind == "ternary":
@@ -285,15 +309,42 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
     return PackedModel(cfg, linears, tensors, tok, p, meta={"fp_dtype": meta.get("fp_dtype"), "version": version})
 
 
-def pack_checkpoint(checkpoint: str | Path, out: str | Path, fp_dtype: str = "fp16",
-                    overwrite: bool = False) -> tuple[Path, dict]:
-    """``tritlm pack``: a training checkpoint -> packed folder. Returns (folder, size report)."""
-    from tritlm.formats.native import load_native
+def pack_model(src: str | Path, out: str | Path, fp_dtype: str = "fp16", quant_spec: Any = None,
+               quant: Any = None, overwrite: bool = False) -> tuple[Path, dict]:
+    """``tritlm pack``: any model tritlm reads as floats (a training checkpoint, GGUF, .1bit, a
+    transformers folder) -> packed folder. Returns (folder, size report).
 
-    model, tok, _ = load_native(checkpoint)
+    Post-training re-quantisation before packing (:func:`tritlm.formats.ptq.requantize`):
+    ``quant_spec`` (``{glob: fields or kind}``, e.g. from :func:`~tritlm.model.config.load_quant_spec`)
+    gives the layers it matches new kinds, the others keep theirs; ``quant`` (a kind name or
+    QuantConfig fields) gives every layer the spec does not match that kind. Without either, each
+    layer keeps the kind it was trained in.
+    """
+    from tritlm.formats.detect import load_transformer
+    from tritlm.model.config import quant_from_dict, quant_overrides_from
+
+    model, tok, _ = load_transformer(src)
+    if quant is not None or quant_spec is not None:
+        from tritlm.formats.ptq import requantize
+
+        if quant is None:  # the spec's globs first, then the trained overrides for the rest
+            base = model.cfg.quant
+            ov = quant_overrides_from(quant_spec, base) + model.cfg.quant_overrides
+        else:  # a new default for every layer the spec does not name
+            base = quant_from_dict(quant)
+            ov = () if quant_spec is None else quant_overrides_from(quant_spec, base)
+        model = requantize(model, base, ov)
+    if not model.cfg.quantised:
+        log.warning("%s has no quantised layers: the packed model keeps every Linear in %s", src, fp_dtype)
     pm = from_transformer(model, tok, fp_dtype)
     path = save_packed(pm, out, overwrite=overwrite)
     return path, size_report(pm, path)
+
+
+def pack_checkpoint(checkpoint: str | Path, out: str | Path, fp_dtype: str = "fp16",
+                    overwrite: bool = False) -> tuple[Path, dict]:
+    """A training checkpoint -> packed folder, every layer in its trained kind (see :func:`pack_model`)."""
+    return pack_model(checkpoint, out, fp_dtype, overwrite=overwrite)
 
 
 def size_report(pm: PackedModel, path: Path | None = None) -> dict:
@@ -308,7 +359,8 @@ def size_report(pm: PackedModel, path: Path | None = None) -> dict:
         e["params"] += pl.n * pl.k
         e["bytes"] += pl.nbytes
         e["ideal_bytes"] += pl.ideal_bytes
-    rep = {"ternary_params": pm.ternary_params(), "ternary_bytes": b["quantised"], "fp_bytes": b["fp"],
+    rep = {"ternary_params": pm.ternary_params(), "ternary_bytes": b["quantised"] + b["scales"],
+           "fp_linear_bytes": b["fp_linears"], "fp_bytes": b["fp"],
            "weight_bytes": actual, "ideal_bytes": int(ideal), "overhead_pct": 100.0 * (actual / ideal - 1),
            "kinds": kinds}
     if path is not None:

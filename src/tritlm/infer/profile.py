@@ -176,19 +176,39 @@ def engine_shapes(cfg, head: str) -> list[tuple[int, int]]:
 
 
 def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, prompt_tokens: int = 128,
-                dense: bool = True, head: str = "t4", seed: int = 0, tune: bool = False) -> dict:
-    from tritlm.formats.packed import random_packed, size_report
-    from tritlm.infer.engine import Engine
-    from tritlm.model.config import preset
+                dense: bool = True, head: str = "t4", seed: int = 0, tune: bool = False,
+                quant_spec=None) -> dict:
+    """Our packed runtime vs llama.cpp on the same weights and vs dense PyTorch, per thread count.
 
-    cfg = preset(preset_name, vocab_size=32000, max_seq_len=max(512, prompt_tokens + decode_tokens + 16))
+    ``preset_name``: a preset (random weights of each layer's kind) or a packed folder.
+    ``quant_spec``: per-layer kinds ``{glob: fields or kind}`` for a preset (a mixed model).
+    """
+    from pathlib import Path
+
+    from tritlm.formats.packed import is_packed, load_packed, random_packed, size_report
+    from tritlm.infer.engine import Engine
+    from tritlm.model.config import preset, quant_overrides_from
+
     t = time.perf_counter()
-    pm = random_packed(cfg, seed=seed)
-    log.info("built random packed %s in %.1f s", preset_name, time.perf_counter() - t)
+    if is_packed(preset_name):
+        pm = load_packed(preset_name)
+        need = prompt_tokens + decode_tokens + 16
+        if pm.config.max_seq_len < need:
+            raise ValueError(f"{preset_name}: context {pm.config.max_seq_len} < the {need} positions the bench needs")
+        cfg = pm.config
+        preset_name = Path(preset_name).name
+    else:
+        cfg = preset(preset_name, vocab_size=32000, max_seq_len=max(512, prompt_tokens + decode_tokens + 16))
+        if quant_spec:
+            cfg = cfg.replace(quant_overrides=quant_overrides_from(quant_spec, cfg.quant))
+        pm = random_packed(cfg, seed=seed)
+    log.info("built packed %s in %.1f s", preset_name, time.perf_counter() - t)
+    mixed = cfg.uniform_quant is None or cfg.quant.kind != "ternary"
+    gguf_label = "llama.cpp " + ("mixed GGUF" if mixed else "TQ2_0")
     sizes = size_report(pm)
     head_bytes = cfg.vocab_size * cfg.dim * {"t4": 1, "f16": 2, "fp32": 4}[head]
-    per_token = sizes["ternary_bytes"] + head_bytes
-    res: dict = {"model": preset_name, "ternary_params": sizes["ternary_params"],
+    per_token = sizes["ternary_bytes"] + sizes["fp_linear_bytes"] + head_bytes
+    res: dict = {"model": preset_name, "ternary_params": sizes["ternary_params"], "kinds": sizes["kinds"],
                  "packed_weight_bytes": sizes["weight_bytes"], "bytes_per_decode_token": per_token,
                  "head": head, "rows": []}
     from tritlm.infer import bench_llama_cpp
@@ -197,7 +217,8 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
     if bench_llama_cpp.available():
         try:
             gguf_path = bench_llama_cpp.gguf_for(pm, head)
-            res["llama_cpp"] = f"TQ2_0 GGUF of the same weights ({gguf_path.name}), llama-cpp-python"
+            res["llama_cpp"] = (f"{'mixed' if mixed else 'TQ2_0'} GGUF of the same weights ({gguf_path.name}), "
+                                "llama-cpp-python")
         except Exception as e:  # noqa: BLE001 - the peer is optional; say why it is missing
             res["llama_cpp"] = f"export failed: {str(e)[:200]}"
     else:
@@ -225,7 +246,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         del eng
         if gguf_path is not None:
             r = bench_llama_cpp.bench(gguf_path, th, decode_tokens, prompt_tokens, cfg.max_seq_len)
-            res["rows"].append({"impl": f"llama.cpp TQ2_0 (head {bench_llama_cpp.HEAD_TYPES[head]})",
+            res["rows"].append({"impl": f"{gguf_label} (head {bench_llama_cpp.HEAD_TYPES[head]})",
                                 "threads": th, **r})
         if dense:
             for dt, name in ((torch.float32, "torch dense fp32"), (torch.bfloat16, "torch dense bf16")):
@@ -250,7 +271,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         ours = by.get("tritlm packed")
         if ours is None:
             continue
-        for peer in ("llama.cpp TQ2_0", "torch dense bf16"):
+        for peer in ("llama.cpp TQ2_0", "llama.cpp mixed GGUF", "torch dense bf16"):
             p = by.get(peer)
             if p is not None:
                 out.append({"threads": th, "vs": peer, "decode": ours["decode"] / p["decode"],
@@ -260,7 +281,7 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 def bench_models(models: Sequence[str] = ("700M", "125M"), threads: Sequence[int] = (1, 2),
                  decode_tokens: int = 64, prompt_tokens: int = 128, dense: bool = True, head: str = "t4",
-                 tune: bool = False) -> dict:
+                 tune: bool = False, quant_spec=None) -> dict:
     """:func:`bench_model` for each preset in ``models``, with the machine's description: the
     document ``tritlm bench --json`` prints."""
     from tritlm.kernels.cpu import kernel_info
@@ -270,7 +291,7 @@ def bench_models(models: Sequence[str] = ("700M", "125M"), threads: Sequence[int
            "decode_tokens": decode_tokens, "prompt_tokens": prompt_tokens, "models": []}
     for name in models:
         out["models"].append(bench_model(name, list(threads), decode_tokens, prompt_tokens, dense, head,
-                                         tune=tune))
+                                         tune=tune, quant_spec=quant_spec))
     return out
 
 

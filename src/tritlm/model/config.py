@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from tritlm.errors import ConfigError
@@ -189,6 +190,27 @@ def quant_overrides_from(spec: Any, base: QuantConfig) -> QuantOverrides:
             raise ConfigError(f"quant_overrides keys must be non-empty globs, got {glob!r}")
         out.append((glob, q if isinstance(q, QuantConfig) else quant_from_dict(q, base)))
     return tuple(out)
+
+
+def load_quant_spec(path: str | Path) -> dict[str, Any]:
+    """Read a per-layer spec file: a YAML (or JSON) mapping ``{glob: fields or kind}``, e.g.
+
+    ``"layers.*.self_attn.*": {weight: int8}`` and ``"*.down_proj": {weight: int4, group_size: 64}``.
+    Returns the mapping in file order (validated by :func:`quant_overrides_from`).
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"quant spec {p}: no such file")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"quant spec {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, Mapping) or not d:
+        raise ConfigError(f"quant spec {p}: expected a mapping of globs to quant configs")
+    quant_overrides_from(d, QuantConfig())  # fail early, naming the file
+    return dict(d)
 
 
 def _llama_ffn(dim: int, multiple: int = 256) -> int:

@@ -265,6 +265,11 @@ class BitLinear(nn.Linear):
         q, scale = quantize_weight(self.weight.detach().float(), self.config)
         return q.to(torch.int8), scale.float()
 
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """float32 ``[out, in]``: the weight the hard forward multiplies by (dequantised levels)."""
+        return _dequant_weight(self.weight.detach().float(), self.config).clone()
+
     def clamp_latent_(self) -> None:
         """Clamp the latent weights to [-c, c] when ``config.latent_clamp`` is set (after opt.step)."""
         if self.config.latent_clamp is not None:

@@ -1,5 +1,6 @@
 """GGUF: export -> import round trips (TQ2_0, TQ1_0, I2_S, F16 fallback), independent reading with the
-``gguf`` package, inspect/validate/repair, bad input, and (slow, optional) llama.cpp agreement."""
+``gguf`` package, inspect/validate/repair, bad input, and llama.cpp agreement (about a second; skipped without
+llama-cpp-python, which ``scripts/setup_llama_cpp.sh`` builds). Mixed models: test_formats_gguf_mixed.py."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from tritlm.formats.gguf import (  # noqa: E402
 )
 from tritlm.formats.gguf_io import read_gguf  # noqa: E402
 from tritlm.formats.gguf_tools import inspect_gguf, repair_gguf, validate_gguf  # noqa: E402
-from tritlm.model.config import ModelConfig  # noqa: E402
+from tritlm.model.config import ModelConfig, quant_overrides_from  # noqa: E402
 from tritlm.model.transformer import Transformer  # noqa: E402
 from tritlm.quant.config import BINARY, FP, TERNARY  # noqa: E402
 
@@ -92,11 +93,19 @@ def test_gguf_package_reads_our_file_and_agrees(tmp_path):
     np.testing.assert_array_equal(np.sign(wq), _permute(q.numpy(), 4))
 
 
-def test_export_from_packed_model_is_the_same_file(tmp_path):
-    """The packed route (no float model) writes the same tensors as the training-model route."""
+@pytest.mark.parametrize("mixed", [False, True], ids=["ternary", "mixed"])
+def test_export_from_packed_model_is_the_same_file(tmp_path, mixed):
+    """The packed route (no float model) writes the same tensors as the training-model route, for a
+    ternary model and for a mixed one (TQ2_0 + Q8_0 + Q4_0 + F16 block Linears, per-row scales)."""
     from tritlm.formats.packed import from_transformer
 
-    model = make(cfg_for(False, tie_embeddings=False))
+    cfg = cfg_for(False, tie_embeddings=False)
+    if mixed:
+        cfg = cfg.replace(quant_overrides=quant_overrides_from(
+            {"layers.0.self_attn.q_proj": "int8", "layers.*.self_attn.k_proj": {"weight": "int4", "group_size": 32},
+             "layers.1.self_attn.*": {"weight": "ternary", "scale": "channel"}, "layers.0.mlp.down_proj": "fp",
+             "layers.1.mlp.*": {"weight": "binary", "scale": "channel"}}, cfg.quant))
+    model = make(cfg)
     a = export_gguf(model, ByteTokenizer(), tmp_path / "a.gguf", fp_type="F16", head_type="Q8_0")
     b = export_gguf_packed(from_transformer(model, ByteTokenizer(), fp_dtype="fp32"), tmp_path / "b.gguf",
                            fp_type="F16", head_type="Q8_0")
@@ -106,6 +115,10 @@ def test_export_from_packed_model_is_the_same_file(tmp_path):
     for name in ta:
         assert ta[name].tensor_type == tb[name].tensor_type, name
         np.testing.assert_array_equal(np.asarray(ta[name].data), np.asarray(tb[name].data), err_msg=name)
+    if mixed:
+        assert {t.tensor_type for t in ta.values()} >= {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0,
+                                                        gguf.GGMLQuantizationType.TQ2_0}
+        assert ta["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     head = ta["output.weight"]
     assert head.tensor_type == gguf.GGMLQuantizationType.Q8_0
     # Q8_0: 32 weights share one scale d = max|w| / 127 stored as fp16 -> error <= d / 2 + 127 * d * 2^-11
@@ -250,7 +263,6 @@ def test_fuzz_loader(tmp_path):
     print(f"gguf fuzz: {tried}")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("sub_norm", "qtype", "tie"), [(False, "TQ2_0", False), (False, "TQ1_0", True),
                                                        (True, "TQ2_0", True)])
 def test_llama_cpp_agrees_with_our_forward(tmp_path, sub_norm, qtype, tie):

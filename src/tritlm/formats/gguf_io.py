@@ -4,8 +4,8 @@ Why not ``gguf.GGUFReader``/``GGUFWriter`` alone: bitnet.cpp's I2_S (type id 36)
 upstream enum (upstream 36 was IQ4_NL_4_4, since removed), its byte size is not blocks x block size
 (n/4 packed bytes + a 32-byte tail holding the f32 scale), and a loader for untrusted files must turn
 every truncation or inconsistency into one FormatError line rather than a numpy/struct traceback.
-The ``gguf`` package is still used for TQ1_0/TQ2_0 (de)quantisation and the tests read our files
-with ``gguf.GGUFReader`` as an independent check.
+The ``gguf`` package is still used to dequantise block types (TQ1_0/TQ2_0/Q8_0/Q4_0) and the tests
+read our files with ``gguf.GGUFReader`` as an independent check.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ MAGIC = b"GGUF"
 ALIGN = 32
 # ggml type ids. I2_S = 36 is bitnet.cpp's id (its fork of ggml); upstream ggml gave 36 to
 # IQ4_NL_4_4 (removed) - so a file with type 36 is only meaningful to bitnet.cpp.
-F32, F16, Q8_0, TQ1_0, TQ2_0, I2_S = 0, 1, 8, 34, 35, 36
-TYPE_NAMES = {F32: "F32", F16: "F16", Q8_0: "Q8_0", TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", I2_S: "I2_S"}
+F32, F16, Q4_0, Q8_0, TQ1_0, TQ2_0, I2_S = 0, 1, 2, 8, 34, 35, 36
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q8_0: "Q8_0", TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", I2_S: "I2_S"}
 # (weights per block, bytes per block)
-_BLOCK = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), TQ1_0: (256, 54), TQ2_0: (256, 66)}
+_BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34), TQ1_0: (256, 54), TQ2_0: (256, 66)}
 
 # GGUF metadata value types
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,28 @@ def _short(v: Any) -> Any:
     return v
 
 
+def _linear_kinds(f: GGUFFile) -> dict[str, dict[str, int]] | None:
+    """``{tritlm kind: {GGUF type: tensors}}`` of the block Linears of a file with a ``tritlm.config``
+    (mixed models: e.g. ``{"ternary": {"TQ2_0": 10}, "int8": {"Q8_0": 8}, "fp": {"F16": 2}}``)."""
+    from tritlm.formats.gguf import gguf_name
+    from tritlm.model.config import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_dict(json.loads(f.kv["tritlm.config"]))
+    except Exception:  # noqa: BLE001 - absent or unreadable: a foreign file, nothing to say
+        return None
+    types = {t.name: t.type_name for t in f.tensors}
+    out: dict[str, dict[str, int]] = {}
+    for name, q in cfg.layer_quants().items():
+        d = out.setdefault(q.kind, {})
+        ty = types.get(gguf_name(name + ".weight"), "missing")
+        d[ty] = d.get(ty, 0) + 1
+    return out
+
+
 def inspect_gguf(path: str | Path) -> dict[str, Any]:
-    """Version, metadata (long arrays summarised), tensors (name, shape, type, bytes) and totals."""
+    """Version, metadata (long arrays summarised), tensors (name, shape, type, bytes), totals per
+    GGUF type and, for our files, the GGUF types of the block Linears by tritlm kind (``linear_kinds``)."""
     f = read_gguf(path, strict=False)
     tensors = [{"name": t.name, "shape": list(t.shape), "type": t.type_name, "bytes": t.nbytes,
                 "offset": t.offset} for t in f.tensors]
@@ -41,7 +62,8 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
         d["bits_per_weight"] = round(8 * d["bytes"] / max(d["weights"], 1), 4)
     return {"path": str(f.path), "version": f.version, "alignment": f.alignment, "file_size": f.file_size,
             "data_offset": f.data_offset, "metadata": {k: _short(v) for k, v in f.kv.items()},
-            "tensors": tensors, "by_type": by_type, "problems": list(f.problems)}
+            "tensors": tensors, "by_type": by_type, "linear_kinds": _linear_kinds(f),
+            "problems": list(f.problems)}
 
 
 def validate_gguf(path: str | Path, forward: bool = True) -> dict[str, Any]:

@@ -77,10 +77,28 @@ def unpack_hf(p: torch.Tensor) -> torch.Tensor:
 
 
 # ---- export -------------------------------------------------------------------------------------
+def _check_kinds(cfg: ModelConfig) -> None:
+    """transformers' BitNet layers are ternary with one scale per tensor (binary levels +-1 are
+    ternary codes too), and one quantization_config covers every block Linear: refuse a mixed model
+    (int8 / int4 / per-channel / FP layers in a quantised model, or per-layer activation settings)
+    naming its first offending layer."""
+    if not cfg.quant_overrides and (not cfg.quantised or cfg.quant.weight in ("ternary", "binary")) \
+            and cfg.quant.scale == "tensor":
+        return
+    for name, q in cfg.layer_quants().items():
+        if cfg.quantised and (q.weight not in ("ternary", "binary") or q.scale != "tensor"):
+            raise FormatError(f"hf: {name} is {q.kind}; transformers' BitNet checkpoints hold ternary layers "
+                              "only - export GGUF instead")
+        if (q.act_bits, q.input_norm) != (cfg.quant.act_bits, cfg.quant.input_norm):
+            raise FormatError(f"hf: {name} has act_bits={q.act_bits}, input_norm={q.input_norm}, unlike the model "
+                              "default; transformers' BitNet config holds one setting - export GGUF instead")
+
+
 def hf_config(cfg: ModelConfig, linear_class: str = "autobitlinear", dtype: torch.dtype = torch.float32,
               tokenizer: Any = None) -> dict[str, Any]:
     """config.json for ``cfg`` (see the module docstring for the architecture choice)."""
     check_exportable(cfg, "hf")
+    _check_kinds(cfg)
     if cfg.qk_norm:
         raise FormatError("hf: QK-norm is in neither BitNetForCausalLM nor LlamaForCausalLM")
     q = cfg.quant

@@ -98,58 +98,35 @@ def test_engine_without_compiled_kernels_uses_the_torch_path(monkeypatch):
     want = list(Engine(pm).generate([3, 1, 4], 12, SamplingParams(temperature=0)))
     monkeypatch.setenv("TRITLM_KERNEL", "numpy")
     eng = Engine(pm)
-    assert eng.fused is None and eng.head._lib is None
+    assert eng.fused is None and eng.head.mm._lib is None
     assert list(eng.generate([3, 1, 4], 12, SamplingParams(temperature=0))) == want
 
 
-class _LowBitLinear:
-    """An engine linear run by an int8 / int4 / binary kernel (the engine itself builds ternary ones)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.n, self.k = kernel, kernel.n, kernel.k
-        self._fast, self._ctx, self._fn, self._threads = True, kernel._ctx, kernel._fwd, kernel.threads or 0
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x, out=out)
-
-
-def _lowbit(kind: str, lin, gen):
-    import numpy as np
-
-    from tritlm.kernels.cpu import BinaryLinearKernel, Int4LinearKernel, Int8LinearKernel
-
-    q, s = lin.kernel.packed.unpack().astype(np.int64), lin.kernel.w_scale
-    if kind == "int8":  # the same float weights as the ternary matrix, stored as int8 levels
-        return Int8LinearKernel(q * 40, s / 40)
-    if kind == "int4":  # levels up to +-7, group scales varying along K
-        lv = q * 7 - np.sign(q) * (np.arange(q.shape[1]) % 3)
-        gs = (s[:, None] / 7 * np.linspace(0.5, 1.5, -(-q.shape[1] // 32))[None, :]).astype(np.float32)
-        return Int4LinearKernel(lv, gs, 32)
-    w = torch.randint(0, 2, tuple(q.shape), generator=gen).numpy() * 2 - 1
-    return BinaryLinearKernel(w, s * 0.3)
-
-
-@pytest.mark.parametrize("kind", ["int8", "int4", "binary"])
+@pytest.mark.parametrize("kind", [{"weight": "int8"}, {"weight": "int4", "group_size": 32},
+                                  {"weight": "binary", "scale": "channel"}, {"scale": "channel"}],
+                         ids=["int8", "int4-g32", "binary-ch", "ternary-ch"])
 def test_fused_step_runs_every_weight_kind(kind):
-    """The fused C step dispatches on the context's kind: int8 / int4 / binary layers give the
-    torch path's results (same kernels, called one by one)."""
-    from tritlm.infer.fused_decode import FusedDecoder
+    """The fused C step dispatches on the context's kind: a model whose Linears are all int8 /
+    int4 / binary / per-row ternary decodes through it with the torch path's (and the training
+    forward's) results."""
+    from tritlm.model.config import quant_overrides_from
 
-    pm = from_transformer(_model(n_kv_heads=2), fp_dtype="fp32")
+    base = _model(n_kv_heads=2)
+    cfg = base.cfg.replace(quant_overrides=quant_overrides_from({"*": kind}, base.cfg.quant))
+    m = Transformer(cfg).eval()
+    m.load_state_dict(base.state_dict())
+    pm = from_transformer(m, fp_dtype="fp32")
     fused = Engine(pm, threads=2)
     plain = Engine(pm, threads=2, fused=False)
+    assert fused.fused is not None and plain.fused is None
     gen = torch.Generator().manual_seed(2)
-    for Lf, Lp in zip(fused.layers, plain.layers):
-        for name in ("qkv", "o", "gu", "down"):
-            lin = _LowBitLinear(_lowbit(kind, getattr(Lf, name), gen))
-            setattr(Lf, name, lin)
-            setattr(Lp, name, lin)
-    fused.fused = FusedDecoder.create(fused)
-    assert fused.fused is not None
     ids = torch.randint(0, 97, (20,), generator=gen).tolist()
+    with torch.no_grad():
+        ref = m(torch.tensor([ids]))[0][0]
     for e in (fused, plain):
         e.prefill(ids[:6])
     for t in ids[6:]:
         a, b = fused.forward_seq([t])[-1], plain.forward_seq([t])[-1]
         assert _rel(a, b) < 2e-3
+    assert _rel(a, ref[-1]) < 1e-2
     assert fused.stats.decode_tokens == 14

@@ -37,34 +37,39 @@ class FusedDecoder:
         lib = build.load_library()
         if lib is None or eng.backend != "packed":
             return None
-        lins = [lin for L in eng.layers for lin in (L.qkv, L.o, L.gu, L.down)]
-        if not all(getattr(lin, "_fast", False) for lin in lins):
+        m = eng.model
+        runners = [mod.runner for mod in eng.linear_modules()]
+        if not all(getattr(r, "_fast", False) for r in runners):  # fp layers, mixed groups, numpy
             return None
         c = eng.cfg
-        keep: list = [eng.cos, eng.sin_signed, eng.final_norm]
+        final_norm = m.norm.weight.detach().float().contiguous()
+        keep: list = [eng.cos, eng.sin_signed, final_norm]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in keep):
             return None
         h = lib.tt_dec_new(c.n_layers, c.dim, eng.H, eng.KV, eng.hd, c.ffn_dim, eng.max_len, eng.slots,
-                           float(eng.eps), float(c.residual_scale), int(c.mlp == "relu2"), int(bool(eng.input_norm)),
-                           eng.cos.data_ptr(), eng.sin_signed.data_ptr(), eng.final_norm.data_ptr())
+                           float(c.norm_eps), float(c.residual_scale), int(c.mlp == "relu2"),
+                           int(bool(c.quant.input_norm)), eng.cos.data_ptr(), eng.sin_signed.data_ptr(),
+                           final_norm.data_ptr())
         if not h:
             return None
         dec = cls(lib, h, keep)
 
-        def ptr(t: torch.Tensor | None) -> int | None:
-            if t is None:
+        def ptr(norm) -> int | None:
+            if norm is None:
                 return None
-            t = t.float().contiguous()
+            t = norm.weight.detach().float().contiguous()
             keep.append(t)
             return t.data_ptr()
 
-        for i, L in enumerate(eng.layers):
-            rc = lib.tt_dec_set_layer(h, i, ptr(L.ln1), ptr(L.ln2), ptr(L.q_norm), ptr(L.k_norm), ptr(L.attn_sub),
-                                      ptr(L.ffn_sub), L.qkv._ctx, L.o._ctx, L.gu._ctx, L.down._ctx,
-                                      eng.k_cache[i].data_ptr(), eng.v_cache[i].data_ptr())
+        for i, blk in enumerate(m.layers):
+            at, mlp = blk.self_attn, blk.mlp
+            lins = (at.qkv_proj.runner, at.o_proj.runner, mlp.gate_up_proj.runner, mlp.down_proj.runner)
+            rc = lib.tt_dec_set_layer(h, i, ptr(blk.input_layernorm), ptr(blk.post_attention_layernorm),
+                                      ptr(at.q_norm), ptr(at.k_norm), ptr(at.attn_sub_norm), ptr(mlp.ffn_sub_norm),
+                                      *(r._ctx for r in lins), eng.k_cache[i].data_ptr(), eng.v_cache[i].data_ptr())
             if rc != 0:
                 return None
-            keep += [L.qkv, L.o, L.gu, L.down, eng.k_cache[i], eng.v_cache[i]]
+            keep += [*lins, eng.k_cache[i], eng.v_cache[i]]
         return dec
 
     def step(self, x: torch.Tensor, slot: int, pos: int, out: torch.Tensor, threads: int = 0) -> torch.Tensor:

@@ -137,19 +137,19 @@ def _time_prefill(eng, n: int, reps: int = 2) -> float:
 
 
 def kernel_share(eng, reps: int = 20) -> float:
-    """Fraction of one decode step on the per-layer torch path spent inside the ternary kernels +
+    """Fraction of one decode step on the per-layer torch path spent inside the Linear kernels +
     head (the rest: Python/torch glue, which the fused C path removes)."""
     c = eng.cfg
     x = {k: torch.randn(1, k) for k in {c.dim, c.n_heads * c.head_dim, c.ffn_dim}}
     outs = {}
 
     def run_all():
-        for L in eng.layers:
-            for lin in (L.qkv, L.o, L.gu, L.down):
-                o = outs.get(id(lin))
-                if o is None:
-                    o = outs[id(lin)] = torch.empty(1, lin.n)
-                lin(x[lin.k], o)
+        for mod in eng.linear_modules():
+            lin = mod.runner
+            o = outs.get(id(lin))
+            if o is None:
+                o = outs[id(lin)] = torch.empty(1, lin.n)
+            lin(x[lin.k], o)
         eng.head(x[c.dim], torch.empty(1, c.vocab_size))
 
     run_all()

@@ -488,7 +488,7 @@ def concat_rows(parts):
 
     Works for :class:`PackedInt8`, :class:`PackedInt4` (same ``group_size``), :class:`PackedBinary`
     (a plain concatenation of the packed rows) and :class:`PackedTernary` (``i2s_r4``: without
-    unpacking when every N is a multiple of 4, as the engine's ``concat_packed``).
+    unpacking when every N is a multiple of 4).
     """
     parts = list(parts)
     if not parts:

@@ -26,8 +26,32 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return emb.cos().float(), emb.sin().float()
 
 
+def _has_enable_gqa() -> bool:
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: try it
+        return False
+
+
+_GQA = _has_enable_gqa()
+
+
+def _attention(q, k, v, mask, rep: int) -> torch.Tensor:
+    """SDPA with causal masking when ``mask`` is None (queries and keys end together), else the mask."""
+    t = q.shape[2]
+    causal = mask is None and t > 1
+    if rep > 1:
+        if _GQA:  # torch >= 2.5 reads the shared kv heads in place
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D]; cos/sin: [T, D]
+    # x: [B, H, T, D]; cos/sin: [T, D] (positions shared by the batch) or [B, 1, T, D] (per row)
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
@@ -46,32 +70,30 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sub_norm else None
+        self.qkv_proj: nn.Module | None = None  # set by the runtime conversion in place of q/k/v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        nq, nkv = self.n_heads * self.hd, self.n_kv * self.hd
+        if self.qkv_proj is not None:  # the runtime's row-fused q|k|v (convert_for_runtime)
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = k.reshape(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = v.reshape(b, t, self.n_kv, self.hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
+        mask = None
         if cache is not None:
-            start = cache.pos
-            k, v = cache.update(self.layer, k, v)
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-        else:
-            # New tokens see the whole cache plus the causal part of themselves.
-            total = k.shape[2]
-            mask = torch.ones(t, total, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
+            # the cache returns every key/value the new tokens see, and the mask when they see a
+            # prefix (None: plain causal attention over the returned keys)
+            k, v, mask = cache.update(self.layer, k, v)
+        y = _attention(q, k, v, mask, self.n_heads // self.n_kv)
+        y = y.transpose(1, 2).reshape(b, t, nq)
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
         return self.o_proj(y)
@@ -86,11 +108,17 @@ class MLP(nn.Module):
         self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, cfg.quant_for(p + "up_proj"))
         self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, cfg.quant_for(p + "down_proj"))
         self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps) if cfg.sub_norm else None
+        self.gate_up_proj: nn.Module | None = None  # set by the runtime conversion in place of gate/up
+        self.ffn = cfg.ffn_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_proj(x)
+        if self.gate_up_proj is not None:
+            gu = self.gate_up_proj(x)
+            g, u = gu[..., :self.ffn], gu[..., self.ffn:]
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)
         g = F.silu(g) if self.kind == "swiglu" else F.relu(g).square()
-        h = g * self.up_proj(x)
+        h = g * u
         if self.ffn_sub_norm is not None:
             h = self.ffn_sub_norm(h)
         return self.down_proj(h)
@@ -125,6 +153,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    def reset_rope(self, max_len: int, device: torch.device | str = "cpu") -> None:
+        """(Re)compute the RoPE tables for ``max_len`` positions (after a build on the meta device)."""
+        cos, sin = rope_tables(self.cfg.head_dim, max_len, self.cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         # GPT-2: residual output projections scaled down with depth.
@@ -144,10 +177,17 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None, last_only: bool = False,
                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        pos = cache.positions(b, t) if cache is not None else None
+        if pos is None:  # from 0: training and full-sequence evaluation
+            if t > self.rope_cos.shape[0]:
+                raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        else:
+            if int(pos.max()) >= self.rope_cos.shape[0]:
+                raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            if pos.dim() == 2:  # a position per row: [B, T, D] -> [B, 1, T, D]
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, cache)

@@ -215,3 +215,158 @@ def pack_module(mod: torch.nn.Module, fp_dtype: str = "fp16") -> PackedLinear:
         return pack_levels(q, s, cfg)
     kind = "fp16" if fp_dtype == "fp16" else "fp32"
     return PackedLinear(kind, mod.weight.detach().to(_FP[kind]).contiguous().clone())
+
+
+# --------------------------------------------------------------------------- runners
+# A runner computes ``out = x @ W^T`` for 2-D float32 CPU tensors: ``runner(x [M, K], out [M, N])``.
+class KernelLinear:
+    """A (possibly fused) low-bit Linear run by a C kernel (any kind: one C context type with a kind
+    tag, so the fused decode step can drive it too)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.n, self.k = kernel.n, kernel.k
+        self._fast = kernel._ctx is not None
+        if self._fast:  # hoisted: the ctypes entry point and context (see KERNELS.md, per-call cost)
+            self._fn, self._ctx, self._threads = kernel._fwd, kernel._ctx, kernel.threads or 0
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self._fast:
+            if self._fn(self._ctx, x.data_ptr(), x.shape[0], self.k, out.data_ptr(), self._threads):
+                raise MemoryError("tritlm kernel: workspace allocation failed")
+            return out
+        return self.kernel(x, out=out)
+
+
+class DenseLinear:
+    """F.linear over a float weight (FP layers, and the dense PyTorch baseline), float32 or bfloat16."""
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype = torch.float32):
+        self.w = w.to(dtype).contiguous()
+        self.n, self.k = w.shape
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.dtype is torch.float32:
+            return torch.mm(x, self.w.t(), out=out)
+        out.copy_(torch.nn.functional.linear(x.to(self.dtype), self.w))
+        return out
+
+
+class F16Linear:
+    """An fp16-stored layer read as fp16 by the C GEMV (float32 math, half the bytes of fp32)."""
+
+    def __init__(self, w: torch.Tensor):
+        from tritlm.kernels.cpu.f16 import F16MatMul
+
+        self.mm = F16MatMul(w)
+        self.n, self.k = w.shape
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.mm(x, out)
+
+
+class SplitLinear:
+    """Layers that share an input but not a kind (e.g. an int8 q_proj next to ternary k/v), run as
+    one: each part writes its columns of the output. The fused decode step does not take these."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.n, self.k = sum(p.n for p in parts), parts[0].k
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        c = 0
+        for p in self.parts:
+            out[:, c:c + p.n] = p(x, torch.empty(x.shape[0], p.n))
+            c += p.n
+        return out
+
+
+class TritPlaneHead:
+    """A dense head approximated by 4 balanced-ternary digit planes, run by one ternary kernel.
+
+    Per row r: code c = round(w / s_r) in [-40, 40] with s_r = max|w_r| / 40;
+    c = d0 + 3 d1 + 9 d2 + 27 d3 (digits in {-1, 0, 1}); the planes are stacked along N with
+    row scales s_r * 3^p, and the four partial outputs are summed (~6.3 bits of code, 8 bits read).
+    """
+
+    PLANES = 4
+
+    def __init__(self, w: torch.Tensor, threads: int | None = None):
+        from tritlm.kernels.cpu import TernaryLinearKernel
+
+        w = w.float().numpy()
+        v, d = w.shape
+        top = (3 ** self.PLANES - 1) // 2
+        s = np.abs(w).max(axis=1) / top
+        s[s == 0] = 1.0
+        c = np.rint(w / s[:, None]).astype(np.int32)
+        planes, scales = [], []
+        for p in range(self.PLANES):
+            dig = ((c + 1) % 3) - 1  # balanced ternary digit
+            c = (c - dig) // 3
+            planes.append(dig.astype(np.int8))
+            scales.append(s * 3.0 ** p)
+        self.lin = KernelLinear(TernaryLinearKernel(pack_ternary_kernel(np.concatenate(planes)),
+                                                    np.concatenate(scales).astype(np.float32), threads=threads))
+        self.n, self.k, self.v = v, d, v
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        buf = torch.empty(m, self.PLANES * self.v)
+        self.lin(x, buf)
+        torch.sum(buf.view(m, self.PLANES, self.v), dim=1, out=out)
+        return out
+
+
+def runner_for(parts: list[PackedLinear], backend: str = "packed", dense_dtype: torch.dtype = torch.float32):
+    """The runner of one or more layers that share an input (fused when they share a kind)."""
+    if backend == "dense":
+        return DenseLinear(torch.cat([p.dequant() for p in parts]), dense_dtype)
+    if backend != "packed":
+        raise ValueError(f"backend must be 'packed' or 'dense', got {backend!r}")
+
+    def one(p: PackedLinear):
+        if p.kind == "fp16":
+            return F16Linear(p.weights)
+        if p.kind == "fp32":
+            return DenseLinear(p.weights, torch.float32)
+        return KernelLinear(p.kernel())
+
+    if all(parts[0].fusable_with(p) for p in parts):
+        return one(concat_linears(parts))
+    return SplitLinear([one(p) for p in parts])
+
+
+class PackedLinearModule(torch.nn.Module):
+    """A block Linear (or a row-fused group of them: q|k|v, gate|up) in its runtime kind; what
+    ``convert_for_runtime`` swaps into the one Transformer forward.
+
+    The backend seam: CPU tensors go through the runner (C kernels); tensors on another device go
+    through the torch reference (where a GPU kernel plugs in).
+    """
+
+    def __init__(self, parts: list[PackedLinear], backend: str = "packed", dense_dtype: torch.dtype = torch.float32,
+                 input_norm: bool = False):
+        super().__init__()
+        self.parts = parts
+        self.runner = runner_for(parts, backend, dense_dtype)
+        self.in_features, self.out_features = parts[0].k, sum(p.n for p in parts)
+        # BitLinear's parameter-free input RMSNorm (RMSNorm's default eps 1e-6), when configured
+        self.input_norm = input_norm
+        self.quantises_input = backend == "packed" and any(p.scale is not None for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm:
+            x = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), None, 1e-6)
+        if x.device.type != "cpu":
+            return torch.cat([p.reference(x) for p in self.parts], dim=-1)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype is not torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        out = self.runner(x2, torch.empty(x2.shape[0], self.out_features))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kinds = "|".join(p.kind for p in self.parts)
+        return f"in={self.in_features}, out={self.out_features}, kind={kinds}"

@@ -24,9 +24,10 @@ class LoadedModel:
     model: Transformer
     tokenizer: Any
     path: Path
-    source: str  # "checkpoint" | later: "packed", "hf", "gguf"
-    # The packed CPU runtime (tritlm.infer.engine.Engine) for source == "packed"; then ``model`` is
-    # the engine too (it has ``.cfg``), and logits/generate go through it.
+    source: str  # "checkpoint" | "packed" | "hf" | "gguf" | "1bit"
+    # The packed CPU runtime (tritlm.infer.engine.Engine) for source == "packed": ``model`` is then
+    # its runtime Transformer (the same forward, packed Linear kinds swapped in), and logits /
+    # generate go through the engine (its KV cache slots and fused decode step).
     engine: Any = None
 
     @property
@@ -102,7 +103,7 @@ def load(path: str | Path) -> LoadedModel:
         from tritlm.infer.engine import load_engine
 
         eng = load_engine(p)
-        return LoadedModel(eng, eng.tokenizer, p, "packed", engine=eng)
+        return LoadedModel(eng.model, eng.tokenizer, p, "packed", engine=eng)
     got = load_interop(p)  # GGUF files, .1bit files, transformers folders
     if got is not None:
         return LoadedModel(got[0], got[1], p, got[2])

@@ -125,3 +125,24 @@ def test_bad_overrides_are_config_errors(bad):
 
     with pytest.raises(ConfigError):
         ModelConfig.from_dict({"quant_overrides": bad})
+
+
+def test_activation_slot_is_per_module_group(monkeypatch):
+    """q/k/v (and gate/up) quantise their shared input once; the cache is module state, so two
+    models never share or evict each other's entries."""
+    import tritlm.nn.bitlinear as bl
+
+    calls = []
+    real = bl._dequant_act
+    monkeypatch.setattr(bl, "_dequant_act", lambda x, b, e: calls.append(x.shape) or real(x, b, e))
+    cfg = ModelConfig(vocab_size=50, dim=64, n_layers=2, n_heads=4, ffn_dim=96, max_seq_len=32)
+    a, b = Transformer(cfg), Transformer(cfg)
+    at = a.layers[0].self_attn
+    assert at.q_proj.act_slot is at.k_proj.act_slot is at.v_proj.act_slot
+    assert at.o_proj.act_slot is not at.q_proj.act_slot
+    assert a.layers[0].mlp.gate_proj.act_slot is a.layers[0].mlp.up_proj.act_slot
+    assert b.layers[0].self_attn.q_proj.act_slot is not at.q_proj.act_slot
+    idx = torch.randint(0, 50, (2, 8))
+    a(idx, idx)[1].backward()
+    # per layer: q|k|v input, o input, gate|up input, down input -> 4 quantisations, not 7
+    assert len(calls) == 4 * cfg.n_layers

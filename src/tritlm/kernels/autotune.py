@@ -17,10 +17,10 @@ This module imports no kernel code.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import tempfile
 from pathlib import Path
+
+from tritlm.io_atomic import write_json_atomic
+from tritlm.sysinfo import cpu_name
 
 from .cpu.build import cache_dir
 
@@ -36,24 +36,12 @@ def cache_path() -> Path:
     return cache_dir() / "autotune.json"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def key(backend: str, n: int, k: int, bucket: int, threads: int, kind: str = "ternary") -> str:
     """The cache key of one entry (ternary keys carry no kind, as before kinds existed)."""
-    base = f"{backend}|n={n}|k={k}|m={_BUCKETS[bucket]}|t={threads}|cpu={_cpu_model()}"
+    base = f"{backend}|n={n}|k={k}|m={_BUCKETS[bucket]}|t={threads}|cpu={cpu_name()}"
     return base if kind == "ternary" else f"{base}|kind={kind}"
 
 
-_key = key  # old private name
 
 
 def clear_memo() -> None:
@@ -83,14 +71,10 @@ def save(new: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = dict(_load())
     entries.update(new)
-    fd, tmp = tempfile.mkstemp(prefix="autotune.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"version": FORMAT_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, {"version": FORMAT_VERSION, "entries": entries}, indent=1, sort_keys=True)
     clear_memo()
 
 
-_save = save  # old private name
 
 
 def lookup(n: int, k: int, threads: int, backend: str, kind: str = "ternary") -> dict | None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from tritlm.model.config import ModelConfig
 from tritlm.model.kv_cache import KVCache
-from tritlm.nn.linear import make_linear
+from tritlm.nn.linear import make_linear, share_act_slot
 from tritlm.nn.rmsnorm import RMSNorm
 
 
@@ -51,7 +51,7 @@ def _attention(q, k, v, mask, rep: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D]; cos/sin: [T, D] (positions shared by the batch) or [B, 1, T, D] (per row)
+    # x: [B, T, H, D]; cos/sin: [T, 1, D] (positions shared by the batch) or [B, T, 1, D] (per row)
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
@@ -67,6 +67,7 @@ class Attention(nn.Module):
         self.k_proj = make_linear(cfg.dim, self.n_kv * self.hd, cfg.quant_for(p + "k_proj"))
         self.v_proj = make_linear(cfg.dim, self.n_kv * self.hd, cfg.quant_for(p + "v_proj"))
         self.o_proj = make_linear(cfg.n_heads * self.hd, cfg.dim, cfg.quant_for(p + "o_proj"))
+        share_act_slot(self.q_proj, self.k_proj, self.v_proj)  # one input: quantised once
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sub_norm else None
@@ -75,18 +76,25 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        nq, nkv = self.n_heads * self.hd, self.n_kv * self.hd
+        H, KV, hd = self.n_heads, self.n_kv, self.hd
+        nq, nkv = H * hd, KV * hd
+        # [b, t, heads, hd] until attention: norms and RoPE run on contiguous rows
         if self.qkv_proj is not None:  # the runtime's row-fused q|k|v (convert_for_runtime)
             qkv = self.qkv_proj(x)
-            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+            qk = qkv[..., :nq + nkv].view(b, t, H + KV, hd)
+            v = qkv[..., nq + nkv:].view(b, t, KV, hd)
+            if self.q_norm is not None:
+                qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+            qk = apply_rope(qk, cos, sin)  # q and k in one pass
+            q, k = qk[:, :, :H], qk[:, :, H:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(b, t, self.n_heads, self.hd).transpose(1, 2)
-        k = k.reshape(b, t, self.n_kv, self.hd).transpose(1, 2)
-        v = v.reshape(b, t, self.n_kv, self.hd).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.q_proj(x).view(b, t, H, hd)
+            k = self.k_proj(x).view(b, t, KV, hd)
+            v = self.v_proj(x).view(b, t, KV, hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask = None
         if cache is not None:
             # the cache returns every key/value the new tokens see, and the mask when they see a
@@ -107,6 +115,7 @@ class MLP(nn.Module):
         self.gate_proj = make_linear(cfg.dim, cfg.ffn_dim, cfg.quant_for(p + "gate_proj"))
         self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, cfg.quant_for(p + "up_proj"))
         self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, cfg.quant_for(p + "down_proj"))
+        share_act_slot(self.gate_proj, self.up_proj)
         self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps) if cfg.sub_norm else None
         self.gate_up_proj: nn.Module | None = None  # set by the runtime conversion in place of gate/up
         self.ffn = cfg.ffn_dim
@@ -118,7 +127,8 @@ class MLP(nn.Module):
         else:
             g, u = self.gate_proj(x), self.up_proj(x)
         g = F.silu(g) if self.kind == "swiglu" else F.relu(g).square()
-        h = g * u
+        # without autograd the product goes into silu's fresh output: one [T, ffn] pass less
+        h = g * u if torch.is_grad_enabled() else g.mul_(u)
         if self.ffn_sub_norm is not None:
             h = self.ffn_sub_norm(h)
         return self.down_proj(h)
@@ -134,8 +144,10 @@ class Block(nn.Module):
         self.rs = cfg.residual_scale
 
     def forward(self, x, cos, sin, cache=None):
-        x = x + self.rs * self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.rs * self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        x = x + (a if self.rs == 1.0 else self.rs * a)  # no pass over the stream for a scale of 1
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (m if self.rs == 1.0 else self.rs * m)
 
 
 class Transformer(nn.Module):
@@ -185,9 +197,8 @@ class Transformer(nn.Module):
         else:
             if int(pos.max()) >= self.rope_cos.shape[0]:
                 raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            if pos.dim() == 2:  # a position per row: [B, T, D] -> [B, 1, T, D]
-                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, D], or [B, T, D]: a position per row
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, cache)

@@ -69,28 +69,62 @@ def _dequant_act(x: torch.Tensor, bits: int, eps: float) -> torch.Tensor:
     return (xf * s).round_().div_(s)
 
 
-# One-slot cache of the last quantised input, keyed by tensor identity and version: q/k/v (and
-# gate/up) projections read the same tensor, so it is quantised once per block instead of three
-# times, and their backward passes share one saved copy. The weakref callback frees the copy as soon
-# as the input itself is gone.
-_ACT_SLOT: tuple | None = None
+class ActSlot:
+    """One-slot cache of the last quantised input, keyed by tensor identity and version.
+
+    Layers that read the same tensor (q/k/v, gate/up) share one slot (their Attention / MLP sets
+    it, see :func:`share_act_slot`), so the input is quantised once per block instead of three
+    times and their backward passes share one saved copy. State of the modules that hold it, not
+    of the process: two models (or two server workers) never evict each other's entries. The
+    weakref callback frees the copy as soon as the input itself is gone.
+    """
+
+    __slots__ = ("_entry", "__weakref__")
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def _drop(self, ref: weakref.ref) -> None:
+        e = self._entry
+        if e is not None and e[0] is ref:
+            self._entry = None
+
+    def get(self, x: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        e = self._entry
+        if e is not None and e[0]() is x and e[1] == key:
+            return e[2]
+        return None
+
+    def put(self, x: torch.Tensor, key: tuple, xd: torch.Tensor) -> None:
+        self._entry = (weakref.ref(x, self._callback()), key, xd)
+
+    def _callback(self):
+        me = weakref.ref(self)  # the callback must not keep the slot alive
+
+        def cb(ref: weakref.ref) -> None:
+            slot = me()
+            if slot is not None:
+                slot._drop(ref)
+        return cb
 
 
-def _drop_slot(ref: weakref.ref) -> None:
-    global _ACT_SLOT
-    slot = _ACT_SLOT
-    if slot is not None and slot[0] is ref:
-        _ACT_SLOT = None
+def share_act_slot(*mods: nn.Module) -> None:
+    """Give the BitLinears among ``mods`` (layers that read one input) a common :class:`ActSlot`."""
+    bl = [m for m in mods if isinstance(m, BitLinear)]
+    if len(bl) > 1:
+        slot = ActSlot()
+        for m in bl:
+            m.act_slot = slot
 
 
-def _quant_input(x: torch.Tensor, cfg: QuantConfig, cd: torch.dtype) -> torch.Tensor:
+def _quant_input(x: torch.Tensor, cfg: QuantConfig, cd: torch.dtype, slot: ActSlot) -> torch.Tensor:
     """Dequantised per-token input as a 2-D tensor in ``cd``, reused when ``x`` was just quantised."""
-    global _ACT_SLOT
     # inference-mode tensors have no version counter, so in-place changes are invisible: no cache
     key = None if x.is_inference() else (x._version, cfg.act_bits, cfg.eps, cd)
-    slot = _ACT_SLOT
-    if key is not None and slot is not None and slot[0]() is x and slot[1] == key:
-        return slot[2]
+    if key is not None:
+        hit = slot.get(x, key)
+        if hit is not None:
+            return hit
     x2 = x.detach()  # cheaper than a no_grad context; nothing here needs a graph
     if x2.dim() != 2:
         x2 = x2.reshape(-1, x2.shape[-1])
@@ -100,7 +134,7 @@ def _quant_input(x: torch.Tensor, cfg: QuantConfig, cd: torch.dtype) -> torch.Te
     if xd.dtype != cd:
         xd = xd.to(cd)
     if key is not None:
-        _ACT_SLOT = (weakref.ref(x, _drop_slot), key, xd)
+        slot.put(x, key, xd)
     return xd
 
 
@@ -176,6 +210,7 @@ class BitLinear(nn.Linear):
         self.lam: float = 1.0
         self.anneal_alpha: float | None = None
         self.residual_coef: float = 0.0
+        self.act_slot = ActSlot()  # shared with the sibling layers that read the same input
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +229,7 @@ class BitLinear(nn.Linear):
 
     def _hard(self, x: torch.Tensor) -> torch.Tensor:
         cd = _autocast_dtype(x.device.type) or x.dtype
-        xd = _quant_input(x, self.config, cd)
+        xd = _quant_input(x, self.config, cd, self.act_slot)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
             x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

@@ -14,3 +14,10 @@ def make_linear(in_f: int, out_f: int, config: QuantConfig | None, bias: bool = 
     from tritlm.nn.bitlinear import BitLinear  # lazily: FP models need no quantisation code
 
     return BitLinear(in_f, out_f, bias=bias, config=config)
+
+
+def share_act_slot(*mods: nn.Module) -> None:
+    """Layers that read one input (q/k/v, gate/up) quantise it once: a common activation slot."""
+    from tritlm.nn.bitlinear import share_act_slot as share
+
+    share(*mods)

@@ -347,9 +347,13 @@ class PackedLinearModule(torch.nn.Module):
     """
 
     def __init__(self, parts: list[PackedLinear], backend: str = "packed", dense_dtype: torch.dtype = torch.float32,
-                 input_norm: bool = False):
+                 input_norm: bool = False, buffers: dict | None = None, role: str | None = None):
         super().__init__()
         self.parts = parts
+        # Output buffers shared by the modules of one role across layers (each output is consumed
+        # before the next layer's module of that role runs): no fresh multi-MB allocation, and its
+        # page faults, per call. Only without autograd, where nothing keeps the output alive.
+        self._buffers_pool, self._role = buffers, role
         self.runner = runner_for(parts, backend, dense_dtype)
         self.in_features, self.out_features = parts[0].k, sum(p.n for p in parts)
         # BitLinear's parameter-free input RMSNorm (RMSNorm's default eps 1e-6), when configured
@@ -364,8 +368,20 @@ class PackedLinearModule(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype is not torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        out = self.runner(x2, torch.empty(x2.shape[0], self.out_features))
+        out = self.runner(x2, self._out(x2.shape[0]))
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _out(self, m: int) -> torch.Tensor:
+        pool = self._buffers_pool
+        if pool is None or torch.is_grad_enabled():
+            return torch.empty(m, self.out_features)
+        key = (self._role, m, self.out_features)
+        b = pool.get(key)
+        if b is None:
+            if len(pool) > 64:  # many distinct M (prefill lengths): do not grow forever
+                pool.clear()
+            b = pool[key] = torch.empty(m, self.out_features)
+        return b
 
     def extra_repr(self) -> str:
         kinds = "|".join(p.kind for p in self.parts)

@@ -80,8 +80,12 @@ def build_runtime_model(model_cls: type, cfg, linears: dict[str, PackedLinear], 
     input_norm = cfg.quant.input_norm
     dd = dense_dtype if backend == "dense" else torch.float32
 
+    pool: dict = {}
+
     def module(names: list[str]) -> PackedLinearModule:
-        return PackedLinearModule([linears[n] for n in names], backend, dd, input_norm=input_norm)
+        role = "|".join(n.rsplit(".", 1)[1] for n in names)
+        return PackedLinearModule([linears[n] for n in names], backend, dd, input_norm=input_norm,
+                                  buffers=pool, role=role)
 
     for i, blk in enumerate(model.layers):
         a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."

@@ -89,7 +89,7 @@ class LoadedModel:
 def load(path: str | Path) -> LoadedModel:
     """Load any model tritlm can read (for now: a training run folder or checkpoint folder)."""
     from tritlm.formats.native import is_native, load_native
-    from tritlm.infer.registry import resolve_path
+    from tritlm.registry import resolve_path
 
     p = resolve_path(path)  # a path, or a name from the model registry (tritlm models)
     if not p.exists():

@@ -30,7 +30,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     con = _console()
     if a.model:
         from tritlm.formats.detect import read_model_config
-        from tritlm.infer.registry import resolve_path
+        from tritlm.registry import resolve_path
 
         cfgs = [(str(a.model), read_model_config(resolve_path(a.model)))]
     else:

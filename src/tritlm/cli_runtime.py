@@ -12,12 +12,12 @@ from tritlm.errors import TritlmError
 
 def cmd_pack(a: argparse.Namespace) -> int:
     from tritlm.formats.packed import pack_model
-    from tritlm.infer.registry import resolve_path
     from tritlm.model.config import load_quant_spec
+    from tritlm.registry import resolve_path
 
     spec = load_quant_spec(a.quant_spec) if a.quant_spec else None
     path, rep = pack_model(resolve_path(a.checkpoint), a.out, fp_dtype=a.fp_dtype, quant_spec=spec,
-                           quant=a.quant, overwrite=a.force)
+                           quant=a.quant, overwrite=a.force, ternary_layout=a.ternary_layout)
     print(json.dumps({"out": str(path), **rep}, indent=2))
     return 0
 
@@ -112,7 +112,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 # ---- models --------------------------------------------------------------------------------------
 def cmd_models(a: argparse.Namespace) -> int:
-    from tritlm.infer.registry import list_models, register, registry_file, unregister
+    from tritlm.registry import list_models, register, registry_file, unregister
 
     if a.action == "add":
         if not (a.name and a.path):
@@ -140,6 +140,9 @@ def add_runtime_commands(sub) -> None:
     s.add_argument("--quant-spec", metavar="FILE.yaml",
                    help="post-training: per-layer kinds, a YAML mapping of globs over layer names to quant "
                         "configs (first match wins), e.g. '\"*.down_proj\": {weight: int4, group_size: 64}'")
+    s.add_argument("--ternary-layout", choices=["i2s", "base3"], default="i2s",
+                   help="ternary storage: i2s (2 bits, what the kernels read; default) or base3 (1.6 bits, "
+                        "5 weights a byte, unpacked to i2s when the model loads)")
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.set_defaults(fn=cmd_pack)
 

@@ -126,7 +126,7 @@ def test_models_registry_cli(tmp_path, monkeypatch, capsys):
     target.mkdir()
     assert main(["models", "add", "mine", str(target)]) == 0
     assert json.loads(capsys.readouterr().out)["models"] == {"mine": str(target.resolve())}
-    from tritlm.infer.registry import resolve_path
+    from tritlm.registry import resolve_path
 
     assert resolve_path("mine") == target.resolve()
     assert main(["models", "remove", "mine"]) == 0

@@ -158,7 +158,7 @@ def test_trained_checkpoint_pack_load_generate(trained, tmp_path, monkeypatch):
     assert rep16["weight_bytes"] < rep["weight_bytes"]
     # registry: load by name, and the CLI writes the same packed folder
     monkeypatch.setenv("TRITLM_MODELS", str(tmp_path / "models.json"))
-    from tritlm.infer.registry import register
+    from tritlm.registry import register
     register("tiny-test", path)
     assert tritlm.load("tiny-test").source == "packed"
     r = subprocess.run([sys.executable, "-m", "tritlm", "pack", str(trained), str(tmp_path / "cli")],

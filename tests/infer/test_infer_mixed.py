@@ -223,3 +223,26 @@ def test_bad_spec_files_give_one_line_errors(tmp_path, text):
              check=False)
     assert r.returncode == 2 and r.stderr.startswith("tritlm: error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_base3_ternary_storage_runs_like_i2s(tmp_path):
+    """--ternary-layout base3: 1.6 bits a ternary weight on disk, the same model when loaded."""
+    m = _mixed(FUSABLE)  # int8 attention, int4 down, ternary gate/up
+    a = save_packed(from_transformer(m, fp_dtype="fp32"), tmp_path / "i2s")
+    b = save_packed(from_transformer(m, fp_dtype="fp32", ternary_layout="base3"), tmp_path / "b3")
+    pa, pb = load_packed(a), load_packed(b)
+    name = "layers.0.mlp.gate_proj"
+    assert pb.linears[name].layout == "base3" and pb.linears[name].bits == 1.6
+    assert np.array_equal(pb.linears[name].levels(), pa.linears[name].levels())
+    ra, rb = size_report(pa)["kinds"]["ternary"], size_report(pb)["kinds"]["ternary"]
+    assert rb["bytes"] <= 1.02 * rb["ideal_bytes"] and rb["bytes"] < 0.85 * ra["bytes"]
+    ids = list(range(3, 40))
+    ea, eb = Engine(pa), Engine(pb)
+    assert eb.fused is not None  # unpacked to the kernels' layout at load: the fused step runs it
+    assert torch.equal(ea.logits(ids), eb.logits(ids))
+    # a byte >= 243 cannot be a base-3 group of 5 weights
+    t = load_file(str(b / "model.safetensors"))
+    t[f"{name}.qweight"][0, 0] = 250
+    save_file(t, str(b / "model.safetensors"))
+    with pytest.raises(FormatError):
+        load_packed(b)

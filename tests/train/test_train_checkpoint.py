@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tritlm.errors import FormatError
+from tritlm.formats import checkpoint as ck
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import FP
-from tritlm.train import checkpoint as ck
 from tritlm.train.stability import SpikeDetector
 
 
@@ -68,7 +68,7 @@ def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     code = (
         "import sys, torch\n"
         "from tests.train.test_train_checkpoint import _model\n"
-        "from tritlm.train import checkpoint as ck\n"
+        "from tritlm.formats import checkpoint as ck\n"
         "m = _model()\n"
         f"ck.save_checkpoint(__import__('pathlib').Path({str(tmp_path)!r}), 7, m, None, {{}}, {{}})\n"
     )

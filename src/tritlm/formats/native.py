@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tritlm.errors import FormatError
+from tritlm.formats import checkpoint as ck
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
-from tritlm.train import checkpoint as ck
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

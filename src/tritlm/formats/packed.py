@@ -32,7 +32,7 @@ import torch
 from tritlm.errors import FormatError
 from tritlm.formats.common import FP_DTYPES, block_linears, fp_tensors
 from tritlm.io_atomic import atomic_path, fsync_tree
-from tritlm.kernels.pack import PackedBinary, PackedInt4, PackedInt8, PackedTernary, pack_ternary_kernel
+from tritlm.kernels.pack import PackedBase3, PackedBinary, PackedInt4, PackedInt8, PackedTernary, pack_ternary_kernel
 from tritlm.model.config import ModelConfig
 from tritlm.nn.packed_linear import PackedLinear, pack_levels, pack_module
 
@@ -90,14 +90,19 @@ def _check_runtime_config(cfg: ModelConfig) -> None:
 
 
 # --------------------------------------------------------------------------- building
-def from_transformer(model: torch.nn.Module, tokenizer: Any = None, fp_dtype: str = "fp16") -> PackedModel:
+def from_transformer(model: torch.nn.Module, tokenizer: Any = None, fp_dtype: str = "fp16",
+                     ternary_layout: str = "i2s") -> PackedModel:
     """Pack a (trained) :class:`~tritlm.model.transformer.Transformer`: every block Linear in the
-    kind its config gives it (ternary, binary, int8, int4, or FP in ``fp_dtype``)."""
+    kind its config gives it (ternary, binary, int8, int4, or FP in ``fp_dtype``); ternary layers
+    in ``ternary_layout`` (``i2s``: 2 bits, the kernels' layout; ``base3``: 1.6 bits stored,
+    unpacked when the runtime loads it)."""
     cfg: ModelConfig = model.cfg
     if fp_dtype not in FP_DTYPES:
         raise FormatError(f"fp_dtype must be one of {', '.join(FP_DTYPES)}, got {fp_dtype!r}")
     _check_runtime_config(cfg)
-    linears = {name: pack_module(model.get_submodule(name), fp_dtype) for name in block_linears(cfg)}
+    if ternary_layout not in ("i2s", "base3"):
+        raise FormatError(f"ternary_layout must be 'i2s' or 'base3', got {ternary_layout!r}")
+    linears = {name: pack_module(model.get_submodule(name), fp_dtype, ternary_layout) for name in block_linears(cfg)}
     dt = FP_DTYPES[fp_dtype]
     # Norm weights are tiny and sensitive: always float32.
     fp = {name: t.to(torch.float32 if "norm" in name else dt).contiguous().clone()
@@ -162,7 +167,7 @@ def save_packed(pm: PackedModel, out: str | Path, overwrite: bool = False) -> Pa
     tensors: dict[str, torch.Tensor] = {}
     records = {}
     for name, pl in pm.linears.items():
-        if pl.kind == "ternary" and pl.weights.layout != "i2s_r4":
+        if pl.kind == "ternary" and pl.weights.layout not in ("i2s_r4", "base3"):
             pl = PackedLinear("ternary", pack_ternary_kernel(pl.levels()), pl.scale)
         if pl.scale is None:
             tensors[f"{name}.weight"] = pl.weights.contiguous()
@@ -220,8 +225,10 @@ def inspect_packed(path: str | Path) -> dict:
             "file_bytes": (p / WEIGHTS_FILE).stat().st_size, "tensors": records}
 
 
-def _expected_qweight(kind: str, n: int, k: int) -> tuple[tuple[int, ...], torch.dtype]:
-    """Shape and dtype of ``<name>.qweight`` in each kind's kernel layout."""
+def _expected_qweight(kind: str, n: int, k: int, layout: str | None = None) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of ``<name>.qweight`` in each kind's layout."""
+    if kind == "ternary" and layout == "base3":
+        return (n, -(-k // 5)), torch.uint8
     if kind == "ternary":
         return (-(-n // 4), -(-k // 128), 4, 32), torch.uint8
     if kind == "int8":
@@ -249,7 +256,8 @@ def _read_linear(p: Path, tensors: dict, name: str, rec: dict, want: tuple[int, 
     data, scale = tensors.pop(f"{name}.qweight", None), tensors.pop(f"{name}.scale", None)
     if data is None or scale is None:
         raise FormatError(f"{p}: tensor {name}.qweight/.scale missing")
-    eshape, edt = _expected_qweight(kind, n, k)
+    layout = rec.get("layout")
+    eshape, edt = _expected_qweight(kind, n, k, layout)
     if tuple(data.shape) != eshape or data.dtype != edt:
         raise FormatError(f"{p}: {name}.qweight is {data.dtype} {tuple(data.shape)}, expected {edt} {eshape} "
                           f"for {kind} [{n}, {k}]")
@@ -258,8 +266,12 @@ def _read_linear(p: Path, tensors: dict, name: str, rec: dict, want: tuple[int, 
     d = data.numpy()
     kp = {"ternary": 128, "int8": 32, "int4": 64, "binary": 128}[kind]
     kp = -(-k // kp) * kp
-    if kind == "ternary":
-        w: Any = PackedTernary(data=d, n=n, k=k, k_padded=kp)
+    if kind == "ternary" and layout == "base3":
+        if (d >= 243).any():
+            raise FormatError(f"{p}: {name}.qweight holds bytes >= 243, invalid in base-3")
+        w: Any = PackedBase3(d, n, k)
+    elif kind == "ternary":
+        w = PackedTernary(data=d, n=n, k=k, k_padded=kp)
     elif kind == "int8":
         w = PackedInt8(data=d, n=n, k=k, k_padded=kp)
     elif kind == "binary":
@@ -310,7 +322,7 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
 
 
 def pack_model(src: str | Path, out: str | Path, fp_dtype: str = "fp16", quant_spec: Any = None,
-               quant: Any = None, overwrite: bool = False) -> tuple[Path, dict]:
+               quant: Any = None, overwrite: bool = False, ternary_layout: str = "i2s") -> tuple[Path, dict]:
     """``tritlm pack``: any model tritlm reads as floats (a training checkpoint, GGUF, .1bit, a
     transformers folder) -> packed folder. Returns (folder, size report).
 
@@ -336,7 +348,7 @@ def pack_model(src: str | Path, out: str | Path, fp_dtype: str = "fp16", quant_s
         model = requantize(model, base, ov)
     if not model.cfg.quantised:
         log.warning("%s has no quantised layers: the packed model keeps every Linear in %s", src, fp_dtype)
-    pm = from_transformer(model, tok, fp_dtype)
+    pm = from_transformer(model, tok, fp_dtype, ternary_layout)
     path = save_packed(pm, out, overwrite=overwrite)
     return path, size_report(pm, path)
 

@@ -320,8 +320,8 @@ def profile_model(model: str | Path | None = None, *, preset: str = "125M", prom
     ``compare``: per-layer activations of the packed engine vs the dense fp32 reference."""
     from tritlm.formats.packed import load_packed, random_packed
     from tritlm.infer.engine import Engine
-    from tritlm.infer.registry import resolve_path
     from tritlm.model.config import preset as preset_config
+    from tritlm.registry import resolve_path
 
     if model:
         pm = load_packed(resolve_path(model))

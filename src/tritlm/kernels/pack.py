@@ -79,6 +79,8 @@ import numpy as np
 
 __all__ = [
     "BLOCK",
+    "PackedBase3",
+    "pack_base3_rows",
     "INT4_GROUP_SIZES",
     "PackedBinary",
     "PackedInt4",
@@ -288,6 +290,31 @@ def unpack_base3(packed, k: int) -> np.ndarray:
         raise ValueError("packed base-3 weights contain bytes >= 243 (invalid)")
     digits = (p[:, :, None] // _POW3) % 3
     return (digits.reshape(p.shape[0], -1)[:, :k].astype(np.int8) - 1).astype(np.int8)
+
+
+@dataclass
+class PackedBase3:
+    """Ternary levels stored base-3, 5 weights a byte (1.6 bits; :func:`pack_base3`): a storage
+    layout (packed folders, ``--ternary-layout base3``); the kernels run it after unpacking to
+    ``i2s_r4``."""
+
+    data: np.ndarray  # uint8 [n, ceil(k / 5)]
+    n: int
+    k: int
+    layout: str = "base3"
+    bits: ClassVar[float] = 1.6
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def unpack(self) -> np.ndarray:
+        return unpack_base3(self.data, self.k)
+
+
+def pack_base3_rows(w) -> PackedBase3:
+    w = _check_ternary(w)
+    return PackedBase3(pack_base3(w), w.shape[0], w.shape[1])
 
 
 # --------------------------------------------------------------------------- binary (1 bit)

@@ -5,7 +5,8 @@ One :class:`PackedLinear` per layer, whatever its kind:
 =========== ============================ ============================ ==========================
 kind        levels                       scale (float32)              layout (kernels/pack.py)
 =========== ============================ ============================ ==========================
-ternary     {-1, 0, 1}, 2 bits           ``[1]`` or ``[n]`` per row   ``i2s_r4``
+ternary     {-1, 0, 1}, 2 bits           ``[1]`` or ``[n]`` per row   ``i2s_r4`` (``base3``: 1.6 bits
+                                                                      stored, unpacked to run)
 binary      {-1, 1}, 1 bit               ``[1]`` or ``[n]`` per row   ``b1_k128``
 int8        [-127, 127], 8 bits          ``[n]`` per row              ``i8_k32``
 int4        [-7, 7], 4 bits              ``[n, ceil(k / g)]``         ``i4_k64``
@@ -27,11 +28,13 @@ import numpy as np
 import torch
 
 from tritlm.kernels.pack import (
+    PackedBase3,
     PackedBinary,
     PackedInt4,
     PackedInt8,
     PackedTernary,
     concat_rows,
+    pack_base3_rows,
     pack_binary_kernel,
     pack_int4,
     pack_int8,
@@ -59,8 +62,9 @@ class PackedLinear:
             if not isinstance(self.weights, torch.Tensor) or self.weights.dim() != 2:
                 raise ValueError(f"{self.kind} weights must be a 2-D tensor")
             return
-        if not isinstance(self.weights, _PACKED[self.kind]):
-            raise ValueError(f"{self.kind} weights must be a {_PACKED[self.kind].__name__}")
+        ok = _PACKED[self.kind]
+        if not isinstance(self.weights, ok) and not (self.kind == "ternary" and isinstance(self.weights, PackedBase3)):
+            raise ValueError(f"{self.kind} weights must be a {ok.__name__}")
         s = np.ascontiguousarray(self.scale, dtype=np.float32)
         want = {(1,), (self.n,)} if self.kind in ("ternary", "binary") else \
             {(self.n,)} if self.kind == "int8" else {(self.n, self.weights.n_groups)}
@@ -87,8 +91,16 @@ class PackedLinear:
         return "dense" if self.kind in _FP else self.weights.layout
 
     @property
-    def bits(self) -> int:
+    def bits(self) -> float:
+        if isinstance(self.weights, PackedBase3):
+            return 1.6
         return {"ternary": 2, "binary": 1, "int8": 8, "int4": 4, "fp16": 16, "fp32": 32}[self.kind]
+
+    def for_runtime(self) -> PackedLinear:
+        """This layer in a layout the kernels read (base-3 storage unpacked to ``i2s_r4``)."""
+        if isinstance(self.weights, PackedBase3):
+            return PackedLinear("ternary", pack_ternary_kernel(self.levels()), self.scale)
+        return self
 
     @property
     def nbytes(self) -> int:
@@ -153,6 +165,8 @@ class PackedLinear:
         from tritlm.kernels.cpu.f16 import F16MatMul
 
         kw = {"threads": threads, "backend": backend}
+        if isinstance(self.weights, PackedBase3):
+            return self.for_runtime().kernel(threads, backend)
         if self.kind == "ternary":
             return TernaryLinearKernel(self.weights, self.row_scales(), **kw)
         if self.kind == "binary":
@@ -173,6 +187,7 @@ class PackedLinear:
 
 def concat_linears(parts: list[PackedLinear]) -> PackedLinear:
     """Row-concatenate layers of one quantised kind that share K (q|k|v, gate|up)."""
+    parts = [p.for_runtime() for p in parts]
     first = parts[0]
     if not all(first.fusable_with(p) for p in parts[1:]):
         raise ValueError("concat_linears: parts must share a quantised kind, K and group size")
@@ -186,14 +201,20 @@ def concat_linears(parts: list[PackedLinear]) -> PackedLinear:
     return PackedLinear(first.kind, w, scale)
 
 
-def pack_levels(q: torch.Tensor | np.ndarray, scale: torch.Tensor | np.ndarray, cfg: QuantConfig) -> PackedLinear:
-    """Integer levels + scale from :func:`tritlm.quant.weights.quantize_weight` -> PackedLinear."""
+def pack_levels(q: torch.Tensor | np.ndarray, scale: torch.Tensor | np.ndarray, cfg: QuantConfig,
+                ternary_layout: str = "i2s") -> PackedLinear:
+    """Integer levels + scale from :func:`tritlm.quant.weights.quantize_weight` -> PackedLinear.
+
+    ``ternary_layout``: ``i2s`` (2 bits, the kernels' layout) or ``base3`` (1.6 bits stored)."""
     q = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else np.asarray(q)
     q = q.astype(np.int8)
     s = scale.detach().cpu().float().numpy() if isinstance(scale, torch.Tensor) else np.asarray(scale, np.float32)
     n = q.shape[0]
     if cfg.weight == "ternary":
-        return PackedLinear("ternary", pack_ternary_kernel(q), s.reshape(-1) if s.size == n else s.reshape(1))
+        if ternary_layout not in ("i2s", "base3"):
+            raise ValueError(f"ternary_layout must be 'i2s' or 'base3', got {ternary_layout!r}")
+        w = pack_base3_rows(q) if ternary_layout == "base3" else pack_ternary_kernel(q)
+        return PackedLinear("ternary", w, s.reshape(-1) if s.size == n else s.reshape(1))
     if cfg.weight == "binary":
         return PackedLinear("binary", pack_binary_kernel(q), s.reshape(-1) if s.size == n else s.reshape(1))
     if cfg.weight == "int8":
@@ -204,7 +225,7 @@ def pack_levels(q: torch.Tensor | np.ndarray, scale: torch.Tensor | np.ndarray, 
 
 
 @torch.no_grad()
-def pack_module(mod: torch.nn.Module, fp_dtype: str = "fp16") -> PackedLinear:
+def pack_module(mod: torch.nn.Module, fp_dtype: str = "fp16", ternary_layout: str = "i2s") -> PackedLinear:
     """A trained Linear (BitLinear of any kind, or a plain ``nn.Linear``) -> its PackedLinear.
 
     FP layers keep their weight in ``fp_dtype`` (fp16 or fp32; bf16 is stored as fp32).
@@ -212,7 +233,7 @@ def pack_module(mod: torch.nn.Module, fp_dtype: str = "fp16") -> PackedLinear:
     cfg = getattr(mod, "config", None)
     if cfg is not None and cfg.quantised:
         q, s = mod.quantized_weight()
-        return pack_levels(q, s, cfg)
+        return pack_levels(q, s, cfg, ternary_layout)
     kind = "fp16" if fp_dtype == "fp16" else "fp32"
     return PackedLinear(kind, mod.weight.detach().to(_FP[kind]).contiguous().clone())
 
@@ -325,6 +346,7 @@ def runner_for(parts: list[PackedLinear], backend: str = "packed", dense_dtype: 
         return DenseLinear(torch.cat([p.dequant() for p in parts]), dense_dtype)
     if backend != "packed":
         raise ValueError(f"backend must be 'packed' or 'dense', got {backend!r}")
+    parts = [p.for_runtime() for p in parts]
 
     def one(p: PackedLinear):
         if p.kind == "fp16":

@@ -22,9 +22,9 @@ import torch
 
 from tritlm.data import TokenData, default_corpus_path, prepare_dataset
 from tritlm.errors import ConfigError, TritlmError
+from tritlm.formats import checkpoint as ck
 from tritlm.model.config import ModelConfig, preset
 from tritlm.model.transformer import Transformer
-from tritlm.train import checkpoint as ck
 from tritlm.train.config import TrainConfig
 from tritlm.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from tritlm.train.metrics import MetricsLogger, measure_peak_flops

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+from kernel_backends import BACKENDS, HAS_C
 
 from tritlm.kernels import (
     TernaryLinearKernel,
@@ -17,15 +18,6 @@ from tritlm.kernels import (
 )
 from tritlm.kernels.cpu import build, ops
 
-LIB = build.load_library()
-HAS_C = LIB is not None
-HAS_AVX2 = HAS_C and bool(LIB.tt_has_avx2())
-
-BACKENDS = [
-    pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 / no compiled kernels")),
-    pytest.param("portable", marks=pytest.mark.skipif(not HAS_C, reason="no compiled kernels")),
-    "numpy",
-]
 KS = [1, 127, 129, 300]
 NS = [1, 3, 5, 67]
 MS = [1, 2, 7, 33]

@@ -6,13 +6,13 @@ import zlib
 
 import numpy as np
 import pytest
+from kernel_backends import BACKENDS, HAS_C, LIB
 
 from tritlm.kernels.cpu import (
     BinaryLinearKernel,
     Int4LinearKernel,
     Int8LinearKernel,
     TernaryLinearKernel,
-    build,
     ops,
 )
 from tritlm.kernels.pack import (
@@ -30,15 +30,6 @@ from tritlm.kernels.pack import (
 )
 from tritlm.kernels.reference import quantize_act_ref
 
-LIB = build.load_library()
-HAS_C = LIB is not None
-HAS_AVX2 = HAS_C and bool(LIB.tt_has_avx2())
-
-BACKENDS = [
-    pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 / no compiled kernels")),
-    pytest.param("portable", marks=pytest.mark.skipif(not HAS_C, reason="no compiled kernels")),
-    "numpy",
-]
 NS = [1, 3, 37, 64]
 KS = [5, 33, 100, 257, 1000]
 MS = [1, 2, 17]

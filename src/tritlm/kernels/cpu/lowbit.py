@@ -37,7 +37,7 @@ from ..pack import (
     pack_int8,
 )
 from . import build
-from .ops import LinearKernelBase, _aligned_copy, _is_torch, _ptr, _vector, resolve_backend
+from .ops import LinearKernelBase, _aligned_copy, _is_torch, _ptr, _vector
 
 __all__ = ["BinaryLinearKernel", "Int4LinearKernel", "Int8LinearKernel"]
 
@@ -47,10 +47,7 @@ def _np32(a) -> np.ndarray:
 
 
 class _LowBitKernel(LinearKernelBase):
-    """Pickling / repr shared by the int8 / int4 / binary kernels."""
-
-    def _ctor_args(self) -> tuple:
-        raise NotImplementedError
+    """What the int8 / int4 / binary kernels share: the build of the C context."""
 
     def _new_ctx(self, lib, bias_ptr):
         raise NotImplementedError
@@ -63,25 +60,37 @@ class _LowBitKernel(LinearKernelBase):
         self._data = _aligned_copy(np.ascontiguousarray(self.packed.data))
         self._attach(self._new_ctx(lib, _ptr(self.bias) if self.bias is not None else None), params)
 
-    def __reduce__(self):
-        """Pickle / deepcopy rebuild the C context from the packed weights (never copy pointers)."""
-        return (_rebuild_lowbit, (type(self), self._ctor_args(), self.bias, self.threads, self.backend,
-                                  {b: dict(p) for b, p in self.params.items()}))
+class _RowScaledKernel(_LowBitKernel):
+    """A kind with one scale per output row (int8, binary): levels, row scales, a C constructor."""
 
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(n={self.n}, k={self.k}, backend={self.backend!r}, "
-                f"threads={self.threads})")
+    _packed_cls: type
+    _pack = staticmethod(lambda w: w)
+    _k_max = 1 << 22  # int32 accumulation of |x| <= 128 times |w| <= 1
+    _ctx_new = ""  # name of the C constructor
+
+    def __init__(self, weight, row_scale=1.0, bias=None, *, threads: int | None = None,
+                 backend: str | None = None, params: dict | None = None):
+        self.packed = packed = weight if isinstance(weight, self._packed_cls) else type(self)._pack(weight)
+        self.n, self.k, self.k_padded = packed.n, packed.k, packed.k_padded
+        if self.k > self._k_max:
+            raise ValueError(f"K = {self.k} too large for int32 accumulation of {self.kind} weights "
+                             f"(max {self._k_max})")
+        self.w_scale = _vector(row_scale, self.n, "row_scale")
+        self._build(bias, threads, backend, params)
+
+    @property
+    def row_scale(self) -> np.ndarray:
+        return self.w_scale
+
+    def _new_ctx(self, lib, bias_ptr):
+        return getattr(lib, self._ctx_new)(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale),
+                                           bias_ptr)
+
+    def _ctor_args(self) -> tuple:
+        return (self.packed, self.w_scale)
 
 
-def _rebuild_lowbit(cls, args, bias, threads, backend, params):
-    try:
-        be = resolve_backend(backend)
-    except ValueError:
-        be = None
-    return cls(*args, bias=bias, threads=threads, backend=be, params=params)
-
-
-class Int8LinearKernel(_LowBitKernel):
+class Int8LinearKernel(_RowScaledKernel):
     """``y = x @ (q * row_scale[:, None])^T (+ bias)`` for int8 levels ``q`` in [-127, 127].
 
     Args:
@@ -92,28 +101,13 @@ class Int8LinearKernel(_LowBitKernel):
 
     kind = "int8"
     _max_level = 127
-
-    def __init__(self, weight, row_scale=1.0, bias=None, *, threads: int | None = None,
-                 backend: str | None = None, params: dict | None = None):
-        self.packed = packed = weight if isinstance(weight, PackedInt8) else pack_int8(weight)
-        self.n, self.k, self.k_padded = packed.n, packed.k, packed.k_padded
-        if self.k > (1 << 17):
-            raise ValueError(f"K = {self.k} too large for int32 accumulation of int8 x int8 (max {1 << 17})")
-        self.w_scale = _vector(row_scale, self.n, "row_scale")
-        self._build(bias, threads, backend, params)
-
-    @property
-    def row_scale(self) -> np.ndarray:
-        return self.w_scale
-
-    def _new_ctx(self, lib, bias_ptr):
-        return lib.tt_ctx_new_int8(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale), bias_ptr)
-
-    def _ctor_args(self) -> tuple:
-        return (self.packed, self.w_scale)
+    _packed_cls = PackedInt8
+    _pack = staticmethod(pack_int8)
+    _k_max = 1 << 17  # int32 accumulation of int8 x int8
+    _ctx_new = "tt_ctx_new_int8"
 
 
-class BinaryLinearKernel(_LowBitKernel):
+class BinaryLinearKernel(_RowScaledKernel):
     """``y = x @ (w * row_scale[:, None])^T (+ bias)`` for binary ``w`` in {-1, +1}.
 
     Args:
@@ -123,25 +117,9 @@ class BinaryLinearKernel(_LowBitKernel):
     """
 
     kind = "binary"
-
-    def __init__(self, weight, row_scale=1.0, bias=None, *, threads: int | None = None,
-                 backend: str | None = None, params: dict | None = None):
-        self.packed = packed = weight if isinstance(weight, PackedBinary) else pack_binary_kernel(weight)
-        self.n, self.k, self.k_padded = packed.n, packed.k, packed.k_padded
-        if self.k > (1 << 22):
-            raise ValueError(f"K = {self.k} too large for int32 accumulation (max {1 << 22})")
-        self.w_scale = _vector(row_scale, self.n, "row_scale")
-        self._build(bias, threads, backend, params)
-
-    @property
-    def row_scale(self) -> np.ndarray:
-        return self.w_scale
-
-    def _new_ctx(self, lib, bias_ptr):
-        return lib.tt_ctx_new_binary(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale), bias_ptr)
-
-    def _ctor_args(self) -> tuple:
-        return (self.packed, self.w_scale)
+    _packed_cls = PackedBinary
+    _pack = staticmethod(pack_binary_kernel)
+    _ctx_new = "tt_ctx_new_binary"
 
 
 def _infer_group(k: int, n_groups: int) -> int:

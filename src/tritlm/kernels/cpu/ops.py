@@ -196,6 +196,19 @@ class LinearKernelBase:
     k: int
     k_padded: int
 
+    def _ctor_args(self) -> tuple:
+        """The leading constructor arguments that rebuild this kernel (weights and scales)."""
+        raise NotImplementedError
+
+    def __reduce__(self):
+        """Pickle / deepcopy rebuild the C context from the packed weights (never copy pointers)."""
+        return (_rebuild, (type(self), self._ctor_args(), self.bias, self.threads, self.backend,
+                           {b: dict(p) for b, p in self.params.items()}))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(n={self.n}, k={self.k}, backend={self.backend!r}, "
+                f"threads={self.threads})")
+
     def _init_common(self, bias, threads, backend) -> None:
         if bias is not None:
             b = np.asarray(bias.detach().cpu().numpy() if _is_torch(bias) else bias, dtype=np.float32)
@@ -486,23 +499,16 @@ class TernaryLinearKernel(LinearKernelBase):
         self._attach(lib.tt_ctx_new(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale),
                                     _ptr(self.bias) if self.bias is not None else None), params)
 
-    # ---------------------------------------------------------------- copy / pickle
-    def __reduce__(self):
-        """Pickle / deepcopy rebuild the C context from the packed weights (never copy pointers)."""
-        return (_rebuild_kernel, (self.packed, self.w_scale, self.bias, self.threads, self.backend,
-                                  {b: dict(p) for b, p in self.params.items()}))
-
-    def __repr__(self) -> str:
-        return (f"TernaryLinearKernel(n={self.n}, k={self.k}, backend={self.backend!r}, "
-                f"threads={self.threads})")
+    def _ctor_args(self) -> tuple:
+        return (self.packed, self.w_scale)
 
 
-def _rebuild_kernel(packed, w_scale, bias, threads, backend, params):
+def _rebuild(cls, args, bias, threads, backend, params):
     try:
         be = resolve_backend(backend)
     except ValueError:
         be = None
-    return TernaryLinearKernel(packed, w_scale, bias, threads=threads, backend=be, params=params)
+    return cls(*args, bias=bias, threads=threads, backend=be, params=params)
 
 
 # --------------------------------------------------------------------------- tuning

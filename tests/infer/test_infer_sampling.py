@@ -138,3 +138,25 @@ def test_engine_generate_uses_sampler_features():
     assert min(out) >= 25
     cs = list(eng.generate_contrastive([1, 2, 3], 6, k=3, alpha=0.6))
     assert len(cs) == 6 and not math.isnan(sum(cs))
+
+
+@pytest.mark.parametrize("kw", [{"temperature": float("nan")}, {"temperature": -1.0}, {"top_p": 0.0},
+                                {"top_p": -1.0}, {"min_p": 2.0}, {"repetition_penalty": 0.0},
+                                {"top_k": -1}, {"typical_p": 0.0}, {"max_tokens": -1}, {"mirostat": 1},
+                                {"temperature": float("inf")}, {"frequency_penalty": float("nan")}])
+def test_impossible_sampling_values_are_config_errors(kw):
+    from tritlm.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        SamplingParams(**kw)
+
+
+def test_extreme_valid_values_still_sample():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    hist = torch.tensor([1, 2])
+    assert sample(logits, SamplingParams(temperature=1e-300), hist, g) == 1  # the top token
+    for p in (SamplingParams(repetition_penalty=1e-300, temperature=0.8), SamplingParams(temperature=1e-300,
+              repetition_penalty=1e-300), SamplingParams(temperature=50.0, top_p=1e-12)):
+        t = sample(logits, p, hist, g)
+        assert 0 <= t < 4

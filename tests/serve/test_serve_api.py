@@ -430,3 +430,25 @@ def test_ternary_and_packed_models_serve(tmp_path, one_thread):
                                           stream=True)
             assert sum(1 for _ in s) >= 2
     assert outs[0] == outs[1]  # the packed runtime agrees with PyTorch on greedy decoding
+
+
+def test_hostile_values_are_4xx_or_generate_never_5xx(server):
+    """Deep nesting, non-ASCII digit token ids and extreme-but-valid sampling values (issue 10)."""
+    deep = b'{"model": "x", "prompt": "a", "extra": ' + b"[" * 20000 + b"]" * 20000 + b"}"
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+        r = c.post("/v1/completions", content=deep, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+        for key in ("\u00b2", "\u0661", "1\u00b2", "", "--1", "9" * 40):
+            r = c.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 2,
+                                                "logit_bias": {key: 1.0}})
+            assert r.status_code == 400, (key, r.text[:200])
+        # whatever passes validation generates: tiny temperature / penalty, huge penalties
+        for extra in ({"temperature": 1e-300}, {"repetition_penalty": 1e-300, "temperature": 0.7},
+                      {"temperature": 2.0, "top_p": 1e-9}, {"frequency_penalty": 2.0, "presence_penalty": -2.0},
+                      {"temperature": 1e-300, "repetition_penalty": 1e-300}):
+            r = c.post("/v1/completions", json={"model": NAME, "prompt": "ROMEO:", "max_tokens": 4, "seed": 1,
+                                                **extra})
+            assert r.status_code == 200, (extra, r.text[:300])
+            assert r.json()["choices"][0]["text"] is not None
+        v = parse_metrics(c.get("/metrics").text)
+    assert not any(k.startswith("tritlm_requests_total") and 'status="5' in k for k in v)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tritlm.errors import ConfigError
+
 NEG_INF = float("-inf")
 
 
@@ -41,6 +43,36 @@ class SamplingParams:
     must_include: tuple[int, ...] = ()  # the stop tokens are banned until all of these were generated
     stop: tuple[str, ...] = ()  # stop strings (text level: see StopStrings)
     max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        """Every front end builds one of these: an impossible value is a one-line user error here,
+        and whatever passes generates (no inf / nan probabilities later)."""
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"sampling: {name} = {getattr(self, name)!r} {why}")
+
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+            return float(v)
+
+        if num("temperature") < 0:
+            bad("temperature", "must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0 (0 = off)")
+        if not 0 < num("top_p") <= 1:
+            bad("top_p", "must lie in (0, 1]")
+        if not 0 <= num("min_p") <= 1:
+            bad("min_p", "must lie in [0, 1]")
+        if num("repetition_penalty") <= 0:
+            bad("repetition_penalty", "must be > 0 (1 = off)")
+        if not 0 < num("typical_p") <= 1:
+            bad("typical_p", "must lie in (0, 1]")
+        num("frequency_penalty"), num("presence_penalty"), num("mirostat_tau"), num("mirostat_eta")
+        if self.mirostat not in (0, 2):
+            bad("mirostat", "must be 0 (off) or 2 (mirostat v2)")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            bad("max_tokens", "must be an integer >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -153,9 +185,15 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if generated is not None:
         logits = apply_frequency_presence(logits, generated, params.frequency_penalty, params.presence_penalty)
+    # a tiny repetition penalty can push logits to +inf: keep them finite (the order is kept)
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
     if params.greedy:
         return logits
-    logits = logits / params.temperature
+    # shift by the max first (softmax and every filter below are shift-invariant): a temperature
+    # as small as 1e-300 then sends the rest to -inf instead of the top to +inf (inf - inf = nan)
+    # (in float64: a temperature below float32's range would otherwise be 0, and 0 / 0 = nan)
+    top = logits.max()
+    logits = ((logits - top if bool(torch.isfinite(top)) else logits).double() / params.temperature).float()
     if params.mirostat:
         return logits  # mirostat does its own truncation
     logits = top_k_filter(logits, params.top_k)

@@ -85,6 +85,8 @@ async def _read_json(request: Any, limit: int) -> Any:
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the JSON body is nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"could not parse the JSON body: {e}", code="invalid_json") from None
     if not isinstance(data, dict):

@@ -9,6 +9,7 @@ rejected with a message saying so rather than silently ignored.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -34,6 +35,8 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 
+
+_TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
@@ -101,7 +104,8 @@ class _Sampling(_Strict):
     @classmethod
     def _check_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for k, b in (v or {}).items():
-            if not k.lstrip("-").isdigit():
+            # ASCII digits only: str.isdigit() accepts "²" or "١", which int() then rejects or misreads
+            if not _TOKEN_ID.fullmatch(k):
                 raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
             if not -100.0 <= b <= 100.0:
                 raise ValueError(f"logit_bias values must lie in [-100, 100], got {b} for token {k}")

@@ -228,6 +228,28 @@ def test_bytes_are_the_scored_tokens_bytes():
     assert none.bits_per_byte is None and none.bytes is None
 
 
+@pytest.mark.parametrize("name", ["gpt2/tokenizer.json", "mistral-7b-v0.1/tokenizer.model"])
+@pytest.mark.parametrize("protocol", ["hf", "llama.cpp"])
+def test_bytes_of_real_tokenizers_on_wikitext(name, protocol):
+    """Byte-level BPE (GPT-2) and SentencePiece (Mistral): the bytes of the scored runs decoded with
+    16 tokens of left context equal those of exact prefix decoding."""
+    from tritlm.data.tokenizer import load_tokenizer
+    from tritlm.eval.perplexity import _runs, scored_bytes
+
+    wiki, tpath = SHARED / "wikitext-2-raw" / "wiki.valid.raw", SHARED / "tokenizers" / name
+    if not (wiki.is_file() and tpath.is_file()):
+        pytest.skip("shared wikitext / tokenizer files are not here")
+    tok = load_tokenizer(tpath)
+    text = wiki.read_text(encoding="utf-8")[:30_000]
+    ids = tok.encode(text)
+    off = 1 if protocol == "llama.cpp" and tok.bos_id is not None else 0
+    runs = _runs(plan_windows(len(ids) + off, protocol, 256), off)
+    exact = sum(len(tok.decode(ids[:b]).encode()) - len(tok.decode(ids[:a]).encode()) for a, b in runs)
+    assert scored_bytes(ids, runs, tok.decode) == exact
+    if protocol == "hf":
+        assert exact == len(text.encode()) - len(tok.decode(ids[:1]).encode())
+
+
 # ---- (c) one model in three formats ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def formats(tmp_path_factory):

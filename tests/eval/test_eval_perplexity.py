@@ -25,6 +25,7 @@ from tritlm.eval.perplexity import (
     perplexity,
     plan_windows,
     scored_positions,
+    token_bytes_decoder,
 )
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
@@ -226,6 +227,17 @@ def test_bytes_are_the_scored_tokens_bytes():
     assert c.bytes == want  # byte-level BPE: the scored tokens' bytes
     none = perplexity(flat, ids, protocol="chunks", ctx=32)
     assert none.bits_per_byte is None and none.bytes is None
+    # run boundaries inside multi-byte characters: the byte tokenizer's bytes are its tokens
+    btok = ByteTokenizer()
+    bids = btok.encode("h\u00e9llo w\u00f6rld \u2603 \U0001f600 " * 20)
+    for protocol in PROTOCOLS:
+        r = perplexity(lambda x: torch.zeros((*x.shape, 257)), bids, protocol=protocol, ctx=7,
+                       decode=token_bytes_decoder(btok))
+        assert r.bytes == r.tokens, protocol
+        text_bytes = perplexity(lambda x: torch.zeros((*x.shape, 257)), bids, protocol=protocol, ctx=7,
+                                decode=btok.decode).bytes
+        if protocol != "hf":  # one run from an ASCII first token for hf; many boundaries for the others
+            assert text_bytes != r.tokens, protocol  # text decoding miscounts split characters (U+FFFD)
 
 
 @pytest.mark.parametrize("name", ["gpt2/tokenizer.json", "mistral-7b-v0.1/tokenizer.model"])
@@ -246,6 +258,11 @@ def test_bytes_of_real_tokenizers_on_wikitext(name, protocol):
     runs = _runs(plan_windows(len(ids) + off, protocol, 256), off)
     exact = sum(len(tok.decode(ids[:b]).encode()) - len(tok.decode(ids[:a]).encode()) for a, b in runs)
     assert scored_bytes(ids, runs, tok.decode) == exact
+    by = token_bytes_decoder(tok)
+    assert (by is not None) == name.startswith("gpt2")
+    if by is not None:  # byte-level BPE: the exact bytes; the same here (no run splits a character)
+        assert by(ids) == text.encode()
+        assert scored_bytes(ids, runs, by) == exact
     if protocol == "hf":
         assert exact == len(text.encode()) - len(tok.decode(ids[:1]).encode())
 
@@ -286,7 +303,6 @@ def formats(tmp_path_factory):
 def test_checkpoint_hf_and_packed_give_the_same_perplexity(formats, capsys):
     res = {k: evaluate(formats[k], formats["text"], protocol="hf", stride=16) for k in ("ckpt", "hf", "packed")}
     base = res["ckpt"]
-    print({k: round(v.ppl, 5) for k, v in res.items()})
     assert base.tokens == 1999 and base.bytes == 1999 and base.ctx == 64 and base.stride == 16
     assert base.bits_per_byte == pytest.approx(base.nll / math.log(2))  # byte tokens: one byte each
     assert res["hf"].ppl == pytest.approx(base.ppl, rel=1e-4)
@@ -299,6 +315,8 @@ def test_checkpoint_hf_and_packed_give_the_same_perplexity(formats, capsys):
         out = json.loads(capsys.readouterr().out)
         assert out["ppl"] == pytest.approx(res[k].ppl, rel=1e-9)
         assert {"ppl", "nll", "tokens", "bits_per_byte", "bytes", "protocol", "ctx", "stride"} <= set(out)
+    print("hf protocol, ctx 64, stride 16: " + ", ".join(f"{k} ppl {v.ppl:.5f}" for k, v in res.items())
+          + f"; bits/byte {base.bits_per_byte:.4f}")
 
 
 def test_tokenized_folder_uses_its_val_split(formats):

@@ -139,23 +139,58 @@ def _runs(windows: Sequence[Window], offset: int) -> list[tuple[int, int]]:
     return runs
 
 
-def scored_bytes(ids: Sequence[int], runs: Sequence[tuple[int, int]], decode: Callable[[Sequence[int]], str],
-                 margin: int = _BYTE_MARGIN) -> int:
+def scored_bytes(ids: Sequence[int], runs: Sequence[tuple[int, int]],
+                 decode: Callable[[Sequence[int]], str | bytes], margin: int = _BYTE_MARGIN) -> int:
     """UTF-8 bytes of the text the scored tokens stand for: for each run ``[a, b)`` of scored token
     indices, ``len(decode(ids[c:b])) - len(decode(ids[c:a]))`` in UTF-8 bytes with ``c = a - margin``
     (or 0): decoding with some left context attributes what a boundary merge adds (SentencePiece's
-    leading space, byte-fallback pieces) to the token that carries it. With a decoder that
-    concatenates per-token strings (char, byte, byte-level BPE at character boundaries) this is
-    exactly the sum of the scored tokens' bytes; for ``hf`` (all tokens but the first scored) the
-    bytes of the whole text less its first token's."""
+    leading space, byte-fallback pieces) to the token that carries it. ``decode`` returns text, or
+    the bytes themselves (:func:`token_bytes_decoder`: exact even where a run boundary splits a
+    multi-byte character, which text decoding turns into U+FFFD). For ``hf`` (all tokens but the
+    first scored) this is the bytes of the whole text less its first token's."""
     def nbytes(part: Sequence[int]) -> int:
-        return len(decode(list(part)).encode("utf-8", errors="surrogatepass")) if len(part) else 0
+        if not len(part):
+            return 0
+        out = decode(list(part))
+        return len(out) if isinstance(out, bytes) else len(out.encode("utf-8", errors="surrogatepass"))
 
     total = 0
     for a, b in runs:
         c = max(0, a - margin)
         total += nbytes(ids[c:b]) - nbytes(ids[c:a])
     return total
+
+
+def token_bytes_decoder(tokenizer: Any) -> Callable[[Sequence[int]], bytes] | None:
+    """ids -> the bytes they stand for, for tokenizers whose tokens are byte strings (the byte
+    tokenizer; byte-level BPE such as GPT-2's, special tokens as their text); None otherwise (char
+    tokens are whole characters, so text decoding is exact for them)."""
+    from tritlm.data.tokenizer import ByteTokenizer, HFTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return lambda ids: bytes(i for i in ids if 0 <= i < 256)
+    if not isinstance(tokenizer, HFTokenizer):
+        return None
+    import json
+
+    spec = json.loads(tokenizer.tok.to_str())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    # GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to U+0100 onwards
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    rest = [b for b in range(256) if b not in keep]
+    inv = {chr(b): b for b in keep} | {chr(256 + k): b for k, b in enumerate(rest)}
+    added = {i: str(t.content) for i, t in tokenizer.tok.get_added_tokens_decoder().items()}
+    table: list[bytes | None] = []
+    for i in range(tokenizer.vocab_size):
+        piece = tokenizer.tok.id_to_token(i)
+        if i in added:
+            table.append(added[i].encode("utf-8"))
+        elif piece is not None and all(c in inv for c in piece):
+            table.append(bytes(inv[c] for c in piece))
+        else:
+            return None  # not a byte-level vocabulary after all: decode text
+    return lambda ids: b"".join(table[i] or b"" for i in ids if 0 <= i < len(table))
 
 
 # ---- logits functions ----------------------------------------------------------------------------
@@ -223,7 +258,7 @@ def _nll_sum(logits: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor) -> 
 
 
 def perplexity(model: Any, ids: Any, *, protocol: str = "hf", ctx: int | None = None, stride: int | None = None,
-               bos_id: int | None = None, decode: Callable[[Sequence[int]], str] | None = None,
+               bos_id: int | None = None, decode: Callable[[Sequence[int]], str | bytes] | None = None,
                max_tokens: int | None = None, batch_size: int = 1,
                progress: Progress | None = None) -> PerplexityResult:
     """Perplexity of ``model`` over the token ids ``ids`` (the text's tokens, no BOS added).
@@ -232,13 +267,14 @@ def perplexity(model: Any, ids: Any, *, protocol: str = "hf", ctx: int | None = 
     logits [B, T, V]``. ``ctx``: window length (default: the model's context; required for a
     function). ``stride``: ``hf`` only (default ``ctx // 2``). ``bos_id``: the BOS of the
     ``llama.cpp`` protocol (None: none; a LoadedModel's tokenizer's by default). ``decode``: ids ->
-    text, for bits per byte (a LoadedModel's tokenizer by default; None: no bits per byte).
+    text or bytes, for bits per byte (default for a LoadedModel: :func:`token_bytes_decoder` of its
+    tokenizer, else its ``decode``; None: no bits per byte).
     ``max_tokens``: evaluate the first N tokens only. ``batch_size``: windows of equal length run
     together. ``progress(done, total)``: called with the windows done after each forward pass.
     """
     tok = getattr(model, "tokenizer", None)
     if decode is None and tok is not None:
-        decode = tok.decode
+        decode = token_bytes_decoder(tok) or tok.decode
     if bos_id is None and tok is not None:
         bos_id = tok.bos_id
     ctx, stride = resolve_args(model, protocol, ctx, stride)

@@ -133,8 +133,10 @@ def quantize(src: str | Path, out: str | Path, bits: str = "ternary",
              eval_text: str | Path | None = None) -> QuantizeResult:
     """Post-training quantisation of a full-precision model, written by ``out``'s suffix
     (``.gguf``: TQ2_0, ``.1bit``, else a transformers folder). ``eval_text``: a held-out text file
-    whose perplexity is measured before and after (64 windows)."""
-    from tritlm.formats.ptq import perplexity, quantize_model
+    whose perplexity is measured before and after (the ``chunks`` protocol over the first 64
+    context lengths of tokens, :func:`tritlm.eval.perplexity.perplexity`)."""
+    from tritlm.eval.perplexity import perplexity
+    from tritlm.formats.ptq import quantize_model
 
     m = load(src)
     if m.engine is not None:
@@ -145,6 +147,8 @@ def quantize(src: str | Path, out: str | Path, bits: str = "ternary",
         from tritlm.data.corpus import read_corpus
 
         ids = m.tokenizer.encode(read_corpus(eval_text))
-        res.ppl_before, res.ppl_after = perplexity(m.model, ids, 64), perplexity(q, ids, 64)
+        n = 64 * m.model.cfg.max_seq_len
+        res.ppl_before, res.ppl_after = (perplexity(x, ids, protocol="chunks", max_tokens=n).ppl
+                                         for x in (m.model, q))
     write_by_suffix(q, m.tokenizer, out)
     return res

@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tritlm.cli_formats import add_format_commands  # quantize, export, inspect, validate, repair
 
     add_format_commands(sub)
+    from tritlm.cli_eval import add_eval_commands  # eval
+
+    add_eval_commands(sub)
     return p
 
 

@@ -9,8 +9,9 @@ import torch
 
 from tritlm.data.corpus import default_corpus_path, read_corpus
 from tritlm.data.tokenizer import CharTokenizer
+from tritlm.eval.perplexity import perplexity
 from tritlm.formats.common import block_linears, quantised_linear
-from tritlm.formats.ptq import perplexity, ptq_report, quantize_model
+from tritlm.formats.ptq import ptq_report, quantize_model
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.nn.bitlinear import BitLinear
@@ -65,5 +66,5 @@ def test_perplexity_before_after(trained):
     for bits, r in rep.items():
         print(f"PTQ {bits}: ppl {r['ppl_fp']:.2f} -> {r['ppl_quant']:.2f} (x{r['ratio']:.2f})")
         assert r["ppl_quant"] > fp and torch.isfinite(torch.tensor(r["ppl_quant"]))
-    assert perplexity(m, tok.encode(held_out[:500])) == pytest.approx(
-        perplexity(m, tok.encode(held_out[:500])))
+    assert perplexity(m, tok.encode(held_out[:500])).ppl == pytest.approx(
+        perplexity(m, tok.encode(held_out[:500])).ppl)

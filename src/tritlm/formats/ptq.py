@@ -9,7 +9,6 @@ full precision; use it as the starting point for a quantisation-aware fine-tune,
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -78,32 +77,16 @@ def quantize_model(model: Transformer, bits: str = "ternary", act_bits: int | No
     return out
 
 
-@torch.no_grad()
-def perplexity(model: Transformer, ids: list[int] | torch.Tensor, max_windows: int | None = None) -> float:
-    """exp(mean next-token loss) over consecutive non-overlapping windows of the model's context."""
-    t = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    n = model.cfg.max_seq_len
-    if t.numel() < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
-    total, count = 0.0, 0
-    for w, start in enumerate(range(0, t.numel() - 1, n)):
-        if max_windows is not None and w >= max_windows:
-            break
-        x = t[start:start + n + 1]
-        if x.numel() < 2:
-            break
-        logits, _ = model(x[:-1][None])
-        loss = torch.nn.functional.cross_entropy(logits[0].float(), x[1:], reduction="sum")
-        total += float(loss)
-        count += x.numel() - 1
-    return math.exp(total / count)
-
-
 def ptq_report(model: Transformer, tokenizer: Any, text: str, bits: str = "ternary",
                max_windows: int | None = 32) -> dict[str, Any]:
-    """Quantise ``model`` and measure perplexity on held-out ``text`` before and after."""
+    """Quantise ``model`` and measure perplexity on held-out ``text`` before and after
+    (:func:`tritlm.eval.perplexity.perplexity`, ``chunks`` protocol over the first ``max_windows``
+    chunks of the model's context)."""
+    from tritlm.eval.perplexity import perplexity
+
     ids = tokenizer.encode(text)
     q = quantize_model(model, bits)
-    before, after = perplexity(model, ids, max_windows), perplexity(q, ids, max_windows)
-    return {"bits": bits, "ppl_fp": before, "ppl_quant": after, "ratio": after / before,
-            "tokens": min(len(ids), (max_windows or 10 ** 12) * model.cfg.max_seq_len), "model": q}
+    limit = max_windows * model.cfg.max_seq_len if max_windows else None
+    before, after = (perplexity(m, ids, protocol="chunks", max_tokens=limit) for m in (model, q))
+    return {"bits": bits, "ppl_fp": before.ppl, "ppl_quant": after.ppl, "ratio": after.ppl / before.ppl,
+            "tokens": before.tokens, "model": q}

@@ -247,3 +247,33 @@ def test_command_line_runs_lm_evals_cli_with_the_model(tmp_path, hf_folder):
     assert res[0]["n-samples"]["tritlm_tiny_mc"]["effective"] == n
     assert res[0]["config"]["model"] == "tritlm" and res[0]["config"]["max_length"] == 48
     assert "tritlm_tiny_mc" in r.stdout
+
+
+def test_sampling_options_context_cap_and_prefix_errors(hf_folder, ours):
+    import tritlm
+    from tritlm.api import LoadedModel
+    from tritlm.data.tokenizer import CharTokenizer
+    from tritlm.eval.lm_eval import TritlmLM
+
+    kw = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.5, "top_k": 20}
+    a = ours.generate_until(_reqs("generate_until", [("the cat", kw)]), disable_tqdm=True)
+    b = ours.generate_until(_reqs("generate_until", [("the cat", kw)]), disable_tqdm=True)
+    greedy = ours.generate_until(_reqs("generate_until", [("the cat", {"until": [], "max_gen_toks": 8})]),
+                                 disable_tqdm=True)
+    assert a == b and a != greedy  # seeded sampling: reproducible, and not the greedy text
+    with pytest.raises(ValueError, match="no room"):
+        ours.generate_until(_reqs("generate_until", [("the cat", {"max_gen_toks": CTX})]), disable_tqdm=True)
+    m = tritlm.load(hf_folder)
+    capped = TritlmLM(model=m, max_length=10 * CTX, batch_size="auto")
+    assert capped.max_length == CTX and capped.batch_size == 8
+    # a char tokenizer has neither BOS nor EOS: empty contexts need prefix_token_id
+    ct = CharTokenizer.from_text("abc def.")
+    char = TritlmLM(model=LoadedModel(m.model, ct, hf_folder, "hf"))
+    with pytest.raises(ValueError, match="prefix_token_id"):
+        char.loglikelihood(_reqs("loglikelihood", [("", "abc")]), disable_tqdm=True)
+    got = TritlmLM(model=LoadedModel(m.model, ct, hf_folder, "hf"), prefix_token_id=0).loglikelihood(
+        _reqs("loglikelihood", [("", "abc"), ("ab", "c")]), disable_tqdm=True)
+    lp = torch.log_softmax(m.logits([0] + ct.encode("ab")).double(), -1)
+    want = sum(float(lp[i, t]) for i, t in enumerate(ct.encode("abc")))
+    lp2 = torch.log_softmax(m.logits(ct.encode("ab")).double(), -1)  # a context: no prefix token
+    assert abs(got[0][0] - want) < TOL and abs(got[1][0] - float(lp2[1, ct.encode("c")[0]])) < TOL

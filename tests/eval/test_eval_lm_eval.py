@@ -277,3 +277,15 @@ def test_sampling_options_context_cap_and_prefix_errors(hf_folder, ours):
     want = sum(float(lp[i, t]) for i, t in enumerate(ct.encode("abc")))
     lp2 = torch.log_softmax(m.logits(ct.encode("ab")).double(), -1)  # a context: no prefix token
     assert abs(got[0][0] - want) < TOL and abs(got[1][0] - float(lp2[1, ct.encode("c")[0]])) < TOL
+
+
+def test_shared_forward_scores_each_request_at_its_own_positions(ours):
+    """Requests whose context + continuation[:-1] are the same tokens share one forward even when
+    split differently; each continuation is read from the trailing positions of that forward."""
+    reqs = [(None, [5, 6], [7]), (None, [5], [6, 8]), (None, [5, 6], [9]), (None, [5, 6, 7], [4, 3])]
+    got = ours._loglikelihood_tokens(reqs, disable_tqdm=True)
+    for (_, ctx, cont), (ll, greedy) in zip(reqs, got):
+        lp = torch.log_softmax(ours.lm.logits(ctx + cont[:-1]).double(), -1)[-len(cont):]
+        want = float(lp.gather(1, torch.tensor(cont).view(-1, 1)).sum())
+        assert abs(ll - want) < 1e-5
+        assert greedy == bool((lp.argmax(-1) == torch.tensor(cont)).all())

@@ -203,8 +203,9 @@ class TritlmLM(TemplateLM):
 
     # ------------------------------------------------------------------ the forward
     @torch.no_grad()
-    def _logprobs(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        """float32 log-softmax ``[len(s), V]`` for each sequence: one forward, rows padded on the right."""
+    def _logprobs(self, seqs: list[list[int]], keep: list[int]) -> list[torch.Tensor]:
+        """float32 log-softmax ``[keep[i], V]`` of the last ``keep[i]`` positions of each sequence:
+        one forward, rows padded on the right; the softmax runs over the kept rows only."""
         n = max(len(s) for s in seqs)
         if n > self.max_length:
             raise ValueError(f"a sequence of {n} tokens exceeds max_length {self.max_length}")
@@ -215,11 +216,12 @@ class TritlmLM(TemplateLM):
         if eng is not None:  # the packed runtime's Transformer; its engine's lock keeps servers out
             with eng.lock:
                 logits, _ = eng.model(x)
-                lp = torch.log_softmax(logits.float(), dim=-1)  # a new tensor: runtime buffers are reused
-        else:
-            logits, _ = self.lm.model(x.to(self._device))
-            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        return [lp[i, :len(s)] for i, s in enumerate(seqs)]
+                # log_softmax makes new tensors: the runtime reuses its output buffers
+                return [torch.log_softmax(logits[i, len(s) - k:len(s)].float(), dim=-1)
+                        for i, (s, k) in enumerate(zip(seqs, keep))]
+        logits, _ = self.lm.model(x.to(self._device))
+        return [torch.log_softmax(logits[i, len(s) - k:len(s)].float(), dim=-1).cpu()
+                for i, (s, k) in enumerate(zip(seqs, keep))]
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
@@ -247,8 +249,9 @@ class TritlmLM(TemplateLM):
                                 "from the left", len(ctx), len(cont), self.max_length,
                                 len(whole) - self.max_length - 1)
                 inps.append(whole[-(self.max_length + 1):][:-1])
-            for (req_str, ctx_toks, cont_toks), inp, lp in zip(chunk, inps, self._logprobs(inps)):
-                lp = lp[len(inp) - len(cont_toks):].unsqueeze(0)  # [1, cont, V]
+            lps = self._logprobs(inps, [len(cont) for _, _, cont in chunk])
+            for (req_str, ctx_toks, cont_toks), lp in zip(chunk, lps):
+                lp = lp.unsqueeze(0)  # [1, cont, V]
                 greedy = lp.argmax(dim=-1)
                 for request_str, cont, lpc in re_ord.get_cache(req_str=req_str, cxt_toks=ctx_toks,
                                                                cont_toks=cont_toks, logits=lp):
@@ -265,13 +268,11 @@ class TritlmLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         windows: list[tuple[int, tuple[None, list[int], list[int]]]] = []
-        counts: list[int] = []
         for i, (string,) in enumerate(req.args for req in requests):
             toks = self.tok_encode(string)
             got = [(None, *lm_utils.make_disjoint_window(w)) for w in lm_utils.get_rolling_token_windows(
                 token_list=toks, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
             windows.extend((i, w) for w in got)
-            counts.append(len(got))
         lls = self._loglikelihood_tokens([w for _, w in windows], disable_tqdm=True) if windows else []
         out = [0.0] * len(requests)
         for (i, _), (ll, _) in zip(windows, lls):

@@ -16,11 +16,12 @@ What it computes, and how it matches lm-eval's ``HFLM`` (``lm_eval/models/huggin
 * ``loglikelihood``: TemplateLM's encoding (trailing context spaces move to the continuation, the
   pair is encoded whole and split at the context's length, an empty context becomes
   ``prefix_token_id``); ``(context + continuation)[-(max_length + 1):][:-1]`` runs through the
-  model (left truncation as HFLM), log-softmax in float32, the continuation's log-probabilities
-  summed; ``is_greedy`` when every continuation token is the argmax. Requests are sorted by length
-  (longest first) and run ``batch_size`` at a time in one forward, padded on the right (exact for a
-  causal model: no position sees the padding after it); one-token continuations that share a
-  context reuse one forward (lm-eval's Collator, as HFLM's ``logits_cache``).
+  model (left truncation as HFLM), log-softmax in float32 over the continuation's positions, its
+  log-probabilities summed in float64; ``is_greedy`` when every continuation token is the argmax.
+  Requests are sorted by length (longest first) and run ``batch_size`` at a time in one forward,
+  padded on the right (exact for a causal model: no position sees the padding after it); requests
+  whose context + continuation[:-1] are the same tokens share one forward (lm-eval's Collator, as
+  HFLM's ``logits_cache``), each read at its own trailing positions.
 * ``loglikelihood_rolling``: lm-eval's ``get_rolling_token_windows`` / ``make_disjoint_window``
   over ``max_length``-token windows with ``prefix_token_id`` first, summed per document.
 * ``generate_until``: the context encoded and left-truncated to ``max_length - max_gen_toks``,

@@ -272,9 +272,9 @@ def test_bytes_of_real_tokenizers_on_wikitext(name, protocol):
 def formats(tmp_path_factory):
     """A tiny ternary byte-level model trained for 40 steps, as a training checkpoint, its HF export and
     its packed folder, and a held-out text file (the first 2000 characters of the bundled corpus)."""
+    from tritlm.formats.checkpoint import save_checkpoint
     from tritlm.formats.hf import export_hf
     from tritlm.formats.packed import pack_model
-    from tritlm.formats.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("eval")
     cfg = ModelConfig(vocab_size=257, dim=128, n_layers=2, n_heads=4, ffn_dim=256, max_seq_len=64, quant=TERNARY)

@@ -246,3 +246,15 @@ def test_base3_ternary_storage_runs_like_i2s(tmp_path):
     save_file(t, str(b / "model.safetensors"))
     with pytest.raises(FormatError):
         load_packed(b)
+
+
+def test_bench_takes_a_packed_folder_and_ids_are_checked(trained, tmp_path):
+    from tritlm.infer.profile import bench_model
+
+    path, _ = pack_model(trained, tmp_path / "p")
+    res = bench_model(str(path), [1], decode_tokens=4, prompt_tokens=8, dense=False)
+    ours = next(r for r in res["rows"] if r["impl"].startswith("tritlm packed"))
+    assert ours["decode"] > 0 and ours["prefill"] > 0 and "int8" in res["kinds"]
+    eng = Engine(load_packed(path))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        eng.forward_seq([1, 2, eng.cfg.vocab_size])

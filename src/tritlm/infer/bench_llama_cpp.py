@@ -82,7 +82,7 @@ def bench(path: Path, threads: int, decode_tokens: int, prompt_tokens: int, n_ct
 
         decode(4)  # warm-up: page the weights in, start the thread pool
         dec = decode(decode_tokens)
-        ids = [(7 * i) % 1000 + 1 for i in range(prompt_tokens)]
+        ids = [((7 * i) % 1000 + 1) % llm.n_vocab() for i in range(prompt_tokens)]  # our bench's prompt
         best = float("inf")
         for _ in range(2):
             llm.reset()

@@ -246,6 +246,12 @@ class Engine:
         self.last_hidden = self._step_h.clone()
         return out
 
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        v = self.cfg.vocab_size
+        bad = next((i for i in ids if not 0 <= int(i) < v), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the model's vocabulary of {v}")
+
     def _check_room(self, slot: int, start: int, t: int) -> None:
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} out of range (engine has {self.slots})")
@@ -265,6 +271,7 @@ class Engine:
             raise ValueError("ids must not be empty")
         start = self.pos[slot] if start is None else start
         self._check_room(slot, start, t)
+        self._check_ids(ids)
         end = start + t
         t0 = time.perf_counter()
         with self._torch_threads():
@@ -297,6 +304,7 @@ class Engine:
             return self.forward_seq(tokens, slots[0])
         for s in slots:
             self._check_room(s, self.pos[s], 1)
+        self._check_ids(tokens)
         b = len(slots)
         t0 = time.perf_counter()
         with self._torch_threads():

@@ -126,7 +126,7 @@ def _time_decode(eng, n: int, native: list | None = None) -> float:
 
 
 def _time_prefill(eng, n: int, reps: int = 2) -> float:
-    ids = [(7 * i) % 1000 + 1 for i in range(n)]
+    ids = [((7 * i) % 1000 + 1) % eng.cfg.vocab_size for i in range(n)]  # any vocabulary
     best = float("inf")
     for _ in range(reps):
         eng.reset()

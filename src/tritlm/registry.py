@@ -66,6 +66,8 @@ def resolve_path(name_or_path: str | Path) -> Path:
     """An existing path as is; otherwise a registered name's path; otherwise the path (callers report)."""
     p = Path(name_or_path).expanduser()
     if p.exists():
+        if not (p.is_file() or p.is_dir()):  # a FIFO, socket or device: reading it could block for ever
+            raise TritlmError(f"{p} is not a regular file or folder")
         return p
     models = list_models()
     if str(name_or_path) in models:

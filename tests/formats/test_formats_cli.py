@@ -106,3 +106,18 @@ def test_export_and_quantize_api(tmp_path, model):
     assert r.ppl_before > 0 and r.ppl_after > 0
     assert quantize(tmp_path / "fp", tmp_path / "q2.gguf").ppl_before is None
     assert tritlm.load(tmp_path / "q.1bit").config.quant.weight == "binary"
+
+
+def test_fifo_or_device_as_model_is_an_error_not_a_hang(tmp_path):
+    """Issue 10: a FIFO given as MODEL was opened before checking it is a regular file (blocked)."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    for args in (["generate", str(fifo), "--prompt", "a"], ["inspect", str(fifo)], ["info", str(fifo)],
+                 ["generate", "/dev/zero", "--prompt", "a"]):
+        r = subprocess.run([sys.executable, "-m", "tritlm", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("tritlm: error:"), (args, r.stderr[-300:])
+        assert "Traceback" not in r.stderr

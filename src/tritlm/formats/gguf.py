@@ -563,9 +563,11 @@ def import_gguf(path: str | Path):
 
 def is_gguf(path: str | Path) -> bool:
     p = Path(path)
+    if not p.is_file():  # before opening: a FIFO or a device would block the open for ever
+        return False
     try:
         with open(p, "rb") as fh:
-            return p.is_file() and fh.read(4) == b"GGUF"
+            return fh.read(4) == b"GGUF"
     except OSError:
         return False
 

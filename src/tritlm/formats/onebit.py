@@ -224,6 +224,8 @@ def load_onebit(path: str | Path):
 
 
 def is_onebit(path: str | Path) -> bool:
+    if not Path(path).is_file():  # never open a FIFO or device: the open would block
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == MAGIC

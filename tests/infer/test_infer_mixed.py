@@ -258,3 +258,54 @@ def test_bench_takes_a_packed_folder_and_ids_are_checked(trained, tmp_path):
     eng = Engine(load_packed(path))
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         eng.forward_seq([1, 2, eng.cfg.vocab_size])
+
+
+def _corrupt_variants():
+    def cfg_json(p, fn):
+        meta = json.loads((p / "config.json").read_text())
+        (p / "config.json").write_text(json.dumps(fn(meta)))
+
+    def model_key(key, value):
+        def f(meta):
+            meta["model"][key] = value
+            return meta
+        return f
+
+    def tensors(fn):
+        def edit(p):
+            t = load_file(str(p / "model.safetensors"))
+            fn(t)
+            save_file(t, str(p / "model.safetensors"))
+        return edit
+
+    return {
+        "empty-weights": lambda p: (p / "model.safetensors").write_bytes(b""),
+        "truncated-weights": lambda p: (p / "model.safetensors").write_bytes(
+            (p / "model.safetensors").read_bytes()[:1000]),
+        "config-list": lambda p: cfg_json(p, lambda m: {"format": "tritlm-packed", "version": 2, "model": []}),
+        "config-no-model": lambda p: cfg_json(p, lambda m: {k: v for k, v in m.items() if k != "model"}),
+        "config-no-tensors": lambda p: cfg_json(p, lambda m: {k: v for k, v in m.items() if k != "tensors"}),
+        "n_kv_heads=-1": lambda p: cfg_json(p, model_key("n_kv_heads", -1)),
+        "norm_eps=x": lambda p: cfg_json(p, model_key("norm_eps", "x")),
+        "dim=1e9": lambda p: cfg_json(p, model_key("dim", 10 ** 9)),
+        "n_layers=1e6": lambda p: cfg_json(p, model_key("n_layers", 10 ** 6)),
+        "max_seq_len=1e9": lambda p: cfg_json(p, model_key("max_seq_len", 10 ** 9)),
+        "act_bits=str": lambda p: cfg_json(p, lambda m: {**m, "model": {**m["model"], "quant": {
+            **m["model"]["quant"], "act_bits": "8"}}}),
+        "version-str": lambda p: cfg_json(p, lambda m: {**m, "version": "2"}),
+        "embed-shape": tensors(lambda t: t.__setitem__("embed_tokens.weight", torch.zeros(3, 3))),
+        "norm-missing": tensors(lambda t: t.pop("norm.weight")),
+        "nan-embed": tensors(lambda t: t["embed_tokens.weight"].__setitem__((0, 0), float("nan"))),
+        "inf-scale": tensors(lambda t: t["layers.0.mlp.up_proj.scale"].fill_(float("inf"))),
+        "extra-tensor": tensors(lambda t: t.__setitem__("evil", torch.zeros(1))),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_corrupt_variants()))
+def test_corrupt_packed_folders_are_one_line_errors(tmp_path, variant):
+    """Issue 10: packed folders are what `tritlm serve` is given; every corruption is a FormatError
+    (the CLI prints one line), found before anything is built or allocated from the metadata."""
+    p = save_packed(from_transformer(_mixed(FUSABLE), fp_dtype="fp32"), tmp_path / "m")
+    _corrupt_variants()[variant](p)
+    with pytest.raises(FormatError):
+        load_packed(p)

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from tritlm.errors import FormatError
+from tritlm.errors import ConfigError, FormatError
 from tritlm.formats.common import FP_DTYPES, block_linears, fp_tensors
 from tritlm.io_atomic import atomic_path, fsync_tree
 from tritlm.kernels.pack import PackedBase3, PackedBinary, PackedInt4, PackedInt8, PackedTernary, pack_ternary_kernel
@@ -138,21 +139,9 @@ def random_packed(cfg: ModelConfig, seed: int = 0, fp_dtype: str = "fp16", zero_
         s = cfg.init_std * 1.2 * np.sqrt(1 - zero_frac) / rms  # the same weight RMS for every kind
         shape = (n, -(-k // q.group_size)) if q.weight == "int4" else ((n,) if q.per_channel else (1,))
         linears[name] = pack_levels(lv, np.full(shape, s, np.float32), q)
-    fp: dict[str, torch.Tensor] = {
-        "embed_tokens.weight": (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * cfg.init_std).to(dt),
-        "norm.weight": torch.ones(cfg.dim),
-    }
-    if not cfg.tie_embeddings:
-        fp["lm_head.weight"] = (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * cfg.init_std).to(dt)
-    for i in range(cfg.n_layers):
-        fp[f"layers.{i}.input_layernorm.weight"] = torch.ones(cfg.dim)
-        fp[f"layers.{i}.post_attention_layernorm.weight"] = torch.ones(cfg.dim)
-        if cfg.qk_norm:
-            fp[f"layers.{i}.self_attn.q_norm.weight"] = torch.ones(cfg.head_dim)
-            fp[f"layers.{i}.self_attn.k_norm.weight"] = torch.ones(cfg.head_dim)
-        if cfg.sub_norm:
-            fp[f"layers.{i}.self_attn.attn_sub_norm.weight"] = torch.ones(cfg.dim)
-            fp[f"layers.{i}.mlp.ffn_sub_norm.weight"] = torch.ones(cfg.ffn_dim)
+    # matrices (embeddings, head) random at init_std, norm weights 1
+    fp = {name: (torch.randn(*shape, generator=g) * cfg.init_std).to(dt) if len(shape) == 2 else torch.ones(shape)
+          for name, shape in fp_shapes(cfg).items()}
     return PackedModel(cfg, linears, fp, None, meta={"fp_dtype": fp_dtype, "random": True})
 
 
@@ -225,6 +214,24 @@ def inspect_packed(path: str | Path) -> dict:
             "file_bytes": (p / WEIGHTS_FILE).stat().st_size, "tensors": records}
 
 
+def fp_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the full-precision tensors a packed model of ``cfg`` holds."""
+    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        out[f"layers.{i}.input_layernorm.weight"] = (d,)
+        out[f"layers.{i}.post_attention_layernorm.weight"] = (d,)
+        if cfg.qk_norm:
+            out[f"layers.{i}.self_attn.q_norm.weight"] = (hd,)
+            out[f"layers.{i}.self_attn.k_norm.weight"] = (hd,)
+        if cfg.sub_norm:
+            out[f"layers.{i}.self_attn.attn_sub_norm.weight"] = (d,)
+            out[f"layers.{i}.mlp.ffn_sub_norm.weight"] = (f,)
+    return out
+
+
 def _expected_qweight(kind: str, n: int, k: int, layout: str | None = None) -> tuple[tuple[int, ...], torch.dtype]:
     """Shape and dtype of ``<name>.qweight`` in each kind's layout."""
     if kind == "ternary" and layout == "base3":
@@ -252,6 +259,8 @@ def _read_linear(p: Path, tensors: dict, name: str, rec: dict, want: tuple[int, 
         dt = torch.float16 if kind == "fp16" else torch.float32
         if w is None or tuple(w.shape) != (n, k) or w.dtype != dt:
             raise FormatError(f"{p}: {name}.weight missing or not {kind} [{n}, {k}]")
+        if not bool(torch.isfinite(w).all()):
+            raise FormatError(f"{p}: {name}.weight holds NaN or infinite values")
         return PackedLinear(kind, w)
     data, scale = tensors.pop(f"{name}.qweight", None), tensors.pop(f"{name}.scale", None)
     if data is None or scale is None:
@@ -263,6 +272,8 @@ def _read_linear(p: Path, tensors: dict, name: str, rec: dict, want: tuple[int, 
                           f"for {kind} [{n}, {k}]")
     if scale.dtype != torch.float32:
         raise FormatError(f"{p}: {name}.scale must be float32, got {scale.dtype}")
+    if not bool(torch.isfinite(scale).all()):
+        raise FormatError(f"{p}: {name}.scale holds NaN or infinite values")
     d = data.numpy()
     kp = {"ternary": 128, "int8": 32, "int4": 64, "binary": 128}[kind]
     kp = -(-k // kp) * kp
@@ -294,11 +305,16 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
     p = Path(path)
     if not is_packed(p):
         raise FormatError(f"{p} is not a tritlm packed model folder")
-    meta = json.loads((p / CONFIG_FILE).read_text())
+    meta = json.loads((p / CONFIG_FILE).read_text())  # is_packed parsed it: a dict
     version = meta.get("version", 0)
     if not isinstance(version, int) or version > VERSION:
         raise FormatError(f"{p}: packed format version {version!r} is newer than this tritlm ({VERSION})")
-    cfg = ModelConfig.from_dict(meta.get("model", {}))
+    if not isinstance(meta.get("model"), dict):
+        raise FormatError(f"{p}/config.json has no model config")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except ConfigError as e:
+        raise FormatError(f"{p}/config.json: {e}") from None
     shapes = cfg.linear_shapes()
     if version >= 2:
         records = meta.get("tensors")
@@ -311,8 +327,21 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
         missing = sorted(set(shapes) - set(records))[:3]
         extra = sorted(set(records) - set(shapes))[:3]
         raise FormatError(f"{p}: block Linears do not match the model config (missing {missing}, unexpected {extra})")
-    tensors = load_file(str(p / WEIGHTS_FILE))
+    try:
+        tensors = load_file(str(p / WEIGHTS_FILE))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise FormatError(f"{p}/{WEIGHTS_FILE} cannot be read ({str(e).splitlines()[0][:120]})") from None
     linears = {name: _read_linear(p, tensors, name, records[name], shapes[name]) for name in shapes}
+    for name, want in fp_shapes(cfg).items():
+        t = tensors.get(name)
+        if t is None or tuple(t.shape) != want or not t.is_floating_point():
+            got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise FormatError(f"{p}: {name} is {got}, the model config needs a float tensor {want}")
+        if not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{p}: {name} holds NaN or infinite values")
+    extra = sorted(set(tensors) - set(fp_shapes(cfg)))
+    if extra:
+        raise FormatError(f"{p}: unexpected tensors {extra[:3]}")
     tok = None
     if load_tokenizer and (p / TOKENIZER_DIR).exists():
         from tritlm.data import load_tokenizer as _lt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,9 @@ MLPKind = Literal["swiglu", "relu2"]
 # Ordered per-layer overrides: (glob over block Linear names, QuantConfig); the first match wins.
 QuantOverrides = tuple[tuple[str, QuantConfig], ...]
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Upper bounds of the integer sizes (far above any real model; below what would allocate by mistake).
+_INT_BOUNDS = {"vocab_size": 1 << 24, "dim": 1 << 17, "n_layers": 1 << 12, "n_heads": 1 << 12,
+               "n_kv_heads": 1 << 12, "ffn_dim": 1 << 19, "max_seq_len": 1 << 22}
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -48,6 +52,28 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        # types and sane bounds first: configs come from files (checkpoints, packed folders) and
+        # size allocations, so a wrong type or an absurd size must stop here, in one line
+        for name, hi in _INT_BOUNDS.items():
+            v = getattr(self, name)
+            if v is None and name == "n_kv_heads":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+            if not 1 <= v <= hi:
+                raise ConfigError(f"{name} must lie in [1, {hi}], got {v}")
+        for name in ("norm_eps", "rope_theta", "residual_scale", "init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a positive finite number, got {v!r}")
+        for name in ("qk_norm", "tie_embeddings", "sub_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.quant, QuantConfig):
+            raise ConfigError(f"quant must be a quant config, got {self.quant!r}")
+        if self.dim * self.vocab_size > 1 << 36 or self.dim * self.ffn_dim * self.n_layers > 1 << 40:
+            raise ConfigError(f"model of dim {self.dim}, vocab {self.vocab_size}, ffn {self.ffn_dim} and "
+                              f"{self.n_layers} layers is beyond any size tritlm can hold")
         kv = self.kv_heads
         if self.dim % self.n_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +45,23 @@ class QuantConfig:
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        def number(name: str, v, positive: bool = True) -> None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+                raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {v!r}")
+
+        if self.act_bits is not None and (isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int)
+                                          or not 2 <= self.act_bits <= 16):
+            raise ValueError(f"act_bits must be an integer in [2, 16] or null, got {self.act_bits!r}")
+        if not isinstance(self.input_norm, bool):
+            raise ValueError(f"input_norm must be true or false, got {self.input_norm!r}")
+        number("ste_scale", self.ste_scale)
+        number("eps", self.eps)
+        if self.latent_clamp is not None:
+            number("latent_clamp", self.latent_clamp)
+        if self.dynamic_threshold is not None:
+            number("dynamic_threshold", self.dynamic_threshold)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+            raise ValueError(f"group_size must be an integer, got {self.group_size!r}")
         if self.weight not in WEIGHT_MODES:
             raise ValueError(f"weight must be one of {', '.join(WEIGHT_MODES)}, got {self.weight!r}")
         if self.scale not in ("tensor", "channel"):

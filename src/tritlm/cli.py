@@ -8,9 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-from tritlm.errors import TritlmError
+from tritlm.errors import ConfigError, TritlmError
 
 log = logging.getLogger("tritlm")
+
+
+def require_int(flag: str, v: int | None, lo: int, hi: int | None = None, note: str = "") -> None:
+    """A command-line integer out of range is a one-line :class:`ConfigError` naming the flag."""
+    if v is None or (v >= lo and (hi is None or v <= hi)):
+        return
+    rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+    raise ConfigError(f"{flag} {v} must be {rng}" + (f" ({note})" if note else ""))
 
 
 def _console():
@@ -163,9 +171,9 @@ def _result_rows(r) -> list[tuple[str, str]]:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    cfg = _train_config(a)  # a bad value fails here, before torch is imported
     from tritlm.train.trainer import Trainer
 
-    cfg = _train_config(a)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     prog = _Progress("train", quiet=a.quiet or not rank0)
     r = Trainer(cfg, prog).run(resume=a.resume)
@@ -218,11 +226,13 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 # ---- generate ------------------------------------------------------------------------------------
 def cmd_generate(a: argparse.Namespace) -> int:
+    require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
     from tritlm.infer.sampling import SamplingParams
 
-    m = tritlm.load(a.model)
+    # Checked before the model loads: a bad flag fails at once.
     params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repetition_penalty, a.seed)
+    m = tritlm.load(a.model)
     ids = m.tokenizer.encode(a.prompt)
     if not ids:
         raise TritlmError("the prompt encodes to no tokens")
@@ -312,6 +322,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # ---- serve ---------------------------------------------------------------------------------------
 def cmd_serve(a: argparse.Namespace) -> int:
+    require_int("--port", a.port, 0, 65535, "0 = any free port")
+    require_int("--workers", a.workers, 1)
+    require_int("--max-queue", a.max_queue, 0)
+    require_int("--threads", a.threads, 1)
+    require_int("--max-prompt-tokens", a.max_prompt_tokens, 1)
+    require_int("--max-tokens-limit", a.max_tokens_limit, 1)
     from tritlm.serve.app import serve
 
     logging.getLogger("tritlm.serve").setLevel(logging.DEBUG if a.verbose else logging.INFO)
@@ -349,7 +365,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tritlm", description="Train, pack, export, run and serve ternary LLMs.")
+    from tritlm import __version__
+
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"tritlm {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("info", help="parameter counts, memory and per-layer kinds of a model or the presets")

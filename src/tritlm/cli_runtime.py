@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from tritlm.errors import TritlmError
+from tritlm.errors import ConfigError, TritlmError
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
+    if Path(a.out).exists() and not a.force:
+        raise ConfigError(f"{a.out} exists; choose another output folder or pass --force to replace it")
     from tritlm.formats.packed import pack_model
     from tritlm.model.config import load_quant_spec
     from tritlm.registry import resolve_path
@@ -66,13 +69,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---- chat ----------------------------------------------------------------------------------------
 def cmd_chat(a: argparse.Namespace) -> int:
+    from tritlm.cli import require_int
+
+    require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
     from tritlm.infer.chat import ChatSession, chat_repl
     from tritlm.infer.sampling import SamplingParams
 
-    m = tritlm.load(a.model)
     params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                             repetition_penalty=a.repetition_penalty, seed=a.seed)
+    m = tritlm.load(a.model)
     chat = ChatSession(m, params, a.max_tokens, a.system)
     chat_repl(chat, sys.stdin, sys.stdout,
               banner=f"tritlm chat: {m.path} ({m.source}). /reset clears the history, /exit quits.")

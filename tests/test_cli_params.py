@@ -23,11 +23,9 @@ CASES = [
     ("train-lr-flag-zero", ["train", "--lr", "0"], "optim.lr"),
     ("train-max-steps-0", ["train", "--max-steps", "0"], "max_steps"),
     ("train-eval-interval-0", ["train", "--eval-interval", "0"], "eval_interval"),
-    ("train-grad-accum-0", ["train", "--set", "grad_accum=0"], "grad_accum"),
     ("train-batch-size-0", ["train", "--batch-size", "0"], "batch_size"),
     ("train-schedule", ["train", "--set", "optim.schedule=warmup"], "constant, linear, cosine, two-stage"),
     ("train-dtype", ["train", "--set", "dtype=fp16"], "auto, float32, bfloat16"),
-    ("train-weight-decay", ["train", "--set", "optim.weight_decay=-1"], "optim.weight_decay"),
     ("generate-max-tokens-0", ["generate", "nomodel", "--max-tokens", "0"], "--max-tokens"),
     ("generate-max-tokens-neg", ["generate", "nomodel", "--max-tokens", "-5"], "--max-tokens"),
     ("generate-temperature", ["generate", "nomodel", "--temperature", "-1"], "temperature"),
@@ -59,6 +57,11 @@ def results(tmp_path_factory):
     (tmp / "exists").mkdir()
     runs = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
+        # a valid config with a warmup longer than the run: warned (log, on stdout), then the run
+        # fails on its missing corpus
+        warm = ["train", "--data", str(tmp / "no-corpus.txt"), "--max-steps", "5", "--set",
+                "optim.warmup_steps=40", "--out", str(tmp / "run"), "--quiet"]
+        runs["warmup-warning"] = pool.submit(_run, warm, tmp)
         for cid, argv, _ in CASES:
             argv = [x.format(tmp=tmp, exists=tmp / "exists") for x in argv]
             runs[cid] = pool.submit(_run, argv, tmp)
@@ -73,6 +76,13 @@ def test_bad_value_is_one_line_exit_2(results, cid, want):
     assert "Traceback" not in r.stderr
     assert len(lines) == 1 and lines[0].startswith("tritlm: error:"), r.stderr
     assert want in lines[0], lines[0]
+
+
+def test_warmup_longer_than_run_is_warned(results):
+    r = results["warmup-warning"]
+    assert r.returncode == 2 and "no-corpus.txt" in r.stderr and "Traceback" not in r.stderr
+    out = " ".join(r.stdout.split())
+    assert "WARNING" in out and "warmup_steps 40" in out and "max_steps 5" in out, r.stdout
 
 
 def test_version(tmp_path):

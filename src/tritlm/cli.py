@@ -21,6 +21,35 @@ def require_int(flag: str, v: int | None, lo: int, hi: int | None = None, note: 
     raise ConfigError(f"{flag} {v} must be {rng}" + (f" ({note})" if note else ""))
 
 
+def _lr_list(flag: str, text: str) -> list[float]:
+    """A comma-separated LR sweep; every entry a finite number > 0, or a one-line error."""
+    import math
+
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: not a list of numbers (comma-separated)") from None
+    if not lrs or any(not math.isfinite(x) or x <= 0 for x in lrs):
+        raise ConfigError(f"{flag} {text!r}: every learning rate must be a finite number > 0")
+    return lrs
+
+
+def sampling_params(**kw):
+    """:class:`~tritlm.infer.sampling.SamplingParams` from command-line flags; its one-line
+    error names the flag (``--top-k``) instead of the field (``top_k``)."""
+    import re
+
+    from tritlm.infer.sampling import SamplingParams
+
+    try:
+        return SamplingParams(**kw)
+    except ConfigError as e:
+        m = re.match(r"sampling: (\w+) = (.*)", str(e))
+        if m and m.group(1) in kw:
+            raise ConfigError(f"--{m.group(1).replace('_', '-')} {m.group(2)}") from None
+        raise
+
+
 def _console():
     from rich.console import Console
 
@@ -184,10 +213,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 # ---- compare -------------------------------------------------------------------------------------
 def cmd_compare(a: argparse.Namespace) -> int:
+    lrs = _lr_list("--lrs", a.lrs) if a.lrs else None
+    cfg = _train_config(a)
     from tritlm.eval.compare import compare
 
-    cfg = _train_config(a)
-    lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else None
     variants, variant_lrs = None, None
     if a.equal_bytes or a.wide_ternary:
         from tritlm.data import TokenData, default_corpus_path, prepare_dataset
@@ -213,10 +242,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
             if name not in (variants or {"ternary": 0, "fp": 0}) or not vals:
                 raise TritlmError(f"--variant-lrs {spec!r}: expected NAME=LR[,LR...] with NAME one of "
                                   f"{', '.join(variants or ['ternary', 'fp'])}")
-            try:
-                variant_lrs[name] = [float(x) for x in vals.split(",")]
-            except ValueError:
-                raise TritlmError(f"--variant-lrs {spec!r}: not a list of numbers") from None
+            variant_lrs[name] = _lr_list("--variant-lrs", vals)
     res = compare(cfg, lrs=lrs, out_dir=Path(a.out), variants=variants,
                   callback_factory=lambda label: _Progress(label, a.quiet), variant_lrs=variant_lrs)
     _console().print(res.table_markdown())
@@ -228,10 +254,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
-    from tritlm.infer.sampling import SamplingParams
 
     # Checked before the model loads: a bad flag fails at once.
-    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repetition_penalty, a.seed)
+    params = sampling_params(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                             repetition_penalty=a.repetition_penalty, seed=a.seed)
     m = tritlm.load(a.model)
     ids = m.tokenizer.encode(a.prompt)
     if not ids:
@@ -265,6 +291,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 # ---- demo ----------------------------------------------------------------------------------------
 def cmd_demo(a: argparse.Namespace) -> int:
     """Train the tiny ternary model on the bundled Tiny Shakespeare, pack it, generate from it."""
+    require_int("--steps", a.steps, 1)
     import shutil
     import time
 

@@ -69,15 +69,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---- chat ----------------------------------------------------------------------------------------
 def cmd_chat(a: argparse.Namespace) -> int:
-    from tritlm.cli import require_int
+    from tritlm.cli import require_int, sampling_params
 
     require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
     from tritlm.infer.chat import ChatSession, chat_repl
-    from tritlm.infer.sampling import SamplingParams
 
-    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            repetition_penalty=a.repetition_penalty, seed=a.seed)
+    params = sampling_params(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                             repetition_penalty=a.repetition_penalty, seed=a.seed)
     m = tritlm.load(a.model)
     chat = ChatSession(m, params, a.max_tokens, a.system)
     chat_repl(chat, sys.stdin, sys.stdout,

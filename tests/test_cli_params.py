@@ -44,6 +44,10 @@ CASES = [
     ("serve-max-queue-neg", ["serve", "nomodel", "--max-queue", "-1"], "--max-queue"),
     ("serve-threads-0", ["serve", "nomodel", "--threads", "0"], "--threads"),
     ("serve-max-tokens-limit-0", ["serve", "nomodel", "--max-tokens-limit", "0"], "--max-tokens-limit"),
+    ("bench-threads-text", ["bench", "--threads", "1,two"], "--threads"),
+    ("bench-threads-0", ["bench", "--threads", "0"], "--threads"),
+    ("bench-decode-0", ["bench", "--decode-tokens", "0"], "--decode-tokens"),
+    ("profile-threads-0", ["profile", "--threads", "0"], "--threads"),
     ("export-exists", ["export", "nomodel", "--format", "hf", "{exists}"], "--force"),
     ("pack-exists", ["pack", "nomodel", "{exists}"], "--force"),
 ]

@@ -53,10 +53,20 @@ def bench_lines(res: dict) -> list[str]:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    from tritlm.cli import require_int
+
+    try:
+        threads = [int(x) for x in str(a.threads).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--threads {a.threads!r}: not a comma-separated list of integers") from None
+    if not threads or min(threads) < 1:
+        raise ConfigError(f"--threads {a.threads!r}: every thread count must be >= 1")
+    require_int("--decode-tokens", a.decode_tokens, 1)
+    require_int("--prompt-tokens", a.prompt_tokens, 1)
     from tritlm.infer.profile import bench_models
     from tritlm.model.config import load_quant_spec
 
-    res = bench_models([m for m in a.models.split(",") if m], [int(x) for x in str(a.threads).split(",") if x],
+    res = bench_models([m for m in a.models.split(",") if m], threads,
                        decode_tokens=a.decode_tokens, prompt_tokens=a.prompt_tokens, dense=not a.no_dense,
                        head=a.head, tune=a.tune,
                        quant_spec=load_quant_spec(a.quant_spec) if a.quant_spec else None)
@@ -107,6 +117,11 @@ def profile_lines(r) -> list[str]:
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
+    from tritlm.cli import require_int
+
+    require_int("--prompt-tokens", a.prompt_tokens, 1)
+    require_int("--decode-tokens", a.decode_tokens, 1)
+    require_int("--threads", a.threads, 1)
     from tritlm.infer.profile import profile_model
 
     r = profile_model(a.model, preset=a.preset, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens,

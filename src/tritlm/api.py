@@ -110,9 +110,13 @@ def load(path: str | Path) -> LoadedModel:
     raise FormatError(f"{p}: not a model format tritlm can read")
 
 
-def export_model(src: str | Path, fmt: str, out: str | Path) -> Path:
+def export_model(src: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False) -> Path:
     """Load any model tritlm reads as a Transformer and write it as ``fmt``
-    (one of :data:`tritlm.formats.detect.EXPORT_FORMATS`); the path written."""
+    (one of :data:`tritlm.formats.detect.EXPORT_FORMATS`); the path written. An existing ``out``
+    is refused unless ``overwrite`` (checked before the model loads)."""
+    if Path(out).exists() and not overwrite:
+        raise FormatError(f"{out} exists; choose another output or pass overwrite=True (--force on the "
+                          "command line) to replace it")
     m = load(src)
     if m.engine is not None:
         raise FormatError(f"{src} is a packed runtime folder; export from the training checkpoint instead")

@@ -8,9 +8,46 @@ import os
 import sys
 from pathlib import Path
 
-from tritlm.errors import TritlmError
+from tritlm.errors import ConfigError, TritlmError
 
 log = logging.getLogger("tritlm")
+
+
+def require_int(flag: str, v: int | None, lo: int, hi: int | None = None, note: str = "") -> None:
+    """A command-line integer out of range is a one-line :class:`ConfigError` naming the flag."""
+    if v is None or (v >= lo and (hi is None or v <= hi)):
+        return
+    rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+    raise ConfigError(f"{flag} {v} must be {rng}" + (f" ({note})" if note else ""))
+
+
+def _lr_list(flag: str, text: str) -> list[float]:
+    """A comma-separated LR sweep; every entry a finite number > 0, or a one-line error."""
+    import math
+
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: not a list of numbers (comma-separated)") from None
+    if not lrs or any(not math.isfinite(x) or x <= 0 for x in lrs):
+        raise ConfigError(f"{flag} {text!r}: every learning rate must be a finite number > 0")
+    return lrs
+
+
+def sampling_params(**kw):
+    """:class:`~tritlm.infer.sampling.SamplingParams` from command-line flags; its one-line
+    error names the flag (``--top-k``) instead of the field (``top_k``)."""
+    import re
+
+    from tritlm.infer.sampling import SamplingParams
+
+    try:
+        return SamplingParams(**kw)
+    except ConfigError as e:
+        m = re.match(r"sampling: (\w+) = (.*)", str(e))
+        if m and m.group(1) in kw:
+            raise ConfigError(f"--{m.group(1).replace('_', '-')} {m.group(2)}") from None
+        raise
 
 
 def _console():
@@ -163,9 +200,9 @@ def _result_rows(r) -> list[tuple[str, str]]:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    cfg = _train_config(a)  # a bad value fails here, before torch is imported
     from tritlm.train.trainer import Trainer
 
-    cfg = _train_config(a)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     prog = _Progress("train", quiet=a.quiet or not rank0)
     r = Trainer(cfg, prog).run(resume=a.resume)
@@ -176,10 +213,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 # ---- compare -------------------------------------------------------------------------------------
 def cmd_compare(a: argparse.Namespace) -> int:
+    lrs = _lr_list("--lrs", a.lrs) if a.lrs else None
+    cfg = _train_config(a)
     from tritlm.eval.compare import compare
 
-    cfg = _train_config(a)
-    lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else None
     variants, variant_lrs = None, None
     if a.equal_bytes or a.wide_ternary:
         from tritlm.data import TokenData, default_corpus_path, prepare_dataset
@@ -205,10 +242,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
             if name not in (variants or {"ternary": 0, "fp": 0}) or not vals:
                 raise TritlmError(f"--variant-lrs {spec!r}: expected NAME=LR[,LR...] with NAME one of "
                                   f"{', '.join(variants or ['ternary', 'fp'])}")
-            try:
-                variant_lrs[name] = [float(x) for x in vals.split(",")]
-            except ValueError:
-                raise TritlmError(f"--variant-lrs {spec!r}: not a list of numbers") from None
+            variant_lrs[name] = _lr_list("--variant-lrs", vals)
     res = compare(cfg, lrs=lrs, out_dir=Path(a.out), variants=variants,
                   callback_factory=lambda label: _Progress(label, a.quiet), variant_lrs=variant_lrs)
     _console().print(res.table_markdown())
@@ -218,11 +252,13 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 # ---- generate ------------------------------------------------------------------------------------
 def cmd_generate(a: argparse.Namespace) -> int:
+    require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
-    from tritlm.infer.sampling import SamplingParams
 
+    # Checked before the model loads: a bad flag fails at once.
+    params = sampling_params(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                             repetition_penalty=a.repetition_penalty, seed=a.seed)
     m = tritlm.load(a.model)
-    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repetition_penalty, a.seed)
     ids = m.tokenizer.encode(a.prompt)
     if not ids:
         raise TritlmError("the prompt encodes to no tokens")
@@ -255,6 +291,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 # ---- demo ----------------------------------------------------------------------------------------
 def cmd_demo(a: argparse.Namespace) -> int:
     """Train the tiny ternary model on the bundled Tiny Shakespeare, pack it, generate from it."""
+    require_int("--steps", a.steps, 1)
     import shutil
     import time
 
@@ -312,6 +349,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # ---- serve ---------------------------------------------------------------------------------------
 def cmd_serve(a: argparse.Namespace) -> int:
+    require_int("--port", a.port, 0, 65535, "0 = any free port")
+    require_int("--workers", a.workers, 1)
+    require_int("--max-queue", a.max_queue, 0)
+    require_int("--threads", a.threads, 1)
+    require_int("--max-prompt-tokens", a.max_prompt_tokens, 1)
+    require_int("--max-tokens-limit", a.max_tokens_limit, 1)
     from tritlm.serve.app import serve
 
     logging.getLogger("tritlm.serve").setLevel(logging.DEBUG if a.verbose else logging.INFO)
@@ -349,7 +392,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tritlm", description="Train, pack, export, run and serve ternary LLMs.")
+    from tritlm import __version__
+
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"tritlm {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("info", help="parameter counts, memory and per-layer kinds of a model or the presets")

@@ -12,7 +12,7 @@ from tritlm.formats.detect import EXPORT_FORMATS
 def cmd_export(a: argparse.Namespace) -> int:
     from tritlm.api import export_model
 
-    out = export_model(a.model, a.format, a.out)
+    out = export_model(a.model, a.format, a.out, overwrite=a.force)
     print(f"wrote {out}")
     return 0
 
@@ -85,6 +85,7 @@ def add_format_commands(sub) -> None:
     s.add_argument("model", help="checkpoint/run folder, HF folder, GGUF file or registered model name")
     s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     s.add_argument("out", help="output folder (hf) or file (gguf), written atomically")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("inspect", help="a GGUF file or packed folder: metadata, tensors, kinds, types and sizes (JSON)")
     s.add_argument("file")

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from tritlm.errors import TritlmError
+from tritlm.errors import ConfigError, TritlmError
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
+    if Path(a.out).exists() and not a.force:
+        raise ConfigError(f"{a.out} exists; choose another output folder or pass --force to replace it")
     from tritlm.formats.packed import pack_model
     from tritlm.model.config import load_quant_spec
     from tritlm.registry import resolve_path
@@ -50,10 +53,20 @@ def bench_lines(res: dict) -> list[str]:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    from tritlm.cli import require_int
+
+    try:
+        threads = [int(x) for x in str(a.threads).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--threads {a.threads!r}: not a comma-separated list of integers") from None
+    if not threads or min(threads) < 1:
+        raise ConfigError(f"--threads {a.threads!r}: every thread count must be >= 1")
+    require_int("--decode-tokens", a.decode_tokens, 1)
+    require_int("--prompt-tokens", a.prompt_tokens, 1)
     from tritlm.infer.profile import bench_models
     from tritlm.model.config import load_quant_spec
 
-    res = bench_models([m for m in a.models.split(",") if m], [int(x) for x in str(a.threads).split(",") if x],
+    res = bench_models([m for m in a.models.split(",") if m], threads,
                        decode_tokens=a.decode_tokens, prompt_tokens=a.prompt_tokens, dense=not a.no_dense,
                        head=a.head, tune=a.tune,
                        quant_spec=load_quant_spec(a.quant_spec) if a.quant_spec else None)
@@ -66,13 +79,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---- chat ----------------------------------------------------------------------------------------
 def cmd_chat(a: argparse.Namespace) -> int:
+    from tritlm.cli import require_int, sampling_params
+
+    require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
     from tritlm.infer.chat import ChatSession, chat_repl
-    from tritlm.infer.sampling import SamplingParams
 
+    params = sampling_params(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                             repetition_penalty=a.repetition_penalty, seed=a.seed)
     m = tritlm.load(a.model)
-    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            repetition_penalty=a.repetition_penalty, seed=a.seed)
     chat = ChatSession(m, params, a.max_tokens, a.system)
     chat_repl(chat, sys.stdin, sys.stdout,
               banner=f"tritlm chat: {m.path} ({m.source}). /reset clears the history, /exit quits.")
@@ -102,6 +117,11 @@ def profile_lines(r) -> list[str]:
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
+    from tritlm.cli import require_int
+
+    require_int("--prompt-tokens", a.prompt_tokens, 1)
+    require_int("--decode-tokens", a.decode_tokens, 1)
+    require_int("--threads", a.threads, 1)
     from tritlm.infer.profile import profile_model
 
     r = profile_model(a.model, preset=a.preset, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,15 @@ import yaml
 
 from tritlm.errors import ConfigError
 from tritlm.train.schedule import QuantSchedule
+
+log = logging.getLogger(__name__)
+
+# The strings the trainer acts on (train/schedule.py lr_at / wd_at, trainer._autocast,
+# distributed.init_distributed); anything else would be ignored or crash mid-run.
+LR_SCHEDULES = ("constant", "linear", "cosine", "two-stage")
+WD_SCHEDULES = ("constant", "two-stage")
+DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -139,13 +150,93 @@ def _coerce(v: Any, t: Any, key: str) -> Any:
             if not isinstance(v, dict):
                 raise ValueError
             return dict(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"config key {key}: cannot use {v!r} as {getattr(t, '__name__', t)}") from None
     return v
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, d or {}, "")
+    """Build and validate a :class:`TrainConfig`; a bad value is a :class:`ConfigError` naming its key."""
+    cfg = _build(TrainConfig, d or {}, "")
+    validate_config(cfg)
+    return cfg
+
+
+def _num(key: str, v: Any, lo: float | None = None, hi: float | None = None, *,
+         lo_open: bool = False, hi_open: bool = False, what: str = "") -> None:
+    """Refuse a non-finite ``v`` or one outside [lo, hi] (open ends with lo_open / hi_open)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"config key {key}: {v!r} must be a finite number")
+    bad = ((lo is not None and (v <= lo if lo_open else v < lo))
+           or (hi is not None and (v >= hi if hi_open else v > hi)))
+    if bad:
+        if lo is not None and hi is not None:
+            rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            rng = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            rng = f"{'<' if hi_open else '<='} {hi:g}"
+        raise ConfigError(f"config key {key}: {v!r} must be {rng}" + (f" ({what})" if what else ""))
+
+
+def _choice(key: str, v: str, allowed: tuple[str, ...]) -> None:
+    if v not in allowed:
+        raise ConfigError(f"config key {key}: unknown value {v!r}; choose one of: {', '.join(allowed)}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Every value the trainer would choke on, refused now with its key (not at step N)."""
+    from tritlm.model.config import PRESETS
+
+    _choice("preset", cfg.preset, tuple(PRESETS))
+    _choice("device", cfg.device, DEVICES)
+    _choice("dtype", cfg.dtype, DTYPES)
+    for k in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
+              "ckpt_interval"):
+        _num(k, getattr(cfg, k), 1)
+    if cfg.eval_batches is not None:
+        _num("eval_batches", cfg.eval_batches, 1, what="or null for the whole validation split")
+    if cfg.threads is not None:
+        _num("threads", cfg.threads, 1, what="or null for torch's default")
+    _num("keep_checkpoints", cfg.keep_checkpoints, 0, what="0 = keep all")
+    _num("label_smoothing", cfg.label_smoothing, 0, 1, hi_open=True)
+    _num("data.val_fraction", cfg.data.val_fraction, 0, 1, lo_open=True, hi_open=True)
+
+    o = cfg.optim
+    _num("optim.lr", o.lr, 0, lo_open=True)
+    _num("optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
+    _num("optim.beta1", o.beta1, 0, 1, hi_open=True)
+    _num("optim.beta2", o.beta2, 0, 1, hi_open=True)
+    _num("optim.eps", o.eps, 0, lo_open=True)
+    _num("optim.weight_decay", o.weight_decay, 0)
+    _choice("optim.schedule", o.schedule, LR_SCHEDULES)
+    _choice("optim.wd_schedule", o.wd_schedule, WD_SCHEDULES)
+    _num("optim.warmup_steps", o.warmup_steps, 0)
+    _num("optim.two_stage_split", o.two_stage_split, 0, 1)
+    _num("optim.two_stage_ratio", o.two_stage_ratio, 0)
+    _num("optim.grad_clip", o.grad_clip, 0, what="0 = off")
+
+    q = cfg.quant_schedule
+    for k in ("anneal_steps", "lam_warmup_steps", "residual_steps"):
+        _num(f"quant_schedule.{k}", getattr(q, k), 0)
+    _num("quant_schedule.alpha0", q.alpha0, 0, lo_open=True)
+    _num("quant_schedule.alpha1", q.alpha1, 0, lo_open=True)
+    _num("quant_schedule.residual_init", q.residual_init)
+
+    s = cfg.stability
+    _num("stability.ema_beta", s.ema_beta, 0, 1, hi_open=True)
+    _num("stability.spike_sigma", s.spike_sigma, 0)
+    _num("stability.spike_ratio", s.spike_ratio, 0, lo_open=True)
+    _num("stability.warmup_steps", s.warmup_steps, 0)
+    _num("stability.lr_backoff", s.lr_backoff, 0, 1, lo_open=True)
+    _num("stability.max_rollbacks", s.max_rollbacks, 0)
+    for k in ("inject_nan_at", "inject_spike_at"):
+        for i, step in enumerate(getattr(s, k)):
+            _num(f"stability.{k}[{i}]", step, 0)
+
+    if o.warmup_steps > cfg.max_steps:
+        log.warning("optim.warmup_steps %d is longer than the run (max_steps %d): the LR never "
+                    "reaches optim.lr %g", o.warmup_steps, cfg.max_steps, o.lr)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -494,3 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tritlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `tritlm inspect f.gguf | head`: the reader left; say nothing more (and let Python's exit
+        # flush not fail again on the closed stdout)
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -121,3 +121,22 @@ def test_fifo_or_device_as_model_is_an_error_not_a_hang(tmp_path):
         r = subprocess.run([sys.executable, "-m", "tritlm", *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and r.stderr.startswith("tritlm: error:"), (args, r.stderr[-300:])
         assert "Traceback" not in r.stderr
+
+
+def test_output_closed_early_is_not_a_traceback(tmp_path):
+    """`tritlm inspect x | head`: the reader leaves early; no BrokenPipeError traceback (issue 10)."""
+    import subprocess
+    import sys
+
+    from tritlm.formats.packed import random_packed, save_packed
+    from tritlm.model.config import ModelConfig
+
+    # enough tensor records that the JSON is larger than a pipe's buffer
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=128, n_heads=2, ffn_dim=128, max_seq_len=16)
+    p = save_packed(random_packed(cfg), tmp_path / "m")
+    proc = subprocess.Popen([sys.executable, "-m", "tritlm", "inspect", str(p), "--all"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -152,7 +152,8 @@ def save_packed(pm: PackedModel, out: str | Path, overwrite: bool = False) -> Pa
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FormatError(f"{out} exists; choose another output folder (or pass overwrite)")
+        raise FormatError(f"{out} exists; choose another output folder or pass overwrite=True "
+                          "(--force on the command line)")
     tensors: dict[str, torch.Tensor] = {}
     records = {}
     for name, pl in pm.linears.items():

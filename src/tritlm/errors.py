@@ -11,3 +11,15 @@ class ConfigError(TritlmError):
 
 class FormatError(TritlmError):
     """A file that is missing, truncated, corrupt, or of the wrong kind."""
+
+
+class WriteError(TritlmError):
+    """A file or folder could not be written (permissions, a read-only disk, an I/O error...)."""
+
+
+class DiskFullError(WriteError):
+    """No space (or no quota) left on the disk a file or folder was being written to."""
+
+
+class RunLockedError(TritlmError):
+    """Another live run holds the lock of an output folder."""

@@ -104,3 +104,82 @@ def test_spike_detector():
     assert d.check(d.ema * 1.05) is None
     fresh = SpikeDetector(warmup=5)
     assert fresh.check(1e6) is None  # no judgement before the EMA settles
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from tritlm.errors import DiskFullError
+
+    ck.save_checkpoint(tmp_path, 1, _model(), None, {}, {})
+
+    def full(tensors, path, metadata=None):
+        open(path, "wb").write(b"\x00" * 10)  # a partial file in the temporary
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) '
+                              f'at path "{path}"')
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(DiskFullError, match=r"step-000002.*no space left.*free") as ei:
+        ck.save_checkpoint(tmp_path, 2, _model(), None, {}, {})
+    assert "\n" not in str(ei.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000001"]
+    assert ck.latest_checkpoint(tmp_path).name == "step-000001"
+    ck.read_checkpoint(tmp_path / "step-000001")
+
+
+class _Kill(BaseException):
+    """Stands in for a SIGKILL at a hook: nothing after it runs (clean-up is patched out too)."""
+
+
+def _kill():
+    raise _Kill
+
+
+def test_kill_while_pruning_leaves_a_hidden_folder_that_start_up_removes(tmp_path, monkeypatch):
+    m = _model()
+    for s in (1, 2):
+        ck.save_checkpoint(tmp_path, s, m, None, {}, {}, keep=2)
+    monkeypatch.setattr(ck, "_prune_point", _kill)
+    with pytest.raises(_Kill):
+        ck.save_checkpoint(tmp_path, 3, m, None, {}, {}, keep=2)
+    monkeypatch.undo()
+    trash = [p for p in tmp_path.iterdir() if p.name.startswith(".trash-")]
+    assert [p.name for p in trash] == [f".trash-step-000001-{os.getpid()}"]
+    # simulate a half-done rmtree of the renamed folder
+    (trash[0] / ck.MODEL_FILE).unlink()
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    ck.clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000002", "step-000003"]
+    assert ck.latest_checkpoint(tmp_path).name == "step-000003"
+
+
+def test_kill_while_re_saving_a_step_keeps_one_complete_copy(tmp_path, monkeypatch):
+    from tritlm import io_atomic
+
+    ck.save_checkpoint(tmp_path, 5, _model(), None, {"v": "old"}, {})
+    monkeypatch.setattr(io_atomic, "_swap_point", _kill)
+    monkeypatch.setattr(io_atomic, "_remove", lambda p: None)
+    with pytest.raises(_Kill):
+        ck.save_checkpoint(tmp_path, 5, _model(), None, {"v": "new"}, {})
+    monkeypatch.undo()
+    pid = os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest.json", f"step-000005.old.tmp-{pid}", f"step-000005.tmp-{pid}"]  # step-000005 itself gone
+    ck.clean_partial(tmp_path)  # what the next run does at start-up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000005"]
+    c = ck.read_checkpoint(ck.latest_checkpoint(tmp_path))
+    assert c["state"]["v"] == "old" and c["state"]["step"] == 5
+    # a later re-save goes through whole
+    ck.save_checkpoint(tmp_path, 5, _model(), None, {"v": "new"}, {})
+    assert ck.read_checkpoint(tmp_path / "step-000005")["state"]["v"] == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000005"]
+
+
+def test_clean_partial_never_removes_a_complete_checkpoint(tmp_path):
+    ck.save_checkpoint(tmp_path, 1, _model(), None, {}, {})
+    (tmp_path / "step-000002.tmp-99").mkdir()
+    (tmp_path / ".trash-step-000000-99").mkdir()
+    (tmp_path / "step-000001.old.tmp-99").mkdir()  # an incomplete copy, step-000001 present
+    ck.clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000001"]
+    ck.read_checkpoint(tmp_path / "step-000001")

@@ -159,3 +159,29 @@ def test_bf16_autocast_training_runs_and_learns(tmp_path):
     w = load_file(str(tmp_path / "bfloat16" / "checkpoints" / "step-000030" / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in w.values())
     assert abs(vals["bfloat16"] - vals["float32"]) < 0.1
+
+
+def test_a_second_run_into_the_same_out_refuses_and_a_stale_lock_is_taken_over(tmp_path):
+    """A live run's lock (here a process holding it through the library) makes a second `train`
+    into the same --out refuse in one line naming the pid; once that pid is dead, its stale lock is
+    taken over with a warning, and the lock is released when the run ends."""
+    out = tmp_path / "run"
+    code = ("import time\nfrom tritlm.io_atomic import run_lock\n"
+            f"with run_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = run_cli(["train", *SMALL, "--max-steps", "2", "--out", str(out)], check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"pid {holder.pid}" in lines[0], r.stderr
+        assert not (out / "checkpoints").exists()  # it touched nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    r = run_cli(["train", *SMALL, "--max-steps", "2", "--out", str(out)], check=False)
+    assert r.returncode == 0, r.stderr
+    said = " ".join((r.stdout + r.stderr).split())  # the warning goes through rich (wrapped lines)
+    assert "stale lock" in said and f"pid {holder.pid}" in said, said
+    assert not (out / ".tritlm.lock").exists()
+    assert (out / "checkpoints" / "step-000002" / "state.json").is_file()

@@ -6,6 +6,12 @@ config), plus the tokenizer. It is first written as ``step-000500.tmp-<pid>/``; 
 fsynced, the folder is renamed into place, and only then does ``latest`` (itself replaced
 atomically) point at it. A process killed at any moment leaves either the previous checkpoint or
 the new one, never a half-written folder that looks complete.
+
+Re-saving a step moves the old folder aside (``step-000500.old.tmp-<pid>``) for the swap;
+:func:`clean_partial` renames such a copy back when a kill left no ``step-000500``. Old checkpoints
+are pruned by renaming them to a hidden ``.trash-step-000100-<pid>`` first (atomic), then deleting;
+:func:`clean_partial` finishes deletions a kill interrupted. A full disk during a save is a
+one-line :class:`tritlm.errors.DiskFullError` with the temporary removed.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tritlm.errors import FormatError
-from tritlm.io_atomic import atomic_path, write_json_atomic
+from tritlm.io_atomic import atomic_path, fsync_dir, recover_swap, write_json_atomic
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step-(\d+)$")
+OLD_RE = re.compile(r"^(step-\d+)\.old(\.tmp-\d+)$")
+TRASH_PREFIX = ".trash-"
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = (
     "model.safetensors", "optimizer.safetensors", "state.json", "config.json")
 
@@ -106,12 +114,12 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
     # Written as step-XXXXXX.tmp-<pid>/ (clean_partial removes those of killed runs); every file is
     # fsynced before the folder is renamed into place (replacing a re-saved step whole).
     with atomic_path(final, is_dir=True, suffix=f".tmp-{os.getpid()}") as tmp:
-        save_file(model_state_dict(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        _save_tensors(model_state_dict(model), tmp / MODEL_FILE, metadata={"format": "pt"})
         extra = {}
         if optimizer is not None:
             tensors, meta = optimizer_tensors(optimizer)
             tensors.update(rng_state())
-            save_file(tensors, str(tmp / OPTIM_FILE))
+            _save_tensors(tensors, tmp / OPTIM_FILE)
             extra["optimizer"] = meta
         _kill_point("after-weights", step)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -122,6 +130,19 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
     write_json_atomic(ckpt_root / "latest.json", {"step": step, "path": final.name}, suffix=f".tmp-{os.getpid()}")
     _prune(ckpt_root, keep, protect=final)
     return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file``, its I/O failures turned back into ``OSError`` (so a full disk is
+    reported as one by :func:`tritlm.io_atomic.atomic_path`)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def _kill_point(where: str, step: int) -> None:
@@ -155,12 +176,23 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def clean_partial(ckpt_root: Path) -> None:
-    """Remove ``*.tmp-*`` folders left by a process killed mid-save."""
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            if ".tmp-" in p.name:
-                log.info("removing partial checkpoint %s", p.name)
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    """Tidy up after a process killed mid-save or mid-prune (call with the run lock held).
+
+    A re-saved step's moved-aside copy (``step-N.old.tmp-<pid>``) is renamed back if the kill left
+    no ``step-N``; then ``*.tmp-*`` temporaries and ``.trash-*`` folders of interrupted prunes are
+    removed. A complete checkpoint under its own name is never touched."""
+    if not ckpt_root.is_dir():
+        return
+    for p in sorted(ckpt_root.iterdir()):
+        m = OLD_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            recover_swap(ckpt_root / m.group(1), m.group(2))
+    for p in ckpt_root.iterdir():
+        if STEP_RE.match(p.name):
+            continue
+        if ".tmp-" in p.name or p.name.startswith(TRASH_PREFIX):
+            log.info("removing partial checkpoint %s", p.name)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
@@ -169,7 +201,26 @@ def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
     done = complete_checkpoints(ckpt_root)
     for p in done[:-keep]:
         if p != protect:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_checkpoint(p)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves it whole or gone from view:
+    renamed to a hidden ``.trash-*`` name first (atomic), then deleted."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(path, trash)
+        fsync_dir(path.parent)
+    except OSError as e:
+        log.warning("could not prune %s: %s", path, e)
+        return
+    _prune_point()
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _prune_point() -> None:
+    """Test hook between the rename and the deletion of a pruned checkpoint."""
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

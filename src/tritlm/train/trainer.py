@@ -23,6 +23,7 @@ import torch
 from tritlm.data import TokenData, default_corpus_path, prepare_dataset
 from tritlm.errors import ConfigError, TritlmError
 from tritlm.formats import checkpoint as ck
+from tritlm.io_atomic import run_lock
 from tritlm.model.config import ModelConfig, preset
 from tritlm.model.transformer import Transformer
 from tritlm.train.config import TrainConfig
@@ -109,8 +110,15 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
+        """Train (or resume) into ``out_dir``, holding its run lock (rank 0) throughout: a second
+        run into the same folder refuses while this one is alive."""
+        dist = init_distributed(self.cfg.device)
+        lock = run_lock(self.out) if dist.is_main else contextlib.nullcontext()
+        with lock:
+            return self._run(dist, resume)
+
+    def _run(self, dist: DistInfo, resume: bool) -> TrainResult:
         cfg = self.cfg
-        dist = init_distributed(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         data = self._data(dist)

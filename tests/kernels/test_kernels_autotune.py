@@ -7,7 +7,7 @@ import pytest
 
 from tritlm.kernels import TernaryLinearKernel, autotune
 from tritlm.kernels.cpu import build
-from tritlm.kernels.cpu.ops import tune
+from tritlm.kernels.cpu.tuning import tune
 
 pytestmark = pytest.mark.skipif(build.load_library() is None, reason="no compiled kernels")
 

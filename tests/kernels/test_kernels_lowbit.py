@@ -15,7 +15,8 @@ from tritlm.kernels.cpu import (
     TernaryLinearKernel,
     ops,
 )
-from tritlm.kernels.pack import (
+from tritlm.kernels.pack import pack_ternary_kernel
+from tritlm.kernels.pack_rows import (
     PackedBinary,
     PackedInt4,
     PackedInt8,
@@ -23,7 +24,6 @@ from tritlm.kernels.pack import (
     pack_binary_kernel,
     pack_int4,
     pack_int8,
-    pack_ternary_kernel,
     unpack_binary_kernel,
     unpack_int4,
     unpack_int8,

@@ -33,7 +33,8 @@ from safetensors import SafetensorError
 from tritlm.errors import ConfigError, FormatError
 from tritlm.formats.common import FP_DTYPES, block_linears, fp_tensors
 from tritlm.io_atomic import atomic_path, fsync_tree
-from tritlm.kernels.pack import PackedBase3, PackedBinary, PackedInt4, PackedInt8, PackedTernary, pack_ternary_kernel
+from tritlm.kernels.pack import PackedBase3, PackedTernary, pack_ternary_kernel
+from tritlm.kernels.pack_rows import PackedBinary, PackedInt4, PackedInt8
 from tritlm.model.config import ModelConfig
 from tritlm.nn.packed_linear import PackedLinear, pack_levels, pack_module
 

@@ -228,7 +228,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         res["rows"].append({"impl": "bandwidth ceiling", "threads": th, "decode": bw / per_token,
                             "prefill": None, "read_GBps": bw / 1e9})
         if tune:  # cached in autotune.json; the engine's kernels read it when they are built
-            from tritlm.kernels.cpu.ops import tune
+            from tritlm.kernels.cpu.tuning import tune
 
             for n, k in engine_shapes(cfg, head):
                 tune(n, k, ms=(1, prompt_tokens), threads=th)

@@ -10,7 +10,7 @@ Entries are keyed by (backend, N, K, M-bucket, threads, CPU model, weight kind):
 The file is ``$TRITLM_CACHE_DIR/autotune.json`` (default ``~/.cache/tritlm/autotune.json``).
 :func:`lookup` (used by every kernel object at construction) only reads it - nothing is ever
 timed implicitly. The timing loop lives with the kernels:
-:meth:`tritlm.kernels.cpu.ops.LinearKernelBase.tune` and :func:`tritlm.kernels.cpu.ops.tune`
+:meth:`tritlm.kernels.cpu.ops.LinearKernelBase.tune` and :func:`tritlm.kernels.cpu.tuning.tune`
 This module imports no kernel code.
 """
 

@@ -27,18 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from tritlm.kernels.pack import (
-    PackedBase3,
+from tritlm.kernels.pack import PackedBase3, PackedTernary, pack_base3_rows, pack_ternary_kernel
+from tritlm.kernels.pack_rows import (
     PackedBinary,
     PackedInt4,
     PackedInt8,
-    PackedTernary,
     concat_rows,
-    pack_base3_rows,
     pack_binary_kernel,
     pack_int4,
     pack_int8,
-    pack_ternary_kernel,
 )
 from tritlm.quant.config import QuantConfig
 

@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-from ..pack import (
+from ..pack_rows import (
     INT4_GROUP_SIZES,
     PackedBinary,
     PackedInt4,

@@ -22,7 +22,6 @@ import ctypes
 import logging
 import os
 import threading
-import time
 import weakref
 
 import numpy as np
@@ -274,47 +273,10 @@ class LinearKernelBase:
         For decode (M = 1) the caches are flushed before each timed call so the weights come from
         DRAM, as in a real model; the median of ``repeats`` calls is compared.
         """
-        threads = int(threads or self.effective_threads)
-        if self._ctx is None:
-            return {}
-        cands = candidates or CANDIDATES
-        rng = np.random.default_rng(seed)
-        flush = np.zeros(max(flush_bytes, 1) // 8, dtype=np.uint64) if flush_bytes else None
-        saved_threads, saved_params = self.threads, {b: dict(p) for b, p in self.params.items()}
-        best: dict = {}
-        new_entries = {}
-        try:
-            self.threads = threads
-            for m in ms:
-                b = m_bucket(int(m))
-                if b in best:
-                    continue
-                x = rng.standard_normal((int(m), self.k)).astype(np.float32)
-                out = np.empty((int(m), self.n), dtype=np.float32)
-                results = []
-                for cand in cands[b]:
-                    self.set_params({b: {**saved_params[b], **cand}})
-                    self(x, out=out)  # warm-up
-                    ts = []
-                    for _ in range(repeats):
-                        if flush is not None and b == 0:
-                            flush.sum()  # read a big buffer: evicts the weights from every cache level
-                        t0 = time.perf_counter()
-                        self(x, out=out)
-                        ts.append(time.perf_counter() - t0)
-                    results.append((float(np.median(ts)), cand))
-                t_best, c_best = min(results, key=lambda r: r[0])
-                best[b] = dict(c_best)
-                new_entries[autotune.key(self.backend, self.n, self.k, b, threads, self.kind)] = {
-                    **c_best, "us": round(t_best * 1e6, 1), "tuned_at_m": int(m)}
-        finally:
-            self.threads = saved_threads
-            self.params = saved_params
-            self.set_params({})
-        if save and new_entries:
-            autotune.save(new_entries)
-        self.set_params(best)
-        return best
+        from .tuning import tune_kernel
+
+        return tune_kernel(self, ms, threads, save, candidates=candidates, repeats=repeats,
+                           flush_bytes=flush_bytes, seed=seed)
 
     # ---------------------------------------------------------------- calls
     def __call__(self, x, out=None):
@@ -509,30 +471,3 @@ def _rebuild(cls, args, bias, threads, backend, params):
     except ValueError:
         be = None
     return cls(*args, bias=bias, threads=threads, backend=be, params=params)
-
-
-# --------------------------------------------------------------------------- tuning
-# candidates per M bucket: GEMV (bucket 0) prefetch distance / hint; GEMM (1, 2) rows per panel
-CANDIDATES = {
-    0: [{"prefetch": 0}, {"prefetch": 2048, "nta": 0}]
-    + [{"prefetch": p, "nta": 1} for p in (1024, 2048, 4096)],
-    1: [{"panel_rows": r} for r in (8, 16, 32, 64)],
-    2: [{"panel_rows": r} for r in (8, 16, 32, 64)],
-}
-
-
-def tune(n: int, k: int, ms=(1, 128), threads: int | None = None, backend: str | None = None,
-         candidates: dict | None = None, repeats: int = 5, save: bool = True,
-         flush_bytes: int = 64 << 20, seed: int = 0) -> dict:
-    """Tune the ternary kernel of shape ``[n, k]`` for each batch size in ``ms`` (see
-    :meth:`LinearKernelBase.tune`) and return ``{bucket: best params}``; random weights are used
-    (the timing does not depend on values). Cached in ``autotune.json`` when ``save``.
-    """
-    backend = resolve_backend(backend)
-    if backend == "numpy":
-        return {}
-    threads = int(threads or get_num_threads())
-    w = np.random.default_rng(seed).integers(-1, 2, size=(n, k), dtype=np.int8)
-    kern = TernaryLinearKernel(w, 1.0, threads=threads, backend=backend, params={})
-    return kern.tune(ms=ms, threads=threads, save=save, candidates=candidates, repeats=repeats,
-                     flush_bytes=flush_bytes, seed=seed)

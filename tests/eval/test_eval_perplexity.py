@@ -245,7 +245,7 @@ def test_bytes_are_the_scored_tokens_bytes():
 def test_bytes_of_real_tokenizers_on_wikitext(name, protocol):
     """Byte-level BPE (GPT-2) and SentencePiece (Mistral): the bytes of the scored runs decoded with
     16 tokens of left context equal those of exact prefix decoding."""
-    from tritlm.data.tokenizer import load_tokenizer
+    from tritlm.data.tokenizer_load import load_tokenizer
     from tritlm.eval.perplexity import _runs, scored_bytes
 
     wiki, tpath = SHARED / "wikitext-2-raw" / "wiki.valid.raw", SHARED / "tokenizers" / name

@@ -19,7 +19,7 @@ from tritlm.model.transformer import Transformer
 
 def _packed(tmp_path=None):
     torch.manual_seed(0)
-    from tritlm.data.tokenizer import build_tokenizer
+    from tritlm.data.tokenizer_load import build_tokenizer
 
     tok = build_tokenizer("byte")
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=128, n_layers=1, n_heads=4, ffn_dim=128, max_seq_len=256)

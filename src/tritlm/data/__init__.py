@@ -9,10 +9,9 @@ from tritlm.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
-    build_tokenizer,
-    load_tokenizer,
     train_bpe,
 )
+from tritlm.data.tokenizer_load import build_tokenizer, load_tokenizer
 
 __all__ = [
     "ByteTokenizer",

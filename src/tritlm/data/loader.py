@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from tritlm.data.prepare import META_FILE, TOKENIZER_DIR, TRAIN_FILE, VAL_FILE, DatasetMeta
-from tritlm.data.tokenizer import Tokenizer, load_tokenizer
+from tritlm.data.tokenizer import Tokenizer
+from tritlm.data.tokenizer_load import load_tokenizer
 from tritlm.errors import ConfigError, FormatError
 
 log = logging.getLogger(__name__)

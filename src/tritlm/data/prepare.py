@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from tritlm.data.corpus import read_corpus
-from tritlm.data.tokenizer import Tokenizer, build_tokenizer
+from tritlm.data.tokenizer import Tokenizer
+from tritlm.data.tokenizer_load import build_tokenizer
 from tritlm.errors import ConfigError, FormatError
 from tritlm.io_atomic import atomic_path, write_json_atomic
 

@@ -62,20 +62,22 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
 
 
 # ---- train ---------------------------------------------------------------------------------------
-def _train_config(a: argparse.Namespace):
+def _train_config(a: argparse.Namespace, base: dict | None = None, **extra):
+    """The TrainConfig of `train` / `finetune`: ``base`` defaults, then --config, --set, the flags."""
     from tritlm.train.config import load_config
 
-    direct = {"preset": a.preset, "max_steps": a.max_steps, "out_dir": a.out, "optim.lr": a.lr,
+    direct = {"preset": getattr(a, "preset", None), "max_steps": a.max_steps, "out_dir": a.out, "optim.lr": a.lr,
               "batch_size": a.batch_size, "block_size": a.block_size, "data.corpus": a.data,
-              "data.dataset_dir": a.dataset, "data.tokenizer": a.tokenizer, "threads": a.threads,
-              "device": a.device, "seed": a.seed, "eval_interval": a.eval_interval}
+              "data.dataset_dir": a.dataset, "data.tokenizer": getattr(a, "tokenizer", None),
+              "threads": a.threads, "device": a.device, "seed": a.seed, "eval_interval": a.eval_interval,
+              **extra}
     if getattr(a, "fp", False):
         direct["fp"] = True
     if a.quant_spec:
         from tritlm.model.config import load_quant_spec
 
         direct["model.quant_overrides"] = load_quant_spec(a.quant_spec)
-    return load_config(a.config, a.set, **direct)
+    return load_config(a.config, a.set, base=base, **direct)
 
 
 class _Progress:
@@ -295,10 +297,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 # ---- parser --------------------------------------------------------------------------------------
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--config", help="YAML training config (see configs/)")
-    p.add_argument("--preset", help="model size preset (tiny, 125M, 350M, 700M, 1.3B, 3B, bitnet-2b4t)")
-    p.add_argument("--out", help="run folder for checkpoints and logs")
+    if not finetune:  # a fine-tune takes its architecture and tokenizer from the source model
+        p.add_argument("--preset", help="model size preset (tiny, 125M, 350M, 700M, 1.3B, 3B, bitnet-2b4t)")
+        p.add_argument("--tokenizer", help="char | byte | bpe:<vocab> | path to tokenizer.json or .model")
+    p.add_argument("--out", required=finetune, help="run folder for checkpoints and logs")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
@@ -306,7 +310,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-interval", type=int)
     p.add_argument("--data", help="corpus file, folder or .gz (default: bundled Tiny Shakespeare)")
     p.add_argument("--dataset", help="folder written by `tritlm tokenize` (skips tokenising)")
-    p.add_argument("--tokenizer", help="char | byte | bpe:<vocab> | path to tokenizer.json or .model")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int)
@@ -401,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tritlm.cli_eval import add_eval_commands  # eval
 
     add_eval_commands(sub)
+    from tritlm.cli_finetune import add_finetune_command  # finetune
+
+    add_finetune_command(sub, _add_train_args)
     return p
 
 

@@ -44,8 +44,11 @@ def _hash(kind: str, payload: Any) -> str:
     return hashlib.sha256(blob.encode("ascii")).hexdigest()[:16]
 
 
-def _write_config(d: Path, kind: str, **extra: Any) -> None:
-    (d / CONFIG_FILE).write_text(json.dumps({"kind": kind, **extra}, indent=2) + "\n")
+def _write_config(d: Path, tok: Tokenizer) -> None:
+    cfg: dict[str, Any] = {"kind": tok.kind, "vocab_size": tok.vocab_size}
+    if tok.chat_template:  # kept with the vocabulary, so a fine-tuned model chats like its source
+        cfg["chat_template"] = tok.chat_template
+    (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _valid_runs(ids: Sequence[int], vocab_size: int) -> Iterator[list[int] | None]:
@@ -70,6 +73,9 @@ class Tokenizer(ABC):
     kind: str = ""
     bos_id: int | None = None
     eos_id: int | None = None
+    # A Jinja chat template that came with the vocabulary (a transformers tokenizer_config.json);
+    # not part of the fingerprint: it changes how chats are rendered, not how text tokenizes.
+    chat_template: str | None = None
 
     @property
     @abstractmethod
@@ -159,7 +165,7 @@ class CharTokenizer(Tokenizer):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / CHAR_VOCAB_FILE).write_text(json.dumps(self.chars, ensure_ascii=True) + "\n")
-        _write_config(d, self.kind, vocab_size=self.vocab_size)
+        _write_config(d, self)
 
     def _vocab_payload(self) -> Any:
         return self.chars
@@ -206,7 +212,7 @@ class ByteTokenizer(Tokenizer):
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _write_config(d, self.kind, vocab_size=self.vocab_size)
+        _write_config(d, self)
 
     def _vocab_payload(self) -> Any:
         return {"bytes": 256, "eos": self.eos_id}
@@ -372,7 +378,7 @@ class HFTokenizer(Tokenizer):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(d / HF_FILE))
-        _write_config(d, self.kind, vocab_size=self.vocab_size)
+        _write_config(d, self)
 
     def _vocab_payload(self) -> Any:
         return sorted(self.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
@@ -430,7 +436,7 @@ class SentencePieceTokenizer(Tokenizer):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / SP_FILE).write_bytes(self._proto)
-        _write_config(d, self.kind, vocab_size=self.vocab_size)
+        _write_config(d, self)
 
     def _vocab_payload(self) -> Any:
         return self.sp.id_to_piece(list(range(self.vocab_size)))

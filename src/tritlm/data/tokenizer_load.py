@@ -23,6 +23,25 @@ from tritlm.errors import ConfigError, FormatError
 
 
 def _load_dir(d: Path) -> Tokenizer:
+    tok = _load_dir_vocab(d)
+    tok.chat_template = _chat_template(d)
+    return tok
+
+
+def _chat_template(d: Path) -> str | None:
+    """The chat template saved with a tokenizer: ``chat_template.jinja`` or the ``chat_template``
+    string of ``tokenizer_config.json`` (ours or a transformers one)."""
+    jf = d / "chat_template.jinja"
+    if jf.is_file():
+        return jf.read_text()
+    try:
+        t = json.loads((d / CONFIG_FILE).read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return t if isinstance(t, str) and t.strip() else None
+
+
+def _load_dir_vocab(d: Path) -> Tokenizer:
     cfg_path = d / CONFIG_FILE
     kind = None
     if cfg_path.is_file():
@@ -62,10 +81,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return _load_dir(p)
     if p.name == CONFIG_FILE:
         return _load_dir(p.parent)
-    if p.suffix == ".json":
-        return HFTokenizer.from_file(p)
-    if p.suffix == ".model":
-        return SentencePieceTokenizer.from_file(p)
+    if p.suffix in (".json", ".model"):
+        tok = HFTokenizer.from_file(p) if p.suffix == ".json" else SentencePieceTokenizer.from_file(p)
+        tok.chat_template = _chat_template(p.parent)  # a transformers folder keeps its template beside it
+        return tok
     raise FormatError(f"{p} is not a tokenizer file (expected a tokenizer.json, a .model or a folder)")
 
 

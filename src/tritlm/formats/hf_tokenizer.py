@@ -74,6 +74,8 @@ def _tokenizer_config(tok: Any) -> dict[str, Any]:
             if name(i) is not None:
                 d[key] = name(i)
     d["model_max_length"] = 1 << 30
+    if tok.chat_template:
+        d["chat_template"] = tok.chat_template
     return d
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from tritlm.model.config import ModelConfig
 from tritlm.model.kv_cache import KVCache
 from tritlm.nn.linear import make_linear, share_act_slot
-from tritlm.nn.rmsnorm import RMSNorm
+from tritlm.nn.rmsnorm import RMSNorm, SubNorm
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         share_act_slot(self.q_proj, self.k_proj, self.v_proj)  # one input: quantised once
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sub_norm else None
+        self.attn_sub_norm = SubNorm(cfg.dim, cfg.norm_eps) if cfg.sub_norm else None
         self.qkv_proj: nn.Module | None = None  # set by the runtime conversion in place of q/k/v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -116,7 +116,7 @@ class MLP(nn.Module):
         self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, cfg.quant_for(p + "up_proj"))
         self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, cfg.quant_for(p + "down_proj"))
         share_act_slot(self.gate_proj, self.up_proj)
-        self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps) if cfg.sub_norm else None
+        self.ffn_sub_norm = SubNorm(cfg.ffn_dim, cfg.norm_eps) if cfg.sub_norm else None
         self.gate_up_proj: nn.Module | None = None  # set by the runtime conversion in place of gate/up
         self.ffn = cfg.ffn_dim
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tritlm.nn.bitlinear import BitLinear
+from tritlm.nn.rmsnorm import SubNorm
 from tritlm.quant.config import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,16 @@ def set_quant_state(model: nn.Module, lam: float | None = None, anneal_alpha=_UN
                     residual_coef: float | None = None) -> int:
     """Set the runtime schedule state of every BitLinear; only the arguments passed are changed.
 
-    ``anneal_alpha=None`` is a real value (hard quantisation), hence the sentinel default.
-    Returns the number of modules updated.
+    ``lam`` also blends in the SubLN norms a fine-tune inserted (``SubNorm.inserted``), so that at
+    lambda = 0 the whole student is the source model. ``anneal_alpha=None`` is a real value (hard
+    quantisation), hence the sentinel default. Returns the number of BitLinears updated.
     """
     if lam is not None and not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if lam is not None:
+        for m in model.modules():
+            if isinstance(m, SubNorm) and m.inserted:
+                m.lam = float(lam)
     n = 0
     for m in bitlinear_modules(model):
         if lam is not None:

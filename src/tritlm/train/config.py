@@ -13,7 +13,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from tritlm.errors import ConfigError
-from tritlm.train.schedule import QuantSchedule
+from tritlm.train.schedule import LAM_SCHEDULES, QuantSchedule
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,29 @@ class StabilityConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Turning an existing full-precision model into a quantised one (``tritlm finetune``)."""
+
+    # The model to start from: a transformers Llama / Mistral / Qwen2-style folder, a tritlm
+    # checkpoint, GGUF or .1bit file. None = pretraining from scratch (``tritlm train``).
+    source: str | None = None
+    # Knowledge distillation from the frozen source: loss = CE + distill_alpha * tau^2 *
+    # KL(teacher || student) at temperature distill_tau (0 = no teacher is loaded) ...
+    distill_alpha: float = 0.0
+    distill_tau: float = 1.0
+    # ... + hidden_mse * mean over layers of the squared distance between the L2-normalised hidden
+    # states of teacher and student (OneBit's normalised hidden-state loss).
+    hidden_mse: float = 0.0
+    # Insert SubLN (RMSNorm before o_proj and down_proj, BitDistill's first stage): its gains are
+    # fitted on training batches to reproduce the unnormalised input, and it is blended in with
+    # lambda, so at lambda = 0 the student still computes exactly the source's function.
+    sub_norm: bool = False
+    sub_norm_calib_batches: int = 4
+    # Teacher weights: auto = bfloat16 on GPU, float32 on CPU.
+    teacher_dtype: str = "auto"
+
+
+@dataclass
 class TrainConfig:
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's ModelConfig
@@ -73,6 +96,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     quant_schedule: QuantSchedule = field(default_factory=QuantSchedule)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     batch_size: int = 12
     block_size: int = 64
     grad_accum: int = 1
@@ -222,6 +246,22 @@ def validate_config(cfg: TrainConfig) -> None:
     _num("quant_schedule.alpha0", q.alpha0, 0, lo_open=True)
     _num("quant_schedule.alpha1", q.alpha1, 0, lo_open=True)
     _num("quant_schedule.residual_init", q.residual_init)
+    _num("quant_schedule.lam_warmup_frac", q.lam_warmup_frac, 0, 1, what="of max_steps; 0 = use lam_warmup_steps")
+    _choice("quant_schedule.lam_schedule", q.lam_schedule, LAM_SCHEDULES)
+    _num("quant_schedule.lam_k", q.lam_k, 0, lo_open=True)
+
+    f = cfg.finetune
+    _num("finetune.distill_alpha", f.distill_alpha, 0)
+    _num("finetune.distill_tau", f.distill_tau, 0, lo_open=True)
+    _num("finetune.hidden_mse", f.hidden_mse, 0)
+    _num("finetune.sub_norm_calib_batches", f.sub_norm_calib_batches, 1)
+    _choice("finetune.teacher_dtype", f.teacher_dtype, DTYPES)
+    if f.source is None and (f.distill_alpha > 0 or f.hidden_mse > 0 or f.sub_norm):
+        raise ConfigError("finetune.distill_alpha / hidden_mse / sub_norm need finetune.source (use "
+                          "`tritlm finetune SRC`)")
+    if f.source is not None and cfg.fp:
+        raise ConfigError("fp: true with finetune.source would train the source model further in full "
+                          "precision; fine-tuning quantises it (set the kinds with --quant-spec)")
 
     s = cfg.stability
     _num("stability.ema_beta", s.ema_beta, 0, 1, hi_open=True)
@@ -239,9 +279,10 @@ def validate_config(cfg: TrainConfig) -> None:
                     "reaches optim.lr %g", o.warmup_steps, cfg.max_steps, o.lr)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                **direct: Any) -> TrainConfig:
-    """Read a YAML config (optional), then apply ``a.b=value`` overrides, then ``direct`` keys."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: dict[str, Any] | None = None, **direct: Any) -> TrainConfig:
+    """Start from ``base`` (a command's own defaults), merge a YAML config (optional) over it, then
+    apply ``a.b=value`` overrides, then ``direct`` keys."""
     d: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -253,6 +294,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    d = _merge(base or {}, d)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
@@ -262,6 +304,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if v is not None:
             _set(d, key, v)
     return config_from_dict(d)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section (a section in ``top`` keeps base keys it omits)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:

@@ -16,7 +16,15 @@ class QuantSchedule:
     anneal_steps: int = 0  # soft-to-hard tanh annealing over the first N steps (0 = off)
     alpha0: float = 1.0
     alpha1: float = 8.0
-    lam_warmup_steps: int = 0  # quantisation strength lambda 0 -> 1 over N steps (fine-tuning)
+    # Quantisation strength lambda 0 -> 1 (gradual quantisation when fine-tuning an FP model) over
+    # W steps: W = lam_warmup_frac * max_steps when that is > 0 (0.5 gives min(2t/T, 1)), else
+    # lam_warmup_steps; 0 = fully quantised from the first step.
+    lam_warmup_steps: int = 0
+    lam_warmup_frac: float = 0.0
+    # The shape of the ramp over u = t / W in [0, 1] (the Hugging Face 1.58-bit study's shapes):
+    # linear min(u, 1); sigmoid and exponential with sharpness lam_k, rescaled to run 0 -> 1 exactly.
+    lam_schedule: str = "linear"
+    lam_k: float = 10.0
     residual_init: float = 0.0  # FP residual coefficient at step 0, annealed linearly to 0
     residual_steps: int = 0
 
@@ -68,13 +76,33 @@ def wd_at(step: int, *, weight_decay: float, max_steps: int, wd_schedule: str = 
     raise ValueError(f"unknown weight-decay schedule {wd_schedule!r}")
 
 
-def quant_state_at(step: int, qs: QuantSchedule) -> dict:
-    """Keyword arguments for ``tritlm.nn.set_quant_state`` at ``step``."""
+LAM_SCHEDULES = ("linear", "sigmoid", "exponential")
+
+
+def lam_at(step: int, qs: QuantSchedule, max_steps: int = 0) -> float:
+    """Quantisation strength lambda at ``step``: 0 = the FP model, 1 = fully quantised."""
+    w = qs.lam_warmup_frac * max_steps if qs.lam_warmup_frac > 0 else qs.lam_warmup_steps
+    if w <= 0 or step >= w:
+        return 1.0
+    u, k = step / w, qs.lam_k
+    if qs.lam_schedule == "linear":
+        return u
+    if qs.lam_schedule == "sigmoid":
+        def sig(z: float) -> float:
+            return 1.0 / (1.0 + math.exp(-k * (z - 0.5)))
+        return (sig(u) - sig(0.0)) / (sig(1.0) - sig(0.0))
+    if qs.lam_schedule == "exponential":
+        return math.expm1(k * u) / math.expm1(k)
+    raise ValueError(f"unknown lambda schedule {qs.lam_schedule!r}")
+
+
+def quant_state_at(step: int, qs: QuantSchedule, max_steps: int = 0) -> dict:
+    """Keyword arguments for ``tritlm.nn.set_quant_state`` at ``step`` of a ``max_steps`` run."""
     alpha = None
     if qs.anneal_steps > 0 and step < qs.anneal_steps:
         alpha = qs.alpha0 * (qs.alpha1 / qs.alpha0) ** (step / qs.anneal_steps)
     return {
-        "lam": _ramp(step, qs.lam_warmup_steps, 0.0, 1.0),
+        "lam": lam_at(step, qs, max_steps),
         "anneal_alpha": alpha,
         "residual_coef": _ramp(step, qs.residual_steps, qs.residual_init, 0.0),
     }

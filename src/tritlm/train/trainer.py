@@ -91,16 +91,47 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _data(self, dist: DistInfo) -> TokenData:
+    def _data(self, dist: DistInfo, tokenizer: Any = None) -> TokenData:
+        """The token data; ``tokenizer`` (a fine-tune's source tokenizer) replaces data.tokenizer."""
         d = self.cfg.data
         if d.dataset_dir:
-            return TokenData(d.dataset_dir)
+            data = TokenData(d.dataset_dir)
+            if tokenizer is not None and data.tokenizer.fingerprint() != tokenizer.fingerprint():
+                raise ConfigError(f"{d.dataset_dir} was tokenised with another tokenizer than the source "
+                                  f"model's ({data.tokenizer.fingerprint()} vs {tokenizer.fingerprint()}); "
+                                  "pass the corpus with --data instead")
+            return data
         target = self.out / "data"
         if dist.is_main:
-            prepare_dataset(d.corpus or default_corpus_path(), target, tokenizer=d.tokenizer,
+            prepare_dataset(d.corpus or default_corpus_path(), target,
+                            tokenizer=tokenizer if tokenizer is not None else d.tokenizer,
                             val_fraction=d.val_fraction)
         barrier(dist)
         return TokenData(target)
+
+    def _finetune_model(self, dist: DistInfo, data: TokenData, source: Transformer):
+        """(student, distiller or None) for a fine-tune: the source's weights in the student's kinds."""
+        from tritlm.train import finetune as ft
+
+        fc, cfg = self.cfg.finetune, self.cfg
+        mcfg = ft.student_config(source.cfg, cfg)
+        torch.manual_seed(cfg.seed)
+        model = Transformer(mcfg)
+        inserted = mcfg.sub_norm and not source.cfg.sub_norm
+        ft.init_student(model, source, inserted)
+        if inserted:
+            n = min(fc.sub_norm_calib_batches, max(1, data.n_tokens("train") // (cfg.batch_size * cfg.block_size)))
+            batches = [data.get_batch("train", i, cfg.batch_size, cfg.block_size, seed=cfg.seed + 1)[0]
+                       for i in range(n)]
+            resid = ft.fit_sub_norm_gains(model, source, batches)
+            log.info("SubLN inserted; gain fit residual %.3f (mean over %d norms)",
+                     sum(resid.values()) / len(resid), len(resid))
+        model = model.to(dist.device)
+        distiller = None
+        if fc.distill_alpha > 0 or fc.hidden_mse > 0:
+            teacher = source.to(dist.device, ft.teacher_dtype(fc, dist.device))
+            distiller = ft.Distiller(teacher, fc, model)
+        return model, distiller
 
     def _autocast(self, dist: DistInfo):
         want = self.cfg.dtype
@@ -121,15 +152,27 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        data = self._data(dist)
+        source = None
+        if cfg.finetune.source is not None:
+            from tritlm.train.finetune import load_source
+
+            source, src_tok = load_source(cfg.finetune.source)
+            data = self._data(dist, src_tok)
+        else:
+            data = self._data(dist)
         tok = data.tokenizer
-        mcfg = resolve_model_config(cfg, tok.vocab_size)
         if data.n_tokens("train") <= cfg.block_size + 1:
             raise ConfigError(f"block_size {cfg.block_size} is too long for {data.n_tokens('train')} "
                               "training tokens")
 
-        torch.manual_seed(cfg.seed)
-        model = Transformer(mcfg).to(dist.device)
+        distiller = None
+        if source is not None:
+            model, distiller = self._finetune_model(dist, data, source)
+            mcfg = model.cfg
+        else:
+            mcfg = resolve_model_config(cfg, tok.vocab_size)
+            torch.manual_seed(cfg.seed)
+            model = Transformer(mcfg).to(dist.device)
         opt = build_optimizer(model, cfg)
         train_model: torch.nn.Module = model
         if dist.enabled:
@@ -186,7 +229,7 @@ class Trainer:
             opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = lr
             opt.param_groups[0]["weight_decay"] = wd
             if quantised:
-                set_quant_state(model, **quant_state_at(step, cfg.quant_schedule))
+                set_quant_state(model, **quant_state_at(step, cfg.quant_schedule, cfg.max_steps))
 
             loss_sum = torch.zeros((), device=dist.device)
             for micro in range(cfg.grad_accum):
@@ -197,7 +240,10 @@ class Trainer:
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
                 ctx = contextlib.nullcontext() if sync else train_model.no_sync()
                 with ctx, self._autocast(dist):
-                    _, loss = train_model(x, y, label_smoothing=cfg.label_smoothing)
+                    if distiller is not None:
+                        loss = distiller(train_model, x, y, cfg.label_smoothing)
+                    else:
+                        _, loss = train_model(x, y, label_smoothing=cfg.label_smoothing)
                     loss = self._inject(step, loss, st)
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
@@ -228,6 +274,8 @@ class Trainer:
                             tokens_per_s=tps, mfu=fpt * tps / peak, step_ms=dt * 1e3)
             self.callback({"event": "step", "step": step, "loss": loss_val, "lr": lr})
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                if quantised:  # evaluate the model as it now is: at the state of the next step
+                    set_quant_state(model, **quant_state_at(step, cfg.quant_schedule, cfg.max_steps))
                 last_val = self.evaluate(model, data, dist)
                 st["val_history"].append([step, last_val])
                 metrics.log(step, "val", loss=last_val)

@@ -174,8 +174,12 @@ def cmd_compare(a: argparse.Namespace) -> int:
                 raise TritlmError(f"--variant-lrs {spec!r}: expected NAME=LR[,LR...] with NAME one of "
                                   f"{', '.join(variants or ['ternary', 'fp'])}")
             variant_lrs[name] = _lr_list("--variant-lrs", vals)
+    seeds = None
+    if a.seeds is not None:
+        require_int("--seeds", a.seeds, 1, 100)
+        seeds = [cfg.seed + i for i in range(a.seeds)]
     res = compare(cfg, lrs=lrs, out_dir=Path(a.out), variants=variants,
-                  callback_factory=lambda label: _Progress(label, a.quiet), variant_lrs=variant_lrs)
+                  callback_factory=lambda label: _Progress(label, a.quiet), variant_lrs=variant_lrs, seeds=seeds)
     _console().print(res.table_markdown())
     _console().print(f"plot: {res.plot_path}\ntable: {res.table_path}")
     return 0
@@ -354,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="train the ternary model and its FP twin on equal terms; table + plot")
     _add_train_args(s)
     s.add_argument("--lrs", help="comma-separated LR sweep; each model is reported at its best LR")
+    s.add_argument("--seeds", type=int, help="train every model and LR with N seeds (seed, seed+1, ...); "
+                                             "report mean and spread")
     s.add_argument("--equal-bytes", action="store_true",
                    help="also train the widest FP model whose fp16 weights fit in the ternary model's packed bytes")
     s.add_argument("--wide-ternary", action="store_true",

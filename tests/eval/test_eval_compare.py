@@ -59,3 +59,21 @@ def test_compare_variant_lrs(tmp_path):
                   variant_lrs={"ternary-wide": [2e-3]})
     assert [(r.name, r.lr) for r in res.runs][-1] == ("ternary-wide", 2e-3)
     assert "equal weight bytes (ternary-wide - fp)" in res.table_markdown()
+
+
+def test_compare_over_seeds_reports_mean_spread_and_the_paired_gap(tmp_path):
+    import re
+    import statistics
+
+    res = compare(_cfg(tmp_path), out_dir=tmp_path, seeds=[1, 2, 3])
+    assert [(r.name, r.seed) for r in res.runs] == [("ternary", s) for s in (1, 2, 3)] + [("fp", s) for s in (1, 2, 3)]
+    t = [r.result.val_loss for r in res.runs if r.name == "ternary"]
+    f = [r.result.val_loss for r in res.runs if r.name == "fp"]
+    assert len(set(t)) == 3  # the seeds really differ
+    md = res.table_markdown()
+    row = next(line for line in md.splitlines() if line.startswith("| ternary"))
+    assert f"{statistics.mean(t):.4f} | {statistics.stdev(t):.4f}" in row
+    gaps = [a - b for a, b in zip(t, f)]
+    m = re.search(r"paired over 3 seeds: ([-+]\d\.\d{4}) \(std (\d\.\d{4})", md)
+    assert m and float(m.group(1)) == round(statistics.mean(gaps), 4)
+    assert float(m.group(2)) == round(statistics.stdev(gaps), 4)

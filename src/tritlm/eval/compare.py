@@ -22,6 +22,12 @@ class Run:
     name: str
     lr: float
     result: TrainResult
+    seed: int = 0
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
 @dataclass
@@ -32,7 +38,16 @@ class Comparison:
     table_path: Path | None = None
     best: dict[str, Run] = field(default_factory=dict)
 
+    def groups(self) -> dict[tuple[str, float], list[Run]]:
+        """Runs by (variant, LR): one per seed."""
+        out: dict[tuple[str, float], list[Run]] = {}
+        for r in self.runs:
+            out.setdefault((r.name, r.lr), []).append(r)
+        return out
+
     def table_markdown(self) -> str:
+        if len({r.seed for r in self.runs}) > 1:
+            return self._seeds_markdown()
         lines = ["| model | lr | val loss (full split) | train loss | ms/step | params | best |",
                  "|---|---|---|---|---|---|---|"]
         for r in self.runs:
@@ -49,6 +64,26 @@ class Comparison:
             if small in self.best and big in self.best:
                 d = self.best[big].result.val_loss - self.best[small].result.val_loss
                 lines.append(f"equal weight bytes ({big} - {small}): {d:+.4f}")
+        return "\n".join(lines)
+
+
+    def _seeds_markdown(self) -> str:
+        """Mean and sample standard deviation over seeds; the gap is paired seed by seed."""
+        lines = ["| model | lr | seeds | val loss mean | std | per seed | best |", "|---|---|---|---|---|---|---|"]
+        for (name, lr), runs in self.groups().items():
+            vals = [r.result.val_loss for r in runs]
+            m, sd = _mean_std(vals)
+            star = "yes" if self.best.get(name) in runs else ""
+            lines.append(f"| {name} | {lr:g} | {len(runs)} | {m:.4f} | {sd:.4f} | "
+                         f"{', '.join(f'{v:.4f}' for v in vals)} | {star} |")
+        if "ternary" in self.best and "fp" in self.best:
+            g = self.groups()
+            t = {r.seed: r.result.val_loss for r in g[("ternary", self.best["ternary"].lr)]}
+            f = {r.seed: r.result.val_loss for r in g[("fp", self.best["fp"].lr)]}
+            gaps = [t[k] - f[k] for k in sorted(t) if k in f]
+            m, sd = _mean_std(gaps)
+            lines += ["", f"gap at best LRs (ternary - fp), paired over {len(gaps)} seeds: {m:+.4f} "
+                          f"(std {sd:.4f}, range {min(gaps):+.4f} .. {max(gaps):+.4f})"]
         return "\n".join(lines)
 
 
@@ -97,33 +132,38 @@ def wide_ternary_model(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
 def compare(cfg: TrainConfig, lrs: list[float] | None = None, out_dir: Path | None = None,
             variants: dict[str, dict[str, Any]] | None = None,
             callback_factory: Callable[[str], Callable] | None = None,
-            variant_lrs: dict[str, list[float]] | None = None) -> Comparison:
+            variant_lrs: dict[str, list[float]] | None = None, seeds: list[int] | None = None) -> Comparison:
     """Train each variant (default: ``ternary`` and its FP twin ``fp``) at every LR in ``lrs``.
 
     ``variants`` maps a name to TrainConfig field overrides (e.g. {"fp": {"fp": True}}), which
     lets a benchmark add, say, a wider ternary model with the FP model's weight bytes;
-    ``variant_lrs`` gives a variant its own sweep (an expensive one can try fewer LRs).
+    ``variant_lrs`` gives a variant its own sweep (an expensive one can try fewer LRs). With
+    several ``seeds`` every (variant, LR) is trained once per seed and judged by its mean.
     """
     out = Path(out_dir or cfg.out_dir)
     variants = variants or {"ternary": {"fp": False}, "fp": {"fp": True}}
     lrs = lrs or [cfg.optim.lr]
+    seeds = seeds or [cfg.seed]
     runs: list[Run] = []
     for name, over in variants.items():
         for lr in (variant_lrs or {}).get(name, lrs):
-            c = dataclasses.replace(cfg, out_dir=str(out / f"{name}-lr{lr:g}"),
-                                    optim=dataclasses.replace(cfg.optim, lr=lr), **over)
-            cb = callback_factory(f"{name} lr {lr:g}") if callback_factory else None
-            runs.append(Run(name, lr, Trainer(c, cb).run()))
+            for seed in seeds:
+                tag = f"{name}-lr{lr:g}" + (f"-seed{seed}" if len(seeds) > 1 else "")
+                c = dataclasses.replace(cfg, out_dir=str(out / tag), seed=seed,
+                                        optim=dataclasses.replace(cfg.optim, lr=lr), **over)
+                cb = callback_factory(f"{name} lr {lr:g} seed {seed}") if callback_factory else None
+                runs.append(Run(name, lr, Trainer(c, cb).run(), seed))
     comp = Comparison(runs, out)
-    for r in runs:
-        cur = comp.best.get(r.name)
-        if cur is None or r.result.val_loss < cur.result.val_loss:
-            comp.best[r.name] = r
+    best_mean: dict[str, float] = {}
+    for (name, _lr), group in comp.groups().items():
+        m = _mean_std([r.result.val_loss for r in group])[0]
+        if name not in best_mean or m < best_mean[name]:
+            best_mean[name], comp.best[name] = m, group[0]
     out.mkdir(parents=True, exist_ok=True)
     comp.table_path = out / "compare.md"
     comp.table_path.write_text(comp.table_markdown() + "\n")
     (out / "compare.json").write_text(json.dumps([
-        {"name": r.name, "lr": r.lr, "val_loss": r.result.val_loss, "train_loss": r.result.train_loss,
+        {"name": r.name, "lr": r.lr, "seed": r.seed, "val_loss": r.result.val_loss, "train_loss": r.result.train_loss,
          "step_ms": r.result.step_ms, "params": r.result.params, "val_history": r.result.val_history}
         for r in runs], indent=2))
     comp.plot_path = plot_curves(comp, out / "compare.png")

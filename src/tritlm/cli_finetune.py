@@ -9,12 +9,15 @@ import os
 # and --set override them key by key. Measured on the TinyStories teacher (benchmarks/RESULTS.md).
 FINETUNE_DEFAULTS = {
     "max_steps": 1000,
+    "batch_size": 8,
+    "block_size": 128,
     "eval_interval": 100,
     "ckpt_interval": 250,
     "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 20, "weight_decay": 0.0,
               "wd_schedule": "constant", "min_lr_ratio": 0.1},
-    "quant_schedule": {"lam_schedule": "linear", "lam_warmup_frac": 0.5},
-    "finetune": {"distill_alpha": 1.0, "distill_tau": 1.0},
+    "quant_schedule": {"lam_schedule": "linear", "lam_warmup_frac": 0.5, "lam_warmup_steps": 0, "lam_k": 10.0},
+    "finetune": {"distill_alpha": 1.0, "distill_tau": 1.0, "hidden_mse": 0.0, "sub_norm": False,
+                 "teacher_dtype": "auto"},
 }
 
 

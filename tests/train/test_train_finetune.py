@@ -4,6 +4,7 @@ teacher stays frozen, the losses match float64 math, and the result resumes, pac
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from tritlm.train.finetune import (
 )
 from tritlm.train.schedule import QuantSchedule, lam_at
 
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
           "You are all resolved rather to die than to famish? ") * 60
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -200,3 +202,12 @@ def test_finetune_refuses_a_source_without_tokenizer(hf_source, tmp_path):
     r = run_cli(["finetune", str(bare), "--out", str(tmp_path / "o"), "--data", str(path.parent / "corpus.txt"),
                  "--max-steps", "2", "--quiet"], check=False)
     assert r.returncode == 2 and "no tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_shipped_recipe_is_the_commands_default():
+    from tritlm.cli_finetune import FINETUNE_DEFAULTS
+
+    src = {"finetune.source": "x"}
+    shipped = load_config(ROOT / "configs" / "finetune-ternary.yaml", base=FINETUNE_DEFAULTS, **src)
+    assert shipped == load_config(None, base=FINETUNE_DEFAULTS, **src)
+    assert shipped == load_config(ROOT / "configs" / "finetune-ternary.yaml", **src)

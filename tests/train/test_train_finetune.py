@@ -189,6 +189,9 @@ def test_finetune_cli_resumes_exactly_keeps_the_tokenizer_and_the_teacher_frozen
     packed = tmp_path / "packed"
     run_cli(["pack", str(full), str(packed)])
     run_cli(["export", str(full), str(tmp_path / "m.gguf"), "--format", "gguf-tq2_0"])
+    run_cli(["export", str(full), str(tmp_path / "hf"), "--format", "hf"])  # BitNetForCausalLM (SubLN)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "bitnet"
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
     r = run_cli(["eval", str(packed), "--data", corpus, "--ctx", "32", "--json"])
     assert math.isfinite(json.loads(r.stdout)["ppl"])
 

@@ -2,10 +2,10 @@
 
 Starts ``tritlm serve`` as a subprocess on a free loopback port (so clients and server do not share
 a GIL), drives it with ``openai.AsyncOpenAI`` clients, and prints latency percentiles, throughput
-and errors, once per ``--workers`` setting. Every loop is bounded in count and time.
+and errors, once per ``--max-batch`` setting. Every loop is bounded in count and time.
 
     .venv/bin/python benchmarks/bench_serve.py                 # trains the tiny FP model first
-    .venv/bin/python benchmarks/bench_serve.py --model runs/demo --workers 1,2 --write
+    .venv/bin/python benchmarks/bench_serve.py --model runs/demo --max-batch 1,8 --write
 
 ``--write`` appends a dated section to ``benchmarks/RESULTS-serve.md``.
 """
@@ -51,14 +51,14 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
 
 
-def start_server(model: str, workers: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
-    cmd = [sys.executable, "-m", "tritlm", "serve", model, "--port", str(port), "--workers", str(workers),
+    cmd = [sys.executable, "-m", "tritlm", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
            "--max-queue", str(max_queue), "--model-name", "bench"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -139,7 +139,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64, help="total requests (split evenly over clients)")
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
+    ap.add_argument("--max-batch", default="1,8", help="comma-separated tritlm serve --max-batch values to compare")
     ap.add_argument("--threads", type=int, help="torch threads in the server (OMP_NUM_THREADS)")
     ap.add_argument("--stream", action="store_true", help="streaming requests (also measures time to first token)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
@@ -155,7 +155,7 @@ def main() -> int:
                        stdout=subprocess.DEVNULL, timeout=600)
     per_client = max(1, a.requests // a.clients)
     rows = []
-    for w in (int(x) for x in a.workers.split(",")):
+    for w in (int(x) for x in a.max_batch.split(",")):
         proc, url = start_server(model, w, max_queue=a.clients, threads=a.threads)
         try:
             asyncio.run(run_load(url, 2, 1, a.max_tokens, a.stream, a.timeout))  # warm-up
@@ -166,10 +166,10 @@ def main() -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        r["workers"] = w
+        r["max_batch"] = w
         rows.append(r)
         ttft = f"  ttft p50 {r['ttft_p50'] * 1e3:.0f} ms p95 {r['ttft_p95'] * 1e3:.0f} ms" if a.stream else ""
-        print(f"workers={w}: {r['ok']}/{r['n']} ok, {len(r['errors'])} errors, p50 {r['p50'] * 1e3:.0f} ms, "
+        print(f"max_batch={w}: {r['ok']}/{r['n']} ok, {len(r['errors'])} errors, p50 {r['p50'] * 1e3:.0f} ms, "
               f"p95 {r['p95'] * 1e3:.0f} ms, p99 {r['p99'] * 1e3:.0f} ms, {r['req_s']:.1f} req/s, "
               f"{r['tok_s']:.0f} tok/s, wall {r['wall_s']:.1f} s{ttft}")
         for e in r["errors"][:5]:
@@ -186,11 +186,11 @@ def main() -> int:
             f.write(f"model `{a.model or 'tiny FP (dim 32, 1 layer, char vocab 65)'}`, {a.clients} concurrent "
                     f"clients, {per_client * a.clients} requests, max_tokens {a.max_tokens}, "
                     f"{'streaming' if a.stream else 'non-streaming'}, completions and chat alternating\n\n")
-            f.write("| workers | ok / total | errors | p50 ms | p95 ms | p99 ms | req/s | tokens/s |"
+            f.write("| max_batch | ok / total | errors | p50 ms | p95 ms | p99 ms | req/s | tokens/s |"
                     + (" TTFT p50 ms | TTFT p95 ms |" if a.stream else "") + "\n")
             f.write("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if a.stream else "") + "\n")
             for r in rows:
-                f.write(f"| {r['workers']} | {r['ok']} / {r['n']} | {len(r['errors'])} | {r['p50'] * 1e3:.0f} | "
+                f.write(f"| {r['max_batch']} | {r['ok']} / {r['n']} | {len(r['errors'])} | {r['p50'] * 1e3:.0f} | "
                         f"{r['p95'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | {r['req_s']:.1f} | {r['tok_s']:.0f} |"
                         + (f" {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} |" if a.stream else "") + "\n")
         print(f"appended to {out}")

@@ -36,7 +36,7 @@ import torch
 
 from tritlm.formats.packed import PackedModel
 from tritlm.infer.fused_decode import FusedDecoder
-from tritlm.infer.sampling import Sampler, SamplingParams, contrastive_select, sample
+from tritlm.infer.sampling import SamplingParams, contrastive_select
 from tritlm.kernels.cpu import set_num_threads
 from tritlm.model.transformer import Transformer
 from tritlm.nn.runtime import HEADS, build_runtime_model
@@ -340,69 +340,52 @@ class Engine:
                 start += 1
         return self.forward_seq(ids[start:], slot=slot, start=start)[-1]
 
-    def generate(self, prompt: Sequence[int], max_tokens: int, params: SamplingParams | None = None,
-                 stop_ids: set[int] | None = None, slot: int = 0, sampler=None) -> Iterator[int]:
-        """Yield new token ids (streaming): one prefill, then one cached step per token.
-
-        ``sampler``: optional ``(logits [V], history [T]) -> int`` replacing :func:`sample`.
-        A prompt longer than the context keeps its last tokens; when the cache fills up, it
-        restarts on the most recent half of the tokens (as the training model's generate does).
-        """
-        params = params or SamplingParams()
-        prompt = list(prompt)[-self.max_len:]
-        if not prompt:
-            raise ValueError("the prompt must hold at least one token")
-        if sampler is None:
-            sampler = Sampler(params, prompt_len=len(prompt), stop_ids=stop_ids, max_tokens=max_tokens)
-        history = list(prompt)
-        logits = self.prefill(prompt, slot)
-        for _ in range(max_tokens):
-            nxt = sampler(logits, torch.tensor(history, dtype=torch.long))
-            yield nxt
-            if stop_ids and nxt in stop_ids:
-                return
-            history.append(nxt)
-            if self.pos[slot] >= self.max_len:
-                keep = history[-(self.max_len // 2):]
-                logits = self.forward_seq(keep, slot=slot, start=0)[-1]
-            else:
-                logits = self.forward_seq([nxt], slot=slot)[-1]
-
-    def generate_locked(self, prompt: Sequence[int], max_tokens: int, params: SamplingParams | None = None,
-                        stop_ids: set[int] | None = None) -> Iterator[int]:
-        """:meth:`generate` holding :attr:`lock` for the whole generation (released on close)."""
+    def ensure_slots(self, n: int) -> None:
+        """Grow the KV cache to hold at least ``n`` sequences (what the slots hold is kept)."""
+        if n <= self.slots:
+            return
         with self.lock:
-            yield from self.generate(prompt, max_tokens, params, stop_ids)
+            for cache in (self.k_cache, self.v_cache):
+                for i, old in enumerate(cache):  # in place: the SlotCache and a PrefixCache share these lists
+                    new = torch.zeros((n, *old.shape[1:]), dtype=old.dtype)
+                    new[:self.slots] = old
+                    cache[i] = new
+            self.pos += [0] * (n - self.slots)
+            self.tokens += [[] for _ in range(n - self.slots)]
+            self.slots = n
+            if self.fused is not None:  # the C context points into the old cache buffers
+                self.fused = FusedDecoder.create(self)
+
+    def generate(self, prompt: Sequence[int], max_tokens: int, params: SamplingParams | None = None,
+                 stop_ids: set[int] | None = None, slot: int = 0) -> Iterator[int]:
+        """Yield new token ids (streaming) through the one generation path (``infer/generator.py``),
+        in ``slot``; ends after yielding a token of ``stop_ids``."""
+        from tritlm.infer.generator import Request, generate
+        from tritlm.infer.runtimes import PackedRuntime
+
+        reqs = [Request(prompt, max_tokens, params or SamplingParams())]
+        for ev in generate(PackedRuntime(self), reqs, stop_ids=stop_ids or (), slots=[slot]):
+            if ev.finish == "error":
+                raise ValueError(ev.error)
+            if ev.token is not None:
+                yield ev.token
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_tokens: int,
                        params: SamplingParams | None = None, stop_ids: set[int] | None = None) -> list[list[int]]:
-        """Generate for several prompts at once: prefill each, then decode all in one forward per step."""
-        if len(prompts) > self.slots:
-            raise ValueError(f"{len(prompts)} prompts but the engine has {self.slots} cache slots")
-        params = params or SamplingParams()
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        for p in prompts:
-            if len(p) + max_tokens > self.max_len:
-                raise ValueError("prompt + max_tokens exceeds the cache length")
-        hist = [list(p) for p in prompts]
-        logits = [self.prefill(p, slot=i) for i, p in enumerate(prompts)]
-        outs: list[list[int]] = [[] for _ in prompts]
-        live = list(range(len(prompts)))
-        for _ in range(max_tokens):
-            nxt = []
-            for j, i in enumerate(live):
-                t = sample(logits[j], params, torch.tensor(hist[i]), gen)
-                outs[i].append(t)
-                hist[i].append(t)
-                nxt.append(t)
-            keep = [j for j, i in enumerate(live) if not (stop_ids and outs[i][-1] in stop_ids)]
-            live = [live[j] for j in keep]
-            nxt = [nxt[j] for j in keep]
-            if not live or len(outs[live[0]]) >= max_tokens:
-                break
-            lg = self.decode_batch(nxt, live)
-            logits = [lg[j] for j in range(len(live))]
-        return outs
+        """Generate for several prompts at once (one decode forward per step for all of them);
+        the cache grows to one slot per prompt."""
+        from tritlm.infer.generator import Request, generate
+        from tritlm.infer.runtimes import PackedRuntime
+
+        self.ensure_slots(len(prompts))
+        reqs = [Request(p, max_tokens, params or SamplingParams()) for p in prompts]
+        outs: dict[int, list[int]] = {id(r): [] for r in reqs}
+        for ev in generate(PackedRuntime(self), reqs, stop_ids=stop_ids or (), max_batch=len(prompts)):
+            if ev.finish == "error":
+                raise ValueError(ev.error)
+            if ev.token is not None:
+                outs[id(ev.seq.req)].append(ev.token)
+        return [outs[id(r)] for r in reqs]
 
     def generate_contrastive(self, prompt: Sequence[int], max_tokens: int, k: int = 4, alpha: float = 0.6,
                              stop_ids: set[int] | None = None, slot: int = 0) -> Iterator[int]:
@@ -432,6 +415,7 @@ class Engine:
             yield nxt
             if stop_ids and nxt in stop_ids:
                 return
+
 
 def load_engine(path, **kw) -> Engine:
     """An :class:`Engine` over the packed folder at ``path`` (keyword arguments go to Engine)."""

@@ -33,9 +33,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from typing_extensions import Self
 
 from tritlm.errors import TritlmError
+from tritlm.infer.chat_template import ChatTemplate, DefaultChatTemplate, TemplateError, load_chat_template
+from tritlm.infer.generator import Request as GenRequest
 from tritlm.infer.sampling import SamplingParams
-from tritlm.serve.chat_template import ChatTemplate, DefaultChatTemplate, TemplateError, load_chat_template
-from tritlm.serve.engine import Backend, Delta, Engine, Finish, GenerationRequest, Job, QueueFull, backend_for
+from tritlm.serve.engine import DEFAULT_MAX_BATCH, Backend, Delta, Engine, Finish, Job, QueueFull, backend_for
 from tritlm.serve.metrics import CONTENT_TYPE, Metrics
 from tritlm.serve.schemas import (
     ApiError,
@@ -137,15 +138,15 @@ class _MetricsMiddleware:
 
 
 # ---- the app ----------------------------------------------------------------------------------------
-def create_app(backend: Backend, settings: ServeSettings | None = None, *, workers: int = 1,
+def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_batch: int = DEFAULT_MAX_BATCH,
                max_queue: int = 64, metrics: Metrics | None = None):
     """A FastAPI app serving ``backend``. Its engine starts with the app and stops at shutdown."""
     s = settings or ServeSettings()
     metrics = metrics or Metrics()
-    engine = Engine(backend, workers=workers, max_queue=max_queue, metrics=metrics)
-    metrics.add_gauge("queue_depth", "Admitted requests waiting for a worker.", lambda: engine.waiting)
-    metrics.add_gauge("requests_in_flight", "Requests generating on a worker now.", lambda: engine.running)
-    metrics.add_gauge("workers", "Generation worker threads.", lambda: engine.workers)
+    engine = Engine(backend, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+    metrics.add_gauge("queue_depth", "Admitted requests waiting for a batch slot.", lambda: engine.waiting)
+    metrics.add_gauge("requests_in_flight", "Requests generating in the batch now.", lambda: engine.running)
+    metrics.add_gauge("max_batch", "Sequences decoded together (batch slots).", lambda: engine.max_batch)
     max_prompt = s.max_prompt_tokens or backend.context_length
     if max_prompt > backend.context_length:
         log.warning("--max-prompt-tokens %d exceeds the model's context of %d: longer prompts keep their "
@@ -247,19 +248,22 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, worke
                            param=param, code="invalid_value")
         return n
 
-    def build(req: _Sampling, ids: list[int], max_tokens: int, stop: list[str], lstrip: bool
-              ) -> GenerationRequest:
+    def build(req: _Sampling, ids: list[int], max_tokens: int, stop: list[str], lstrip: bool) -> GenRequest:
         bias = req.bias_map()
         bad = next((t for t in bias if not 0 <= t < backend.vocab_size), None)
         if bad is not None:
             raise ApiError(400, f"logit_bias token id {bad} is outside the vocabulary [0, {backend.vocab_size})",
                            param="logit_bias", code="invalid_value")
-        sampling = SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
-                                  min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
-        return GenerationRequest(ids, max_tokens, sampling, tuple(stop), req.presence_penalty,
-                                 req.frequency_penalty, bias, lstrip)
+        try:
+            sampling = SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
+                                      min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
+                                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                      logit_bias=bias, stop=tuple(stop))
+        except TritlmError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+        return GenRequest(ids, max_tokens, sampling, lstrip)
 
-    def submit(gen: GenerationRequest) -> Job:
+    def submit(gen: GenRequest) -> Job:
         try:
             return engine.submit(gen)
         except QueueFull as e:
@@ -413,37 +417,36 @@ def _url(sock: socket.socket) -> str:
 
 def build_app_for_model(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                         max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096,
-                        chat_template: str | Path | None = None, workers: int = 1, max_queue: int = 64,
-                        threads: int | None = None):
+                        chat_template: str | Path | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                        max_queue: int = 64, threads: int | None = None):
     """Load ``model`` (anything :func:`tritlm.load` reads) and build its app.
 
-    ``threads``: torch intra-op threads. By default torch's own count is split between the workers:
-    several workers each running a full-width thread pool oversubscribe the cores, and on a small
-    model a contended thread pool is several times slower than one thread (see docs/serve.md).
+    ``max_batch``: sequences generated together, one KV cache slot each, decoded in one batched
+    forward per step. ``threads``: torch intra-op threads (default: torch's own count).
     """
     import torch
 
     import tritlm
 
-    for flag, v, lo in (("--workers", workers, 1), ("--max-queue", max_queue, 0),
+    for flag, v, lo in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
                         ("--max-tokens-limit", max_tokens_limit, 1),
                         ("--max-prompt-tokens", max_prompt_tokens if max_prompt_tokens is not None else 1, 1)):
         if v < lo:
             raise TritlmError(f"{flag} must be >= {lo}, got {v}")
     if threads is not None and threads < 1:
         raise TritlmError(f"--threads must be >= 1, got {threads}")
-    n_threads = threads or max(1, torch.get_num_threads() // workers)
+    n_threads = threads or torch.get_num_threads()
     if n_threads != torch.get_num_threads():
         torch.set_num_threads(n_threads)
     m = tritlm.load(model)
-    backend = backend_for(m)
+    backend = backend_for(m, max_batch)
     name = model_name or Path(model).resolve().name
     tmpl = load_chat_template(m.tokenizer, getattr(m, "path", None), chat_template)
     settings = ServeSettings(model_name=name, api_key=api_key or None, max_prompt_tokens=max_prompt_tokens,
                              max_tokens_limit=max_tokens_limit, chat_template=tmpl)
-    log.info("model %s: context %d, vocab %d, chat template %s, %d worker(s) x %d torch thread(s)", name,
-             backend.context_length, backend.vocab_size, tmpl.name, workers, n_threads)
-    return create_app(backend, settings, workers=workers, max_queue=max_queue)
+    log.info("model %s: context %d, vocab %d, chat template %s, batches of up to %d, %d torch thread(s)", name,
+             backend.context_length, backend.vocab_size, tmpl.name, max_batch, n_threads)
+    return create_app(backend, settings, max_batch=max_batch, max_queue=max_queue)
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",

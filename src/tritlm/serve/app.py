@@ -15,8 +15,6 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,13 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from typing_extensions import Self
 
 from tritlm.errors import TritlmError
 from tritlm.infer.chat_template import ChatTemplate, DefaultChatTemplate, TemplateError, load_chat_template
 from tritlm.infer.generator import Request as GenRequest
 from tritlm.infer.sampling import SamplingParams
 from tritlm.serve.engine import DEFAULT_MAX_BATCH, Backend, Delta, Engine, Finish, Job, QueueFull, backend_for
+from tritlm.serve.listen import ServerThread, bind_socket, socket_url  # noqa: F401 - ServerThread: re-exported
 from tritlm.serve.metrics import CONTENT_TYPE, Metrics
 from tritlm.serve.schemas import (
     ApiError,
@@ -395,26 +393,6 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
 
 
 # ---- running it -------------------------------------------------------------------------------------
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 = any free port), IPv6 if the host is an IPv6 address."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(fam, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise TritlmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 def build_app_for_model(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                         max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096,
                         chat_template: str | Path | None = None, max_batch: int = DEFAULT_MAX_BATCH,
@@ -461,42 +439,6 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_l
         log.warning("listening on %s: the server is reachable from the network%s", host,
                     "" if kwargs.get("api_key") else " and has no API key (--api-key)")
     sock = bind_socket(host, port)
-    log.info("serving %s at %s/v1", app.state.settings.model_name, _url(sock))
+    log.info("serving %s at %s/v1", app.state.settings.model_name, socket_url(sock))
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
-
-
-class ServerThread:
-    """A uvicorn server on a background thread, on a free loopback port (tests and benchmarks).
-
-    ``with ServerThread(app) as srv: OpenAI(base_url=srv.url + "/v1")``.
-    """
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
-        import uvicorn
-
-        self.sock = bind_socket(host, port)
-        self.url = _url(self.sock)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="tritlm-serve", daemon=True)
-        self.start_timeout = start_timeout
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + self.start_timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -12,9 +12,10 @@ Design choices (each measured on 2-core Zen3 boxes, see benchmarks/RESULTS.md "C
 * The KV cache is preallocated ``[slots, kv_heads, max_len, head_dim]`` per layer; a slot is one
   sequence (:class:`SlotCache`). Decode of several sequences (batching) is one forward with a
   row per sequence, each at its own position.
-* Single-token decode runs the whole layer stack in one C call (``infer/fused_decode.py``: the
-  torch glue around M = 1 kernels cost as much as the kernels on 2 cores); the torch forward is
-  its reference in the tests. Any kind takes the fused path as long as each q|k|v and gate|up
+* Decode runs the whole layer stack in one C call (``infer/fused_decode.py``: the torch glue
+  around M = 1 kernels cost as much as the kernels on 2 cores), for one sequence or a batch of
+  them as rows (each kernel then reads the weights once for all); the torch forward is its
+  reference in the tests. Any kind takes the fused path as long as each q|k|v and gate|up
   group shares one quantised kind; otherwise decode stays on the forward pass.
 * The LM head is exact by default: the stored fp16 matrix read as fp16 by a C GEMV, or a float32
   matmul when the model stores it in float32. ``head="t4"`` stores it as four balanced-ternary
@@ -169,8 +170,6 @@ class Engine:
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): the C step's form
         self.sin_signed = torch.cat([-rope_sin[:, :half], rope_sin[:, half:]], dim=1).contiguous()
         self.fused = FusedDecoder.create(self) if fused and backend == "packed" else None
-        self._step_x = torch.empty(c.dim)
-        self._step_h = torch.empty(1, c.dim)
 
     # ---------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
@@ -235,15 +234,17 @@ class Engine:
             torch.set_num_threads(old)
 
     # ---------------------------------------------------------------- forward
-    def _fused_step(self, tok: int, slot: int, pos: int) -> torch.Tensor:
-        """One token through the C decode step (the forward pass's math); logits [1, V]."""
-        x = self._step_x
-        x.copy_(self.model.embed_tokens.w[tok])
+    def _fused_step(self, toks: Sequence[int], slots: Sequence[int], pos: Sequence[int]) -> torch.Tensor:
+        """Tokens through the C decode step (the forward pass's math), one row per sequence; logits [M, V]."""
+        m = len(toks)
+        x = torch.empty(m, self.cfg.dim)
+        x.copy_(self.model.embed_tokens.w[torch.as_tensor(list(toks), dtype=torch.long)])
+        h = torch.empty(m, self.cfg.dim)
         t = time.perf_counter()
-        self.fused.step(x, slot, pos, self._step_h, self.threads or 0)
-        out = self.head(self._step_h, torch.empty(1, self.cfg.vocab_size))
+        self.fused.step(x, list(slots), list(pos), h, self.threads or 0)
+        out = self.head(h, torch.empty(m, self.cfg.vocab_size))
         self.stats.native_s += time.perf_counter() - t
-        self.last_hidden = self._step_h.clone()
+        self.last_hidden = h
         return out
 
     def _check_ids(self, ids: Sequence[int]) -> None:
@@ -276,7 +277,7 @@ class Engine:
         t0 = time.perf_counter()
         with self._torch_threads():
             if t == 1 and self.fused is not None and self.tracer is None and self.timer is None:
-                out = self._fused_step(int(ids[0]), slot, start)
+                out = self._fused_step([int(ids[0])], [slot], [start])
             else:
                 idx = torch.as_tensor(list(ids), dtype=torch.long).view(1, t)
                 out = self.model(idx, cache=self.cache.at([slot], [start], t), last_only=not all_logits)[0][0]
@@ -305,11 +306,16 @@ class Engine:
         for s in slots:
             self._check_room(s, self.pos[s], 1)
         self._check_ids(tokens)
+        if len(set(slots)) != len(slots):
+            raise ValueError("each sequence of a batch needs its own slot")
         b = len(slots)
         t0 = time.perf_counter()
         with self._torch_threads():
-            idx = torch.as_tensor(list(tokens), dtype=torch.long).view(b, 1)
-            out = self.model(idx, cache=self.cache.at(slots, [self.pos[s] for s in slots], 1))[0][:, 0]
+            if self.fused is not None and self.tracer is None and self.timer is None:
+                out = self._fused_step([int(t) for t in tokens], slots, [self.pos[s] for s in slots])
+            else:
+                idx = torch.as_tensor(list(tokens), dtype=torch.long).view(b, 1)
+                out = self.model(idx, cache=self.cache.at(slots, [self.pos[s] for s in slots], 1))[0][:, 0]
         self.stats.decode_tokens += b
         self.stats.decode_s += time.perf_counter() - t0
         for s, tok in zip(slots, tokens):

@@ -245,6 +245,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     require_int("--port", a.port, 0, 65535, "0 = any free port")
     require_int("--max-batch", a.max_batch, 1)
+    require_int("--prefix-cache-mb", a.prefix_cache_mb, 0)
     require_int("--max-queue", a.max_queue, 0)
     require_int("--threads", a.threads, 1)
     require_int("--max-prompt-tokens", a.max_prompt_tokens, 1)
@@ -255,7 +256,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     serve(a.model, a.host, a.port, log_level="debug" if a.verbose else "info",
           model_name=a.model_name, api_key=a.api_key or os.environ.get("TRITLM_API_KEY"),
           max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
-          chat_template=a.chat_template, max_batch=a.max_batch, max_queue=a.max_queue, threads=a.threads)
+          chat_template=a.chat_template, max_batch=a.max_batch, max_queue=a.max_queue, threads=a.threads,
+          prefix_cache_mb=a.prefix_cache_mb)
     return 0
 
 
@@ -347,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a batch slot; 503 beyond")
     s.add_argument("--max-batch", type=int, default=8,
                    help="requests generated together, decoded in one batched forward per token (default 8)")
+    s.add_argument("--prefix-cache-mb", type=int, default=256,
+                   help="packed models: MB of K/V of earlier prompts kept for prompts sharing their prefix (0 = off)")
     s.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     s.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: model context)")
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")

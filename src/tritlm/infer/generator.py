@@ -65,7 +65,8 @@ class Seq:
         self._lstrip = req.lstrip
         self.n = 0  # tokens sampled (an EOS or the tokens of a stop string included)
         self.slot: int | None = None
-        self.logits: torch.Tensor | None = None  # the next token's, once prefilled
+        self.prefilled = 0  # prompt tokens in the slot so far (a long prompt prefills in chunks)
+        self.logits: torch.Tensor | None = None  # the next token's, once the whole prompt is in
         self.finish: str | None = None
 
     @property
@@ -120,11 +121,17 @@ class Generator:
 
     ``add`` queues a sequence; ``step`` admits queued ones into free slots (prefill), samples one
     token for each running one and decodes those that continue in one forward. ``cancel`` frees
-    a slot at once. Not thread-safe: one thread drives it.
+    a slot at once. ``prefill_chunk``: at most this many prompt tokens are prefilled per step, so
+    a long prompt joining the batch delays the others' next token by one chunk, not by the whole
+    prompt (None: whole prompts). Not thread-safe: one thread drives it.
     """
 
     def __init__(self, runtime: Runtime, tokenizer: Any = None, stop_ids: Iterable[int] = (),
-                 max_batch: int | None = None, slots: Sequence[int] | None = None):
+                 max_batch: int | None = None, slots: Sequence[int] | None = None,
+                 prefill_chunk: int | None = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.prefill_chunk = prefill_chunk
         self.rt = runtime
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(stop_ids)
@@ -166,18 +173,31 @@ class Generator:
                 continue
             seq.slot = self._free.pop(0)
             self.running.append(seq)
+        budget = self.prefill_chunk
+        for seq in [s for s in self.running if s.logits is None]:
+            if budget is not None and budget <= 0:
+                break
+            n = len(seq.history)
+            end = n if budget is None else min(n, seq.prefilled + budget)
             try:
-                seq.logits = self.rt.prefill(seq.history, seq.slot)
+                logits = self.rt.prefill(seq.history[:end], seq.slot)
             except Exception as e:  # noqa: BLE001 - this sequence fails, the others go on
                 self._release(seq)
                 events.append(seq._end(None, "", "error", f"{type(e).__name__}: {e}"))
+                continue
+            if budget is not None:
+                budget -= end - seq.prefilled
+            seq.prefilled = end
+            if end == n:
+                seq.logits = logits
         return events
 
     def step(self) -> list[Event]:
-        """Admit, then one token for every running sequence. A failed decode forward raises."""
+        """Admit (prefill), then one token for every sequence whose prompt is in. A failed decode
+        forward raises."""
         events = self._admit()
         cont: list[Seq] = []
-        for seq in list(self.running):
+        for seq in [s for s in self.running if s.logits is not None]:
             ev = seq.take(seq.sampler(seq.logits, torch.tensor(seq.history, dtype=torch.long)))
             events.append(ev)
             if ev.finish:
@@ -215,10 +235,11 @@ class Generator:
 
 
 def generate(runtime: Runtime, requests: Sequence[Request], tokenizer: Any = None, stop_ids: Iterable[int] = (),
-             max_batch: int | None = None, slots: Sequence[int] | None = None) -> Iterator[Event]:
+             max_batch: int | None = None, slots: Sequence[int] | None = None,
+             prefill_chunk: int | None = None) -> Iterator[Event]:
     """Run ``requests`` to the end (several at once when the runtime has the slots), yielding
     every event; ``event.seq.req`` tells which request it belongs to."""
-    gen = Generator(runtime, tokenizer, stop_ids, max_batch, slots)
+    gen = Generator(runtime, tokenizer, stop_ids, max_batch, slots, prefill_chunk)
     for r in requests:
         gen.add(r)
     return gen.run()

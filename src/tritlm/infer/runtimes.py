@@ -39,7 +39,10 @@ class Runtime(Protocol):
 
 
 class TorchRuntime:
-    """The training ``Transformer`` with one KV cache per slot (allocated on first use)."""
+    """The training ``Transformer`` with one KV cache per slot (allocated on first use).
+
+    A slot keeps its tokens after its sequence ends: a later prompt in that slot runs only what
+    follows their common prefix (a chat's growing history, a prompt prefilled in chunks)."""
 
     def __init__(self, model: Any, slots: int = 1):
         self.model = model.eval()
@@ -48,6 +51,7 @@ class TorchRuntime:
         self.slots = slots
         self.device = model.embed_tokens.weight.device
         self._caches: dict[int, Any] = {}
+        self._tokens: dict[int, list[int]] = {}  # what each slot's cache holds
 
     def _cache(self, slot: int):
         if not 0 <= slot < self.slots:
@@ -56,41 +60,56 @@ class TorchRuntime:
             self._caches[slot] = self.model.new_cache(1, self.context_length)
         return self._caches[slot]
 
+    def _run(self, ids: list[int], cache) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(x, cache=cache, last_only=True)[0][0, -1]
+
     @torch.no_grad()
     def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
+        ids = [int(t) for t in ids]
         cache = self._cache(slot)
-        cache.reset()
-        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        logits, _ = self.model(x, cache=cache, last_only=True)
-        return logits[0, -1].float().cpu()
+        have = self._tokens.get(slot, [])
+        n, most = 0, min(len(have), len(ids) - 1)  # the last token always runs: its logits are needed
+        while n < most and have[n] == ids[n]:
+            n += 1
+        cache.pos = n  # positions past n are overwritten
+        self._tokens[slot] = ids
+        return self._run(ids[n:], cache).float().cpu()
 
     @torch.no_grad()
     def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
         # each slot's cache has its own fill level, which the training KVCache does not batch
         rows = []
         for tok, slot in zip(tokens, slots):
-            x = torch.tensor([[int(tok)]], dtype=torch.long, device=self.device)
-            rows.append(self.model(x, cache=self._cache(slot))[0][0, -1])
+            self._tokens[slot].append(int(tok))
+            rows.append(self._run([int(tok)], self._cache(slot)))
         return torch.stack(rows).float().cpu()
 
     def filled(self, slot: int) -> int:
         return self._cache(slot).pos
 
     def release(self, slot: int) -> None:
-        pass  # the cache is kept for the slot's next sequence (no reallocation)
+        pass  # the cache and its tokens stay for the slot's next sequence
 
 
 class PackedRuntime:
     """The packed CPU engine. Each call holds the engine's lock (servers share one engine).
 
     A slot keeps what it held after its sequence ends, so the next prompt in that slot prefills
-    only what differs from it (a chat's growing history; requests sharing a system prompt).
+    only what differs from it (a chat's growing history). ``prefix_cache_bytes`` > 0 adds a
+    :class:`~tritlm.infer.prefix_cache.PrefixCache`: a prompt sharing a prefix with any earlier
+    prompt (a system prompt, few-shot examples) restores its K/V into whatever slot it runs in.
     """
 
-    def __init__(self, engine: Any, slots: int | None = None):
+    def __init__(self, engine: Any, slots: int | None = None, prefix_cache_bytes: int = 0):
         if slots is not None:
             engine.ensure_slots(slots)
         self.engine = engine
+        self.prefix = None
+        if prefix_cache_bytes > 0:
+            from tritlm.infer.prefix_cache import PrefixCache
+
+            self.prefix = PrefixCache(engine, max_bytes=prefix_cache_bytes)
         self.context_length = int(engine.max_len)
         self.vocab_size = int(engine.cfg.vocab_size)
 
@@ -100,6 +119,8 @@ class PackedRuntime:
 
     def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
         with self.engine.lock:
+            if self.prefix is not None:
+                return self.prefix.prefill(list(ids), slot)
             return self.engine.prefill(list(ids), slot)
 
     def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
@@ -113,8 +134,10 @@ class PackedRuntime:
         pass
 
 
-def runtime_for(loaded: Any, slots: int = 1) -> Runtime:
-    """The runtime of a :class:`tritlm.api.LoadedModel` with at least ``slots`` sequence slots."""
+def runtime_for(loaded: Any, slots: int = 1, prefix_cache_bytes: int = 0) -> Runtime:
+    """The runtime of a :class:`tritlm.api.LoadedModel` with at least ``slots`` sequence slots
+    (``prefix_cache_bytes``: see :class:`PackedRuntime`; the torch runtime reuses only a slot's
+    own prefix)."""
     if getattr(loaded, "engine", None) is not None:
-        return PackedRuntime(loaded.engine, slots=slots)
+        return PackedRuntime(loaded.engine, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
     return TorchRuntime(loaded.model, slots=slots)

@@ -396,18 +396,20 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
 def build_app_for_model(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                         max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096,
                         chat_template: str | Path | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                        max_queue: int = 64, threads: int | None = None):
+                        max_queue: int = 64, threads: int | None = None, prefix_cache_mb: int = 256):
     """Load ``model`` (anything :func:`tritlm.load` reads) and build its app.
 
     ``max_batch``: sequences generated together, one KV cache slot each, decoded in one batched
     forward per step. ``threads``: torch intra-op threads (default: torch's own count).
+    ``prefix_cache_mb``: K/V of earlier prompts kept for prompts that share their prefix (packed
+    models; 0 = off).
     """
     import torch
 
     import tritlm
 
     for flag, v, lo in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
-                        ("--max-tokens-limit", max_tokens_limit, 1),
+                        ("--max-tokens-limit", max_tokens_limit, 1), ("--prefix-cache-mb", prefix_cache_mb, 0),
                         ("--max-prompt-tokens", max_prompt_tokens if max_prompt_tokens is not None else 1, 1)):
         if v < lo:
             raise TritlmError(f"{flag} must be >= {lo}, got {v}")
@@ -417,7 +419,7 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
     if n_threads != torch.get_num_threads():
         torch.set_num_threads(n_threads)
     m = tritlm.load(model)
-    backend = backend_for(m, max_batch)
+    backend = backend_for(m, max_batch, prefix_cache_mb)
     name = model_name or Path(model).resolve().name
     tmpl = load_chat_template(m.tokenizer, getattr(m, "path", None), chat_template)
     settings = ServeSettings(model_name=name, api_key=api_key or None, max_prompt_tokens=max_prompt_tokens,

@@ -5,9 +5,10 @@ A :class:`Backend` is a model runtime (``infer/runtimes.py``: the PyTorch ``Tran
 packed CPU engine) with its tokenizer. Admission is bounded: at most ``max_batch`` requests run,
 each in its own slot of the runtime's KV cache, and at most ``max_queue`` wait; beyond that
 :class:`QueueFull` (HTTP 503). Each step the scheduler admits waiting requests into free slots
-(their prefill), samples one token for every running sequence and decodes them all in one batched
-forward, and hands the text deltas (incremental detokenisation and stop strings happen in the
-generator, as for every front end) to each request's asyncio task. Cancelling a job (client gone)
+(their prefill, at most ``PREFILL_CHUNK`` prompt tokens a step so a long prompt does not stall the
+others), samples one token for every running sequence, decodes them all in one batched forward,
+and hands the text deltas (incremental detokenisation and stop strings happen in the generator, as
+for every front end) to each request's asyncio task. Cancelling a job (client gone)
 frees its slot before the next step, or at once if it was still waiting. The event loop never
 blocks on a forward pass: the scheduler runs on its own thread.
 """
@@ -29,6 +30,7 @@ from tritlm.infer.runtimes import Runtime, runtime_for
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 8
+PREFILL_CHUNK = 256  # prompt tokens prefilled per step: a long prompt stalls the batch one chunk at a time
 
 
 @dataclass
@@ -47,12 +49,14 @@ class Backend:
         return self.runtime.vocab_size
 
 
-def backend_for(loaded: Any, max_batch: int = DEFAULT_MAX_BATCH) -> Backend:
+def backend_for(loaded: Any, max_batch: int = DEFAULT_MAX_BATCH, prefix_cache_mb: int = 0) -> Backend:
     """The backend for a :class:`tritlm.api.LoadedModel` (training checkpoint or packed folder).
 
     A packed model's engine grows to ``max_batch`` cache slots and then belongs to the server: a
-    generation through the same ``LoadedModel`` meanwhile would share its slots."""
-    return Backend(runtime_for(loaded, max_batch), loaded.tokenizer)
+    generation through the same ``LoadedModel`` meanwhile would share its slots.
+    ``prefix_cache_mb``: K/V of earlier prompts kept for reuse by prompts sharing their prefix
+    (packed models; see ``infer/prefix_cache.py``)."""
+    return Backend(runtime_for(loaded, max_batch, prefix_cache_mb << 20), loaded.tokenizer)
 
 
 @dataclass
@@ -128,14 +132,15 @@ class Engine:
     """The scheduler (see the module docstring). ``max_batch``: sequences decoded together."""
 
     def __init__(self, backend: Backend, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64,
-                 metrics: Any = None):
+                 metrics: Any = None, prefill_chunk: int | None = PREFILL_CHUNK):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         self.backend = backend
         eos = backend.tokenizer.eos_id
-        self.gen = Generator(backend.runtime, backend.tokenizer, () if eos is None else (eos,), max_batch)
+        self.gen = Generator(backend.runtime, backend.tokenizer, () if eos is None else (eos,), max_batch,
+                             prefill_chunk=prefill_chunk)
         self.max_batch = self.gen.max_batch
         self.max_queue = max_queue
         self.metrics = metrics

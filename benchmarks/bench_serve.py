@@ -5,6 +5,7 @@ a GIL), drives it with ``openai.AsyncOpenAI`` clients, and prints latency percen
 and errors, once per ``--max-batch`` setting. Every loop is bounded in count and time.
 
     .venv/bin/python benchmarks/bench_serve.py                 # trains the tiny FP model first
+    .venv/bin/python benchmarks/bench_serve.py --preset 125M --max-batch 1,8 --max-tokens 32   # packed, batched
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo --max-batch 1,8 --write
 
 ``--write`` appends a dated section to ``benchmarks/RESULTS-serve.md``.
@@ -133,9 +134,24 @@ async def run_load(url: str, clients: int, per_client: int, max_tokens: int, str
             "req_s": len(lat) / wall, "tok_s": tokens / wall}
 
 
+def random_packed_model(name: str, out: str) -> None:
+    """A packed folder with random weights of preset ``name`` and a byte tokenizer."""
+    from dataclasses import replace
+
+    from tritlm.data.tokenizer import ByteTokenizer
+    from tritlm.formats.packed import random_packed, save_packed
+    from tritlm.model.config import preset
+
+    tok = ByteTokenizer()
+    pm = random_packed(preset(name, vocab_size=tok.vocab_size))
+    save_packed(replace(pm, tokenizer=tok), out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model to serve (default: train the tiny FP model into a temp folder)")
+    ap.add_argument("--preset", help="serve a random packed model of this preset (byte vocabulary) instead: "
+                                     "what continuous batching is for (a memory-bound decode)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64, help="total requests (split evenly over clients)")
     ap.add_argument("--max-tokens", type=int, default=8)
@@ -150,9 +166,12 @@ def main() -> int:
     model = a.model
     if model is None:
         tmp = tempfile.TemporaryDirectory(prefix="tritlm-bench-serve-")
-        model = str(Path(tmp.name) / "tiny")
-        subprocess.run([sys.executable, "-m", "tritlm", "train", *TINY, "--out", model], check=True,
-                       stdout=subprocess.DEVNULL, timeout=600)
+        model = str(Path(tmp.name) / (a.preset or "tiny"))
+        if a.preset:
+            random_packed_model(a.preset, model)
+        else:
+            subprocess.run([sys.executable, "-m", "tritlm", "train", *TINY, "--out", model], check=True,
+                           stdout=subprocess.DEVNULL, timeout=600)
     per_client = max(1, a.requests // a.clients)
     rows = []
     for w in (int(x) for x in a.max_batch.split(",")):
@@ -183,7 +202,9 @@ def main() -> int:
                         "request, client side, over loopback.\n")
             f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} - {platform.machine()}, {os.cpu_count()} CPUs "
                     f"(shared), torch threads {a.threads or 'default'}\n\n")
-            f.write(f"model `{a.model or 'tiny FP (dim 32, 1 layer, char vocab 65)'}`, {a.clients} concurrent "
+            what = a.model or (f"random packed {a.preset} (byte vocab)" if a.preset
+                               else "tiny FP (dim 32, 1 layer, char vocab 65)")
+            f.write(f"model `{what}`, {a.clients} concurrent "
                     f"clients, {per_client * a.clients} requests, max_tokens {a.max_tokens}, "
                     f"{'streaming' if a.stream else 'non-streaming'}, completions and chat alternating\n\n")
             f.write("| max_batch | ok / total | errors | p50 ms | p95 ms | p99 ms | req/s | tokens/s |"

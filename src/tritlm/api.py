@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tritlm.errors import FormatError
+from tritlm.errors import ConfigError, FormatError
 from tritlm.formats.detect import load_interop, write_by_suffix, write_format
 from tritlm.infer.generator import Event, Request, generate
 from tritlm.infer.runtimes import Runtime, runtime_for
@@ -57,18 +57,29 @@ class LoadedModel:
         """The model's runtime for the generator (``infer/runtimes.py``), with ``slots`` sequence slots."""
         return runtime_for(self, slots)
 
-    def events(self, reqs: Sequence[Request], text: bool = True) -> Iterator[Event]:
+    def events(self, reqs: Sequence[Request], text: bool = True, draft: LoadedModel | None = None,
+               draft_k: int = 4) -> Iterator[Event]:
         """The one generation path's events for ``reqs`` (``infer/generator.py``), several at once
         (up to MAX_BATCH) on one runtime; ``text``: detokenise (and so apply stop strings).
+        ``draft``: a smaller packed model sharing the vocabulary, for speculative decoding of one
+        request (``infer/speculative.py``; ``draft_k`` proposals a round).
 
         A packed model's engine lock is held until the iterator ends or is closed: its cache slots
         are this generation's until then."""
         eos = self.tokenizer.eos_id
         tokenizer = self.tokenizer if text else None
+        stop_ids = () if eos is None else (eos,)
+        if draft is not None:
+            if self.engine is None or draft.engine is None or len(reqs) != 1:
+                raise ConfigError("speculative decoding (a draft model) needs packed models and one prompt")
+            from tritlm.infer.speculative import speculative_events
+
+            yield from speculative_events(self.engine, draft.engine, reqs[0], tokenizer, stop_ids, draft_k)
+            return
         lock = self.engine.lock if self.engine is not None else contextlib.nullcontext()
         with lock:
             rt = self.runtime(min(len(reqs), MAX_BATCH))
-            it = generate(rt, reqs, tokenizer, stop_ids=() if eos is None else (eos,))
+            it = generate(rt, reqs, tokenizer, stop_ids=stop_ids)
             try:
                 for ev in it:
                     if ev.finish == "error":
@@ -110,27 +121,29 @@ class LoadedModel:
             raise ValueError("the prompt is empty and the tokenizer has no BOS token")
         return list(ids)
 
-    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **sampling: Any) -> Iterator[str]:
+    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, *,
+               draft: LoadedModel | None = None, draft_k: int = 4, **sampling: Any) -> Iterator[str]:
         """The continuation of ``prompt`` as text deltas, as they become safe to show (multi-byte
-        characters whole, a possible stop string held back). ``sampling``: see :meth:`sampling`."""
+        characters whole, a possible stop string held back). ``sampling``: see :meth:`sampling`;
+        ``draft``: see :meth:`events`."""
         params = self.sampling(temperature, **sampling)
-        for ev in self.events([Request(self._prompt_ids(prompt), max_tokens, params)]):
+        for ev in self.events([Request(self._prompt_ids(prompt), max_tokens, params)], draft=draft, draft_k=draft_k):
             if ev.text:
                 yield ev.text
 
-    def generate(self, prompt: str | Sequence[str], max_tokens: int = 64, temperature: float = 0.8,
-                 **sampling: Any) -> str | list[str]:
+    def generate(self, prompt: str | Sequence[str], max_tokens: int = 64, temperature: float = 0.8, *,
+                 draft: LoadedModel | None = None, draft_k: int = 4, **sampling: Any) -> str | list[str]:
         """The continuation of ``prompt`` (without the prompt), cut before the first stop string;
         for a list of prompts, the list of their continuations, generated together (one batched
         decode step for all). ``sampling``: every setting of :meth:`sampling` under its OpenAI
         name (``top_p``, ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``stop``,
         ``seed``, ...); each prompt gets its own sampler state (a seed gives the same text alone
-        or in a batch)."""
+        or in a batch). ``draft``: speculative decoding with a smaller model (:meth:`events`)."""
         params = self.sampling(temperature, **sampling)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         reqs = [Request(self._prompt_ids(p), max_tokens, params) for p in prompts]
         parts: dict[int, list[str]] = {id(r): [] for r in reqs}
-        for ev in self.events(reqs):
+        for ev in self.events(reqs, draft=draft, draft_k=draft_k):
             parts[id(ev.seq.req)].append(ev.text)
         out = ["".join(parts[id(r)]) for r in reqs]
         return out[0] if isinstance(prompt, str) else out

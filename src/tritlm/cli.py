@@ -171,11 +171,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     kw = sampling_kwargs(a)
     sampling_params(**kw)  # checked before the model loads: a bad flag fails at once
+    require_int("--draft-k", a.draft_k, 1)
     m = tritlm.load(a.model)
+    draft = tritlm.load(a.draft) if a.draft else None
     if not m.tokenizer.encode(a.prompt):
         raise TritlmError("the prompt encodes to no tokens")
     sys.stdout.write(a.prompt)
-    for text in m.stream(a.prompt, a.max_tokens, **kw):
+    for text in m.stream(a.prompt, a.max_tokens, draft=draft, draft_k=a.draft_k, **kw):
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -331,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="run folder, checkpoint folder or packed model")
     s.add_argument("--prompt", default="\n")
     s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller packed model with the same "
+                                                     "vocabulary proposes tokens the model checks in one pass")
+    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     add_sampling_args(s)
     s.set_defaults(fn=cmd_generate)
 

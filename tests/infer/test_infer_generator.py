@@ -73,3 +73,14 @@ def test_packed_runtime_prefix_cache_across_slots():
     assert eng.stats.prefill_tokens - before == 3  # only what follows the shared prefix ran
     want = Engine(pm).prefill(system + [40, 41, 42])
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_packed_cache_grows_only_as_far_as_concurrency_asks():
+    pm = from_transformer(tiny_model(), fp_dtype="fp32")
+    eng = Engine(pm)
+    rt = PackedRuntime(eng, slots=8)  # a server's --max-batch 8
+    assert eng.slots == 1
+    reqs = [Request(p, 6, GREEDY) for p in PROMPTS]
+    got = _tokens(rt, reqs)
+    assert eng.slots == 4  # 3 sequences at once: 1 -> 2 -> 4 slots, not 8
+    assert got == [list(Engine(pm).generate(r.prompt_ids, 6, GREEDY)) for r in reqs]

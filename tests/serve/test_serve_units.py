@@ -154,6 +154,9 @@ class ScriptedRuntime:
             self.pos[s] += 1
         return torch.stack([self._logits(s) for s in slots])
 
+    def reserve(self, n: int) -> int:
+        return min(n, self.slots)
+
     def filled(self, slot: int) -> int:
         return 8 + self.pos[slot]
 

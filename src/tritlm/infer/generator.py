@@ -135,10 +135,14 @@ class Generator:
         self.rt = runtime
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(stop_ids)
-        # which of the runtime's slots this generator may use (default: the first max_batch)
-        self._free = sorted(slots) if slots is not None else list(range(min(max_batch or runtime.slots,
-                                                                              runtime.slots)))
-        self.max_batch = len(self._free)
+        # which of the runtime's slots this generator may use: the given ones, or the first max_batch,
+        # reserved as concurrency grows (doubling) so a runtime's cache grows only as far as it is used
+        if slots is not None:
+            self._free, self.max_batch = sorted(slots), len(slots)
+            self._reserved = self.max_batch
+        else:
+            self.max_batch = min(max_batch or runtime.slots, runtime.slots)
+            self._free, self._reserved = [], 0
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
 
@@ -164,9 +168,16 @@ class Generator:
             seq.slot = None
         seq.logits = None
 
+    def _has_slot(self) -> bool:
+        if not self._free and self._reserved < self.max_batch:
+            got = min(self.rt.reserve(min(self.max_batch, max(1, 2 * self._reserved))), self.max_batch)
+            self._free.extend(range(self._reserved, got))
+            self._reserved = max(self._reserved, got)
+        return bool(self._free)
+
     def _admit(self) -> list[Event]:
         events = []
-        while self.waiting and self._free:
+        while self.waiting and self._has_slot():
             seq = self.waiting.popleft()
             if seq.max_tokens <= 0:
                 events.append(seq._end(None, "", "length"))

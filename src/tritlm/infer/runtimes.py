@@ -19,7 +19,11 @@ import torch
 class Runtime(Protocol):
     context_length: int  # positions one slot holds
     vocab_size: int
-    slots: int  # sequences the runtime holds at once
+    slots: int  # sequences the runtime can hold at once (its cache may grow there on demand)
+
+    def reserve(self, n: int) -> int:
+        """Make slots ``0 .. n-1`` usable (n at most ``slots``); returns how many are."""
+        ...
 
     def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
         """Make ``slot`` hold exactly ``ids`` (from position 0); float32 logits ``[V]`` after the last."""
@@ -85,6 +89,9 @@ class TorchRuntime:
             rows.append(self._run([int(tok)], self._cache(slot)))
         return torch.stack(rows).float().cpu()
 
+    def reserve(self, n: int) -> int:
+        return min(n, self.slots)  # caches are allocated on a slot's first prefill
+
     def filled(self, slot: int) -> int:
         return self._cache(slot).pos
 
@@ -102,9 +109,10 @@ class PackedRuntime:
     """
 
     def __init__(self, engine: Any, slots: int | None = None, prefix_cache_bytes: int = 0):
-        if slots is not None:
-            engine.ensure_slots(slots)
+        # up to ``slots`` sequences; the engine's cache grows to them as concurrency asks (reserve),
+        # so a server with --max-batch 8 holds 8 slots of K/V only once 8 requests ran together
         self.engine = engine
+        self._cap = max(slots or engine.slots, engine.slots)
         self.prefix = None
         if prefix_cache_bytes > 0:
             from tritlm.infer.prefix_cache import PrefixCache
@@ -114,8 +122,12 @@ class PackedRuntime:
         self.vocab_size = int(engine.cfg.vocab_size)
 
     @property
-    def slots(self) -> int:  # the engine may grow later (another runtime asking for more)
-        return self.engine.slots
+    def slots(self) -> int:
+        return self._cap
+
+    def reserve(self, n: int) -> int:
+        self.engine.ensure_slots(min(n, self._cap))
+        return min(self.engine.slots, self._cap)
 
     def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
         with self.engine.lock:

@@ -52,8 +52,8 @@ class Backend:
 def backend_for(loaded: Any, max_batch: int = DEFAULT_MAX_BATCH, prefix_cache_mb: int = 0) -> Backend:
     """The backend for a :class:`tritlm.api.LoadedModel` (training checkpoint or packed folder).
 
-    A packed model's engine grows to ``max_batch`` cache slots and then belongs to the server: a
-    generation through the same ``LoadedModel`` meanwhile would share its slots.
+    A packed model's engine grows up to ``max_batch`` cache slots as concurrency asks, and belongs
+    to the server: a generation through the same ``LoadedModel`` meanwhile would share its slots.
     ``prefix_cache_mb``: K/V of earlier prompts kept for reuse by prompts sharing their prefix
     (packed models; see ``infer/prefix_cache.py``)."""
     return Backend(runtime_for(loaded, max_batch, prefix_cache_mb << 20), loaded.tokenizer)

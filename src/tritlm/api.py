@@ -58,23 +58,33 @@ class LoadedModel:
         return runtime_for(self, slots)
 
     def events(self, reqs: Sequence[Request], text: bool = True, draft: LoadedModel | None = None,
-               draft_k: int = 4) -> Iterator[Event]:
+               draft_k: int = 4, penalty_alpha: float = 0.0) -> Iterator[Event]:
         """The one generation path's events for ``reqs`` (``infer/generator.py``), several at once
         (up to MAX_BATCH) on one runtime; ``text``: detokenise (and so apply stop strings).
         ``draft``: a smaller packed model sharing the vocabulary, for speculative decoding of one
-        request (``infer/speculative.py``; ``draft_k`` proposals a round).
+        request (``infer/speculative.py``; ``draft_k`` proposals a round). ``penalty_alpha`` > 0:
+        contrastive search over the ``top_k`` most likely tokens instead of sampling
+        (``infer/contrastive.py``; Hugging Face's names), one request on a packed model.
 
         A packed model's engine lock is held until the iterator ends or is closed: its cache slots
         are this generation's until then."""
         eos = self.tokenizer.eos_id
         tokenizer = self.tokenizer if text else None
         stop_ids = () if eos is None else (eos,)
-        if draft is not None:
-            if self.engine is None or draft.engine is None or len(reqs) != 1:
-                raise ConfigError("speculative decoding (a draft model) needs packed models and one prompt")
-            from tritlm.infer.speculative import speculative_events
+        if draft is not None or penalty_alpha:
+            what = "speculative decoding (a draft model)" if draft is not None else "contrastive search"
+            if draft is not None and penalty_alpha:
+                raise ConfigError("speculative decoding and contrastive search do not combine")
+            if self.engine is None or (draft is not None and draft.engine is None) or len(reqs) != 1:
+                raise ConfigError(f"{what} needs packed models and one prompt")
+            if draft is not None:
+                from tritlm.infer.speculative import speculative_events
 
-            yield from speculative_events(self.engine, draft.engine, reqs[0], tokenizer, stop_ids, draft_k)
+                yield from speculative_events(self.engine, draft.engine, reqs[0], tokenizer, stop_ids, draft_k)
+            else:
+                from tritlm.infer.contrastive import contrastive_events
+
+                yield from contrastive_events(self.engine, reqs[0], penalty_alpha, tokenizer, stop_ids)
             return
         lock = self.engine.lock if self.engine is not None else contextlib.nullcontext()
         with lock:
@@ -122,28 +132,32 @@ class LoadedModel:
         return list(ids)
 
     def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, *,
-               draft: LoadedModel | None = None, draft_k: int = 4, **sampling: Any) -> Iterator[str]:
+               draft: LoadedModel | None = None, draft_k: int = 4, penalty_alpha: float = 0.0,
+               **sampling: Any) -> Iterator[str]:
         """The continuation of ``prompt`` as text deltas, as they become safe to show (multi-byte
         characters whole, a possible stop string held back). ``sampling``: see :meth:`sampling`;
-        ``draft``: see :meth:`events`."""
+        ``draft``, ``penalty_alpha``: see :meth:`events`."""
         params = self.sampling(temperature, **sampling)
-        for ev in self.events([Request(self._prompt_ids(prompt), max_tokens, params)], draft=draft, draft_k=draft_k):
+        req = Request(self._prompt_ids(prompt), max_tokens, params)
+        for ev in self.events([req], draft=draft, draft_k=draft_k, penalty_alpha=penalty_alpha):
             if ev.text:
                 yield ev.text
 
     def generate(self, prompt: str | Sequence[str], max_tokens: int = 64, temperature: float = 0.8, *,
-                 draft: LoadedModel | None = None, draft_k: int = 4, **sampling: Any) -> str | list[str]:
+                 draft: LoadedModel | None = None, draft_k: int = 4, penalty_alpha: float = 0.0,
+                 **sampling: Any) -> str | list[str]:
         """The continuation of ``prompt`` (without the prompt), cut before the first stop string;
         for a list of prompts, the list of their continuations, generated together (one batched
         decode step for all). ``sampling``: every setting of :meth:`sampling` under its OpenAI
         name (``top_p``, ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``stop``,
         ``seed``, ...); each prompt gets its own sampler state (a seed gives the same text alone
-        or in a batch). ``draft``: speculative decoding with a smaller model (:meth:`events`)."""
+        or in a batch). ``draft``: speculative decoding with a smaller model; ``penalty_alpha``:
+        contrastive search (:meth:`events`)."""
         params = self.sampling(temperature, **sampling)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         reqs = [Request(self._prompt_ids(p), max_tokens, params) for p in prompts]
         parts: dict[int, list[str]] = {id(r): [] for r in reqs}
-        for ev in self.events(reqs, draft=draft, draft_k=draft_k):
+        for ev in self.events(reqs, draft=draft, draft_k=draft_k, penalty_alpha=penalty_alpha):
             parts[id(ev.seq.req)].append(ev.text)
         out = ["".join(parts[id(r)]) for r in reqs]
         return out[0] if isinstance(prompt, str) else out

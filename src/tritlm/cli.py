@@ -177,7 +177,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not m.tokenizer.encode(a.prompt):
         raise TritlmError("the prompt encodes to no tokens")
     sys.stdout.write(a.prompt)
-    for text in m.stream(a.prompt, a.max_tokens, draft=draft, draft_k=a.draft_k, **kw):
+    for text in m.stream(a.prompt, a.max_tokens, draft=draft, draft_k=a.draft_k, penalty_alpha=a.penalty_alpha, **kw):
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller packed model with the same "
                                                      "vocabulary proposes tokens the model checks in one pass")
     s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    s.add_argument("--penalty-alpha", type=float, default=0.0,
+                   help="> 0: contrastive search over the --top-k most likely tokens instead of sampling "
+                        "(packed models; e.g. --penalty-alpha 0.6 --top-k 4)")
     add_sampling_args(s)
     s.set_defaults(fn=cmd_generate)
 

@@ -159,7 +159,9 @@ def test_engine_generate_uses_sampler_features():
     assert set(out) <= {7, 8} and len(out) == 10
     out = list(eng.generate([1, 2], 5, SamplingParams(temperature=0.9, seed=1, banned_tokens=tuple(range(25)))))
     assert min(out) >= 25
-    cs = list(eng.generate_contrastive([1, 2, 3], 6, k=3, alpha=0.6))
+    from tritlm.infer.contrastive import contrastive_generate
+
+    cs = list(contrastive_generate(eng, [1, 2, 3], 6, k=3, alpha=0.6))
     assert len(cs) == 6 and not math.isnan(sum(cs))
 
 

@@ -37,7 +37,7 @@ import torch
 
 from tritlm.formats.packed import PackedModel
 from tritlm.infer.fused_decode import FusedDecoder
-from tritlm.infer.sampling import SamplingParams, contrastive_select
+from tritlm.infer.sampling import SamplingParams
 from tritlm.kernels.cpu import set_num_threads
 from tritlm.model.transformer import Transformer
 from tritlm.nn.runtime import HEADS, build_runtime_model
@@ -392,35 +392,6 @@ class Engine:
             if ev.token is not None:
                 outs[id(ev.seq.req)].append(ev.token)
         return [outs[id(r)] for r in reqs]
-
-    def generate_contrastive(self, prompt: Sequence[int], max_tokens: int, k: int = 4, alpha: float = 0.6,
-                             stop_ids: set[int] | None = None, slot: int = 0) -> Iterator[int]:
-        """Contrastive search (Su et al. 2022): among the top-k next tokens pick the one that is both
-        likely and least similar (cosine of final hidden states) to the context. Costs k forwards a token."""
-        prompt = list(prompt)
-        if len(prompt) + max_tokens + 1 > self.max_len:
-            raise ValueError("prompt + max_tokens exceeds the cache length")
-        self.reset(slot)
-        logits = self.forward_seq(prompt, slot=slot, start=0, all_logits=True)
-        hidden = [self.last_hidden.clone()]
-        logits = logits[-1]
-        for _ in range(max_tokens):
-            probs = logits.float().softmax(-1)
-            top = torch.topk(probs, k)
-            pos = self.pos[slot]
-            cand_h, cand_logits = [], []
-            for v in top.indices.tolist():  # each candidate at the same position (overwrites its K/V)
-                cand_logits.append(self.forward_seq([v], slot=slot, start=pos)[-1])
-                cand_h.append(self.last_hidden[-1])
-            j = contrastive_select(top.values, torch.stack(cand_h), torch.cat(hidden), alpha)
-            nxt = int(top.indices[j])
-            if j != k - 1:  # the cache holds the last candidate's K/V: rerun the chosen one
-                self.forward_seq([nxt], slot=slot, start=pos)
-            hidden.append(cand_h[j].view(1, -1))
-            logits = cand_logits[j]
-            yield nxt
-            if stop_ids and nxt in stop_ids:
-                return
 
 
 def load_engine(path, **kw) -> Engine:

@@ -245,6 +245,21 @@ class Generator:
                 self.cancel(seq)
 
 
+def seq_events(seq: Seq, tokens: Iterator[int]) -> Iterator[Event]:
+    """The events of ``seq`` (text, stop strings, finish) for tokens chosen by another decoding
+    algorithm (speculative decoding, contrastive search); closes ``tokens`` when ``seq`` ends."""
+    try:
+        for tok in tokens:
+            ev = seq.take(tok)
+            yield ev
+            if ev.finish:
+                return
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
+
+
 def generate(runtime: Runtime, requests: Sequence[Request], tokenizer: Any = None, stop_ids: Iterable[int] = (),
              max_batch: int | None = None, slots: Sequence[int] | None = None,
              prefill_chunk: int | None = None) -> Iterator[Event]:

@@ -22,7 +22,7 @@ import torch
 
 from tritlm.errors import ConfigError
 from tritlm.infer.engine import Engine
-from tritlm.infer.generator import Event, Request, Seq
+from tritlm.infer.generator import Event, Request, Seq, seq_events
 from tritlm.infer.sampling import SamplingParams, process_logits
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,5 @@ def speculative_events(target: Engine, draft: Engine, req: Request, tokenizer: A
     if req.max_tokens <= 0:
         return
     with target.lock, draft.lock:
-        it = speculative_generate(target, draft, seq.history, req.max_tokens, k, set(stop_ids), params=req.params)
-        try:
-            for tok in it:
-                ev = seq.take(tok)
-                yield ev
-                if ev.finish:
-                    return
-        finally:
-            it.close()
+        yield from seq_events(seq, speculative_generate(target, draft, seq.history, req.max_tokens, k,
+                                                        set(stop_ids), params=req.params))

@@ -117,3 +117,12 @@ def test_speculative_through_the_api_and_cli(tmp_path, capsys):
     assert capsys.readouterr().out == "king: " + want + "\n"
     sampled = m.generate("king: ", 30, temperature=0.9, seed=3, draft=d)
     assert sampled == m.generate("king: ", 30, temperature=0.9, seed=3, draft=d) and len(sampled) <= 30
+
+
+def test_prefix_cache_bounds_its_entries():
+    eng = Engine(_pm(0))
+    pc = PrefixCache(eng, min_tokens=2, max_entries=3)
+    for i in range(6):
+        pc.prefill([10 + i, 1, 2, 3])
+    assert list(pc.entries) == [(13, 1, 2, 3), (14, 1, 2, 3), (15, 1, 2, 3)]  # least recently used went first
+    assert pc.bytes == 3 * pc._entry_bytes(4)

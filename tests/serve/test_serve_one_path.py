@@ -118,3 +118,19 @@ def test_several_prompts_at_once_match_one_by_one(paths, kind):
     assert m.generate(prompts, 20, **s) == alone
     if kind == "packed":
         assert m.engine.slots >= 3
+
+
+def test_packed_server_prefix_cache_reuses_and_changes_nothing(paths):
+    from tritlm.serve.metrics import parse_metrics
+
+    system = "You are a terse assistant. Answer in one line.\n"
+    prompts = [system + "ROMEO: ", system + "JULIET: "]
+    ref = tritlm.load(paths["packed"])
+    want = [ref.generate(p, 10, temperature=0) for p in prompts]
+    m = tritlm.load(paths["packed"])  # a fresh engine: the server's alone
+    with ServerThread(create_app(backend_for(m, 2, prefix_cache_mb=8), ServeSettings(model_name="m"))) as srv:
+        got = [httpx.post(srv.url + "/v1/completions", json={"prompt": p, "max_tokens": 10, "temperature": 0},
+                          timeout=60).json()["choices"][0]["text"] for p in prompts]
+        v = parse_metrics(httpx.get(srv.url + "/metrics", timeout=60).text)
+    assert got == want
+    assert v["tritlm_prefix_cache_hits"] == 1 and v["tritlm_prefix_cache_reused_tokens"] == len(system)

@@ -145,6 +145,12 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
     metrics.add_gauge("queue_depth", "Admitted requests waiting for a batch slot.", lambda: engine.waiting)
     metrics.add_gauge("requests_in_flight", "Requests generating in the batch now.", lambda: engine.running)
     metrics.add_gauge("max_batch", "Sequences decoded together (batch slots).", lambda: engine.max_batch)
+    prefix = getattr(backend.runtime, "prefix", None)  # the packed runtime's PrefixCache, when on
+    if prefix is not None:
+        metrics.add_gauge("prefix_cache_hits", "Prompts that reused cached K/V of a shared prefix.",
+                          lambda: prefix.hits)
+        metrics.add_gauge("prefix_cache_reused_tokens", "Prompt tokens not prefilled thanks to the prefix cache.",
+                          lambda: prefix.reused_tokens)
     max_prompt = s.max_prompt_tokens or backend.context_length
     if max_prompt > backend.context_length:
         log.warning("--max-prompt-tokens %d exceeds the model's context of %d: longer prompts keep their "

@@ -12,7 +12,8 @@ from tritlm.errors import ConfigError
 
 def add_sampling_args(p: argparse.ArgumentParser, *, temperature: float = 0.8, top_k: int = 0,
                       top_p: float = 1.0, repetition_penalty: float = 1.0) -> None:
-    g = p.add_argument_group("sampling (the server's request fields; applied in llama.cpp's order)")
+    g = p.add_argument_group("sampling (OpenAI / llama.cpp names, as the server's request fields; applied in "
+                             "llama.cpp's order)")
     g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
     g.add_argument("--top-k", type=int, default=top_k, help=f"keep the k most likely tokens; 0 = off (default {top_k})")
     g.add_argument("--top-p", type=float, default=top_p, help=f"nucleus: keep tokens up to this mass (default {top_p})")

@@ -134,3 +134,20 @@ def test_packed_server_prefix_cache_reuses_and_changes_nothing(paths):
         v = parse_metrics(httpx.get(srv.url + "/metrics", timeout=60).text)
     assert got == want
     assert v["tritlm_prefix_cache_hits"] == 1 and v["tritlm_prefix_cache_reused_tokens"] == len(system)
+
+
+def test_stateful_samplers_reach_the_server(paths):
+    """Mirostat keeps its mu across the tokens of a request, typical_p filters: the server and the
+    API run the same sampler state, so a seeded request gives the same text."""
+    m = tritlm.load(paths["checkpoint"])
+    with ServerThread(create_app(backend_for(m, 2), ServeSettings(model_name="m"))) as srv:
+        for extra in ({"mirostat": 2, "mirostat_tau": 3.0, "mirostat_eta": 0.2}, {"typical_p": 0.5}):
+            body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 1.0, "seed": 11, **extra}
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == m.generate(PROMPT, 24, 1.0, seed=11, **extra)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "mirostat": 1}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "mirostat"
+    # both act (a random model's surprise stays under mirostat's default mu = 2 tau = 10 bits, hence tau 3)
+    assert m.generate(PROMPT, 24, 1.0, seed=11, mirostat=2, mirostat_tau=3.0) != m.generate(PROMPT, 24, 1.0, seed=11)
+    assert m.generate(PROMPT, 24, 1.0, seed=11, typical_p=0.5) != m.generate(PROMPT, 24, 1.0, seed=11)

@@ -262,7 +262,9 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
             sampling = SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
                                       min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
                                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                      logit_bias=bias, stop=tuple(stop))
+                                      logit_bias=bias, stop=tuple(stop), typical_p=req.typical_p,
+                                      mirostat=req.mirostat, mirostat_tau=req.mirostat_tau,
+                                      mirostat_eta=req.mirostat_eta)
         except TritlmError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         return GenRequest(ids, max_tokens, sampling, lstrip)

@@ -100,7 +100,8 @@ class LoadedModel:
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
                      params: SamplingParams | None = None) -> Iterator[int]:
-        """New token ids of one prompt (streaming), ending with the EOS id if one was sampled."""
+        """New token ids of one prompt (streaming), ending with the EOS id if one was sampled.
+        Stop strings are text: :meth:`stream` and :meth:`generate` apply them, this does not."""
         for ev in self.events([Request(list(prompt_ids), max_tokens, params or SamplingParams())], text=False):
             if ev.token is not None:
                 yield ev.token

@@ -58,33 +58,26 @@ class LoadedModel:
         return runtime_for(self, slots)
 
     def events(self, reqs: Sequence[Request], text: bool = True, draft: LoadedModel | None = None,
-               draft_k: int = 4, penalty_alpha: float = 0.0) -> Iterator[Event]:
+               draft_k: int = 4) -> Iterator[Event]:
         """The one generation path's events for ``reqs`` (``infer/generator.py``), several at once
         (up to MAX_BATCH) on one runtime; ``text``: detokenise (and so apply stop strings).
         ``draft``: a smaller packed model sharing the vocabulary, for speculative decoding of one
-        request (``infer/speculative.py``; ``draft_k`` proposals a round). ``penalty_alpha`` > 0:
-        contrastive search over the ``top_k`` most likely tokens instead of sampling
-        (``infer/contrastive.py``; Hugging Face's names), one request on a packed model.
+        request (``infer/speculative.py``; ``draft_k`` proposals a round). A request with
+        ``penalty_alpha`` > 0 runs contrastive search (packed models).
 
         A packed model's engine lock is held until the iterator ends or is closed: its cache slots
         are this generation's until then."""
         eos = self.tokenizer.eos_id
         tokenizer = self.tokenizer if text else None
         stop_ids = () if eos is None else (eos,)
-        if draft is not None or penalty_alpha:
-            what = "speculative decoding (a draft model)" if draft is not None else "contrastive search"
-            if draft is not None and penalty_alpha:
-                raise ConfigError("speculative decoding and contrastive search do not combine")
-            if self.engine is None or (draft is not None and draft.engine is None) or len(reqs) != 1:
-                raise ConfigError(f"{what} needs packed models and one prompt")
-            if draft is not None:
-                from tritlm.infer.speculative import speculative_events
+        if any(r.penalty_alpha for r in reqs) and (self.engine is None or draft is not None):
+            raise ConfigError("contrastive search (penalty_alpha) needs a packed model and no draft model")
+        if draft is not None:
+            if self.engine is None or draft.engine is None or len(reqs) != 1:
+                raise ConfigError("speculative decoding (a draft model) needs packed models and one prompt")
+            from tritlm.infer.speculative import speculative_events
 
-                yield from speculative_events(self.engine, draft.engine, reqs[0], tokenizer, stop_ids, draft_k)
-            else:
-                from tritlm.infer.contrastive import contrastive_events
-
-                yield from contrastive_events(self.engine, reqs[0], penalty_alpha, tokenizer, stop_ids)
+            yield from speculative_events(self.engine, draft.engine, reqs[0], tokenizer, stop_ids, draft_k)
             return
         lock = self.engine.lock if self.engine is not None else contextlib.nullcontext()
         with lock:
@@ -93,7 +86,7 @@ class LoadedModel:
             try:
                 for ev in it:
                     if ev.finish == "error":
-                        raise ValueError(ev.error)
+                        raise ev.exc if ev.exc is not None else ValueError(ev.error)
                     yield ev
             finally:
                 it.close()
@@ -137,10 +130,11 @@ class LoadedModel:
                **sampling: Any) -> Iterator[str]:
         """The continuation of ``prompt`` as text deltas, as they become safe to show (multi-byte
         characters whole, a possible stop string held back). ``sampling``: see :meth:`sampling`;
-        ``draft``, ``penalty_alpha``: see :meth:`events`."""
+        ``draft``: see :meth:`events`; ``penalty_alpha`` > 0: contrastive search over the
+        ``top_k`` likeliest tokens (Hugging Face's names; packed models)."""
         params = self.sampling(temperature, **sampling)
-        req = Request(self._prompt_ids(prompt), max_tokens, params)
-        for ev in self.events([req], draft=draft, draft_k=draft_k, penalty_alpha=penalty_alpha):
+        req = Request(self._prompt_ids(prompt), max_tokens, params, penalty_alpha=penalty_alpha)
+        for ev in self.events([req], draft=draft, draft_k=draft_k):
             if ev.text:
                 yield ev.text
 
@@ -156,9 +150,9 @@ class LoadedModel:
         contrastive search (:meth:`events`)."""
         params = self.sampling(temperature, **sampling)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        reqs = [Request(self._prompt_ids(p), max_tokens, params) for p in prompts]
+        reqs = [Request(self._prompt_ids(p), max_tokens, params, penalty_alpha=penalty_alpha) for p in prompts]
         parts: dict[int, list[str]] = {id(r): [] for r in reqs}
-        for ev in self.events(reqs, draft=draft, draft_k=draft_k, penalty_alpha=penalty_alpha):
+        for ev in self.events(reqs, draft=draft, draft_k=draft_k):
             parts[id(ev.seq.req)].append(ev.text)
         out = ["".join(parts[id(r)]) for r in reqs]
         return out[0] if isinstance(prompt, str) else out

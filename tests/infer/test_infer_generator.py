@@ -84,3 +84,18 @@ def test_packed_cache_grows_only_as_far_as_concurrency_asks():
     got = _tokens(rt, reqs)
     assert eng.slots == 4  # 3 sequences at once: 1 -> 2 -> 4 slots, not 8
     assert got == [list(Engine(pm).generate(r.prompt_ids, 6, GREEDY)) for r in reqs]
+
+
+def test_contrastive_sequence_steps_beside_the_batch():
+    from tritlm.infer.contrastive import contrastive_generate
+
+    pm = from_transformer(tiny_model(), fp_dtype="fp32")
+    rt = PackedRuntime(Engine(pm, slots=2))
+    c = Request([4, 5, 6], 10, SamplingParams(top_k=3), penalty_alpha=0.6)
+    s = Request(PROMPTS[0], 10, GREEDY)
+    got = _tokens(rt, [c, s])  # both in one generator: one in the batch, one on its own forwards
+    assert got[0] == list(contrastive_generate(Engine(pm), [4, 5, 6], 10, k=3, alpha=0.6))
+    assert got[1] == list(Engine(pm).generate(PROMPTS[0], 10, GREEDY))
+    torch_rt = TorchRuntime(tiny_model())
+    (ev,) = list(generate(torch_rt, [c]))
+    assert ev.finish == "error" and "packed" in ev.error

@@ -151,3 +151,37 @@ def test_stateful_samplers_reach_the_server(paths):
     # both act (a random model's surprise stays under mirostat's default mu = 2 tau = 10 bits, hence tau 3)
     assert m.generate(PROMPT, 24, 1.0, seed=11, mirostat=2, mirostat_tau=3.0) != m.generate(PROMPT, 24, 1.0, seed=11)
     assert m.generate(PROMPT, 24, 1.0, seed=11, typical_p=0.5) != m.generate(PROMPT, 24, 1.0, seed=11)
+
+
+def test_contrastive_search_through_the_server_alongside_sampling(paths):
+    """A contrastive request steps in its own slot while a sampled one decodes in the batch: each
+    gives what it gives alone through the API."""
+    import threading
+
+    m = tritlm.load(paths["packed"])
+    ref = tritlm.load(paths["packed"])
+    want_c = ref.generate(PROMPT, 20, penalty_alpha=0.6, top_k=3)
+    want_s = ref.generate("KING: ", 20, temperature=0.8, seed=5)
+    with ServerThread(create_app(backend_for(m, 2), ServeSettings(model_name="m"))) as srv:
+        out = {}
+
+        def post(key, body):
+            out[key] = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
+
+        ts = [threading.Thread(target=post, args=("c", {"prompt": PROMPT, "max_tokens": 20, "penalty_alpha": 0.6,
+                                                         "top_k": 3})),
+              threading.Thread(target=post, args=("s", {"prompt": "KING: ", "max_tokens": 20, "temperature": 0.8,
+                                                         "seed": 5}))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        bad = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "penalty_alpha": 0.6, "top_k": 1},
+                         timeout=60)
+    assert out["c"]["choices"][0]["text"] == want_c and out["s"]["choices"][0]["text"] == want_s
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
+    ck = tritlm.load(paths["checkpoint"])
+    with ServerThread(create_app(backend_for(ck, 2), ServeSettings(model_name="m"))) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "penalty_alpha": 0.6, "top_k": 3},
+                       timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "penalty_alpha"

@@ -3,19 +3,18 @@ one that is both likely and least similar (cosine of final hidden states) to the
 
 Deterministic: it replaces sampling (``top_k`` is its k; temperature, penalties and filters do not
 apply). Each token costs k single-token forwards at the same position (each overwrites the
-last's K/V), so it runs one sequence at a time, outside the batch.
+last's K/V), so it runs outside the batched decode: the generator steps it one token a step in its
+own slot (``Request.penalty_alpha``, ``PackedRuntime.contrastive``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 
 from tritlm.errors import ConfigError
 from tritlm.infer.engine import Engine
-from tritlm.infer.generator import Event, Request, Seq, seq_events
 from tritlm.infer.sampling import contrastive_select
 
 
@@ -49,14 +48,3 @@ def contrastive_generate(eng: Engine, prompt: Sequence[int], max_tokens: int, k:
         yield nxt
         if stop_ids and nxt in stop_ids:
             return
-
-
-def contrastive_events(eng: Engine, req: Request, alpha: float, tokenizer: Any = None,
-                       stop_ids: Sequence[int] = ()) -> Iterator[Event]:
-    """The generator's events for ``req`` decoded by contrastive search (k = ``req.params.top_k``)."""
-    seq = Seq(req, tokenizer, stop_ids, eng.max_len, eng.cfg.vocab_size)
-    if req.max_tokens <= 0:
-        return
-    with eng.lock:
-        yield from seq_events(seq, contrastive_generate(eng, seq.history, req.max_tokens, req.params.top_k, alpha,
-                                                        set(stop_ids)))

@@ -31,6 +31,9 @@ class Request:
     max_tokens: int
     params: SamplingParams = field(default_factory=SamplingParams)
     lstrip: bool = False  # drop whitespace before the reply's first character (templates ending in "Assistant:")
+    # > 0: contrastive search over the params.top_k likeliest tokens instead of sampling (a runtime
+    # with a ``contrastive`` method: the packed engine); the sequence then steps outside the batch
+    penalty_alpha: float = 0.0
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Event:
     text: str
     finish: str | None = None  # "stop" (EOS / stop string) | "length" | "error"
     error: str | None = None
+    exc: BaseException | None = None  # what failed, for callers that re-raise it
 
 
 class Seq:
@@ -66,6 +70,7 @@ class Seq:
         self.n = 0  # tokens sampled (an EOS or the tokens of a stop string included)
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens in the slot so far (a long prompt prefills in chunks)
+        self.driver: Iterator[int] | None = None  # tokens of another decoding algorithm (contrastive)
         self.logits: torch.Tensor | None = None  # the next token's, once the whole prompt is in
         self.finish: str | None = None
 
@@ -79,9 +84,10 @@ class Seq:
             self._lstrip = not text
         return text
 
-    def _end(self, token: int | None, text: str, reason: str, error: str | None = None) -> Event:
+    def _end(self, token: int | None, text: str, reason: str, exc: BaseException | None = None) -> Event:
         self.finish = reason
-        return Event(self, token, self._emit(text), reason, error)
+        err = None if exc is None else f"{type(exc).__name__}: {exc}"
+        return Event(self, token, self._emit(text), reason, err, exc)
 
     def take(self, tok: int) -> Event:
         """Account for the sampled token ``tok``: its text, and whether the sequence ends here."""
@@ -167,6 +173,11 @@ class Generator:
             self._free.sort()  # lowest slot first: a lone sequence always lands in slot 0 (its cached prefix)
             seq.slot = None
         seq.logits = None
+        if seq.driver is not None:
+            close = getattr(seq.driver, "close", None)
+            if close is not None:
+                close()
+            seq.driver = None
 
     def _has_slot(self) -> bool:
         if not self._free and self._reserved < self.max_batch:
@@ -184,8 +195,17 @@ class Generator:
                 continue
             seq.slot = self._free.pop(0)
             self.running.append(seq)
+            if seq.req.penalty_alpha:
+                contrastive = getattr(self.rt, "contrastive", None)
+                if contrastive is None:
+                    self._release(seq)
+                    events.append(seq._end(None, "", "error", ConfigError(
+                        "contrastive search (penalty_alpha) needs a packed model")))
+                    continue
+                seq.driver = contrastive(seq.history, seq.slot, seq.max_tokens, seq.req.params.top_k,
+                                         seq.req.penalty_alpha, self.stop_ids)
         budget = self.prefill_chunk
-        for seq in [s for s in self.running if s.logits is None]:
+        for seq in [s for s in self.running if s.logits is None and s.driver is None]:
             if budget is not None and budget <= 0:
                 break
             n = len(seq.history)
@@ -194,7 +214,7 @@ class Generator:
                 logits = self.rt.prefill(seq.history[:end], seq.slot)
             except Exception as e:  # noqa: BLE001 - this sequence fails, the others go on
                 self._release(seq)
-                events.append(seq._end(None, "", "error", f"{type(e).__name__}: {e}"))
+                events.append(seq._end(None, "", "error", e))
                 continue
             if budget is not None:
                 budget -= end - seq.prefilled
@@ -208,6 +228,14 @@ class Generator:
         forward raises."""
         events = self._admit()
         cont: list[Seq] = []
+        for seq in [s for s in self.running if s.driver is not None]:  # their own forwards, one token each
+            try:
+                ev = seq.take(next(seq.driver))
+            except Exception as e:  # noqa: BLE001 - e.g. a setting contrastive search refuses; the batch goes on
+                ev = seq._end(None, "", "error", e)
+            events.append(ev)
+            if ev.finish:
+                self._release(seq)
         for seq in [s for s in self.running if s.logits is not None]:
             ev = seq.take(seq.sampler(seq.logits, torch.tensor(seq.history, dtype=torch.long)))
             events.append(ev)

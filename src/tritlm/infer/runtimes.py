@@ -9,7 +9,7 @@ token for several slots at once. One adapter per runtime; sampling and text live
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -138,6 +138,23 @@ class PackedRuntime:
     def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
         with self.engine.lock:
             return self.engine.decode_batch(list(tokens), list(slots)).view(len(tokens), -1)
+
+    def contrastive(self, ids: Sequence[int], slot: int, max_tokens: int, k: int, alpha: float,
+                    stop_ids: Iterable[int] = ()) -> Iterator[int]:
+        """Contrastive search in ``slot`` (``infer/contrastive.py``), one token a ``next``, each
+        under the engine's lock."""
+        from tritlm.infer.contrastive import contrastive_generate
+
+        it = contrastive_generate(self.engine, ids, max_tokens, k, alpha, set(stop_ids), slot=slot)
+        try:
+            while True:
+                with self.engine.lock:
+                    tok = next(it, None)
+                if tok is None:
+                    return
+                yield tok
+        finally:
+            it.close()
 
     def filled(self, slot: int) -> int:
         return self.engine.pos[slot]

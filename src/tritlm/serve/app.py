@@ -267,7 +267,18 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
                                       mirostat_eta=req.mirostat_eta)
         except TritlmError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
-        return GenRequest(ids, max_tokens, sampling, lstrip)
+        if req.penalty_alpha:
+            if not hasattr(backend.runtime, "contrastive"):
+                raise ApiError(400, "contrastive search (penalty_alpha) needs a packed model", param="penalty_alpha",
+                               code="unsupported_value")
+            if req.top_k < 2:
+                raise ApiError(400, "contrastive search (penalty_alpha) needs top_k >= 2 candidates", param="top_k",
+                               code="invalid_value")
+            if len(ids) + max_tokens + 1 > backend.context_length:
+                raise ApiError(400, f"contrastive search: the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) "
+                               f"must fit the context of {backend.context_length} (it does not restart the cache)",
+                               param="max_tokens", code="context_length_exceeded")
+        return GenRequest(ids, max_tokens, sampling, lstrip, penalty_alpha=req.penalty_alpha)
 
     def submit(gen: GenRequest) -> Job:
         try:
@@ -349,7 +360,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
         ids = check_ids(await encode(text, "messages"), "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         # No limit given: until EOS or the end of the context, as OpenAI does for chat.
-        max_tokens = check_max_tokens(req.limit(), backend.context_length - len(ids), param)
+        room = backend.context_length - len(ids) - (1 if req.penalty_alpha else 0)
+        max_tokens = check_max_tokens(req.limit(), room, param)
         stop = list(s.chat_template.stop) + req.stop_list()
         job = submit(build(req, ids, max_tokens, stop, lstrip=s.chat_template.lstrip_reply))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -2,10 +2,11 @@
 
 Starts ``tritlm serve`` as a subprocess on a free loopback port (so clients and server do not share
 a GIL), drives it with ``openai.AsyncOpenAI`` clients, and prints latency percentiles, throughput
-and errors, once per ``--workers`` setting. Every loop is bounded in count and time.
+and errors, once per ``--max-batch`` setting. Every loop is bounded in count and time.
 
     .venv/bin/python benchmarks/bench_serve.py                 # trains the tiny FP model first
-    .venv/bin/python benchmarks/bench_serve.py --model runs/demo --workers 1,2 --write
+    .venv/bin/python benchmarks/bench_serve.py --preset 125M --max-batch 1,8 --max-tokens 32   # packed, batched
+    .venv/bin/python benchmarks/bench_serve.py --model runs/demo --max-batch 1,8 --write
 
 ``--write`` appends a dated section to ``benchmarks/RESULTS-serve.md``.
 """
@@ -51,14 +52,14 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
 
 
-def start_server(model: str, workers: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
-    cmd = [sys.executable, "-m", "tritlm", "serve", model, "--port", str(port), "--workers", str(workers),
+    cmd = [sys.executable, "-m", "tritlm", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
            "--max-queue", str(max_queue), "--model-name", "bench"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -133,13 +134,28 @@ async def run_load(url: str, clients: int, per_client: int, max_tokens: int, str
             "req_s": len(lat) / wall, "tok_s": tokens / wall}
 
 
+def random_packed_model(name: str, out: str) -> None:
+    """A packed folder with random weights of preset ``name`` and a byte tokenizer."""
+    from dataclasses import replace
+
+    from tritlm.data.tokenizer import ByteTokenizer
+    from tritlm.formats.packed import random_packed, save_packed
+    from tritlm.model.config import preset
+
+    tok = ByteTokenizer()
+    pm = random_packed(preset(name, vocab_size=tok.vocab_size))
+    save_packed(replace(pm, tokenizer=tok), out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model to serve (default: train the tiny FP model into a temp folder)")
+    ap.add_argument("--preset", help="serve a random packed model of this preset (byte vocabulary) instead: "
+                                     "what continuous batching is for (a memory-bound decode)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64, help="total requests (split evenly over clients)")
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
+    ap.add_argument("--max-batch", default="1,8", help="comma-separated tritlm serve --max-batch values to compare")
     ap.add_argument("--threads", type=int, help="torch threads in the server (OMP_NUM_THREADS)")
     ap.add_argument("--stream", action="store_true", help="streaming requests (also measures time to first token)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
@@ -150,12 +166,15 @@ def main() -> int:
     model = a.model
     if model is None:
         tmp = tempfile.TemporaryDirectory(prefix="tritlm-bench-serve-")
-        model = str(Path(tmp.name) / "tiny")
-        subprocess.run([sys.executable, "-m", "tritlm", "train", *TINY, "--out", model], check=True,
-                       stdout=subprocess.DEVNULL, timeout=600)
+        model = str(Path(tmp.name) / (a.preset or "tiny"))
+        if a.preset:
+            random_packed_model(a.preset, model)
+        else:
+            subprocess.run([sys.executable, "-m", "tritlm", "train", *TINY, "--out", model], check=True,
+                           stdout=subprocess.DEVNULL, timeout=600)
     per_client = max(1, a.requests // a.clients)
     rows = []
-    for w in (int(x) for x in a.workers.split(",")):
+    for w in (int(x) for x in a.max_batch.split(",")):
         proc, url = start_server(model, w, max_queue=a.clients, threads=a.threads)
         try:
             asyncio.run(run_load(url, 2, 1, a.max_tokens, a.stream, a.timeout))  # warm-up
@@ -166,10 +185,10 @@ def main() -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        r["workers"] = w
+        r["max_batch"] = w
         rows.append(r)
         ttft = f"  ttft p50 {r['ttft_p50'] * 1e3:.0f} ms p95 {r['ttft_p95'] * 1e3:.0f} ms" if a.stream else ""
-        print(f"workers={w}: {r['ok']}/{r['n']} ok, {len(r['errors'])} errors, p50 {r['p50'] * 1e3:.0f} ms, "
+        print(f"max_batch={w}: {r['ok']}/{r['n']} ok, {len(r['errors'])} errors, p50 {r['p50'] * 1e3:.0f} ms, "
               f"p95 {r['p95'] * 1e3:.0f} ms, p99 {r['p99'] * 1e3:.0f} ms, {r['req_s']:.1f} req/s, "
               f"{r['tok_s']:.0f} tok/s, wall {r['wall_s']:.1f} s{ttft}")
         for e in r["errors"][:5]:
@@ -183,14 +202,16 @@ def main() -> int:
                         "request, client side, over loopback.\n")
             f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} - {platform.machine()}, {os.cpu_count()} CPUs "
                     f"(shared), torch threads {a.threads or 'default'}\n\n")
-            f.write(f"model `{a.model or 'tiny FP (dim 32, 1 layer, char vocab 65)'}`, {a.clients} concurrent "
+            what = a.model or (f"random packed {a.preset} (byte vocab)" if a.preset
+                               else "tiny FP (dim 32, 1 layer, char vocab 65)")
+            f.write(f"model `{what}`, {a.clients} concurrent "
                     f"clients, {per_client * a.clients} requests, max_tokens {a.max_tokens}, "
                     f"{'streaming' if a.stream else 'non-streaming'}, completions and chat alternating\n\n")
-            f.write("| workers | ok / total | errors | p50 ms | p95 ms | p99 ms | req/s | tokens/s |"
+            f.write("| max_batch | ok / total | errors | p50 ms | p95 ms | p99 ms | req/s | tokens/s |"
                     + (" TTFT p50 ms | TTFT p95 ms |" if a.stream else "") + "\n")
             f.write("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if a.stream else "") + "\n")
             for r in rows:
-                f.write(f"| {r['workers']} | {r['ok']} / {r['n']} | {len(r['errors'])} | {r['p50'] * 1e3:.0f} | "
+                f.write(f"| {r['max_batch']} | {r['ok']} / {r['n']} | {len(r['errors'])} | {r['p50'] * 1e3:.0f} | "
                         f"{r['p95'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | {r['req_s']:.1f} | {r['tok_s']:.0f} |"
                         + (f" {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} |" if a.stream else "") + "\n")
         print(f"appended to {out}")

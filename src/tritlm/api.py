@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tritlm.errors import FormatError
+from tritlm.errors import ConfigError, FormatError
 from tritlm.formats.detect import load_interop, write_by_suffix, write_format
-from tritlm.infer.generate import generate_ids
-from tritlm.infer.sampling import SamplingParams, StopStrings
+from tritlm.infer.generator import Event, Request, generate
+from tritlm.infer.runtimes import Runtime, runtime_for
+from tritlm.infer.sampling import SamplingParams
+from tritlm.infer.text import bad_word_ids
 from tritlm.model.transformer import Transformer
+
+MAX_BATCH = 8  # prompts generate(list) runs at once; more wait for a free slot
 
 
 @dataclass
@@ -48,42 +53,109 @@ class LoadedModel:
         out, _ = self.model(x)
         return out[0].float().cpu()
 
-    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
-                     params: SamplingParams | None = None):
-        eos = self.tokenizer.eos_id
-        if self.engine is not None:
-            return self.engine.generate_locked(list(prompt_ids), max_tokens, params or SamplingParams(),
-                                               stop_ids={eos} if eos is not None else None)
-        return generate_ids(self.model, list(prompt_ids), max_tokens, params or SamplingParams(),
-                            stop_ids={eos} if eos is not None else None)
+    def runtime(self, slots: int = 1) -> Runtime:
+        """The model's runtime for the generator (``infer/runtimes.py``), with ``slots`` sequence slots."""
+        return runtime_for(self, slots)
 
-    def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] = ()) -> str:
-        """The continuation of ``prompt`` (without the prompt), cut before the first stop string."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop=tuple(stop))
+    def events(self, reqs: Sequence[Request], text: bool = True, draft: LoadedModel | None = None,
+               draft_k: int = 4) -> Iterator[Event]:
+        """The one generation path's events for ``reqs`` (``infer/generator.py``), several at once
+        (up to MAX_BATCH) on one runtime; ``text``: detokenise (and so apply stop strings).
+        ``draft``: a smaller packed model sharing the vocabulary, for speculative decoding of one
+        request (``infer/speculative.py``; ``draft_k`` proposals a round). A request with
+        ``penalty_alpha`` > 0 runs contrastive search (packed models).
+
+        A packed model's engine lock is held until the iterator ends or is closed: its cache slots
+        are this generation's until then."""
+        eos = self.tokenizer.eos_id
+        tokenizer = self.tokenizer if text else None
+        stop_ids = () if eos is None else (eos,)
+        if any(r.penalty_alpha for r in reqs) and (self.engine is None or draft is not None):
+            raise ConfigError("contrastive search (penalty_alpha) needs a packed model and no draft model")
+        if draft is not None:
+            if self.engine is None or draft.engine is None or len(reqs) != 1:
+                raise ConfigError("speculative decoding (a draft model) needs packed models and one prompt")
+            from tritlm.infer.speculative import speculative_events
+
+            yield from speculative_events(self.engine, draft.engine, reqs[0], tokenizer, stop_ids, draft_k)
+            return
+        lock = self.engine.lock if self.engine is not None else contextlib.nullcontext()
+        with lock:
+            rt = self.runtime(min(len(reqs), MAX_BATCH))
+            it = generate(rt, reqs, tokenizer, stop_ids=stop_ids)
+            try:
+                for ev in it:
+                    if ev.finish == "error":
+                        raise ev.exc if ev.exc is not None else ValueError(ev.error)
+                    yield ev
+            finally:
+                it.close()
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
+                     params: SamplingParams | None = None) -> Iterator[int]:
+        """New token ids of one prompt (streaming), ending with the EOS id if one was sampled.
+        Stop strings are text: :meth:`stream` and :meth:`generate` apply them, this does not."""
+        for ev in self.events([Request(list(prompt_ids), max_tokens, params or SamplingParams())], text=False):
+            if ev.token is not None:
+                yield ev.token
+
+    def sampling(self, temperature: float = 0.8, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 typical_p: float = 1.0, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, logit_bias: Mapping[int, float] | None = None,
+                 stop: str | Sequence[str] = (), seed: int | None = None, mirostat: int = 0,
+                 mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, bad_words: Sequence[str] = (),
+                 banned_tokens: Sequence[int] = (), allowed_tokens: Sequence[int] | None = None,
+                 must_include: Sequence[int] = ()) -> SamplingParams:
+        """:class:`SamplingParams` from the OpenAI / llama.cpp names; ``bad_words`` are text, banned
+        as this model's tokenizer spells them."""
+        return SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, logit_bias=dict(logit_bias or {}), stop=stop, seed=seed,
+            mirostat=mirostat, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+            banned_sequences=bad_word_ids(self.tokenizer, bad_words), banned_tokens=tuple(banned_tokens),
+            allowed_tokens=None if allowed_tokens is None else tuple(allowed_tokens),
+            must_include=tuple(must_include))
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt)
         if not ids and self.tokenizer.bos_id is not None:
             ids = [self.tokenizer.bos_id]
         if not ids:
             raise ValueError("the prompt is empty and the tokenizer has no BOS token")
-        eos = self.tokenizer.eos_id
-        stops = StopStrings(params.stop)
-        out: list[int] = []
-        gen = self.generate_ids(ids, max_tokens, params)
-        try:
-            for t in gen:
-                if eos is not None and t == eos:
-                    break
-                out.append(t)
-                if stops.stops:
-                    text, stopped = stops.push(self.tokenizer.decode(out))
-                    if stopped:  # no more tokens: the rest of the generation is never computed
-                        return text
-        finally:
-            if hasattr(gen, "close"):
-                gen.close()  # releases the engine lock of a packed model right away
-        return self.tokenizer.decode(out)
+        return list(ids)
+
+    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, *,
+               draft: LoadedModel | None = None, draft_k: int = 4, penalty_alpha: float = 0.0,
+               **sampling: Any) -> Iterator[str]:
+        """The continuation of ``prompt`` as text deltas, as they become safe to show (multi-byte
+        characters whole, a possible stop string held back). ``sampling``: see :meth:`sampling`;
+        ``draft``: see :meth:`events`; ``penalty_alpha`` > 0: contrastive search over the
+        ``top_k`` likeliest tokens (Hugging Face's names; packed models)."""
+        params = self.sampling(temperature, **sampling)
+        req = Request(self._prompt_ids(prompt), max_tokens, params, penalty_alpha=penalty_alpha)
+        for ev in self.events([req], draft=draft, draft_k=draft_k):
+            if ev.text:
+                yield ev.text
+
+    def generate(self, prompt: str | Sequence[str], max_tokens: int = 64, temperature: float = 0.8, *,
+                 draft: LoadedModel | None = None, draft_k: int = 4, penalty_alpha: float = 0.0,
+                 **sampling: Any) -> str | list[str]:
+        """The continuation of ``prompt`` (without the prompt), cut before the first stop string;
+        for a list of prompts, the list of their continuations, generated together (one batched
+        decode step for all). ``sampling``: every setting of :meth:`sampling` under its OpenAI
+        name (``top_p``, ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``stop``,
+        ``seed``, ...); each prompt gets its own sampler state (a seed gives the same text alone
+        or in a batch). ``draft``: speculative decoding with a smaller model; ``penalty_alpha``:
+        contrastive search (:meth:`events`)."""
+        params = self.sampling(temperature, **sampling)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        reqs = [Request(self._prompt_ids(p), max_tokens, params, penalty_alpha=penalty_alpha) for p in prompts]
+        parts: dict[int, list[str]] = {id(r): [] for r in reqs}
+        for ev in self.events(reqs, draft=draft, draft_k=draft_k):
+            parts[id(ev.seq.req)].append(ev.text)
+        out = ["".join(parts[id(r)]) for r in reqs]
+        return out[0] if isinstance(prompt, str) else out
 
 
 def load(path: str | Path) -> LoadedModel:

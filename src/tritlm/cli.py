@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tritlm.cli_info import _console, _h, cmd_info
+from tritlm.cli_sampling import add_sampling_args, sampling_kwargs, sampling_params
 from tritlm.errors import ConfigError, TritlmError
 
 log = logging.getLogger("tritlm")
@@ -33,22 +34,6 @@ def _lr_list(flag: str, text: str) -> list[float]:
     if not lrs or any(not math.isfinite(x) or x <= 0 for x in lrs):
         raise ConfigError(f"{flag} {text!r}: every learning rate must be a finite number > 0")
     return lrs
-
-
-def sampling_params(**kw):
-    """:class:`~tritlm.infer.sampling.SamplingParams` from command-line flags; its one-line
-    error names the flag (``--top-k``) instead of the field (``top_k``)."""
-    import re
-
-    from tritlm.infer.sampling import SamplingParams
-
-    try:
-        return SamplingParams(**kw)
-    except ConfigError as e:
-        m = re.match(r"sampling: (\w+) = (.*)", str(e))
-        if m and m.group(1) in kw:
-            raise ConfigError(f"--{m.group(1).replace('_', '-')} {m.group(2)}") from None
-        raise
 
 
 # ---- tokenize ------------------------------------------------------------------------------------
@@ -190,35 +175,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
     require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
 
-    # Checked before the model loads: a bad flag fails at once.
-    params = sampling_params(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                             repetition_penalty=a.repetition_penalty, seed=a.seed)
+    kw = sampling_kwargs(a)
+    sampling_params(**kw)  # checked before the model loads: a bad flag fails at once
+    require_int("--draft-k", a.draft_k, 1)
     m = tritlm.load(a.model)
-    ids = m.tokenizer.encode(a.prompt)
-    if not ids:
+    draft = tritlm.load(a.draft) if a.draft else None
+    if not m.tokenizer.encode(a.prompt):
         raise TritlmError("the prompt encodes to no tokens")
-    from tritlm.infer.sampling import StopStrings
-
-    stops = StopStrings(a.stop)
-    out: list[int] = []
     sys.stdout.write(a.prompt)
-    prev, stopped = "", False
-    gen = m.generate_ids(ids, a.max_tokens, params)
-    for t in gen:
-        if t == m.tokenizer.eos_id:
-            break
-        out.append(t)
-        # decode the whole tail (multi-byte tokens print whole); hold back a possible stop string
-        text, stopped = stops.push(m.tokenizer.decode(out))
-        sys.stdout.write(text[len(prev):])
+    for text in m.stream(a.prompt, a.max_tokens, draft=draft, draft_k=a.draft_k, penalty_alpha=a.penalty_alpha, **kw):
+        sys.stdout.write(text)
         sys.stdout.flush()
-        prev = text
-        if stopped:
-            break
-    if not stopped:  # the tail held back for a stop string that never came
-        sys.stdout.write(m.tokenizer.decode(out)[len(prev):])
-    if hasattr(gen, "close"):
-        gen.close()
     sys.stdout.write("\n")
     return 0
 
@@ -285,7 +252,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # ---- serve ---------------------------------------------------------------------------------------
 def cmd_serve(a: argparse.Namespace) -> int:
     require_int("--port", a.port, 0, 65535, "0 = any free port")
-    require_int("--workers", a.workers, 1)
+    require_int("--max-batch", a.max_batch, 1)
+    require_int("--prefix-cache-mb", a.prefix_cache_mb, 0)
     require_int("--max-queue", a.max_queue, 0)
     require_int("--threads", a.threads, 1)
     require_int("--max-prompt-tokens", a.max_prompt_tokens, 1)
@@ -296,7 +264,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     serve(a.model, a.host, a.port, log_level="debug" if a.verbose else "info",
           model_name=a.model_name, api_key=a.api_key or os.environ.get("TRITLM_API_KEY"),
           max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
-          chat_template=a.chat_template, workers=a.workers, max_queue=a.max_queue, threads=a.threads)
+          chat_template=a.chat_template, max_batch=a.max_batch, max_queue=a.max_queue, threads=a.threads,
+          prefix_cache_mb=a.prefix_cache_mb)
     return 0
 
 
@@ -373,13 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="run folder, checkpoint folder or packed model")
     s.add_argument("--prompt", default="\n")
     s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable): output ends before it")
+    s.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller packed model with the same "
+                                                     "vocabulary proposes tokens the model checks in one pass")
+    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    s.add_argument("--penalty-alpha", type=float, default=0.0,
+                   help="> 0: contrastive search over the --top-k most likely tokens instead of sampling "
+                        "(packed models; e.g. --penalty-alpha 0.6 --top-k 4)")
+    add_sampling_args(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("demo", help="train the tiny ternary model on Tiny Shakespeare, pack it, generate a sample")
@@ -394,9 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="0 = any free port")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $TRITLM_API_KEY)")
     s.add_argument("--model-name", help="the model id clients send (default: the model folder's name)")
-    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker; 503 beyond")
-    s.add_argument("--workers", type=int, default=1, help="requests generated at the same time")
-    s.add_argument("--threads", type=int, help="torch threads (default: torch's default split between workers)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a batch slot; 503 beyond")
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="requests generated together, decoded in one batched forward per token (default 8)")
+    s.add_argument("--prefix-cache-mb", type=int, default=256,
+                   help="packed models: MB of K/V of earlier prompts kept for prompts sharing their prefix (0 = off)")
+    s.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     s.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: model context)")
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
     s.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else plain text)")

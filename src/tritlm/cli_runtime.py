@@ -79,16 +79,19 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---- chat ----------------------------------------------------------------------------------------
 def cmd_chat(a: argparse.Namespace) -> int:
-    from tritlm.cli import require_int, sampling_params
+    from tritlm.cli import require_int
+    from tritlm.cli_sampling import sampling_kwargs, sampling_params
 
     require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
     from tritlm.infer.chat import ChatSession, chat_repl
+    from tritlm.infer.chat_template import load_chat_template
 
-    params = sampling_params(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                             repetition_penalty=a.repetition_penalty, seed=a.seed)
+    kw = sampling_kwargs(a)
+    sampling_params(**kw)  # checked before the model loads
     m = tritlm.load(a.model)
-    chat = ChatSession(m, params, a.max_tokens, a.system)
+    tmpl = load_chat_template(m.tokenizer, m.path, a.chat_template)
+    chat = ChatSession(m, m.sampling(**kw), a.max_tokens, a.system, template=tmpl)
     chat_repl(chat, sys.stdin, sys.stdout,
               banner=f"tritlm chat: {m.path} ({m.source}). /reset clears the history, /exit quits.")
     return 0
@@ -182,15 +185,15 @@ def add_runtime_commands(sub) -> None:
                    help="autotune the kernel parameters of every shape first (cached for later runs)")
     s.set_defaults(fn=cmd_bench)
 
-    s = sub.add_parser("chat", help="interactive chat with a model (history, simple chat template)")
+    s = sub.add_parser("chat", help="interactive chat with a model (history, the model's chat template or a "
+                                    "plain-text default)")
     s.add_argument("model", help="packed folder, run folder or registered model name")
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--repetition-penalty", type=float, default=1.1)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else plain text)")
+    from tritlm.cli_sampling import add_sampling_args
+
+    add_sampling_args(s, temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.1)
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("profile", help="per-layer timing table + Chrome trace; layer tracer to compare runtimes")

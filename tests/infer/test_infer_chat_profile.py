@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tritlm.formats.packed import from_transformer, random_packed, save_packed
-from tritlm.infer.chat import ChatSession, chat_repl, render
+from tritlm.infer.chat import ChatSession, chat_repl
+from tritlm.infer.chat_template import DefaultChatTemplate
 from tritlm.infer.engine import Engine
 from tritlm.infer.profile import LayerTimer, LayerTracer, profile_model
 from tritlm.infer.sampling import SamplingParams
@@ -26,16 +27,16 @@ def _packed(tmp_path=None):
     return from_transformer(Transformer(cfg).eval(), tok, fp_dtype="fp32")
 
 
-class Loaded:  # what tritlm.load returns, reduced to what ChatSession reads
-    def __init__(self, pm):
-        self.engine = Engine(pm)
-        self.tokenizer = pm.tokenizer
-        self.config = pm.config
+def Loaded(pm):  # what tritlm.load returns for a packed folder
+    from tritlm.api import LoadedModel
+
+    eng = Engine(pm)
+    return LoadedModel(eng.model, pm.tokenizer, None, "packed", engine=eng)
 
 
 def test_render_template():
     msgs = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
-    assert render(msgs) == "System: Be terse.\nUser: Hi\nAssistant:"
+    assert DefaultChatTemplate().render(msgs) == "System: Be terse.\nUser: Hi\nAssistant:"
 
 
 def test_chat_history_and_incremental_prefill():
@@ -47,7 +48,7 @@ def test_chat_history_and_incremental_prefill():
     pre = m.engine.stats.prefill_tokens
     chat.reply("Again")
     # the second turn's prompt extends the first: far fewer tokens prefilled than the whole prompt
-    n2 = len(render(chat.messages[:-1]).encode())
+    n2 = len(DefaultChatTemplate().render(chat.messages[:-1]).encode())
     assert m.engine.stats.prefill_tokens - pre < n2
     assert [x["role"] for x in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
     chat.reset()

@@ -10,8 +10,8 @@ import torch
 from tritlm.infer.sampling import (
     Sampler,
     SamplingParams,
-    StopStrings,
     apply_frequency_presence,
+    apply_logit_bias,
     ban_sequences,
     contrastive_select,
     mirostat_v2_step,
@@ -117,12 +117,35 @@ def test_contrastive_select_penalises_repetition():
     assert contrastive_select(probs, cand, prev, alpha=0.6) == 1
 
 
-def test_stop_strings_hold_back_partial_matches():
-    st = StopStrings(["\n\n", "END"])
-    assert st.push("hello EN") == ("hello ", False)
-    assert st.push("hello ENDING") == ("hello ", True)
-    assert st.push("a\nb") == ("a\nb", False)
-    assert st.push("a\n") == ("a", False)
+def test_presence_frequency_penalty_and_logit_bias_formula():
+    # OpenAI: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counts over the generated tokens
+    out = apply_frequency_presence(torch.zeros(5), torch.tensor([1, 1, 3]), frequency=0.25, presence=0.5)
+    assert torch.allclose(out, torch.tensor([0.0, -(2 * 0.25 + 0.5), 0.0, -(0.25 + 0.5), 0.0]))
+    assert apply_logit_bias(torch.zeros(4), ((0, -100.0), (2, 100.0))).tolist() == [-100.0, 0.0, 100.0, 0.0]
+    # in the chain: the prompt does not count for frequency / presence, the repetition penalty does
+    p = SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.5, repetition_penalty=2.0,
+                       logit_bias={4: 0.25})
+    got = process_logits(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0]), p, torch.tensor([0, 1, 1]), torch.tensor([1, 1]))
+    assert got.tolist() == [0.5, 0.5 - 2.0 - 0.5, 1.0, 1.0, 1.25]
+
+
+def test_sampler_penalises_only_its_generated_tokens():
+    # the stateful sampler (every front end's) applies frequency / presence over history[prompt_len:]
+    s = Sampler(SamplingParams(temperature=0, presence_penalty=2.0), prompt_len=2)
+    logits = torch.tensor([3.0, 2.0, 2.5])
+    assert s(logits, torch.tensor([0, 0])) == 0  # token 0 only in the prompt: not penalised
+    assert s(logits, torch.tensor([1, 1, 0])) == 2  # generated once: 3 - 2 < 2.5
+
+
+def test_sampling_params_normalise_and_check_token_settings():
+    from tritlm.errors import ConfigError
+
+    p = SamplingParams(logit_bias={"5": 1, 2: -3.5}, stop="END", banned_tokens=[3])
+    assert p.logit_bias == ((2, -3.5), (5, 1.0)) and p.stop == ("END",) and p.banned_tokens == (3,)
+    hash(p)  # frozen and hashable
+    for kw in ({"logit_bias": {"x": 1}}, {"logit_bias": {1: float("nan")}}, {"banned_tokens": (-1,)}):
+        with pytest.raises(ConfigError):
+            SamplingParams(**kw)
 
 
 def test_engine_generate_uses_sampler_features():
@@ -136,7 +159,9 @@ def test_engine_generate_uses_sampler_features():
     assert set(out) <= {7, 8} and len(out) == 10
     out = list(eng.generate([1, 2], 5, SamplingParams(temperature=0.9, seed=1, banned_tokens=tuple(range(25)))))
     assert min(out) >= 25
-    cs = list(eng.generate_contrastive([1, 2, 3], 6, k=3, alpha=0.6))
+    from tritlm.infer.contrastive import contrastive_generate
+
+    cs = list(contrastive_generate(eng, [1, 2, 3], 6, k=3, alpha=0.6))
     assert len(cs) == 6 and not math.isnan(sum(cs))
 
 

@@ -1,4 +1,5 @@
-"""Speculative decoding is exactly greedy decoding of the target; the prefix cache changes no logits."""
+"""Speculative decoding is exactly greedy decoding of the target, sampled speculative decoding is
+distributed as the target's sampling; the prefix cache changes no logits."""
 
 from __future__ import annotations
 
@@ -56,3 +57,72 @@ def test_prefix_cache_reuses_and_matches():
     assert torch.allclose(b, ref, atol=1e-4, rtol=1e-4)
     assert pc.hits == 1 and pc.reused_tokens == len(system)
     assert a.shape == b.shape
+
+
+def _small(seed: int, layers: int = 1):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=8, dim=64, n_layers=layers, n_heads=4, ffn_dim=128, max_seq_len=32)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():  # sharper, more distinct distributions than a fresh init gives
+        m.lm_head.weight.mul_(8)
+    return from_transformer(m, fp_dtype="fp32")
+
+
+def _tv(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * float((a - b).abs().sum())
+
+
+def test_speculative_sampling_is_distributed_as_the_target():
+    """Second token of a sampled speculative generation vs the target's exact marginal
+    P(t2) = sum_t1 p(t1) p(t2 | t1), computed from the target's logits."""
+    target_pm, draft_pm = _small(0, layers=2), _small(5)
+    prompt = [1, 2, 3]
+    ref = Engine(target_pm)
+
+    def marginal(eng):
+        p1 = (eng.logits(prompt)[-1] / 0.7).softmax(-1)
+        return sum(p1[t] * (eng.logits(prompt + [t])[-1] / 0.7).softmax(-1) for t in range(8))
+
+    want, draft_only = marginal(ref), marginal(Engine(draft_pm))
+    assert _tv(want, draft_only) > 0.3  # accepting the draft blindly would fail the check below
+    tgt, dft = Engine(target_pm), Engine(draft_pm)
+    n, counts, st = 1200, torch.zeros(8), SpecStats()
+    for seed in range(n):
+        p = SamplingParams(temperature=0.7, seed=seed)
+        toks = list(speculative_generate(tgt, dft, prompt, 2, k=2, params=p, stats=st))
+        counts[toks[1]] += 1
+    assert _tv(counts / n, want) < 0.07, (counts / n, want)
+    assert 0.05 < st.acceptance < 0.6  # both branches ran: accepted proposals and resampled rejections
+
+
+def test_speculative_through_the_api_and_cli(tmp_path, capsys):
+    import tritlm
+    from tritlm.cli import main
+    from tritlm.data.tokenizer import CharTokenizer
+    from tritlm.formats.packed import save_packed
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz :\n")
+    paths = []
+    for seed, layers in ((0, 2), (1, 1)):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=layers, n_heads=4, ffn_dim=128, max_seq_len=96)
+        pm = from_transformer(Transformer(cfg).eval(), tok, fp_dtype="fp32")
+        paths.append(save_packed(pm, tmp_path / f"m{seed}"))
+    m, d = tritlm.load(paths[0]), tritlm.load(paths[1])
+    kw = {"temperature": 0, "frequency_penalty": 0.7, "stop": ["zz"]}
+    want = m.generate("king: ", 40, **kw)
+    assert m.generate("king: ", 40, draft=d, draft_k=3, **kw) == want  # greedy: exactly the target's
+    assert main(["generate", str(paths[0]), "--prompt", "king: ", "--max-tokens", "40", "--draft", str(paths[1]),
+                 "--temperature", "0", "--frequency-penalty", "0.7", "--stop", "zz"]) == 0
+    assert capsys.readouterr().out == "king: " + want + "\n"
+    sampled = m.generate("king: ", 30, temperature=0.9, seed=3, draft=d)
+    assert sampled == m.generate("king: ", 30, temperature=0.9, seed=3, draft=d) and len(sampled) <= 30
+
+
+def test_prefix_cache_bounds_its_entries():
+    eng = Engine(_pm(0))
+    pc = PrefixCache(eng, min_tokens=2, max_entries=3)
+    for i in range(6):
+        pc.prefill([10 + i, 1, 2, 3])
+    assert list(pc.entries) == [(13, 1, 2, 3), (14, 1, 2, 3), (15, 1, 2, 3)]  # least recently used went first
+    assert pc.bytes == 3 * pc._entry_bytes(4)

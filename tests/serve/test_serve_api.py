@@ -21,8 +21,8 @@ import httpx
 import torch
 
 import tritlm
+from tritlm.infer.chat_template import DefaultChatTemplate
 from tritlm.serve.app import ServerThread, ServeSettings, create_app
-from tritlm.serve.chat_template import DefaultChatTemplate
 from tritlm.serve.engine import backend_for
 from tritlm.serve.metrics import parse_metrics
 
@@ -69,7 +69,7 @@ def make_app(loaded, **kw):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    with ServerThread(make_app(loaded, workers=2, max_queue=32)) as srv:
+    with ServerThread(make_app(loaded, max_batch=2, max_queue=32)) as srv:
         yield srv
 
 
@@ -304,8 +304,21 @@ def test_client_disconnect_frees_the_slot(server, client):
     assert after == before + 1
 
 
+def test_non_streaming_disconnect_frees_the_slot_at_the_next_token(server):
+    """Issue 12, part 4: a client that gives up on a non-streaming request while tokens keep coming
+    cancels its job (it used to run on to max_tokens: the disconnect poll only ran after a second
+    without a token)."""
+    key = 'tritlm_generations_total{reason="cancelled"}'
+    before = metrics(server.url).get(key, 0.0)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "KING:", "max_tokens": 4000},
+                   timeout=0.5)
+    assert wait_metric(server.url, key, before + 1) == before + 1
+    assert wait_metric(server.url, "tritlm_requests_in_flight", 0) == 0
+
+
 def test_full_queue_is_503_and_a_queued_disconnect_leaves_the_queue(loaded):
-    with ServerThread(make_app(loaded, workers=1, max_queue=1)) as srv, \
+    with ServerThread(make_app(loaded, max_batch=1, max_queue=1)) as srv, \
             openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT) as c:
         running = c.completions.create(model=NAME, prompt="KING:", max_tokens=4000, stream=True)
         next(iter(running))  # generating now

@@ -1,5 +1,5 @@
-"""Server building blocks without a server: text deltas, stop strings, penalties, templates,
-request validation, metrics, and the engine's admission / cancellation with a scripted backend."""
+"""Server building blocks without a server: templates, request validation, metrics, and the
+scheduler's admission / batching / cancellation over a scripted runtime."""
 
 from __future__ import annotations
 
@@ -7,108 +7,25 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
 
 pytest.importorskip("pydantic")  # the request models; comes with the serve extra (fastapi)
 
-from tritlm.data.tokenizer import ByteTokenizer, CharTokenizer, HFTokenizer
-from tritlm.infer.sampling import SamplingParams
-from tritlm.serve.chat_template import (
+from tritlm.data.tokenizer import ByteTokenizer, CharTokenizer
+from tritlm.infer.chat_template import (
     DefaultChatTemplate,
     JinjaChatTemplate,
     TemplateError,
     load_chat_template,
 )
-from tritlm.serve.engine import (
-    Delta,
-    Engine,
-    Finish,
-    GenerationRequest,
-    IncrementalDetokenizer,
-    LogitBias,
-    PresenceFrequencyPenalty,
-    QueueFull,
-    StopMatcher,
-)
+from tritlm.infer.generator import Request
+from tritlm.infer.sampling import SamplingParams
+from tritlm.serve.engine import Backend, Delta, Engine, Finish, QueueFull
 from tritlm.serve.metrics import Metrics, parse_metrics
 from tritlm.serve.schemas import ChatCompletionRequest, CompletionRequest, validation_to_api_error
-
-
-# ---- incremental detokenisation ------------------------------------------------------------------
-def _deltas(tok, ids: Sequence[int], prompt: Sequence[int] = ()) -> list[str]:
-    d = IncrementalDetokenizer(tok, prompt)
-    out = [d.add(t) for t in ids]
-    out.append(d.flush())
-    return out
-
-
-def test_detokenizer_bytes_holds_back_partial_characters():
-    tok = ByteTokenizer()
-    text = "héllo, 日本語 🙂!"
-    parts = _deltas(tok, tok.encode(text), tok.encode("prompt "))
-    assert "".join(parts) == text
-    assert not any("\ufffd" in p for p in parts)  # never emits half a character
-
-
-def test_detokenizer_flush_emits_incomplete_tail_as_replacement():
-    tok = ByteTokenizer()
-    ids = tok.encode("ab日")[:-1]  # cut inside the 3-byte character
-    parts = _deltas(tok, ids)
-    assert "".join(parts[:-1]) == "ab"
-    assert parts[-1] == "\ufffd"
-
-
-def test_detokenizer_byte_level_bpe_matches_full_decode():
-    text = "The quick brown fox jumps over the lazy dog. Ünïcödé wörds, 東京 and more words. " * 20
-    tok = HFTokenizer.train_bpe(text, vocab_size=300)
-    ids = tok.encode("Über die Brücke: the fox said 東京 twice, twice.")
-    assert "".join(_deltas(tok, ids, tok.encode("Prompt:"))) == tok.decode(ids)
-
-
-# ---- stop strings --------------------------------------------------------------------------------
-def test_stop_matcher_across_chunks():
-    m = StopMatcher(["\nUser:"])
-    assert m.feed("Hello") == ("Hello", False)
-    assert m.feed(" there\nUs") == (" there", False)  # "\nUs" may start the stop string: held back
-    assert m.feed("er: next") == ("", True)
-
-
-def test_stop_matcher_releases_false_alarm_and_picks_earliest():
-    m = StopMatcher(["abc", "xy"])
-    assert m.feed("za") == ("z", False)
-    assert m.feed("b!") == ("ab!", False)  # "ab!" is not "abc": released
-    m2 = StopMatcher(["world", "lo w"])
-    assert m2.feed("hello world") == ("hel", True)  # the earliest match wins
-    m3 = StopMatcher([])
-    assert m3.feed("anything") == ("anything", False)
-
-
-def test_stop_matcher_flush_returns_held_text():
-    m = StopMatcher(["STOP"])
-    assert m.feed("go ST") == ("go ", False)
-    assert m.flush() == "ST"
-
-
-# ---- logit processors ----------------------------------------------------------------------------
-def test_presence_frequency_penalty_formula():
-    p = PresenceFrequencyPenalty(presence=0.5, frequency=0.25)
-    logits = torch.zeros(5)
-    out = p(logits, [1, 1, 3])
-    expect = torch.tensor([0.0, -(2 * 0.25 + 0.5), 0.0, -(0.25 + 0.5), 0.0])
-    assert torch.allclose(out, expect)
-    out2 = p(logits, [1, 1, 3, 3])  # incremental update
-    assert out2[3] == pytest.approx(-(2 * 0.25 + 0.5))
-    assert torch.equal(p(torch.ones(5), []), torch.ones(5))  # a shorter history: counted afresh
-
-
-def test_logit_bias_bans_and_forces():
-    b = LogitBias({0: -100.0, 2: 100.0})
-    out = b(torch.zeros(4), [])
-    assert out.tolist() == [-100.0, 0.0, 100.0, 0.0]
-
 
 # ---- chat templates ------------------------------------------------------------------------------
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -203,28 +120,52 @@ def test_metrics_render_prometheus_text():
     assert "# TYPE tritlm_request_duration_seconds histogram" in text
 
 
-# ---- the engine with a scripted backend ----------------------------------------------------------
-class ScriptedBackend:
-    """Yields the ids of ``text`` (byte tokenizer), ``delay`` seconds per token; records closes."""
+# ---- the scheduler over a scripted runtime ------------------------------------------------------
+class ScriptedRuntime:
+    """Logits that force the bytes of ``text`` then EOS (byte tokenizer), ``delay`` seconds per
+    decode forward; records every forward's batch and every released slot."""
 
-    def __init__(self, text: str = "hello world", delay: float = 0.0, fail: bool = False):
-        self.tokenizer = ByteTokenizer()
-        self.context_length = 64
-        self.vocab_size = 257
-        self.text, self.delay, self.fail = text, delay, fail
-        self.closed = 0
+    def __init__(self, text: str = "hello world", delay: float = 0.0, fail: bool = False, slots: int = 4):
+        self.tok = ByteTokenizer()
+        self.context_length, self.vocab_size, self.slots = 64, 257, slots
+        self.script = self.tok.encode(text) + [self.tok.eos_id]
+        self.delay, self.fail = delay, fail
+        self.pos: dict[int, int] = {}
+        self.batches: list[list[int]] = []
+        self.released: list[int] = []
         self.started = threading.Event()
 
-    def generate_stream(self, prompt_ids, max_tokens, params, stop_ids, processors=()) -> Iterator[int]:
+    def _logits(self, slot: int) -> torch.Tensor:
+        out = torch.full((self.vocab_size,), -1e9)
+        out[self.script[min(self.pos[slot], len(self.script) - 1)]] = 0.0
+        return out
+
+    def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
         self.started.set()
-        try:
-            for i, t in enumerate(self.tokenizer.encode(self.text)[:max_tokens]):
-                if self.fail and i == 2:
-                    raise RuntimeError("boom")
-                time.sleep(self.delay)
-                yield t
-        finally:
-            self.closed += 1
+        self.pos[slot] = 0
+        return self._logits(slot)
+
+    def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        self.batches.append(list(slots))
+        if self.fail and len(self.batches) == 2:
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        for s in slots:
+            self.pos[s] += 1
+        return torch.stack([self._logits(s) for s in slots])
+
+    def reserve(self, n: int) -> int:
+        return min(n, self.slots)
+
+    def filled(self, slot: int) -> int:
+        return 8 + self.pos[slot]
+
+    def release(self, slot: int) -> None:
+        self.released.append(slot)
+
+
+def _engine(rt: ScriptedRuntime, **kw) -> Engine:
+    return Engine(Backend(rt, rt.tok), **kw)
 
 
 async def _collect(job) -> tuple[str, Finish]:
@@ -237,16 +178,16 @@ async def _collect(job) -> tuple[str, Finish]:
     raise AssertionError("no Finish")
 
 
-def _req(n: int = 32, stop: tuple[str, ...] = ()) -> GenerationRequest:
-    return GenerationRequest([1, 2], n, SamplingParams(), stop)
+def _req(n: int = 32, stop: tuple[str, ...] = ()) -> Request:
+    return Request([1, 2], n, SamplingParams(stop=stop))
 
 
 def test_engine_finish_reasons_and_stop_strings():
     async def main():
-        eng = Engine(ScriptedBackend("hello world"), workers=1, max_queue=4)
+        eng = _engine(ScriptedRuntime("hello world"), max_batch=1, max_queue=4)
         try:
-            # The backend ended before max_tokens (its own stop condition): "stop".
-            assert await _collect(eng.submit(_req(32))) == ("hello world", Finish("stop", 2, 11))
+            # EOS after the text: "stop", the EOS counted as a completion token (as OpenAI does)
+            assert await _collect(eng.submit(_req(32))) == ("hello world", Finish("stop", 2, 12))
             text, f = await _collect(eng.submit(_req(5)))
             assert (text, f.reason, f.completion_tokens) == ("hello", "length", 5)
             text, f = await _collect(eng.submit(_req(32, stop=("o w",))))
@@ -257,28 +198,46 @@ def test_engine_finish_reasons_and_stop_strings():
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_engine_batches_running_requests_in_one_forward():
+    async def main():
+        rt = ScriptedRuntime("abcdefgh", delay=0.01)
+        eng = _engine(rt, max_batch=3, max_queue=4)
+        try:
+            jobs = [eng.submit(_req(6)) for _ in range(4)]
+            outs = await asyncio.gather(*(_collect(j) for j in jobs))
+            assert [o[0] for o in outs] == ["abcdef"] * 4
+            assert max(len(b) for b in rt.batches) == 3  # three sequences per decode forward
+            assert all(len(set(b)) == len(b) for b in rt.batches)  # each in its own slot
+            # the fourth waited for a slot and was admitted as soon as one was freed
+            assert sorted(rt.released) == [0, 0, 1, 2]
+        finally:
+            eng.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 def test_engine_queue_full_and_cancel_frees_slots():
     async def main():
-        be = ScriptedBackend("x" * 64, delay=0.05)
+        rt = ScriptedRuntime("x" * 60, delay=0.05)
         m = Metrics()
-        eng = Engine(be, workers=1, max_queue=1, metrics=m)
+        eng = _engine(rt, max_batch=1, max_queue=1, metrics=m)
         try:
-            running = eng.submit(_req(64))
-            waiting = eng.submit(_req(64))
+            running = eng.submit(_req(60))
+            waiting = eng.submit(_req(60))
             with pytest.raises(QueueFull):
-                eng.submit(_req(64))
-            await asyncio.to_thread(be.started.wait, 10)
+                eng.submit(_req(60))
+            await asyncio.to_thread(rt.started.wait, 10)
             assert (eng.running, eng.waiting) == (1, 1)
             waiting.cancel()  # a queued request leaves the queue at once
             assert eng.waiting == 0
-            running.cancel()  # a running one stops at its next token
+            running.cancel()  # a running one frees its slot before the next step
             for _ in range(200):
                 if eng.running == 0:
                     break
                 await asyncio.sleep(0.01)
-            assert eng.running == 0 and be.closed == 1  # the generator was closed: cache freed
+            assert eng.running == 0 and rt.released == [0]
             _text, f = await _collect(running)
-            assert f.reason == "cancelled"
+            assert f.reason == "cancelled" and f.completion_tokens < 60
             assert m.rejected == 1
         finally:
             eng.shutdown()
@@ -288,11 +247,13 @@ def test_engine_queue_full_and_cancel_frees_slots():
 
 def test_engine_backend_error_is_an_error_event():
     async def main():
-        eng = Engine(ScriptedBackend("abcdef", fail=True))
+        eng = _engine(ScriptedRuntime("abcdef", fail=True))
         try:
             _text, f = await _collect(eng.submit(_req(32)))
             assert f.reason == "error" and "boom" in (f.error or "")
             assert eng.running == 0 and eng.waiting == 0
+            text, f = await _collect(eng.submit(_req(3)))  # the scheduler goes on
+            assert (text, f.reason) == ("abc", "length")
         finally:
             eng.shutdown()
 

@@ -12,9 +12,10 @@ Design choices (each measured on 2-core Zen3 boxes, see benchmarks/RESULTS.md "C
 * The KV cache is preallocated ``[slots, kv_heads, max_len, head_dim]`` per layer; a slot is one
   sequence (:class:`SlotCache`). Decode of several sequences (batching) is one forward with a
   row per sequence, each at its own position.
-* Single-token decode runs the whole layer stack in one C call (``infer/fused_decode.py``: the
-  torch glue around M = 1 kernels cost as much as the kernels on 2 cores); the torch forward is
-  its reference in the tests. Any kind takes the fused path as long as each q|k|v and gate|up
+* Decode runs the whole layer stack in one C call (``infer/fused_decode.py``: the torch glue
+  around M = 1 kernels cost as much as the kernels on 2 cores), for one sequence or a batch of
+  them as rows (each kernel then reads the weights once for all); the torch forward is its
+  reference in the tests. Any kind takes the fused path as long as each q|k|v and gate|up
   group shares one quantised kind; otherwise decode stays on the forward pass.
 * The LM head is exact by default: the stored fp16 matrix read as fp16 by a C GEMV, or a float32
   matmul when the model stores it in float32. ``head="t4"`` stores it as four balanced-ternary
@@ -36,7 +37,7 @@ import torch
 
 from tritlm.formats.packed import PackedModel
 from tritlm.infer.fused_decode import FusedDecoder
-from tritlm.infer.sampling import Sampler, SamplingParams, contrastive_select, sample
+from tritlm.infer.sampling import SamplingParams
 from tritlm.kernels.cpu import set_num_threads
 from tritlm.model.transformer import Transformer
 from tritlm.nn.runtime import HEADS, build_runtime_model
@@ -169,8 +170,6 @@ class Engine:
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): the C step's form
         self.sin_signed = torch.cat([-rope_sin[:, :half], rope_sin[:, half:]], dim=1).contiguous()
         self.fused = FusedDecoder.create(self) if fused and backend == "packed" else None
-        self._step_x = torch.empty(c.dim)
-        self._step_h = torch.empty(1, c.dim)
 
     # ---------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
@@ -235,15 +234,17 @@ class Engine:
             torch.set_num_threads(old)
 
     # ---------------------------------------------------------------- forward
-    def _fused_step(self, tok: int, slot: int, pos: int) -> torch.Tensor:
-        """One token through the C decode step (the forward pass's math); logits [1, V]."""
-        x = self._step_x
-        x.copy_(self.model.embed_tokens.w[tok])
+    def _fused_step(self, toks: Sequence[int], slots: Sequence[int], pos: Sequence[int]) -> torch.Tensor:
+        """Tokens through the C decode step (the forward pass's math), one row per sequence; logits [M, V]."""
+        m = len(toks)
+        x = torch.empty(m, self.cfg.dim)
+        x.copy_(self.model.embed_tokens.w[torch.as_tensor(list(toks), dtype=torch.long)])
+        h = torch.empty(m, self.cfg.dim)
         t = time.perf_counter()
-        self.fused.step(x, slot, pos, self._step_h, self.threads or 0)
-        out = self.head(self._step_h, torch.empty(1, self.cfg.vocab_size))
+        self.fused.step(x, list(slots), list(pos), h, self.threads or 0)
+        out = self.head(h, torch.empty(m, self.cfg.vocab_size))
         self.stats.native_s += time.perf_counter() - t
-        self.last_hidden = self._step_h.clone()
+        self.last_hidden = h
         return out
 
     def _check_ids(self, ids: Sequence[int]) -> None:
@@ -276,7 +277,7 @@ class Engine:
         t0 = time.perf_counter()
         with self._torch_threads():
             if t == 1 and self.fused is not None and self.tracer is None and self.timer is None:
-                out = self._fused_step(int(ids[0]), slot, start)
+                out = self._fused_step([int(ids[0])], [slot], [start])
             else:
                 idx = torch.as_tensor(list(ids), dtype=torch.long).view(1, t)
                 out = self.model(idx, cache=self.cache.at([slot], [start], t), last_only=not all_logits)[0][0]
@@ -305,11 +306,16 @@ class Engine:
         for s in slots:
             self._check_room(s, self.pos[s], 1)
         self._check_ids(tokens)
+        if len(set(slots)) != len(slots):
+            raise ValueError("each sequence of a batch needs its own slot")
         b = len(slots)
         t0 = time.perf_counter()
         with self._torch_threads():
-            idx = torch.as_tensor(list(tokens), dtype=torch.long).view(b, 1)
-            out = self.model(idx, cache=self.cache.at(slots, [self.pos[s] for s in slots], 1))[0][:, 0]
+            if self.fused is not None and self.tracer is None and self.timer is None:
+                out = self._fused_step([int(t) for t in tokens], slots, [self.pos[s] for s in slots])
+            else:
+                idx = torch.as_tensor(list(tokens), dtype=torch.long).view(b, 1)
+                out = self.model(idx, cache=self.cache.at(slots, [self.pos[s] for s in slots], 1))[0][:, 0]
         self.stats.decode_tokens += b
         self.stats.decode_s += time.perf_counter() - t0
         for s, tok in zip(slots, tokens):
@@ -340,98 +346,53 @@ class Engine:
                 start += 1
         return self.forward_seq(ids[start:], slot=slot, start=start)[-1]
 
-    def generate(self, prompt: Sequence[int], max_tokens: int, params: SamplingParams | None = None,
-                 stop_ids: set[int] | None = None, slot: int = 0, sampler=None) -> Iterator[int]:
-        """Yield new token ids (streaming): one prefill, then one cached step per token.
-
-        ``sampler``: optional ``(logits [V], history [T]) -> int`` replacing :func:`sample`.
-        A prompt longer than the context keeps its last tokens; when the cache fills up, it
-        restarts on the most recent half of the tokens (as the training model's generate does).
-        """
-        params = params or SamplingParams()
-        prompt = list(prompt)[-self.max_len:]
-        if not prompt:
-            raise ValueError("the prompt must hold at least one token")
-        if sampler is None:
-            sampler = Sampler(params, prompt_len=len(prompt), stop_ids=stop_ids, max_tokens=max_tokens)
-        history = list(prompt)
-        logits = self.prefill(prompt, slot)
-        for _ in range(max_tokens):
-            nxt = sampler(logits, torch.tensor(history, dtype=torch.long))
-            yield nxt
-            if stop_ids and nxt in stop_ids:
-                return
-            history.append(nxt)
-            if self.pos[slot] >= self.max_len:
-                keep = history[-(self.max_len // 2):]
-                logits = self.forward_seq(keep, slot=slot, start=0)[-1]
-            else:
-                logits = self.forward_seq([nxt], slot=slot)[-1]
-
-    def generate_locked(self, prompt: Sequence[int], max_tokens: int, params: SamplingParams | None = None,
-                        stop_ids: set[int] | None = None) -> Iterator[int]:
-        """:meth:`generate` holding :attr:`lock` for the whole generation (released on close)."""
+    def ensure_slots(self, n: int) -> None:
+        """Grow the KV cache to hold at least ``n`` sequences (what the slots hold is kept)."""
+        if n <= self.slots:
+            return
         with self.lock:
-            yield from self.generate(prompt, max_tokens, params, stop_ids)
+            for cache in (self.k_cache, self.v_cache):
+                for i, old in enumerate(cache):  # in place: the SlotCache and a PrefixCache share these lists
+                    new = torch.zeros((n, *old.shape[1:]), dtype=old.dtype)
+                    new[:self.slots] = old
+                    cache[i] = new
+            self.pos += [0] * (n - self.slots)
+            self.tokens += [[] for _ in range(n - self.slots)]
+            self.slots = n
+            if self.fused is not None:  # the C context points into the old cache buffers
+                self.fused = FusedDecoder.create(self)
+
+    def generate(self, prompt: Sequence[int], max_tokens: int, params: SamplingParams | None = None,
+                 stop_ids: set[int] | None = None, slot: int = 0) -> Iterator[int]:
+        """Yield new token ids (streaming) through the one generation path (``infer/generator.py``),
+        in ``slot``; ends after yielding a token of ``stop_ids``."""
+        from tritlm.infer.generator import Request, generate
+        from tritlm.infer.runtimes import PackedRuntime
+
+        reqs = [Request(prompt, max_tokens, params or SamplingParams())]
+        for ev in generate(PackedRuntime(self), reqs, stop_ids=stop_ids or (), slots=[slot]):
+            if ev.finish == "error":
+                raise ValueError(ev.error)
+            if ev.token is not None:
+                yield ev.token
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_tokens: int,
                        params: SamplingParams | None = None, stop_ids: set[int] | None = None) -> list[list[int]]:
-        """Generate for several prompts at once: prefill each, then decode all in one forward per step."""
-        if len(prompts) > self.slots:
-            raise ValueError(f"{len(prompts)} prompts but the engine has {self.slots} cache slots")
-        params = params or SamplingParams()
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        for p in prompts:
-            if len(p) + max_tokens > self.max_len:
-                raise ValueError("prompt + max_tokens exceeds the cache length")
-        hist = [list(p) for p in prompts]
-        logits = [self.prefill(p, slot=i) for i, p in enumerate(prompts)]
-        outs: list[list[int]] = [[] for _ in prompts]
-        live = list(range(len(prompts)))
-        for _ in range(max_tokens):
-            nxt = []
-            for j, i in enumerate(live):
-                t = sample(logits[j], params, torch.tensor(hist[i]), gen)
-                outs[i].append(t)
-                hist[i].append(t)
-                nxt.append(t)
-            keep = [j for j, i in enumerate(live) if not (stop_ids and outs[i][-1] in stop_ids)]
-            live = [live[j] for j in keep]
-            nxt = [nxt[j] for j in keep]
-            if not live or len(outs[live[0]]) >= max_tokens:
-                break
-            lg = self.decode_batch(nxt, live)
-            logits = [lg[j] for j in range(len(live))]
-        return outs
+        """Generate for several prompts at once (one decode forward per step for all of them);
+        the cache grows to one slot per prompt."""
+        from tritlm.infer.generator import Request, generate
+        from tritlm.infer.runtimes import PackedRuntime
 
-    def generate_contrastive(self, prompt: Sequence[int], max_tokens: int, k: int = 4, alpha: float = 0.6,
-                             stop_ids: set[int] | None = None, slot: int = 0) -> Iterator[int]:
-        """Contrastive search (Su et al. 2022): among the top-k next tokens pick the one that is both
-        likely and least similar (cosine of final hidden states) to the context. Costs k forwards a token."""
-        prompt = list(prompt)
-        if len(prompt) + max_tokens + 1 > self.max_len:
-            raise ValueError("prompt + max_tokens exceeds the cache length")
-        self.reset(slot)
-        logits = self.forward_seq(prompt, slot=slot, start=0, all_logits=True)
-        hidden = [self.last_hidden.clone()]
-        logits = logits[-1]
-        for _ in range(max_tokens):
-            probs = logits.float().softmax(-1)
-            top = torch.topk(probs, k)
-            pos = self.pos[slot]
-            cand_h, cand_logits = [], []
-            for v in top.indices.tolist():  # each candidate at the same position (overwrites its K/V)
-                cand_logits.append(self.forward_seq([v], slot=slot, start=pos)[-1])
-                cand_h.append(self.last_hidden[-1])
-            j = contrastive_select(top.values, torch.stack(cand_h), torch.cat(hidden), alpha)
-            nxt = int(top.indices[j])
-            if j != k - 1:  # the cache holds the last candidate's K/V: rerun the chosen one
-                self.forward_seq([nxt], slot=slot, start=pos)
-            hidden.append(cand_h[j].view(1, -1))
-            logits = cand_logits[j]
-            yield nxt
-            if stop_ids and nxt in stop_ids:
-                return
+        self.ensure_slots(len(prompts))
+        reqs = [Request(p, max_tokens, params or SamplingParams()) for p in prompts]
+        outs: dict[int, list[int]] = {id(r): [] for r in reqs}
+        for ev in generate(PackedRuntime(self), reqs, stop_ids=stop_ids or (), max_batch=len(prompts)):
+            if ev.finish == "error":
+                raise ValueError(ev.error)
+            if ev.token is not None:
+                outs[id(ev.seq.req)].append(ev.token)
+        return [outs[id(r)] for r in reqs]
+
 
 def load_engine(path, **kw) -> Engine:
     """An :class:`Engine` over the packed folder at ``path`` (keyword arguments go to Engine)."""

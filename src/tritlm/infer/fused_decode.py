@@ -4,7 +4,9 @@ The engine's torch forward runs ~25 small ops per layer; at M = 1 on a 2-core CP
 cost about as much as the ternary GEMVs themselves (measured on the 700M shape: ~12 ms of glue
 next to ~12 ms of kernels per token). :class:`FusedDecoder` hands the C side pointers to the
 engine's own buffers (packed weights via the kernel contexts, norms, KV cache, RoPE tables) once,
-so a decode step is: copy the embedding row, one C call, the LM head, sampling.
+so a decode step is: copy the embedding rows, one C call, the LM head, sampling. Several sequences
+(continuous batching) go through the same call as rows: each Linear kernel runs once over all of
+them, so a step reads the weights once whatever the batch.
 
 The torch path stays the reference: tests compare the two on random models of every
 architecture option, and profiling / tracing (which need per-layer hooks) use the torch path.
@@ -12,6 +14,7 @@ architecture option, and profiling / tracing (which need per-layer hooks) use th
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 
 import torch
@@ -72,11 +75,17 @@ class FusedDecoder:
             keep += [*lins, eng.k_cache[i], eng.v_cache[i]]
         return dec
 
-    def step(self, x: torch.Tensor, slot: int, pos: int, out: torch.Tensor, threads: int = 0) -> torch.Tensor:
-        """``x``: float32 [dim] embedding (overwritten); writes the final-normed hidden state to ``out``."""
-        rc = self._lib.tt_dec_step(self._h, x.data_ptr(), slot, pos, out.data_ptr(), threads)
+    def step(self, x: torch.Tensor, slots: list[int], pos: list[int], out: torch.Tensor,
+             threads: int = 0) -> torch.Tensor:
+        """One token for each of ``len(slots)`` sequences (distinct slots), every Linear once over
+        all rows. ``x``: float32 [M, dim] embeddings (overwritten); writes the final-normed hidden
+        states to ``out`` [M, dim]."""
+        m = len(slots)
+        sl = (ctypes.c_int * m)(*slots)
+        ps = (ctypes.c_int * m)(*pos)
+        rc = self._lib.tt_dec_step_batch(self._h, x.data_ptr(), m, sl, ps, out.data_ptr(), threads)
         if rc == -1:
             raise MemoryError("tritlm kernel: workspace allocation failed")
         if rc != 0:
-            raise ValueError(f"fused decode step rejected slot {slot} / position {pos}")
+            raise ValueError(f"fused decode step rejected slots {slots} / positions {pos}")
         return out

@@ -19,9 +19,12 @@ log = logging.getLogger(__name__)
 
 
 class PrefixCache:
-    def __init__(self, engine: Engine, max_bytes: int = 256 << 20, min_tokens: int = 4):
+    def __init__(self, engine: Engine, max_bytes: int = 256 << 20, min_tokens: int = 4, max_entries: int = 256):
         self.engine = engine
         self.max_bytes = max_bytes
+        # a lookup compares the prompt with every entry in Python: a small model's entries are tiny,
+        # so the byte budget alone would let the scan grow into thousands a prefill
+        self.max_entries = max_entries
         self.min_tokens = min_tokens
         self.entries: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
         self.bytes = 0
@@ -82,7 +85,7 @@ class PrefixCache:
         size = self._entry_bytes(n)
         if size > self.max_bytes:
             return
-        while self.bytes + size > self.max_bytes and self.entries:
+        while self.entries and (self.bytes + size > self.max_bytes or len(self.entries) >= self.max_entries):
             old, _ = self.entries.popitem(last=False)
             self.bytes -= self._entry_bytes(len(old))
         self.entries[key] = ([e.k_cache[i][slot, :, :n].clone() for i in range(e.cfg.n_layers)],

@@ -1,17 +1,18 @@
 """Token samplers as composable logit processors over a 1-D logits vector.
 
-Stateless pieces (each ``logits -> logits``): penalties, bans, constraints, temperature and the
-truncation filters (top-k, locally typical, top-p, min-p). :func:`process_logits` chains them in
-llama.cpp's order; :func:`sample` draws one token. :class:`Sampler` adds the per-generation state
-(seeded RNG, mirostat's ``mu``, must-include bookkeeping) and is what the engine uses.
-:class:`StopStrings` cuts streamed text at stop strings, and :func:`contrastive_select` is the
-scoring step of contrastive search (the engine supplies the hidden states).
+Stateless pieces (each ``logits -> logits``): penalties, logit bias, bans, constraints,
+temperature and the truncation filters (top-k, locally typical, top-p, min-p).
+:func:`process_logits` chains them in llama.cpp's order; :func:`sample` draws one token.
+:class:`Sampler` adds the per-generation state (seeded RNG, mirostat's ``mu``, must-include
+bookkeeping) and is what the one generation path (``infer/generator.py``) runs for every
+sequence. :func:`contrastive_select` is the scoring step of contrastive search (the engine
+supplies the hidden states). Stop strings are text, not logits: ``infer/text.py``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,9 @@ import torch
 from tritlm.errors import ConfigError
 
 NEG_INF = float("-inf")
+
+# The one logit-processor signature: (logits [V], history [T] = prompt + generated ids) -> logits.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,11 @@ class SamplingParams:
     banned_sequences: tuple[tuple[int, ...], ...] = ()
     allowed_tokens: tuple[int, ...] | None = None  # only these may be sampled
     must_include: tuple[int, ...] = ()  # the stop tokens are banned until all of these were generated
-    stop: tuple[str, ...] = ()  # stop strings (text level: see StopStrings)
+    stop: tuple[str, ...] = ()  # stop strings (text level: see infer/text.py StopStrings)
     max_tokens: int | None = None
+    # OpenAI: token id -> bias added to its logit (-100 bans, +100 forces); a mapping is accepted
+    # and stored as sorted (id, bias) pairs so the params stay frozen and hashable
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         """Every front end builds one of these: an impossible value is a one-line user error here,
@@ -73,10 +80,38 @@ class SamplingParams:
             bad("mirostat", "must be 0 (off) or 2 (mirostat v2)")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
             bad("max_tokens", "must be an integer >= 0")
+        if isinstance(self.stop, str):  # stop="x" means one stop string, not one per character
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("banned_tokens", "must_include"):
+            object.__setattr__(self, name, _token_ids(self, name, getattr(self, name)))
+        if self.allowed_tokens is not None:
+            object.__setattr__(self, "allowed_tokens", _token_ids(self, "allowed_tokens", self.allowed_tokens))
+        object.__setattr__(self, "banned_sequences", tuple(_token_ids(self, "banned_sequences", s)
+                                                           for s in self.banned_sequences))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        try:
+            pairs = tuple(sorted((int(k), float(v)) for k, v in bias))
+        except (TypeError, ValueError):
+            bad("logit_bias", "must map token ids to numbers")
+        if any(k < 0 or not math.isfinite(v) for k, v in pairs):
+            bad("logit_bias", "must map token ids >= 0 to finite numbers")
+        object.__setattr__(self, "logit_bias", pairs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
+
+
+def _token_ids(params: SamplingParams, name: str, ids) -> tuple[int, ...]:
+    try:
+        out = tuple(int(i) for i in ids)
+    except (TypeError, ValueError):
+        raise ConfigError(f"sampling: {name} = {ids!r} must be token ids") from None
+    if any(i < 0 for i in out):
+        raise ConfigError(f"sampling: {name} = {ids!r} must be token ids >= 0")
+    return out
 
 
 # --------------------------------------------------------------------------- stateless processors
@@ -96,6 +131,16 @@ def apply_frequency_presence(logits: torch.Tensor, generated: torch.Tensor, freq
         return logits
     counts = torch.bincount(generated, minlength=logits.numel()).to(logits.dtype)
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: add each (token id, bias) pair to that token's logit."""
+    if not bias:
+        return logits
+    out = logits.clone()
+    ids = torch.tensor([k for k, _ in bias], dtype=torch.long)
+    out[ids] += torch.tensor([v for _, v in bias], dtype=logits.dtype)
+    return out
 
 
 def ban_tokens(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
@@ -185,6 +230,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if generated is not None:
         logits = apply_frequency_presence(logits, generated, params.frequency_penalty, params.presence_penalty)
+    logits = apply_logit_bias(logits, params.logit_bias)
     # a tiny repetition penalty can push logits to +inf: keep them finite (the order is kept)
     logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
     if params.greedy:
@@ -259,7 +305,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, prompt_len: int = 0, stop_ids: set[int] | None = None,
                  max_tokens: int | None = None,
-                 processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = ()):
+                 processors: Sequence[LogitsProcessor] = ()):
         self.params = params
         self.prompt_len = prompt_len
         self.stop_ids = set(stop_ids or ())
@@ -290,29 +336,3 @@ class Sampler:
             tok, self.mu = mirostat_v2_step(logits, self.mu, p.mirostat_tau, p.mirostat_eta, self.gen)
             return tok
         return int(torch.multinomial(logits.softmax(-1), 1, generator=self.gen))
-
-
-class StopStrings:
-    """Incremental stop-string matcher for streamed text.
-
-    ``push(text_so_far) -> (safe_text, stopped)``: ``safe_text`` is the prefix that can be shown
-    (it holds back a tail that might still become a stop string); once a stop string appears, the
-    text is cut before it and ``stopped`` is True.
-    """
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            return text[:cut], True
-        hold = 0
-        for s in self.stops:  # longest suffix of text that is a prefix of a stop string
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        return text[:len(text) - hold], False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tritlm.serve.engine import Backend, Engine, GenerationRequest, TorchBackend, backend_for
+from tritlm.serve.engine import Backend, Engine, backend_for
 
 _APP_NAMES = {"create_app", "serve", "ServeSettings", "ServerThread", "build_app_for_model"}
 
@@ -21,5 +21,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'tritlm.serve' has no attribute {name!r}")
 
 
-__all__ = ["Backend", "Engine", "GenerationRequest", "ServeSettings", "ServerThread", "TorchBackend", "backend_for",
-           "build_app_for_model", "create_app", "serve"]
+__all__ = ["Backend", "Engine", "ServeSettings", "ServerThread", "backend_for", "build_app_for_model", "create_app",
+           "serve"]

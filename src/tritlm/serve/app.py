@@ -15,8 +15,6 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,12 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from typing_extensions import Self
 
 from tritlm.errors import TritlmError
+from tritlm.infer.chat_template import ChatTemplate, DefaultChatTemplate, TemplateError, load_chat_template
+from tritlm.infer.generator import Request as GenRequest
 from tritlm.infer.sampling import SamplingParams
-from tritlm.serve.chat_template import ChatTemplate, DefaultChatTemplate, TemplateError, load_chat_template
-from tritlm.serve.engine import Backend, Delta, Engine, Finish, GenerationRequest, Job, QueueFull, backend_for
+from tritlm.serve.engine import DEFAULT_MAX_BATCH, Backend, Delta, Engine, Finish, Job, QueueFull, backend_for
+from tritlm.serve.listen import ServerThread, bind_socket, socket_url  # noqa: F401 - ServerThread: re-exported
 from tritlm.serve.metrics import CONTENT_TYPE, Metrics
 from tritlm.serve.schemas import (
     ApiError,
@@ -137,15 +136,21 @@ class _MetricsMiddleware:
 
 
 # ---- the app ----------------------------------------------------------------------------------------
-def create_app(backend: Backend, settings: ServeSettings | None = None, *, workers: int = 1,
+def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_batch: int = DEFAULT_MAX_BATCH,
                max_queue: int = 64, metrics: Metrics | None = None):
     """A FastAPI app serving ``backend``. Its engine starts with the app and stops at shutdown."""
     s = settings or ServeSettings()
     metrics = metrics or Metrics()
-    engine = Engine(backend, workers=workers, max_queue=max_queue, metrics=metrics)
-    metrics.add_gauge("queue_depth", "Admitted requests waiting for a worker.", lambda: engine.waiting)
-    metrics.add_gauge("requests_in_flight", "Requests generating on a worker now.", lambda: engine.running)
-    metrics.add_gauge("workers", "Generation worker threads.", lambda: engine.workers)
+    engine = Engine(backend, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+    metrics.add_gauge("queue_depth", "Admitted requests waiting for a batch slot.", lambda: engine.waiting)
+    metrics.add_gauge("requests_in_flight", "Requests generating in the batch now.", lambda: engine.running)
+    metrics.add_gauge("max_batch", "Sequences decoded together (batch slots).", lambda: engine.max_batch)
+    prefix = getattr(backend.runtime, "prefix", None)  # the packed runtime's PrefixCache, when on
+    if prefix is not None:
+        metrics.add_gauge("prefix_cache_hits", "Prompts that reused cached K/V of a shared prefix.",
+                          lambda: prefix.hits)
+        metrics.add_gauge("prefix_cache_reused_tokens", "Prompt tokens not prefilled thanks to the prefix cache.",
+                          lambda: prefix.reused_tokens)
     max_prompt = s.max_prompt_tokens or backend.context_length
     if max_prompt > backend.context_length:
         log.warning("--max-prompt-tokens %d exceeds the model's context of %d: longer prompts keep their "
@@ -247,19 +252,35 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, worke
                            param=param, code="invalid_value")
         return n
 
-    def build(req: _Sampling, ids: list[int], max_tokens: int, stop: list[str], lstrip: bool
-              ) -> GenerationRequest:
+    def build(req: _Sampling, ids: list[int], max_tokens: int, stop: list[str], lstrip: bool) -> GenRequest:
         bias = req.bias_map()
         bad = next((t for t in bias if not 0 <= t < backend.vocab_size), None)
         if bad is not None:
             raise ApiError(400, f"logit_bias token id {bad} is outside the vocabulary [0, {backend.vocab_size})",
                            param="logit_bias", code="invalid_value")
-        sampling = SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
-                                  min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
-        return GenerationRequest(ids, max_tokens, sampling, tuple(stop), req.presence_penalty,
-                                 req.frequency_penalty, bias, lstrip)
+        try:
+            sampling = SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
+                                      min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
+                                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                      logit_bias=bias, stop=tuple(stop), typical_p=req.typical_p,
+                                      mirostat=req.mirostat, mirostat_tau=req.mirostat_tau,
+                                      mirostat_eta=req.mirostat_eta)
+        except TritlmError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+        if req.penalty_alpha:
+            if not hasattr(backend.runtime, "contrastive"):
+                raise ApiError(400, "contrastive search (penalty_alpha) needs a packed model", param="penalty_alpha",
+                               code="unsupported_value")
+            if req.top_k < 2:
+                raise ApiError(400, "contrastive search (penalty_alpha) needs top_k >= 2 candidates", param="top_k",
+                               code="invalid_value")
+            if len(ids) + max_tokens + 1 > backend.context_length:
+                raise ApiError(400, f"contrastive search: the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) "
+                               f"must fit the context of {backend.context_length} (it does not restart the cache)",
+                               param="max_tokens", code="context_length_exceeded")
+        return GenRequest(ids, max_tokens, sampling, lstrip, penalty_alpha=req.penalty_alpha)
 
-    def submit(gen: GenerationRequest) -> Job:
+    def submit(gen: GenRequest) -> Job:
         try:
             return engine.submit(gen)
         except QueueFull as e:
@@ -339,7 +360,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, worke
         ids = check_ids(await encode(text, "messages"), "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         # No limit given: until EOS or the end of the context, as OpenAI does for chat.
-        max_tokens = check_max_tokens(req.limit(), backend.context_length - len(ids), param)
+        room = backend.context_length - len(ids) - (1 if req.penalty_alpha else 0)
+        max_tokens = check_max_tokens(req.limit(), room, param)
         stop = list(s.chat_template.stop) + req.stop_list()
         job = submit(build(req, ids, max_tokens, stop, lstrip=s.chat_template.lstrip_reply))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -391,59 +413,40 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, worke
 
 
 # ---- running it -------------------------------------------------------------------------------------
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 = any free port), IPv6 if the host is an IPv6 address."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(fam, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise TritlmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 def build_app_for_model(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                         max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096,
-                        chat_template: str | Path | None = None, workers: int = 1, max_queue: int = 64,
-                        threads: int | None = None):
+                        chat_template: str | Path | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                        max_queue: int = 64, threads: int | None = None, prefix_cache_mb: int = 256):
     """Load ``model`` (anything :func:`tritlm.load` reads) and build its app.
 
-    ``threads``: torch intra-op threads. By default torch's own count is split between the workers:
-    several workers each running a full-width thread pool oversubscribe the cores, and on a small
-    model a contended thread pool is several times slower than one thread (see docs/serve.md).
+    ``max_batch``: sequences generated together, one KV cache slot each, decoded in one batched
+    forward per step. ``threads``: torch intra-op threads (default: torch's own count).
+    ``prefix_cache_mb``: K/V of earlier prompts kept for prompts that share their prefix (packed
+    models; 0 = off).
     """
     import torch
 
     import tritlm
 
-    for flag, v, lo in (("--workers", workers, 1), ("--max-queue", max_queue, 0),
-                        ("--max-tokens-limit", max_tokens_limit, 1),
+    for flag, v, lo in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                        ("--max-tokens-limit", max_tokens_limit, 1), ("--prefix-cache-mb", prefix_cache_mb, 0),
                         ("--max-prompt-tokens", max_prompt_tokens if max_prompt_tokens is not None else 1, 1)):
         if v < lo:
             raise TritlmError(f"{flag} must be >= {lo}, got {v}")
     if threads is not None and threads < 1:
         raise TritlmError(f"--threads must be >= 1, got {threads}")
-    n_threads = threads or max(1, torch.get_num_threads() // workers)
+    n_threads = threads or torch.get_num_threads()
     if n_threads != torch.get_num_threads():
         torch.set_num_threads(n_threads)
     m = tritlm.load(model)
-    backend = backend_for(m)
+    backend = backend_for(m, max_batch, prefix_cache_mb)
     name = model_name or Path(model).resolve().name
     tmpl = load_chat_template(m.tokenizer, getattr(m, "path", None), chat_template)
     settings = ServeSettings(model_name=name, api_key=api_key or None, max_prompt_tokens=max_prompt_tokens,
                              max_tokens_limit=max_tokens_limit, chat_template=tmpl)
-    log.info("model %s: context %d, vocab %d, chat template %s, %d worker(s) x %d torch thread(s)", name,
-             backend.context_length, backend.vocab_size, tmpl.name, workers, n_threads)
-    return create_app(backend, settings, workers=workers, max_queue=max_queue)
+    log.info("model %s: context %d, vocab %d, chat template %s, batches of up to %d, %d torch thread(s)", name,
+             backend.context_length, backend.vocab_size, tmpl.name, max_batch, n_threads)
+    return create_app(backend, settings, max_batch=max_batch, max_queue=max_queue)
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
@@ -458,42 +461,6 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_l
         log.warning("listening on %s: the server is reachable from the network%s", host,
                     "" if kwargs.get("api_key") else " and has no API key (--api-key)")
     sock = bind_socket(host, port)
-    log.info("serving %s at %s/v1", app.state.settings.model_name, _url(sock))
+    log.info("serving %s at %s/v1", app.state.settings.model_name, socket_url(sock))
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
-
-
-class ServerThread:
-    """A uvicorn server on a background thread, on a free loopback port (tests and benchmarks).
-
-    ``with ServerThread(app) as srv: OpenAI(base_url=srv.url + "/v1")``.
-    """
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
-        import uvicorn
-
-        self.sock = bind_socket(host, port)
-        self.url = _url(self.sock)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="tritlm-serve", daemon=True)
-        self.start_timeout = start_timeout
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + self.start_timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -1,16 +1,16 @@
-"""The serving engine: a swappable token generator (``Backend``) behind a bounded worker pool.
+"""The serving engine: every admitted request is a sequence of one shared generator
+(``infer/generator.py``), stepped by one scheduler thread (continuous batching).
 
-``Backend`` is the only thing the server needs from a model runtime: a tokenizer, a context length
-and ``generate_stream``, a blocking iterator of token ids. :class:`TorchBackend` runs tritlm's
-PyTorch ``Transformer`` (FP or ternary) with its KV cache; a packed CPU engine plugs in by
-implementing the same four members.
-
-:class:`Engine` runs each admitted request's ``generate_stream`` on a worker thread (torch releases
-the GIL in its kernels, and the event loop must never block on a forward pass), turns ids into text
-deltas (incremental detokenisation, stop strings) on that thread, and hands the deltas to the
-request's asyncio task. Admission is bounded: at most ``workers`` requests generate and at most
-``max_queue`` wait; beyond that :class:`QueueFull` (HTTP 503). Cancelling a job (client gone) frees
-its slot at the next token, or at once if it was still waiting.
+A :class:`Backend` is a model runtime (``infer/runtimes.py``: the PyTorch ``Transformer`` or the
+packed CPU engine) with its tokenizer. Admission is bounded: at most ``max_batch`` requests run,
+each in its own slot of the runtime's KV cache, and at most ``max_queue`` wait; beyond that
+:class:`QueueFull` (HTTP 503). Each step the scheduler admits waiting requests into free slots
+(their prefill, at most ``PREFILL_CHUNK`` prompt tokens a step so a long prompt does not stall the
+others), samples one token for every running sequence, decodes them all in one batched forward,
+and hands the text deltas (incremental detokenisation and stop strings happen in the generator, as
+for every front end) to each request's asyncio task. Cancelling a job (client gone)
+frees its slot before the next step, or at once if it was still waiting. The event loop never
+blocks on a forward pass: the scheduler runs on its own thread.
 """
 
 from __future__ import annotations
@@ -19,232 +19,44 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from tritlm.infer.generate import generate_ids
-from tritlm.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from tritlm.infer.generator import Generator, Request, Seq
+from tritlm.infer.runtimes import Runtime, runtime_for
 
 log = logging.getLogger(__name__)
 
-# (logits over the vocabulary for the next token, ids generated so far) -> adjusted logits.
-LogitsProcessor = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+DEFAULT_MAX_BATCH = 8
+PREFILL_CHUNK = 256  # prompt tokens prefilled per step: a long prompt stalls the batch one chunk at a time
 
 
-# ---- logit processors -------------------------------------------------------------------------------
-class PresenceFrequencyPenalty:
-    """OpenAI's penalties: ``logit[j] -= count[j] * frequency + (count[j] > 0) * presence``.
+@dataclass
+class Backend:
+    """What the server needs from a model: a runtime with enough slots, and its tokenizer."""
 
-    ``count`` counts the tokens generated so far (not the prompt), as OpenAI documents. Stateful:
-    one instance per request; counts are updated incrementally so each step is O(new tokens).
-    """
+    runtime: Runtime
+    tokenizer: Any  # encode(str) -> list[int], decode(ids) -> str, eos_id, bos_id
 
-    def __init__(self, presence: float, frequency: float):
-        self.presence = presence
-        self.frequency = frequency
-        self._counts: torch.Tensor | None = None
-        self._seen = 0
+    @property
+    def context_length(self) -> int:
+        return self.runtime.context_length
 
-    def __call__(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
-        if self._counts is None or self._counts.numel() != logits.numel() or len(generated) < self._seen:
-            self._counts = torch.zeros(logits.numel(), dtype=torch.float32)
-            self._seen = 0
-        if len(generated) > self._seen:
-            new = torch.tensor(list(generated[self._seen:]), dtype=torch.long)
-            self._counts.index_add_(0, new, torch.ones(len(new)))
-            self._seen = len(generated)
-        if self._seen == 0:
-            return logits
-        c = self._counts
-        return logits - c * self.frequency - (c > 0).float() * self.presence
+    @property
+    def vocab_size(self) -> int:  # ids a prompt may hold: [0, vocab_size)
+        return self.runtime.vocab_size
 
 
-class LogitBias:
-    """OpenAI's ``logit_bias``: add a fixed bias to chosen token ids (-100 bans, +100 forces)."""
+def backend_for(loaded: Any, max_batch: int = DEFAULT_MAX_BATCH, prefix_cache_mb: int = 0) -> Backend:
+    """The backend for a :class:`tritlm.api.LoadedModel` (training checkpoint or packed folder).
 
-    def __init__(self, bias: dict[int, float]):
-        self.ids = torch.tensor(list(bias), dtype=torch.long)
-        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
-
-    def __call__(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
-        out = logits.clone()
-        out[self.ids] += self.values
-        return out
-
-
-# ---- backends ---------------------------------------------------------------------------------------
-@runtime_checkable
-class Backend(Protocol):
-    """What the server needs from an inference runtime."""
-
-    tokenizer: Any  # encode(str) -> list[int], decode(ids) -> str, eos_id, bos_id, vocab_size
-    context_length: int
-    vocab_size: int  # ids a prompt may hold: [0, vocab_size)
-
-    def generate_stream(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-                        stop_ids: frozenset[int], processors: Sequence[LogitsProcessor] = ()
-                        ) -> Iterator[int]:
-        """Yield up to ``max_tokens`` new ids, ending after yielding one in ``stop_ids``.
-
-        Blocking; runs on a worker thread; each call must own its KV cache (calls run concurrently
-        when the engine has several workers). Closing the iterator must free its resources.
-        """
-        ...
-
-
-class TorchBackend:
-    """tritlm's PyTorch ``Transformer`` with its KV cache (FP twin or ternary alike)."""
-
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.context_length = int(model.cfg.max_seq_len)
-        self.vocab_size = int(model.cfg.vocab_size)
-
-    @classmethod
-    def from_loaded(cls, m: Any) -> TorchBackend:
-        return cls(m.model, m.tokenizer)
-
-    @torch.no_grad()
-    def generate_stream(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-                        stop_ids: frozenset[int], processors: Sequence[LogitsProcessor] = ()
-                        ) -> Iterator[int]:
-        return generate_ids(self.model, list(prompt_ids)[-self.context_length:], max_tokens, params,
-                            stop_ids, processors)
-
-
-class PackedBackend:
-    """The packed CPU runtime (``tritlm.infer.engine.Engine``, ``tritlm.load`` of a packed folder).
-
-    That engine owns one KV cache guarded by its lock, so generations run one at a time whatever
-    the number of workers (a waiting worker blocks on the lock); it also reuses the cached prefix of
-    the previous request (a chat's history). Logit processors go through its ``sampler`` hook.
-    """
-
-    def __init__(self, engine: Any):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.context_length = int(engine.max_len)
-        self.vocab_size = int(engine.cfg.vocab_size)
-
-    def generate_stream(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-                        stop_ids: frozenset[int], processors: Sequence[LogitsProcessor] = ()
-                        ) -> Iterator[int]:
-        sampler = None
-        if processors:
-            n_prompt = min(len(prompt_ids), self.context_length)  # the engine keeps the prompt's tail
-            gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-            base = replace(params, repetition_penalty=1.0)
-
-            def sampler(logits: torch.Tensor, history: torch.Tensor) -> int:
-                lg = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
-                done = history[n_prompt:].tolist()
-                for proc in processors:
-                    lg = proc(lg, done)
-                return sample(lg, base, None, gen)
-
-        with self.engine.lock:  # held across yields, on the one worker thread that runs this generator
-            yield from self.engine.generate(list(prompt_ids), max_tokens, params, set(stop_ids), sampler=sampler)
-
-
-def backend_for(loaded: Any) -> Backend:
-    """The backend for a :class:`tritlm.api.LoadedModel` (training checkpoint or packed folder)."""
-    if getattr(loaded, "engine", None) is not None:
-        return PackedBackend(loaded.engine)
-    return TorchBackend.from_loaded(loaded)
-
-
-# ---- text -------------------------------------------------------------------------------------------
-class IncrementalDetokenizer:
-    """Text deltas from a growing list of ids, correct for byte-level BPE and SentencePiece.
-
-    Decoding one token at a time is wrong for both: a multi-byte character can span tokens, and
-    SentencePiece drops a word's leading space at the start of a decode. So each step decodes a
-    short window with some context before the new tokens and emits the difference, holding back
-    text that ends in U+FFFD (an incomplete character) until the next token completes it
-    (the method of Hugging Face text-generation-inference).
-    """
-
-    CONTEXT = 5
-
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = ()):
-        self.tok = tokenizer
-        self.ids: list[int] = list(prompt_ids[-self.CONTEXT:])
-        self.prefix = 0
-        self.read = len(self.ids)
-
-    def add(self, tid: int) -> str:
-        self.ids.append(tid)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        now = self.tok.decode(self.ids[self.prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is held back (an incomplete character comes out as U+FFFD)."""
-        if self.read >= len(self.ids):
-            return ""
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        now = self.tok.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before):]
-
-
-class StopMatcher:
-    """Cuts the text at the first stop string; holds back a tail that may be the start of one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was hit)."""
-        if not self.stops:
-            return text, False
-        buf = self.pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return buf[:min(hits)], True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), hold, -1):
-                if buf.endswith(s[:k]):
-                    hold = k
-                    break
-        self.pending = buf[len(buf) - hold:] if hold else ""
-        return buf[:len(buf) - hold], False
-
-    def flush(self) -> str:
-        p, self.pending = self.pending, ""
-        return p
-
-
-# ---- jobs and the engine ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    lstrip: bool = False  # drop leading whitespace of the output (chat templates ending in "Assistant:")
-
-    def processors(self) -> list[LogitsProcessor]:
-        procs: list[LogitsProcessor] = []
-        if self.presence_penalty or self.frequency_penalty:
-            procs.append(PresenceFrequencyPenalty(self.presence_penalty, self.frequency_penalty))
-        if self.logit_bias:
-            procs.append(LogitBias(self.logit_bias))
-        return procs
+    A packed model's engine grows up to ``max_batch`` cache slots as concurrency asks, and belongs
+    to the server: a generation through the same ``LoadedModel`` meanwhile would share its slots.
+    ``prefix_cache_mb``: K/V of earlier prompts kept for reuse by prompts sharing their prefix
+    (packed models; see ``infer/prefix_cache.py``)."""
+    return Backend(runtime_for(loaded, max_batch, prefix_cache_mb << 20), loaded.tokenizer)
 
 
 @dataclass
@@ -267,17 +79,20 @@ class QueueFull(Exception):
 class Job:
     """One admitted request: cancel it, or iterate its events from the event loop."""
 
-    def __init__(self, engine: Engine, req: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: Engine, req: Request, loop: asyncio.AbstractEventLoop):
         self.engine = engine
         self.req = req
         self.loop = loop
         self.queue: asyncio.Queue[Delta | Finish] = asyncio.Queue()
-        self.state = "waiting"  # -> running -> done, guarded by engine._lock
+        self.state = "waiting"  # -> running -> done, guarded by engine._cv
         self.cancelled = threading.Event()
         self.t_submit = time.perf_counter()
+        self.ttft: float | None = None
+        self.seq: Seq | None = None
 
     def cancel(self) -> None:
-        """Stop generating (idempotent): a waiting job leaves the queue now, a running one at its next token."""
+        """Stop generating (idempotent): a waiting job leaves the queue now, a running one frees
+        its slot before the next step."""
         self.cancelled.set()
         self.engine._dequeue_if_waiting(self)
 
@@ -289,7 +104,9 @@ class Job:
 
     async def events(self, poll: Callable[[], Awaitable[bool]] | None = None,
                      poll_interval: float = 1.0) -> AsyncIterator[Delta | Finish]:
-        """Deltas then one Finish. ``poll()`` returning True (e.g. client disconnected) cancels."""
+        """Deltas then one Finish. ``poll()`` returning True (e.g. client disconnected) cancels;
+        it runs after every delta and every ``poll_interval`` seconds without one, so a client
+        that left stops its generation at the next token, streaming or not."""
         try:
             while True:
                 if poll is None:
@@ -298,9 +115,11 @@ class Job:
                     try:
                         item = await asyncio.wait_for(self.queue.get(), poll_interval)
                     except asyncio.TimeoutError:
-                        if await poll():
-                            self.cancel()
-                            return
+                        item = None
+                    if not isinstance(item, Finish) and await poll():
+                        self.cancel()
+                        return
+                    if item is None:
                         continue
                 yield item
                 if isinstance(item, Finish):
@@ -310,123 +129,131 @@ class Job:
 
 
 class Engine:
-    def __init__(self, backend: Backend, workers: int = 1, max_queue: int = 64, metrics: Any = None):
-        if workers < 1:
-            raise ValueError("workers must be >= 1")
+    """The scheduler (see the module docstring). ``max_batch``: sequences decoded together."""
+
+    def __init__(self, backend: Backend, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64,
+                 metrics: Any = None, prefill_chunk: int | None = PREFILL_CHUNK):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         self.backend = backend
-        self.workers = workers
+        eos = backend.tokenizer.eos_id
+        self.gen = Generator(backend.runtime, backend.tokenizer, () if eos is None else (eos,), max_batch,
+                             prefill_chunk=prefill_chunk)
+        self.max_batch = self.gen.max_batch
         self.max_queue = max_queue
         self.metrics = metrics
-        self._lock = threading.Lock()
-        self._waiting = 0
-        self._running = 0
-        self._jobs: set[Job] = set()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tritlm-gen")
-        self._eos = frozenset({backend.tokenizer.eos_id}) if backend.tokenizer.eos_id is not None else frozenset()
+        self._cv = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._jobs: dict[Seq, Job] = {}  # running, by sequence
+        self._running = 0  # admitted and not finished (guarded by _cv)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tritlm-scheduler", daemon=True)
+        self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._pending)
 
     @property
     def running(self) -> int:
         return self._running
 
-    def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> Job:
+    def submit(self, req: Request, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         """Admit a request or raise :class:`QueueFull`."""
         job = Job(self, req, loop or asyncio.get_running_loop())
-        with self._lock:
-            if self._waiting + self._running >= self.workers + self.max_queue:
+        with self._cv:
+            if self._stopping or len(self._pending) + self._running >= self.max_batch + self.max_queue:
                 if self.metrics is not None:
                     self.metrics.observe_rejected()
-                raise QueueFull(f"{self._running} requests generating and {self._waiting} waiting "
+                raise QueueFull(f"{self._running} requests generating and {len(self._pending)} waiting "
                                 f"(max queue {self.max_queue}); retry later")
-            self._waiting += 1
-            self._jobs.add(job)
-        self._pool.submit(self._run, job)
+            self._pending.append(job)
+            self._cv.notify()
         return job
 
     def _dequeue_if_waiting(self, job: Job) -> None:
-        with self._lock:
-            if job.state == "waiting":
-                job.state = "done"
-                self._waiting -= 1
-                self._jobs.discard(job)
-                finish = Finish("cancelled", len(job.req.prompt_ids), 0)
-            else:
-                return
-        job._emit(finish)
-
-    def _run(self, job: Job) -> None:
-        with self._lock:
+        with self._cv:
             if job.state != "waiting":
-                return  # cancelled while queued
-            job.state = "running"
-            self._waiting -= 1
-            self._running += 1
-        req = job.req
-        n = 0
-        reason = "length"
-        err: str | None = None
-        ttft: float | None = None
-        detok = IncrementalDetokenizer(self.backend.tokenizer, req.prompt_ids)
-        stopper = StopMatcher(req.stop)
-        lstrip = req.lstrip
-        it: Iterator[int] | None = None
+                return
+            self._pending.remove(job)
+            job.state = "done"
+        job._emit(Finish("cancelled", len(job.req.prompt_ids), 0))
 
-        def emit(text: str) -> None:
-            nonlocal lstrip
-            if lstrip:
-                text = text.lstrip()
-                lstrip = not text
-            if text:
-                job._emit(Delta(text))
+    def _finish(self, job: Job, reason: str, n: int, err: str | None = None) -> None:
+        with self._cv:
+            if job.state == "done":
+                return
+            job.state = "done"
+            self._running -= 1
+            if job.seq is not None:
+                self._jobs.pop(job.seq, None)
+        if self.metrics is not None:
+            self.metrics.observe_generation(len(job.req.prompt_ids), n, reason, job.ttft)
+        job._emit(Finish(reason, len(job.req.prompt_ids), n, err))
 
-        try:
-            it = self.backend.generate_stream(req.prompt_ids, req.max_tokens, req.sampling, self._eos,
-                                              req.processors())
-            for tid in it:
-                if ttft is None:
-                    ttft = time.perf_counter() - job.t_submit
-                n += 1
+    def _admit(self) -> list[Job] | None:
+        """Under the lock: wait for work, move waiting jobs into free slots; None to stop."""
+        with self._cv:
+            while not self._stopping and not self._pending and not self._jobs:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            admitted = []
+            while self._pending and self._running < self.max_batch:
+                job = self._pending.popleft()
+                job.state = "running"
+                self._running += 1
+                admitted.append(job)
+            return admitted
+
+    def _loop(self) -> None:
+        while (admitted := self._admit()) is not None:
+            for job in admitted:
+                try:
+                    job.seq = self.gen.add(job.req)
+                except Exception as e:  # noqa: BLE001 - e.g. a sampler setting the model cannot take
+                    self._finish(job, "error", 0, f"{type(e).__name__}: {e}")
+                    continue
+                with self._cv:
+                    self._jobs[job.seq] = job
+            for seq, job in list(self._jobs.items()):
                 if job.cancelled.is_set():
-                    reason = "cancelled"
-                    break
-                if tid in self._eos:
-                    reason = "stop"
-                    emit(stopper.feed(detok.flush())[0] + stopper.flush())
-                    break
-                text, hit = stopper.feed(detok.add(tid))
-                emit(text)
-                if hit:
-                    reason = "stop"
-                    break
-            else:
-                if n < req.max_tokens:
-                    reason = "stop"  # the backend ended early (its own stop condition)
-                text, hit = stopper.feed(detok.flush())
-                emit(text if hit else text + stopper.flush())
-                if hit:
-                    reason = "stop"
-        except Exception as e:
-            log.exception("generation failed")
-            reason, err = "error", f"{type(e).__name__}: {e}"
-        finally:
-            if it is not None and hasattr(it, "close"):
-                it.close()  # frees the KV cache now rather than at garbage collection
-            with self._lock:
-                job.state = "done"
-                self._running -= 1
-                self._jobs.discard(job)
-            if self.metrics is not None:
-                self.metrics.observe_generation(len(req.prompt_ids), n, reason, ttft)
-            job._emit(Finish(reason, len(req.prompt_ids), n, err))
+                    self.gen.cancel(seq)
+                    self._finish(job, "cancelled", seq.n)
+            if not self._jobs:
+                continue
+            try:
+                events = self.gen.step()
+            except Exception as e:  # a failed forward: every sequence in it fails, the server goes on
+                log.exception("generation failed")
+                for seq, job in list(self._jobs.items()):
+                    self.gen.cancel(seq)
+                    self._finish(job, "error", seq.n, f"{type(e).__name__}: {e}")
+                continue
+            now = time.perf_counter()
+            for ev in events:
+                job = self._jobs.get(ev.seq)
+                if job is None:
+                    continue
+                if job.ttft is None and ev.token is not None:
+                    job.ttft = now - job.t_submit
+                if ev.text:
+                    job._emit(Delta(ev.text))
+                if ev.finish:
+                    self._finish(job, ev.finish, ev.seq.n, ev.error)
+        for seq, job in list(self._jobs.items()):  # shutting down
+            self.gen.cancel(seq)
+            self._finish(job, "cancelled", seq.n)
 
     def shutdown(self) -> None:
-        with self._lock:
-            jobs = list(self._jobs)
-        for j in jobs:
-            j.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._cv:
+            self._stopping = True
+            pending, self._pending = list(self._pending), deque()
+            for job in pending:
+                job.state = "done"
+            self._cv.notify_all()
+        for job in pending:
+            job._emit(Finish("cancelled", len(job.req.prompt_ids), 0))
+        self._thread.join(timeout=30)

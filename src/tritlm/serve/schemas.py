@@ -70,7 +70,8 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    """Fields shared by both endpoints. Ranges are OpenAI's; top_k, min_p, repetition_penalty are extensions."""
+    """Fields shared by both endpoints. Ranges are OpenAI's; top_k, min_p, repetition_penalty, typical_p and
+    mirostat* are extensions (llama.cpp's names), penalty_alpha too (Hugging Face's name)."""
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -89,6 +90,11 @@ class _Sampling(_Strict):
     top_k: int = Field(default=0, ge=-1)  # -1 or 0 = off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    typical_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    mirostat: Literal[0, 2] = 0  # 2 = mirostat v2, its mu carried across the request's tokens
+    mirostat_tau: float = Field(default=5.0, ge=0.0, le=100.0)
+    mirostat_eta: float = Field(default=0.1, ge=0.0, le=10.0)
+    penalty_alpha: float = Field(default=0.0, ge=0.0, le=1.0)  # > 0: contrastive search over top_k (packed models)
 
     @field_validator("stop")
     @classmethod

@@ -30,7 +30,7 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 # files SOURCE #includes: part of the cache key, so editing any of them triggers a rebuild
 INCLUDED = tuple(Path(__file__).with_name(f) for f in ("tritlm_intk.c", "tritlm_decode.c", "tritlm_f16.c"))
@@ -147,6 +147,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_dec_free": (None, [vp]),
         "tt_dec_set_layer": (i32, [vp, i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp]),
         "tt_dec_step": (i32, [vp, vp, i32, i32, vp, i32]),
+        "tt_dec_step_batch": (i32, [vp, vp, i32, vp, vp, vp, i32]),
         "tt_has_f16c": (i32, []),
         "tt_f16_matmul": (i32, [vp, i32, i32, vp, i32, i64, vp, i32, i32]),
     }

@@ -1,5 +1,7 @@
 /*
- * Fused decode step: one token through every transformer layer in one C call.
+ * Fused decode step: one token through every transformer layer in one C call, for one sequence or
+ * for M sequences at once (continuous batching: each Linear runs once over the M rows, so the
+ * weights are read once per step for all of them; attention runs per row on its own slot).
  *
  * Included at the end of tritlm_cpu.c (one translation unit: it uses the kernels' contexts, the
  * thread pool and the activation quantiser directly). Why: at M = 1 the ternary GEMVs of a 700M
@@ -32,7 +34,7 @@ typedef struct {
     const float *cos, *sin_signed; /* [max_len, hd]; sin with its first half negated */
     const float *final_norm;
     tt_dec_layer *L;
-    float *h, *qkv, *att, *gu, *tmp, *scores; /* scratch */
+    float *h, *qkv, *att, *gu, *tmp, *scores; /* scratch, one row per slot */
 } tt_dec;
 
 static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *out) {
@@ -61,12 +63,13 @@ tt_dec *tt_dec_new(int n_layers, int dim, int n_heads, int kv_heads, int hd, int
     int wide = dim > nq ? dim : nq;
     wide = wide > ffn ? wide : ffn;
     d->L = (tt_dec_layer *)calloc((size_t)n_layers, sizeof(tt_dec_layer));
-    d->h = (float *)tt_aligned_alloc(sizeof(float) * (size_t)wide);
-    d->qkv = (float *)tt_aligned_alloc(sizeof(float) * (size_t)nqkv);
-    d->att = (float *)tt_aligned_alloc(sizeof(float) * (size_t)nq);
-    d->gu = (float *)tt_aligned_alloc(sizeof(float) * 2 * (size_t)ffn);
-    d->tmp = (float *)tt_aligned_alloc(sizeof(float) * (size_t)dim);
-    d->scores = (float *)tt_aligned_alloc(sizeof(float) * (size_t)n_heads * max_len);
+    const size_t S = (size_t)slots;
+    d->h = (float *)tt_aligned_alloc(sizeof(float) * S * (size_t)wide);
+    d->qkv = (float *)tt_aligned_alloc(sizeof(float) * S * (size_t)nqkv);
+    d->att = (float *)tt_aligned_alloc(sizeof(float) * S * (size_t)nq);
+    d->gu = (float *)tt_aligned_alloc(sizeof(float) * S * 2 * (size_t)ffn);
+    d->tmp = (float *)tt_aligned_alloc(sizeof(float) * S * (size_t)dim);
+    d->scores = (float *)tt_aligned_alloc(sizeof(float) * S * (size_t)n_heads * max_len);
     if (!d->L || !d->h || !d->qkv || !d->att || !d->gu || !d->tmp || !d->scores) {
         free(d->L); free(d->h); free(d->qkv); free(d->att); free(d->gu); free(d->tmp); free(d->scores); free(d);
         return NULL;
@@ -95,20 +98,22 @@ int tt_dec_set_layer(tt_dec *d, int i, const float *ln1, const float *ln2, const
 
 typedef struct {
     const tt_dec *d;
-    const float *kc, *vc; /* this slot's [KV, max_len, hd] */
-    int n;                /* positions 0..n-1 are attended */
+    const float *kc, *vc;   /* the layer's [slots, KV, max_len, hd] */
+    const int *slots, *pos; /* row r: slot slots[r], positions 0..pos[r] attended */
 } tt_attn_job;
 
-/* one query head: scores, softmax, weighted sum of values (chunk = head) */
-static void tt_attn_head(const void *arg, int h) {
+/* one query head of one row: scores, softmax, weighted sum of values (chunk = row * H + head) */
+static void tt_attn_head(const void *arg, int job) {
     const tt_attn_job *A = (const tt_attn_job *)arg;
     const tt_dec *d = A->d;
-    const int hd = d->hd, n = A->n;
-    const int kvh = h / (d->n_heads / d->kv_heads);
-    const float *q = d->qkv + (size_t)h * hd;
-    const float *K = A->kc + (size_t)kvh * d->max_len * hd;
-    const float *V = A->vc + (size_t)kvh * d->max_len * hd;
-    float *sc = d->scores + (size_t)h * d->max_len;
+    const int H = d->n_heads, r = job / H, h = job % H;
+    const int hd = d->hd, n = A->pos[r] + 1, nqkv = (H + 2 * d->kv_heads) * hd;
+    const int kvh = h / (H / d->kv_heads);
+    const size_t slot_off = (size_t)A->slots[r] * d->kv_heads * d->max_len * hd;
+    const float *q = d->qkv + (size_t)r * nqkv + (size_t)h * hd;
+    const float *K = A->kc + slot_off + (size_t)kvh * d->max_len * hd;
+    const float *V = A->vc + slot_off + (size_t)kvh * d->max_len * hd;
+    float *sc = d->scores + (size_t)job * d->max_len;
     const float scale = 1.0f / sqrtf((float)hd);
     float mx = -INFINITY;
     for (int j = 0; j < n; j++) {
@@ -125,7 +130,7 @@ static void tt_attn_head(const void *arg, int h) {
         sum += sc[j];
     }
     const float inv = 1.0f / sum;
-    float *y = d->att + (size_t)h * hd;
+    float *y = d->att + (size_t)r * H * hd + (size_t)h * hd;
     for (int e = 0; e < hd; e++) y[e] = 0.0f;
     for (int j = 0; j < n; j++) {
         const float p = sc[j] * inv;
@@ -154,57 +159,80 @@ static void tt_residual(float *x, const float *y, int n, float rs) {
         for (int i = 0; i < n; i++) x[i] += rs * y[i];
 }
 
-/* the ternary Linear of the engine: optional parameter-free input RMSNorm, then the kernel */
-static int tt_dec_linear(const tt_dec *d, tt_ctx *c, float *in, float *out, int nth) {
-    if (d->input_norm) tt_rmsnorm(in, c->k, NULL, 1e-6f, in);
-    return tt_forward_f32_locked(c, in, 1, c->k, out, nth);
+/* the engine's Linear over m rows (row stride ldx): optional parameter-free input RMSNorm, then
+ * the kernel (one pass over the weights for all rows); out [m, n] */
+static int tt_dec_linear(const tt_dec *d, tt_ctx *c, float *in, int m, int ldx, float *out, int nth) {
+    if (d->input_norm)
+        for (int r = 0; r < m; r++) tt_rmsnorm(in + (size_t)r * ldx, c->k, NULL, 1e-6f, in + (size_t)r * ldx);
+    return tt_forward_f32_locked(c, in, m, ldx, out, nth);
 }
 
-/* x [dim] (the token's embedding, float32) -> out [dim] = final-normed hidden state; writes the
- * token's keys/values at `pos` of `slot`. x is overwritten with the residual stream. */
-int tt_dec_step(tt_dec *d, float *x, int slot, int pos, float *out, int nth) {
-    if (!d || slot < 0 || slot >= d->slots || pos < 0 || pos >= d->max_len) return -2;
+/* x [m, dim] (the tokens' embeddings, float32) -> out [m, dim] = final-normed hidden states; row r
+ * writes its keys/values at pos[r] of slot slots[r] (distinct slots). x is overwritten with the
+ * residual streams. */
+int tt_dec_step_batch(tt_dec *d, float *x, int m, const int *slots, const int *pos, float *out, int nth) {
+    if (!d || m <= 0 || m > d->slots || !slots || !pos) return -2;
     if (d->hd > 512) return -2; /* tt_qk_prep's stack row */
+    for (int r = 0; r < m; r++) {
+        if (slots[r] < 0 || slots[r] >= d->slots || pos[r] < 0 || pos[r] >= d->max_len) return -2;
+        for (int t = 0; t < r; t++)
+            if (slots[t] == slots[r]) return -2;
+    }
     for (int i = 0; i < d->n_layers; i++)
         if (!d->L[i].qkv) return -2;
     pthread_mutex_lock(&P.call_lock);
     tt_init_once();
     if (nth <= 0) nth = P.nthreads;
     const int H = d->n_heads, KV = d->kv_heads, hd = d->hd, D = d->dim, F = d->ffn;
-    const int nq = H * hd, nkv = KV * hd;
-    const size_t slot_off = (size_t)slot * KV * d->max_len * hd;
+    const int nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv;
+    size_t work = 0; /* attention multiply-adds of this step */
+    for (int r = 0; r < m; r++) work += (size_t)(pos[r] + 1) * hd * H;
     int rc = 0;
     for (int i = 0; i < d->n_layers && rc == 0; i++) {
         const tt_dec_layer *L = &d->L[i];
         /* attention */
-        tt_rmsnorm(x, D, L->ln1, d->eps, d->h);
-        if ((rc = tt_dec_linear(d, L->qkv, d->h, d->qkv, nth))) break;
-        tt_qk_prep(d, d->qkv, H, L->q_norm, pos);
-        tt_qk_prep(d, d->qkv + nq, KV, L->k_norm, pos);
-        float *kc = L->kc + slot_off, *vc = L->vc + slot_off;
-        for (int g = 0; g < KV; g++) {
-            memcpy(kc + ((size_t)g * d->max_len + pos) * hd, d->qkv + nq + (size_t)g * hd, sizeof(float) * hd);
-            memcpy(vc + ((size_t)g * d->max_len + pos) * hd, d->qkv + nq + nkv + (size_t)g * hd, sizeof(float) * hd);
+        for (int r = 0; r < m; r++) tt_rmsnorm(x + (size_t)r * D, D, L->ln1, d->eps, d->h + (size_t)r * D);
+        if ((rc = tt_dec_linear(d, L->qkv, d->h, m, D, d->qkv, nth))) break;
+        for (int r = 0; r < m; r++) {
+            float *row = d->qkv + (size_t)r * nqkv;
+            tt_qk_prep(d, row, H, L->q_norm, pos[r]);
+            tt_qk_prep(d, row + nq, KV, L->k_norm, pos[r]);
+            const size_t slot_off = (size_t)slots[r] * KV * d->max_len * hd;
+            for (int g = 0; g < KV; g++) {
+                const size_t at = slot_off + ((size_t)g * d->max_len + pos[r]) * hd;
+                memcpy(L->kc + at, row + nq + (size_t)g * hd, sizeof(float) * hd);
+                memcpy(L->vc + at, row + nq + nkv + (size_t)g * hd, sizeof(float) * hd);
+            }
         }
-        tt_attn_job A = {.d = d, .kc = kc, .vc = vc, .n = pos + 1};
+        tt_attn_job A = {.d = d, .kc = L->kc, .vc = L->vc, .slots = slots, .pos = pos};
         /* short contexts: the pool's wake-up costs more than the work */
-        tt_parallel(tt_attn_head, &A, H, (size_t)(pos + 1) * hd * H >= 16384 ? nth : 1);
-        if (L->attn_sub) tt_rmsnorm(d->att, nq, L->attn_sub, d->eps, d->att);
-        if ((rc = tt_dec_linear(d, L->o, d->att, d->tmp, nth))) break;
-        tt_residual(x, d->tmp, D, d->rs);
+        tt_parallel(tt_attn_head, &A, m * H, work >= 16384 ? nth : 1);
+        if (L->attn_sub)
+            for (int r = 0; r < m; r++) tt_rmsnorm(d->att + (size_t)r * nq, nq, L->attn_sub, d->eps, d->att + (size_t)r * nq);
+        if ((rc = tt_dec_linear(d, L->o, d->att, m, nq, d->tmp, nth))) break;
+        for (int r = 0; r < m; r++) tt_residual(x + (size_t)r * D, d->tmp + (size_t)r * D, D, d->rs);
         /* feed-forward */
-        tt_rmsnorm(x, D, L->ln2, d->eps, d->h);
-        if ((rc = tt_dec_linear(d, L->gu, d->h, d->gu, nth))) break;
-        float *g = d->gu, *u = d->gu + F;
-        if (d->relu2)
-            for (int e = 0; e < F; e++) { const float r = g[e] > 0.0f ? g[e] : 0.0f; g[e] = r * r * u[e]; }
-        else
-            for (int e = 0; e < F; e++) g[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-        if (L->ffn_sub) tt_rmsnorm(g, F, L->ffn_sub, d->eps, g);
-        if ((rc = tt_dec_linear(d, L->down, g, d->tmp, nth))) break;
-        tt_residual(x, d->tmp, D, d->rs);
+        for (int r = 0; r < m; r++) tt_rmsnorm(x + (size_t)r * D, D, L->ln2, d->eps, d->h + (size_t)r * D);
+        if ((rc = tt_dec_linear(d, L->gu, d->h, m, D, d->gu, nth))) break;
+        for (int r = 0; r < m; r++) {
+            float *g = d->gu + (size_t)r * 2 * F, *u = g + F;
+            if (d->relu2)
+                for (int e = 0; e < F; e++) { const float v = g[e] > 0.0f ? g[e] : 0.0f; g[e] = v * v * u[e]; }
+            else
+                for (int e = 0; e < F; e++) g[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
+            if (L->ffn_sub) tt_rmsnorm(g, F, L->ffn_sub, d->eps, g);
+        }
+        /* the activations sit in the first half of each [g | u] row: row stride 2F */
+        if ((rc = tt_dec_linear(d, L->down, d->gu, m, 2 * F, d->tmp, nth))) break;
+        for (int r = 0; r < m; r++) tt_residual(x + (size_t)r * D, d->tmp + (size_t)r * D, D, d->rs);
     }
-    if (rc == 0) tt_rmsnorm(x, D, d->final_norm, d->eps, out);
+    if (rc == 0)
+        for (int r = 0; r < m; r++) tt_rmsnorm(x + (size_t)r * D, D, d->final_norm, d->eps, out + (size_t)r * D);
     pthread_mutex_unlock(&P.call_lock);
     return rc;
+}
+
+/* one sequence: x [dim] -> out [dim] (see tt_dec_step_batch) */
+int tt_dec_step(tt_dec *d, float *x, int slot, int pos, float *out, int nth) {
+    return tt_dec_step_batch(d, x, 1, &slot, &pos, out, nth);
 }

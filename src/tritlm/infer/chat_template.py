@@ -1,8 +1,9 @@
 """Turning chat messages into one prompt string: the model's own template, or a plain default.
+The one chat template module: ``tritlm chat`` and the server both render through it.
 
 Where a template comes from, first match wins:
 
-1. an explicit file (``tritlm serve --chat-template FILE``, a Jinja template);
+1. an explicit file (``tritlm serve / chat --chat-template FILE``, a Jinja template);
 2. a ``chat_template`` attribute on the tokenizer (a Jinja string);
 3. ``chat_template.jinja`` or the ``chat_template`` key of ``tokenizer_config.json`` in the model's
    ``tokenizer/`` folder or the model folder (the Hugging Face conventions);

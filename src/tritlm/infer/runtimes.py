@@ -1,0 +1,172 @@
+"""What the generator needs from a model runtime: prefill a sequence into a cache slot, decode one
+token for several slots at once. One adapter per runtime; sampling and text live elsewhere.
+
+* :class:`TorchRuntime`: the training ``Transformer`` (checkpoint, FP twin, HF / GGUF imports),
+  one ``KVCache`` per slot, on whatever device the model is.
+* :class:`PackedRuntime`: the packed CPU engine (``infer/engine.py``): its slot KV cache, the fused
+  C step for one sequence and one batched forward for several.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    context_length: int  # positions one slot holds
+    vocab_size: int
+    slots: int  # sequences the runtime can hold at once (its cache may grow there on demand)
+
+    def reserve(self, n: int) -> int:
+        """Make slots ``0 .. n-1`` usable (n at most ``slots``); returns how many are."""
+        ...
+
+    def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
+        """Make ``slot`` hold exactly ``ids`` (from position 0); float32 logits ``[V]`` after the last."""
+        ...
+
+    def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        """Append ``tokens[b]`` to ``slots[b]``; float32 logits ``[B, V]``."""
+        ...
+
+    def filled(self, slot: int) -> int:
+        """Positions ``slot`` holds."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """The sequence in ``slot`` is done (finished or cancelled): the slot may take another."""
+        ...
+
+
+class TorchRuntime:
+    """The training ``Transformer`` with one KV cache per slot (allocated on first use).
+
+    A slot keeps its tokens after its sequence ends: a later prompt in that slot runs only what
+    follows their common prefix (a chat's growing history, a prompt prefilled in chunks)."""
+
+    def __init__(self, model: Any, slots: int = 1):
+        self.model = model.eval()
+        self.context_length = int(model.cfg.max_seq_len)
+        self.vocab_size = int(model.cfg.vocab_size)
+        self.slots = slots
+        self.device = model.embed_tokens.weight.device
+        self._caches: dict[int, Any] = {}
+        self._tokens: dict[int, list[int]] = {}  # what each slot's cache holds
+
+    def _cache(self, slot: int):
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} out of range (runtime has {self.slots})")
+        if slot not in self._caches:
+            self._caches[slot] = self.model.new_cache(1, self.context_length)
+        return self._caches[slot]
+
+    def _run(self, ids: list[int], cache) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(x, cache=cache, last_only=True)[0][0, -1]
+
+    @torch.no_grad()
+    def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
+        ids = [int(t) for t in ids]
+        cache = self._cache(slot)
+        have = self._tokens.get(slot, [])
+        n, most = 0, min(len(have), len(ids) - 1)  # the last token always runs: its logits are needed
+        while n < most and have[n] == ids[n]:
+            n += 1
+        cache.pos = n  # positions past n are overwritten
+        self._tokens[slot] = ids
+        return self._run(ids[n:], cache).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        # each slot's cache has its own fill level, which the training KVCache does not batch
+        rows = []
+        for tok, slot in zip(tokens, slots):
+            self._tokens[slot].append(int(tok))
+            rows.append(self._run([int(tok)], self._cache(slot)))
+        return torch.stack(rows).float().cpu()
+
+    def reserve(self, n: int) -> int:
+        return min(n, self.slots)  # caches are allocated on a slot's first prefill
+
+    def filled(self, slot: int) -> int:
+        return self._cache(slot).pos
+
+    def release(self, slot: int) -> None:
+        pass  # the cache and its tokens stay for the slot's next sequence
+
+
+class PackedRuntime:
+    """The packed CPU engine. Each call holds the engine's lock (servers share one engine).
+
+    A slot keeps what it held after its sequence ends, so the next prompt in that slot prefills
+    only what differs from it (a chat's growing history). ``prefix_cache_bytes`` > 0 adds a
+    :class:`~tritlm.infer.prefix_cache.PrefixCache`: a prompt sharing a prefix with any earlier
+    prompt (a system prompt, few-shot examples) restores its K/V into whatever slot it runs in.
+    """
+
+    def __init__(self, engine: Any, slots: int | None = None, prefix_cache_bytes: int = 0):
+        # up to ``slots`` sequences; the engine's cache grows to them as concurrency asks (reserve),
+        # so a server with --max-batch 8 holds 8 slots of K/V only once 8 requests ran together
+        self.engine = engine
+        self._cap = max(slots or engine.slots, engine.slots)
+        self.prefix = None
+        if prefix_cache_bytes > 0:
+            from tritlm.infer.prefix_cache import PrefixCache
+
+            self.prefix = PrefixCache(engine, max_bytes=prefix_cache_bytes)
+        self.context_length = int(engine.max_len)
+        self.vocab_size = int(engine.cfg.vocab_size)
+
+    @property
+    def slots(self) -> int:
+        return self._cap
+
+    def reserve(self, n: int) -> int:
+        self.engine.ensure_slots(min(n, self._cap))
+        return min(self.engine.slots, self._cap)
+
+    def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
+        with self.engine.lock:
+            if self.prefix is not None:
+                return self.prefix.prefill(list(ids), slot)
+            return self.engine.prefill(list(ids), slot)
+
+    def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        with self.engine.lock:
+            return self.engine.decode_batch(list(tokens), list(slots)).view(len(tokens), -1)
+
+    def contrastive(self, ids: Sequence[int], slot: int, max_tokens: int, k: int, alpha: float,
+                    stop_ids: Iterable[int] = ()) -> Iterator[int]:
+        """Contrastive search in ``slot`` (``infer/contrastive.py``), one token a ``next``, each
+        under the engine's lock."""
+        from tritlm.infer.contrastive import contrastive_generate
+
+        it = contrastive_generate(self.engine, ids, max_tokens, k, alpha, set(stop_ids), slot=slot)
+        try:
+            while True:
+                with self.engine.lock:
+                    tok = next(it, None)
+                if tok is None:
+                    return
+                yield tok
+        finally:
+            it.close()
+
+    def filled(self, slot: int) -> int:
+        return self.engine.pos[slot]
+
+    def release(self, slot: int) -> None:
+        pass
+
+
+def runtime_for(loaded: Any, slots: int = 1, prefix_cache_bytes: int = 0) -> Runtime:
+    """The runtime of a :class:`tritlm.api.LoadedModel` with at least ``slots`` sequence slots
+    (``prefix_cache_bytes``: see :class:`PackedRuntime`; the torch runtime reuses only a slot's
+    own prefix)."""
+    if getattr(loaded, "engine", None) is not None:
+        return PackedRuntime(loaded.engine, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
+    return TorchRuntime(loaded.model, slots=slots)

@@ -166,10 +166,11 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     ptr = ckpt_root / "latest.json"
     if ptr.is_file():
         try:
-            cand = ckpt_root / json.loads(ptr.read_text())["path"]
-            if (cand / STATE_FILE).is_file():
-                return cand
-        except (ValueError, KeyError):
+            name = json.loads(ptr.read_text())["path"]
+            # a plain step-* name inside this folder: anything else is a corrupt pointer
+            if isinstance(name, str) and STEP_RE.match(name) and (ckpt_root / name / STATE_FILE).is_file():
+                return ckpt_root / name
+        except (OSError, ValueError, KeyError, TypeError):
             log.warning("%s is unreadable; scanning for checkpoints", ptr)
     done = complete_checkpoints(ckpt_root)
     return done[-1] if done else None

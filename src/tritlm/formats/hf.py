@@ -46,6 +46,7 @@ from tritlm.formats.common import (
     set_quantised,
 )
 from tritlm.formats.hf_tokenizer import load_hf_folder_tokenizer, save_hf_tokenizer, to_hf_tokenizer
+from tritlm.formats.sanity import check_finite, check_model_finite, check_tensor_index, fp_shapes
 from tritlm.io_atomic import atomic_path
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
@@ -181,6 +182,7 @@ def export_hf(model: Transformer, tokenizer: Any, out_dir: str | Path, *, linear
         raise FormatError(f"hf: dtype must be one of {', '.join(FP_DTYPES)}, not {dtype!r}")
     td = FP_DTYPES[dtype]
     cfg = model.cfg
+    check_model_finite("hf", model)
     conf = hf_config(cfg, linear_class, td, tokenizer)
     sd = hf_state_dict(model, linear_class, td)
     out_dir = Path(out_dir)
@@ -310,7 +312,7 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
         raise FormatError(f"{p}/config.json is not a JSON object")
     cfg, qc = config_from_hf(d)
     sd = _read_tensors(p)
-    _check_sizes(p, cfg, sd)
+    _check_sizes(p, cfg, sd, qc is not None)
     model = Transformer(cfg)
     online = qc is not None and qc.get("quantization_mode") == "online"
     divides = qc is not None and qc.get("linear_class", "bitlinear") == "bitlinear"
@@ -330,17 +332,15 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
                 continue
             hk = k if k.startswith("lm_head.") else f"model.{k}"
             t = take(hk)
-            if tuple(t.shape) != tuple(v.shape):
-                raise FormatError(f"{p}: {hk} has shape {tuple(t.shape)}, expected {tuple(v.shape)}")
+            check_finite(str(p), hk, t)
             v.copy_(t.to(v.dtype))
         for name in sorted(linears):
             hk = f"model.{name}"
             w = take(f"{hk}.weight")
             mod = model.get_submodule(name)
             out, inp = mod.weight.shape
+            check_finite(str(p), f"{hk}.weight", w)
             if qc is None or online:
-                if tuple(w.shape) != (out, inp):
-                    raise FormatError(f"{p}: {hk}.weight has shape {tuple(w.shape)}, expected {(out, inp)}")
                 if qc is None:
                     set_linear(model, name, w.float())
                 else:
@@ -376,19 +376,13 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
     return model, tok
 
 
-def _check_sizes(p: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> None:
+def _check_sizes(p: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], quantised: bool) -> None:
     """The config must describe the tensors before a model of its size is allocated (a corrupt
-    config.json could otherwise ask for gigabytes)."""
-    emb = sd.get("model.embed_tokens.weight")
-    if emb is None or tuple(emb.shape) != (cfg.vocab_size, cfg.dim):
-        got = None if emb is None else tuple(emb.shape)
-        raise FormatError(f"{p}: model.embed_tokens.weight is {got}, config.json says {(cfg.vocab_size, cfg.dim)}")
-    last = f"model.layers.{cfg.n_layers - 1}.input_layernorm.weight"
-    if last not in sd or f"model.layers.{cfg.n_layers}.input_layernorm.weight" in sd:
-        raise FormatError(f"{p}: the checkpoint does not have the {cfg.n_layers} layers config.json declares")
-    up = sd.get("model.layers.0.mlp.up_proj.weight")
-    if up is None or up.shape[-1] != cfg.dim or up.shape[0] not in (cfg.ffn_dim, cfg.ffn_dim // 4):
-        raise FormatError(f"{p}: model.layers.0.mlp.up_proj.weight does not match intermediate_size {cfg.ffn_dim}")
+    config.json could otherwise ask for gigabytes). Quantised Linears may be packed ``[out/4, in]``."""
+    want: dict[str, Any] = {(k if k.startswith("lm_head.") else f"model.{k}"): s for k, s in fp_shapes(cfg).items()}
+    for name, (n, k) in cfg.linear_shapes().items():
+        want[f"model.{name}.weight"] = frozenset({(n, k), (n // 4, k)} if quantised and n % 4 == 0 else {(n, k)})
+    check_tensor_index(str(p), cfg, {k: v.shape for k, v in sd.items()}, want)
 
 
 def _online_quant(w: torch.Tensor) -> tuple[torch.Tensor, float]:

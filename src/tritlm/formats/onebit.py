@@ -30,6 +30,7 @@ import torch
 
 from tritlm.errors import FormatError
 from tritlm.formats.common import block_linears, quantised_linear, set_quantised
+from tritlm.formats.sanity import check_model_finite, check_tensor_index, state_shapes
 from tritlm.io_atomic import atomic_path, write_text_atomic
 from tritlm.kernels.pack import pack_2bit, pack_binary, unpack_2bit, unpack_binary
 from tritlm.model.config import ModelConfig
@@ -70,6 +71,10 @@ def _tokenizer_from(d: dict[str, Any] | None):
 
     if d is None:
         return None
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind not in ("byte", "char", "hf", "sentencepiece"):
+        raise FormatError(f".1bit: unknown tokenizer kind {str(kind)[:40]!r} in the header "
+                          "(byte, char, hf, sentencepiece)")
     try:
         if d["kind"] == "byte":
             return ByteTokenizer()
@@ -90,6 +95,7 @@ def export_onebit(model: Transformer, tokenizer: Any, path: str | Path, fp_dtype
                   c_header_path: str | Path | None = None) -> Path:
     """Write ``model`` (ternary or binary) as a .1bit file; full-precision parts in fp16 or fp32."""
     cfg = model.cfg
+    check_model_finite(".1bit", model)
     if not cfg.quantised:
         raise FormatError(".1bit holds ternary or binary models; quantise it first (tritlm quantize)")
     for lname, q in cfg.layer_quants().items():
@@ -191,6 +197,9 @@ def load_onebit(path: str | Path):
         cfg = ModelConfig.from_dict(meta["config"])
     except Exception as e:  # noqa: BLE001 - ConfigError/KeyError/TypeError from a corrupt header
         raise FormatError(f"{path}: invalid model config in the .1bit header ({str(e)[:120]})") from None
+    # 1-D tensors are stored as one row
+    want = {k: s if len(s) == 2 else (1, s[0]) for k, s in state_shapes(cfg).items()}
+    check_tensor_index(str(path), cfg, {t["name"]: t["shape"] for t in table}, want)
     model = Transformer(cfg)
     by = {t["name"]: t for t in table}
     linears = set(block_linears(cfg))

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 
 from tritlm.errors import ConfigError, FormatError
 from tritlm.formats.common import FP_DTYPES, block_linears, fp_tensors
+from tritlm.formats.sanity import check_context, check_model_finite, fp_shapes
 from tritlm.io_atomic import atomic_path, fsync_tree
 from tritlm.kernels.pack import PackedBase3, PackedTernary, pack_ternary_kernel
 from tritlm.kernels.pack_rows import PackedBinary, PackedInt4, PackedInt8
@@ -102,6 +103,7 @@ def from_transformer(model: torch.nn.Module, tokenizer: Any = None, fp_dtype: st
     if fp_dtype not in FP_DTYPES:
         raise FormatError(f"fp_dtype must be one of {', '.join(FP_DTYPES)}, got {fp_dtype!r}")
     _check_runtime_config(cfg)
+    check_model_finite("pack", model)
     if ternary_layout not in ("i2s", "base3"):
         raise FormatError(f"ternary_layout must be 'i2s' or 'base3', got {ternary_layout!r}")
     linears = {name: pack_module(model.get_submodule(name), fp_dtype, ternary_layout) for name in block_linears(cfg)}
@@ -216,24 +218,6 @@ def inspect_packed(path: str | Path) -> dict:
             "file_bytes": (p / WEIGHTS_FILE).stat().st_size, "tensors": records}
 
 
-def fp_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the full-precision tensors a packed model of ``cfg`` holds."""
-    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
-    out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = (cfg.vocab_size, d)
-    for i in range(cfg.n_layers):
-        out[f"layers.{i}.input_layernorm.weight"] = (d,)
-        out[f"layers.{i}.post_attention_layernorm.weight"] = (d,)
-        if cfg.qk_norm:
-            out[f"layers.{i}.self_attn.q_norm.weight"] = (hd,)
-            out[f"layers.{i}.self_attn.k_norm.weight"] = (hd,)
-        if cfg.sub_norm:
-            out[f"layers.{i}.self_attn.attn_sub_norm.weight"] = (d,)
-            out[f"layers.{i}.mlp.ffn_sub_norm.weight"] = (f,)
-    return out
-
-
 def _expected_qweight(kind: str, n: int, k: int, layout: str | None = None) -> tuple[tuple[int, ...], torch.dtype]:
     """Shape and dtype of ``<name>.qweight`` in each kind's layout."""
     if kind == "ternary" and layout == "base3":
@@ -317,6 +301,7 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
         cfg = ModelConfig.from_dict(meta["model"])
     except ConfigError as e:
         raise FormatError(f"{p}/config.json: {e}") from None
+    check_context(str(p), cfg)
     shapes = cfg.linear_shapes()
     if version >= 2:
         records = meta.get("tensors")

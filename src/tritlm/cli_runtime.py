@@ -79,16 +79,30 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---- chat ----------------------------------------------------------------------------------------
 def cmd_chat(a: argparse.Namespace) -> int:
-    from tritlm.cli import require_int, sampling_params
+    from tritlm.cli import require_int, require_tokenizer, sampling_params
 
     require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
     from tritlm.infer.chat import ChatSession, chat_repl
 
+    class KeepGoing(ChatSession):
+        """A message the tokenizer cannot encode (a character-level model meets a character it has
+        never seen) is refused with a one-line note; the session and its history go on."""
+
+        def reply(self, user, on_text=None):
+            before = list(self.messages)
+            try:
+                return super().reply(user, on_text)
+            except TritlmError as e:
+                self.messages = before
+                print(f"tritlm: {e} (message not sent; the conversation goes on)", file=sys.stderr)
+                return ""
+
     params = sampling_params(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                              repetition_penalty=a.repetition_penalty, seed=a.seed)
     m = tritlm.load(a.model)
-    chat = ChatSession(m, params, a.max_tokens, a.system)
+    require_tokenizer(m, "chat")
+    chat = KeepGoing(m, params, a.max_tokens, a.system)
     chat_repl(chat, sys.stdin, sys.stdout,
               banner=f"tritlm chat: {m.path} ({m.source}). /reset clears the history, /exit quits.")
     return 0
@@ -194,7 +208,8 @@ def add_runtime_commands(sub) -> None:
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("profile", help="per-layer timing table + Chrome trace; layer tracer to compare runtimes")
-    s.add_argument("model", nargs="?", help="packed folder / run folder / name (default: random --preset)")
+    s.add_argument("model", nargs="?", help="packed folder or registered name of one (default: a random packed "
+                                            "--preset model); pack a run folder first with tritlm pack")
     s.add_argument("--preset", default="125M", help="random packed model of this preset when no model is given")
     s.add_argument("--prompt-tokens", type=int, default=32)
     s.add_argument("--decode-tokens", type=int, default=16)

@@ -314,8 +314,9 @@ def _write(cfg: ModelConfig, fp: dict[str, np.ndarray], layers, tokenizer: Any, 
         tensors.append((gname, shape, t, raw))
         weights_by_type[t] = weights_by_type.get(t, 0) + n * kdim
     if fallback:
-        log.warning("gguf: %d tensor(s) have rows not a multiple of their type's block and are stored as F16: %s",
-                    len(fallback), ", ".join(fallback[:4]))
+        log.warning("gguf: %d tensor(s) have rows not a multiple of their type's block (256 weights for TQ, 128 "
+                    "for I2_S, 32 for Q8_0 / Q4_0) and are stored as F16, 16 bits a weight: %s", len(fallback),
+                    ", ".join(fallback[:4]))
     # llama.cpp's file type: the chosen qtype when ternary / binary layers use it, else the type
     # holding most block-Linear weights
     ftype = _FTYPE[qt] if low_bit or qt in (F16, F32) or not weights_by_type else \

@@ -11,6 +11,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from fuzzing import guard_builds  # tests/formats helper
 
 pytest.importorskip("gguf")
 
@@ -33,21 +34,12 @@ SMALL = dict(vocab_size=64, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_l
 HUGE = [{"dim": 1 << 16, "n_heads": 512, "vocab_size": 1 << 20}, {"n_layers": 4000},
         {"ffn_dim": 1 << 19}, {"vocab_size": 1 << 24}, {"max_seq_len": 1 << 22, "dim": 1 << 12, "n_heads": 2},
         {"max_seq_len": 1 << 22}]
-LIMIT = 5_000_000  # parameters (or RoPE entries) beyond which a test model build is an "oversized allocation"
 
 
 @pytest.fixture(autouse=True)
 def no_oversized_build(monkeypatch):
     """Fail any Transformer build far larger than the test files (instead of allocating gigabytes)."""
-    orig = Transformer.__init__
-
-    def guarded(self, cfg):
-        params = cfg.vocab_size * cfg.dim * 2 + cfg.n_layers * (4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim)
-        rope = cfg.max_seq_len * cfg.head_dim
-        assert params <= LIMIT and rope <= LIMIT, f"built a model of {params} params / {rope} RoPE entries"
-        orig(self, cfg)
-
-    monkeypatch.setattr(Transformer, "__init__", guarded)
+    guard_builds(monkeypatch)
 
 
 def small(**kw) -> Transformer:

@@ -3,7 +3,6 @@ string (``char``, ``byte``, ``bpe:<vocab>``, a path)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,23 +19,21 @@ from tritlm.data.tokenizer import (
     train_bpe,
 )
 from tritlm.errors import ConfigError, FormatError
+from tritlm.safe_json import read_json
 
 
 def _load_dir(d: Path) -> Tokenizer:
     cfg_path = d / CONFIG_FILE
     kind = None
     if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{cfg_path} is not valid JSON ({e})") from None
+        cfg = read_json(cfg_path)
         # An HF model folder has its own tokenizer_config.json without our "kind": fall through.
         kind = cfg.get("kind") if isinstance(cfg, dict) else None
     if kind == "char":
+        chars = read_json(d / CHAR_VOCAB_FILE)
         try:
-            chars = json.loads((d / CHAR_VOCAB_FILE).read_text())
             return CharTokenizer(chars)
-        except (OSError, ValueError, TypeError, ConfigError) as e:
+        except (ValueError, TypeError, ConfigError) as e:
             raise FormatError(f"{d / CHAR_VOCAB_FILE} is missing or corrupt ({e})") from None
     if kind == "byte":
         return ByteTokenizer()

@@ -404,8 +404,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
 def _declared_config(f: GGUFFile) -> ModelConfig:
     kv = f.kv
     arch = kv.get("general.architecture")
-    if arch not in ("llama", "bitnet", "bitnet-b1.58"):
-        raise FormatError(f"{f.path}: architecture {arch!r} is not supported (llama, bitnet, bitnet-b1.58)")
+    if not isinstance(arch, str) or arch not in ("llama", "bitnet", "bitnet-b1.58"):  # metadata of any type
+        raise FormatError(f"{f.path}: architecture {str(arch)[:40]!r} is not supported (llama, bitnet, bitnet-b1.58)")
     if "tritlm.config" in kv:
         try:
             return ModelConfig.from_dict(json.loads(kv["tritlm.config"]))

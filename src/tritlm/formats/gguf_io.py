@@ -152,6 +152,8 @@ def read_gguf(path: str | Path, strict: bool = True) -> GGUFFile:
     which :func:`repair` needs in order to rewrite such files.
     """
     p = Path(path)
+    if not p.is_file():  # a FIFO or a device: never map or read it
+        raise FormatError(f"{p} is missing or not a regular file")
     try:
         size = p.stat().st_size
         if size == 0:

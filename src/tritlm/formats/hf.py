@@ -51,6 +51,7 @@ from tritlm.io_atomic import atomic_path
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import FP, QuantConfig
+from tritlm.safe_json import read_json
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,8 @@ def is_hf(path: str | Path) -> bool:
     if not (p.is_dir() and (p / "config.json").is_file()):
         return False
     try:
-        d = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
+        d = read_json(p / "config.json")
+    except FormatError:
         return False
     return isinstance(d, dict) and ("model_type" in d or "architectures" in d)
 
@@ -218,9 +219,9 @@ def _read_tensors(p: Path) -> dict[str, torch.Tensor]:
         files = [p / "model.safetensors"]
     elif index.is_file():
         try:
-            wm = json.loads(index.read_text())["weight_map"]
+            wm = read_json(index)["weight_map"]
             files = [p / f for f in sorted(set(wm.values()))]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (FormatError, KeyError, TypeError, AttributeError) as e:
             raise FormatError(f"{index} is not a valid safetensors index ({e})") from None
     else:
         raise FormatError(f"{p}: no model.safetensors (PyTorch .bin checkpoints are not read; convert them "
@@ -259,6 +260,8 @@ def config_from_hf(d: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any] | Non
     if act not in ("silu", "relu2"):
         raise FormatError(f"hf: hidden_act {act!r} is not supported (silu, relu2)")
     qc = d.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise FormatError(f"hf: quantization_config must be an object, got {type(qc).__name__}")
     if qc is not None and qc.get("quant_method") != "bitnet":
         raise FormatError(f"hf: quantization method {qc.get('quant_method')!r} is not supported (bitnet)")
     try:
@@ -277,7 +280,7 @@ def config_from_hf(d: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any] | Non
             tie_embeddings=bool(d.get("tie_word_embeddings", False)), sub_norm=mt == "bitnet", quant=quant)
     except FormatError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as e:  # int(inf); 0 heads
         raise FormatError(f"hf: config.json lacks or has a bad {e}") from None
     except TritlmError as e:  # ConfigError: impossible sizes
         raise FormatError(f"hf: config.json describes an impossible model ({e})") from None
@@ -304,10 +307,7 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
     weights, quantised here with transformers' own formula (see :func:`_online_quant`).
     """
     p = Path(path)
-    try:
-        d = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{p}/config.json is missing or not JSON ({e})") from None
+    d = read_json(p / "config.json")
     if not isinstance(d, dict):
         raise FormatError(f"{p}/config.json is not a JSON object")
     cfg, qc = config_from_hf(d)

@@ -35,6 +35,7 @@ from tritlm.io_atomic import atomic_path, write_text_atomic
 from tritlm.kernels.pack import pack_2bit, pack_binary, unpack_2bit, unpack_binary
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
+from tritlm.safe_json import loads
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def export_onebit(model: Transformer, tokenizer: Any, path: str | Path, fp_dtype
 def read_onebit(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
     """(JSON header, tensor table, file bytes) with every structural check; FormatError otherwise."""
     p = Path(path)
+    if not p.is_file():  # before reading: a FIFO or a device would block or never end
+        raise FormatError(f"{p} is missing or not a regular file")
     try:
         buf = np.fromfile(p, dtype=np.uint8)
     except OSError as e:
@@ -166,10 +169,10 @@ def read_onebit(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
             or doff < toff + n * ENTRY.size or doff > buf.size:
         raise FormatError(f"{p}: truncated or corrupt .1bit header (sections out of the file's {buf.size} bytes)")
     try:
-        meta = json.loads(buf[HEADER.size:HEADER.size + jlen].tobytes().decode("utf-8"))
+        meta = loads(buf[HEADER.size:HEADER.size + jlen].tobytes(), f"{p}: the .1bit JSON header")
         if not isinstance(meta, dict) or meta.get("format") != "tritlm-1bit":
             raise ValueError("not a tritlm-1bit header")
-    except (UnicodeDecodeError, ValueError) as e:
+    except ValueError as e:
         raise FormatError(f"{p}: corrupt .1bit JSON header ({str(e)[:100]})") from None
     table = []
     for i in range(n):

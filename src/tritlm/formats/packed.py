@@ -38,6 +38,7 @@ from tritlm.kernels.pack import PackedBase3, PackedTernary, pack_ternary_kernel
 from tritlm.kernels.pack_rows import PackedBinary, PackedInt4, PackedInt8
 from tritlm.model.config import ModelConfig
 from tritlm.nn.packed_linear import PackedLinear, pack_levels, pack_module
+from tritlm.safe_json import read_json
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,9 @@ def is_packed(path: str | Path) -> bool:
     if not (p.is_dir() and cfg.is_file() and (p / WEIGHTS_FILE).is_file()):
         return False
     try:
-        meta = json.loads(cfg.read_text())
+        meta = read_json(cfg)
         return isinstance(meta, dict) and meta.get("format") == FORMAT
-    except (OSError, ValueError):
+    except FormatError:
         return False
 
 
@@ -237,7 +238,7 @@ def _read_linear(p: Path, tensors: dict, name: str, rec: dict, want: tuple[int, 
     if not isinstance(rec, dict):
         raise FormatError(f"{p}: tensor record of {name} is not a mapping")
     kind, shape = rec.get("kind"), rec.get("shape")
-    if list(shape or []) != list(want):
+    if not isinstance(shape, list) or shape != list(want):
         raise FormatError(f"{p}: {name} has shape {shape}, the model config says {list(want)}")
     n, k = want
     if kind in ("fp16", "fp32"):
@@ -291,7 +292,7 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
     p = Path(path)
     if not is_packed(p):
         raise FormatError(f"{p} is not a tritlm packed model folder")
-    meta = json.loads((p / CONFIG_FILE).read_text())  # is_packed parsed it: a dict
+    meta = read_json(p / CONFIG_FILE)  # is_packed parsed it: a dict
     version = meta.get("version", 0)
     if not isinstance(version, int) or version > VERSION:
         raise FormatError(f"{p}: packed format version {version!r} is newer than this tritlm ({VERSION})")

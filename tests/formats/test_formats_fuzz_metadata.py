@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from fuzzing import SETTINGS, dumps, guard_builds, mutate_json, scalars, try_load, values  # tests/formats helper
+from fuzzing import (  # tests/formats helper
+    SETTINGS,
+    dumps,
+    fuzz_single_file,
+    guard_builds,
+    mutate_json,
+    scalars,
+    try_load,
+    values,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -212,3 +221,19 @@ def test_gguf_nesting_and_counts(tmp_path):
         target.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, d.draw(counts), d.draw(counts)) + body)
 
     fuzz("gguf raw nesting / counts", write, lambda: import_gguf(target))
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "packed"])
+def test_safetensors_header_bytes(tmp_path, kind):
+    """Byte mutations of model.safetensors (mostly in its JSON header: names, dtypes, shapes,
+    offsets) of a checkpoint and a packed folder."""
+    if kind == "checkpoint":
+        folder = ck.save_checkpoint(tmp_path / "run", 1, model(), None, {}, {"model": ModelConfig(**CFG).to_dict()},
+                                    TOK)
+        load = load_native
+    else:
+        folder, load = save_packed(from_transformer(model(), TOK), tmp_path / "p"), load_packed
+    data = (folder / "model.safetensors").read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    tried = fuzz_single_file(data, header, folder / "model.safetensors", lambda _: load(folder), truncate_below=header)
+    COUNTS[f"{kind} safetensors bytes"] = tried

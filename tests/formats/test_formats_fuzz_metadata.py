@@ -29,10 +29,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tritlm.data.tokenizer import CharTokenizer
+from tritlm.errors import FormatError
 from tritlm.formats import checkpoint as ck
 from tritlm.formats.native import load_native
 from tritlm.formats.onebit import ENTRY, HEADER, export_onebit, load_onebit, read_onebit
-from tritlm.formats.packed import from_transformer, load_packed, save_packed
+from tritlm.formats.packed import from_transformer, inspect_packed, load_packed, save_packed
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import TERNARY
@@ -87,7 +88,7 @@ def fuzz(name: str, write, load, non_regular_files=(), check=None) -> dict:
     return tried
 
 
-def fuzz_json_files(name: str, files: list[Path], load, non_regular_files=()) -> dict:
+def fuzz_json_files(name: str, files: list[Path], load, non_regular_files=(), check=None) -> dict:
     """Mutations of one (drawn) of the JSON documents ``files``, each loaded with ``load``."""
     originals = {p: p.read_bytes() for p in files}
 
@@ -98,7 +99,7 @@ def fuzz_json_files(name: str, files: list[Path], load, non_regular_files=()) ->
         p.write_text(dumps(mutate_json(data, json.loads(originals[p]))))
 
     try:
-        return fuzz(name, write, load, non_regular_files)
+        return fuzz(name, write, load, non_regular_files, check)
     finally:
         for p, b in originals.items():
             p.write_bytes(b)
@@ -133,8 +134,15 @@ def test_checkpoint_metadata(tmp_path):
 
 def test_packed_metadata(tmp_path):
     out = save_packed(from_transformer(model(), TOK), tmp_path / "p")
+
+    def inspect(_loaded: bool) -> None:  # tritlm inspect reads the same config.json
+        try:
+            inspect_packed(out)
+        except FormatError as e:
+            assert "\n" not in str(e)
+
     fuzz_json_files("packed", [out / "config.json"], lambda: load_packed(out),
-                    [out / "model.safetensors", out / "config.json"])
+                    [out / "model.safetensors", out / "config.json"], inspect)
 
 
 def test_hf_metadata(tmp_path):

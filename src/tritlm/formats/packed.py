@@ -201,18 +201,21 @@ def inspect_packed(path: str | Path) -> dict:
     p = Path(path)
     if not is_packed(p):
         raise FormatError(f"{p} is not a tritlm packed model folder")
-    meta = json.loads((p / CONFIG_FILE).read_text())
-    cfg = ModelConfig.from_dict(meta.get("model", {}))
-    records = meta.get("tensors")
-    if not isinstance(records, dict):  # version 1: all ternary, one scale per tensor
-        records = {n: {"kind": "ternary", "bits": 2, "layout": "i2s_r4", "shape": s, "scale_shape": [1],
-                       "group_size": None} for n, s in (meta.get("shapes") or {}).items()}
-    kinds: dict[str, dict[str, int]] = {}
-    for r in records.values():
-        e = kinds.setdefault(str(r.get("kind")), {"tensors": 0, "params": 0})
-        e["tensors"] += 1
-        n, k = r.get("shape", [0, 0])
-        e["params"] += int(n) * int(k)
+    meta = read_json(p / CONFIG_FILE)
+    try:
+        cfg = ModelConfig.from_dict(meta.get("model", {}))
+        records = meta.get("tensors")
+        if not isinstance(records, dict):  # version 1: all ternary, one scale per tensor
+            records = {n: {"kind": "ternary", "bits": 2, "layout": "i2s_r4", "shape": s, "scale_shape": [1],
+                           "group_size": None} for n, s in (meta.get("shapes") or {}).items()}
+        kinds: dict[str, dict[str, int]] = {}
+        for r in records.values():
+            e = kinds.setdefault(str(r.get("kind")), {"tensors": 0, "params": 0})
+            e["tensors"] += 1
+            n, k = r.get("shape", [0, 0])
+            e["params"] += int(n) * int(k)
+    except (AttributeError, TypeError, ValueError, OverflowError, ConfigError) as e:  # hand-edited records
+        raise FormatError(f"{p}/{CONFIG_FILE}: corrupt model or tensor records ({str(e)[:100]})") from None
     return {"path": str(p), "format": FORMAT, "version": meta.get("version"), "fp_dtype": meta.get("fp_dtype"),
             "model": {k: v for k, v in cfg.to_dict().items() if k != "quant_overrides"},
             "quant_overrides": cfg.to_dict()["quant_overrides"], "kinds": kinds, "bytes": meta.get("bytes"),

@@ -217,6 +217,8 @@ def quantize(src: str | Path, out: str | Path, bits: str = "ternary",
     m = load(src)
     if m.engine is not None:
         raise FormatError(f"{src} is a packed runtime folder (already ternary)")
+    if eval_text and m.tokenizer is None:
+        raise FormatError(f"{src} has no tokenizer, and measuring perplexity on {eval_text} needs one")
     q = quantize_model(m.model, bits)
     res = QuantizeResult(Path(out), bits)
     if eval_text:

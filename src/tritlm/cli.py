@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tritlm.cli_info import _console, _h, cmd_info
+from tritlm.cli_progress import Progress as _Progress
 from tritlm.cli_sampling import add_sampling_args, sampling_kwargs, sampling_params
 from tritlm.errors import ConfigError, TritlmError
 
@@ -21,6 +22,14 @@ def require_int(flag: str, v: int | None, lo: int, hi: int | None = None, note: 
         return
     rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
     raise ConfigError(f"{flag} {v} must be {rng}" + (f" ({note})" if note else ""))
+
+
+def require_tokenizer(m, command: str) -> None:
+    """A model loaded without a tokenizer (a transformers folder or GGUF file that carries none)
+    cannot take text: a one-line error instead of an AttributeError later."""
+    if m.tokenizer is None:
+        raise TritlmError(f"{m.path} has no tokenizer, and {command} needs one to turn text into tokens "
+                          "(export the model with its tokenizer, or use a checkpoint / packed folder)")
 
 
 def _lr_list(flag: str, text: str) -> list[float]:
@@ -63,36 +72,6 @@ def _train_config(a: argparse.Namespace, base: dict | None = None, **extra):
 
         direct["model.quant_overrides"] = load_quant_spec(a.quant_spec)
     return load_config(a.config, a.set, base=base, **direct)
-
-
-class _Progress:
-    """A rich progress bar fed by the trainer's callback events."""
-
-    def __init__(self, label: str, quiet: bool = False):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.quiet = quiet
-        self.label = label
-        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                          console=_console(), disable=quiet)
-        self.task = None
-        self.val = float("nan")
-
-    def __call__(self, ev: dict) -> None:
-        e = ev["event"]
-        if e == "start":
-            self.p.start()
-            self.task = self.p.add_task(self.label, total=ev["max_steps"], completed=ev["step"], info="")
-        elif e == "step" and self.task is not None:
-            self.p.update(self.task, completed=ev["step"],
-                          info=f"loss {ev['loss']:.4f}  val {self.val:.4f}  lr {ev['lr']:.2e}")
-        elif e == "eval":
-            self.val = ev["val_loss"]
-        elif e == "rollback":
-            self.p.console.print(f"[yellow]step {ev['step']}: {ev['reason']} -> rolled back to step {ev['to']}")
-        elif e == "end":
-            self.p.stop()
 
 
 def _summary_table(title: str, rows: list[tuple[str, str]]):
@@ -179,6 +158,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     sampling_params(**kw)  # checked before the model loads: a bad flag fails at once
     require_int("--draft-k", a.draft_k, 1)
     m = tritlm.load(a.model)
+    require_tokenizer(m, "generate")
     draft = tritlm.load(a.draft) if a.draft else None
     if not m.tokenizer.encode(a.prompt):
         raise TritlmError("the prompt encodes to no tokens")

@@ -10,11 +10,38 @@ from tritlm.formats.detect import EXPORT_FORMATS
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from tritlm.api import export_model
+    from pathlib import Path
 
+    from tritlm.api import export_model
+    from tritlm.errors import ConfigError
+
+    if a.c_header is not None:
+        if a.format != "1bit":
+            raise ConfigError(f"--c-header goes with --format 1bit (the header describes .1bit files), not {a.format}")
+        if Path(a.c_header).exists() and not a.force:
+            raise ConfigError(f"{a.c_header} exists; choose another --c-header file or pass --force to replace it")
     out = export_model(a.model, a.format, a.out, overwrite=a.force)
-    print(f"wrote {out}")
+    print(f"wrote {out}{_f16_note(out) if a.format.startswith('gguf-') else ''}")
+    if a.c_header is not None:
+        from tritlm.formats.onebit import c_header
+        from tritlm.io_atomic import write_text_atomic
+
+        write_text_atomic(a.c_header, c_header())
+        print(f"wrote {a.c_header} (C header of the .1bit layout)")
     return 0
+
+
+def _f16_note(path) -> str:
+    """Block Linears the GGUF writer had to store as F16 (rows that are not whole blocks)."""
+    from tritlm.formats.gguf_io import read_gguf
+
+    f = read_gguf(path)
+    fallback = f.kv.get("tritlm.fallback_f16") or []
+    if not fallback:
+        return ""
+    total = sum(1 for t in f.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    return (f" ({len(fallback)} of {total} block Linears stored as F16: rows not a multiple of the "
+            f"{f.kv.get('tritlm.qtype')} block; see the warning above)")
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -86,6 +113,8 @@ def add_format_commands(sub) -> None:
     s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     s.add_argument("out", help="output folder (hf) or file (gguf), written atomically")
     s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.add_argument("--c-header", metavar="FILE.h", help="with --format 1bit: also write the C header of the "
+                                                         "format (onebit.h) to FILE.h")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("inspect", help="a GGUF file or packed folder: metadata, tensors, kinds, types and sizes (JSON)")
     s.add_argument("file")

@@ -79,7 +79,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---- chat ----------------------------------------------------------------------------------------
 def cmd_chat(a: argparse.Namespace) -> int:
-    from tritlm.cli import require_int
+    from tritlm.cli import require_int, require_tokenizer
     from tritlm.cli_sampling import sampling_kwargs, sampling_params
 
     require_int("--max-tokens", a.max_tokens, 1)
@@ -87,11 +87,25 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from tritlm.infer.chat import ChatSession, chat_repl
     from tritlm.infer.chat_template import load_chat_template
 
+    class KeepGoing(ChatSession):
+        """A message the tokenizer cannot encode (a character-level model meets a character it has
+        never seen) is refused with a one-line note; the session and its history go on."""
+
+        def reply(self, user, on_text=None):
+            before = list(self.messages)
+            try:
+                return super().reply(user, on_text)
+            except TritlmError as e:
+                self.messages = before
+                print(f"tritlm: {e} (message not sent; the conversation goes on)", file=sys.stderr)
+                return ""
+
     kw = sampling_kwargs(a)
     sampling_params(**kw)  # checked before the model loads
     m = tritlm.load(a.model)
+    require_tokenizer(m, "chat")
     tmpl = load_chat_template(m.tokenizer, m.path, a.chat_template)
-    chat = ChatSession(m, m.sampling(**kw), a.max_tokens, a.system, template=tmpl)
+    chat = KeepGoing(m, m.sampling(**kw), a.max_tokens, a.system, template=tmpl)
     chat_repl(chat, sys.stdin, sys.stdout,
               banner=f"tritlm chat: {m.path} ({m.source}). /reset clears the history, /exit quits.")
     return 0
@@ -197,7 +211,8 @@ def add_runtime_commands(sub) -> None:
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("profile", help="per-layer timing table + Chrome trace; layer tracer to compare runtimes")
-    s.add_argument("model", nargs="?", help="packed folder / run folder / name (default: random --preset)")
+    s.add_argument("model", nargs="?", help="packed folder or registered name of one (default: a random packed "
+                                            "--preset model); pack a run folder first with tritlm pack")
     s.add_argument("--preset", default="125M", help="random packed model of this preset when no model is given")
     s.add_argument("--prompt-tokens", type=int, default=32)
     s.add_argument("--decode-tokens", type=int, default=16)

@@ -413,12 +413,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path: str | Path) -> SentencePieceTokenizer:
-        p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise FormatError(f"cannot read SentencePiece model {p}: {e.strerror or e}") from None
-        return cls(data, str(p))
+        from tritlm.safe_json import read_regular
+
+        return cls(read_regular(path, "SentencePiece model"), str(path))
 
     @property
     def vocab_size(self) -> int:

@@ -3,7 +3,6 @@ string (``char``, ``byte``, ``bpe:<vocab>``, a path)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tritlm.data.tokenizer import (
     train_bpe,
 )
 from tritlm.errors import ConfigError, FormatError
+from tritlm.safe_json import read_json
 
 
 def _load_dir(d: Path) -> Tokenizer:
@@ -34,10 +34,13 @@ def _chat_template(d: Path) -> str | None:
     jf = d / "chat_template.jinja"
     if jf.is_file():
         return jf.read_text()
-    try:
-        t = json.loads((d / CONFIG_FILE).read_text()).get("chat_template")
-    except (OSError, ValueError, AttributeError):
+    if not (d / CONFIG_FILE).is_file():
         return None
+    try:
+        cfg = read_json(d / CONFIG_FILE)
+    except FormatError:  # a template is optional; the vocabulary's own loader reports a bad file
+        return None
+    t = cfg.get("chat_template") if isinstance(cfg, dict) else None
     return t if isinstance(t, str) and t.strip() else None
 
 
@@ -45,17 +48,14 @@ def _load_dir_vocab(d: Path) -> Tokenizer:
     cfg_path = d / CONFIG_FILE
     kind = None
     if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{cfg_path} is not valid JSON ({e})") from None
+        cfg = read_json(cfg_path)
         # An HF model folder has its own tokenizer_config.json without our "kind": fall through.
         kind = cfg.get("kind") if isinstance(cfg, dict) else None
     if kind == "char":
+        chars = read_json(d / CHAR_VOCAB_FILE)
         try:
-            chars = json.loads((d / CHAR_VOCAB_FILE).read_text())
             return CharTokenizer(chars)
-        except (OSError, ValueError, TypeError, ConfigError) as e:
+        except (ValueError, TypeError, ConfigError) as e:
             raise FormatError(f"{d / CHAR_VOCAB_FILE} is missing or corrupt ({e})") from None
     if kind == "byte":
         return ByteTokenizer()

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from tritlm.errors import FormatError
 from tritlm.io_atomic import atomic_path, fsync_dir, recover_swap, write_json_atomic
+from tritlm.safe_json import read_json
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -166,10 +167,11 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     ptr = ckpt_root / "latest.json"
     if ptr.is_file():
         try:
-            cand = ckpt_root / json.loads(ptr.read_text())["path"]
-            if (cand / STATE_FILE).is_file():
-                return cand
-        except (ValueError, KeyError):
+            name = read_json(ptr)["path"]
+            # a plain step-* name inside this folder: anything else is a corrupt pointer
+            if isinstance(name, str) and STEP_RE.match(name) and (ckpt_root / name / STATE_FILE).is_file():
+                return ckpt_root / name
+        except (FormatError, KeyError, TypeError):
             log.warning("%s is unreadable; scanning for checkpoints", ptr)
     done = complete_checkpoints(ckpt_root)
     return done[-1] if done else None
@@ -228,11 +230,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / STATE_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise FormatError(f"{path} is not a complete tritlm checkpoint (no {STATE_FILE}/{MODEL_FILE})")
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{path}: unreadable checkpoint metadata ({e})") from None
+    state, config = read_json(path / STATE_FILE), read_json(path / CONFIG_FILE)
     try:
         model = load_file(str(path / MODEL_FILE))
         optim = load_file(str(path / OPTIM_FILE)) if (path / OPTIM_FILE).is_file() else {}

@@ -77,23 +77,22 @@ def load_transformer(path: str | Path) -> tuple[Any, Any, str]:
 def read_model_config(path: str | Path):
     """The :class:`~tritlm.model.config.ModelConfig` of any model tritlm reads; checkpoints and
     packed folders are read from their ``config.json`` without loading weights."""
-    import json
-
     from tritlm.formats.native import resolve_checkpoint
     from tritlm.formats.packed import CONFIG_FILE, is_packed
     from tritlm.model.config import ModelConfig
+    from tritlm.safe_json import read_json
 
     p = Path(path)
     if not p.exists():
         raise FormatError(f"no such file or folder: {p}")
     try:
         if is_packed(p):
-            return ModelConfig.from_dict(json.loads((p / CONFIG_FILE).read_text())["model"])
+            return ModelConfig.from_dict(read_json(p / CONFIG_FILE)["model"])
         from tritlm.formats.native import is_native
 
         if is_native(p):
             ck = resolve_checkpoint(p)
-            return ModelConfig.from_dict(json.loads((ck / "config.json").read_text())["model"])
+            return ModelConfig.from_dict(read_json(ck / "config.json")["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{p}: config.json holds no valid model config ({str(e)[:100]})") from None
     return load_transformer(p)[0].cfg

@@ -58,6 +58,7 @@ from tritlm.formats.gguf_io import (
     write_gguf,
 )
 from tritlm.formats.gguf_tokenizer import tokenizer_from_kv, tokenizer_kv
+from tritlm.formats.sanity import check_model_finite, check_tensor_index, state_shapes
 from tritlm.io_atomic import atomic_path
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
@@ -189,6 +190,7 @@ def export_gguf(model: Transformer, tokenizer: Any, path: str | Path, qtype: str
     full-precision model). Mixed models: int8 Linears go to Q8_0, int4 to Q4_0, FP ones to
     ``fp_type``, exactly (see the module docstring). Other tensors take ``fp_type`` (``head_type``: the
     output matrix's own type, e.g. Q8_0 as llama.cpp's quantiser would pick)."""
+    check_model_finite("gguf", model)
     fp = {k: v.float().cpu().numpy() for k, v in fp_tensors(model)}
     return _write(model.cfg, fp, _model_layers(model), tokenizer, path, qtype, fp_type, head_type, name)
 
@@ -312,8 +314,9 @@ def _write(cfg: ModelConfig, fp: dict[str, np.ndarray], layers, tokenizer: Any, 
         tensors.append((gname, shape, t, raw))
         weights_by_type[t] = weights_by_type.get(t, 0) + n * kdim
     if fallback:
-        log.warning("gguf: %d tensor(s) have rows not a multiple of their type's block and are stored as F16: %s",
-                    len(fallback), ", ".join(fallback[:4]))
+        log.warning("gguf: %d tensor(s) have rows not a multiple of their type's block (256 weights for TQ, 128 "
+                    "for I2_S, 32 for Q8_0 / Q4_0) and are stored as F16, 16 bits a weight: %s", len(fallback),
+                    ", ".join(fallback[:4]))
     # llama.cpp's file type: the chosen qtype when ternary / binary layers use it, else the type
     # holding most block-Linear weights
     ftype = _FTYPE[qt] if low_bit or qt in (F16, F32) or not weights_by_type else \
@@ -390,10 +393,19 @@ def _latent(w: np.ndarray, q: QuantConfig, rtol: float) -> np.ndarray | None:
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
+    """The model config the file declares, checked against its tensor table (names and shapes)
+    before anything of its size is built."""
+    cfg = _declared_config(f)
+    index = {t.name: tuple(reversed(t.shape)) for t in f.tensors}
+    check_tensor_index(str(f.path), cfg, index, {gguf_name(k): s for k, s in state_shapes(cfg).items()})
+    return cfg
+
+
+def _declared_config(f: GGUFFile) -> ModelConfig:
     kv = f.kv
     arch = kv.get("general.architecture")
-    if arch not in ("llama", "bitnet", "bitnet-b1.58"):
-        raise FormatError(f"{f.path}: architecture {arch!r} is not supported (llama, bitnet, bitnet-b1.58)")
+    if not isinstance(arch, str) or arch not in ("llama", "bitnet", "bitnet-b1.58"):  # metadata of any type
+        raise FormatError(f"{f.path}: architecture {str(arch)[:40]!r} is not supported (llama, bitnet, bitnet-b1.58)")
     if "tritlm.config" in kv:
         try:
             return ModelConfig.from_dict(json.loads(kv["tritlm.config"]))
@@ -440,11 +452,7 @@ def import_gguf(path: str | Path):
             if k == "lm_head.weight" and cfg.tie_embeddings:
                 continue
             g = gguf_name(k)
-            if g not in tensors:
-                raise FormatError(f"{f.path}: tensor {g} is missing")
-            t = tensors[g]
-            if tuple(reversed(t.shape)) != tuple(v.shape):
-                raise FormatError(f"{f.path}: {g} has shape {tuple(reversed(t.shape))}, expected {tuple(v.shape)}")
+            t = tensors[g]  # present with this shape: config_from_gguf checked the table
             w = dequantize_tensor(f, t)
             if not np.isfinite(w).all():
                 raise FormatError(f"{f.path}: {g} holds NaN or infinite values")

@@ -10,6 +10,7 @@ read our files with ``gguf.GGUFReader`` as an independent check.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +37,14 @@ _NP = {_U8: "<u1", _I8: "<i1", _U16: "<u2", _I16: "<i2", _U32: "<u4", _I32: "<i4
        _I64: "<i8", _F64: "<f8", _BOOL: "<u1"}
 MAX_DIMS = 4
 _MAX_COUNT = 1 << 40  # no real file has more entries; a larger count is corruption
+# arrays of arrays: llama.cpp writes none, the spec allows them; deeper nesting is corruption (and
+# would otherwise end in a RecursionError)
+MAX_NESTING = 8
 
 
 def tensor_nbytes(ttype: int, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of ggml type ``ttype`` with GGUF dims ``shape`` (ne0 = innermost first)."""
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(int(d) for d in shape)  # Python ints: a corrupt shape must not wrap around int64
     if ttype == I2_S:
         # bitnet.cpp: ggml_nbytes(I2_S) = n / 4 + 32 (packed codes, then the f32 scale, padded to 32)
         return n // 4 + 32
@@ -117,7 +121,9 @@ class _Cursor:
         except UnicodeDecodeError:
             raise FormatError(f"{self.path}: {what} is not valid UTF-8 (corrupt file)") from None
 
-    def value(self, vtype: int, what: str):
+    def value(self, vtype: int, what: str, depth: int = 0):
+        if depth > MAX_NESTING:
+            raise FormatError(f"{self.path}: metadata {what} nests arrays more than {MAX_NESTING} deep (corrupt file)")
         if vtype in _SCALAR:
             return self.unpack(_SCALAR[vtype], what)
         if vtype == _STR:
@@ -134,7 +140,7 @@ class _Cursor:
             if etype in (_STR, _ARR):
                 if n > len(self.buf) - self.pos:  # every element takes at least one byte
                     raise FormatError(f"{self.path}: truncated GGUF file (array {what} of {n} entries)")
-                return [self.value(etype, what) for _ in range(n)]
+                return [self.value(etype, what, depth + 1) for _ in range(n)]
             raise FormatError(f"{self.path}: unknown array element type {etype} in {what} (corrupt file)")
         raise FormatError(f"{self.path}: unknown metadata value type {vtype} in {what} (corrupt file)")
 
@@ -146,6 +152,8 @@ def read_gguf(path: str | Path, strict: bool = True) -> GGUFFile:
     which :func:`repair` needs in order to rewrite such files.
     """
     p = Path(path)
+    if not p.is_file():  # a FIFO or a device: never map or read it
+        raise FormatError(f"{p} is missing or not a regular file")
     try:
         size = p.stat().st_size
         if size == 0:

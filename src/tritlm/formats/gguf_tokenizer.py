@@ -78,6 +78,10 @@ def tokenizer_from_kv(kv: dict[str, Any]):
     from tritlm.data.tokenizer import ByteTokenizer, CharTokenizer, HFTokenizer, SentencePieceTokenizer
 
     kind, data = kv.get("tritlm.tokenizer.kind"), kv.get("tritlm.tokenizer.data")
+    if kind is not None and (not isinstance(kind, str) or kind not in ("byte", "char", "hf", "sentencepiece")):
+        # refused here, not later as an AttributeError of a tokenizer that never loaded
+        raise FormatError(f"gguf: unknown tokenizer kind {str(kind)[:40]!r} in tritlm.tokenizer.kind "
+                          "(byte, char, hf, sentencepiece)")
     try:
         if kind == "byte":
             return ByteTokenizer()

@@ -77,9 +77,9 @@ def validate_gguf(path: str | Path, forward: bool = True) -> dict[str, Any]:
         f = read_gguf(path, strict=False)
     except FormatError as e:
         return {"ok": False, "checks": checks, "problems": [str(e)]}
-    checks.append(f"GGUF v{f.version}, {len(f.tensors)} tensors, {len(f.kv)} metadata keys")
-    if f.version != 3:
-        problems.append(f"GGUF version {f.version} (current is 3; tritlm repair rewrites it)")
+    # v1 and v2 are valid files (read like v3); repair can still rewrite them as v3
+    note = "" if f.version == 3 else " (older than v3: valid; tritlm repair rewrites it as v3)"
+    checks.append(f"GGUF v{f.version}, {len(f.tensors)} tensors, {len(f.kv)} metadata keys{note}")
     problems += f.problems
     if not f.problems:
         checks.append(f"all tensor offsets aligned to {f.alignment}")
@@ -89,13 +89,20 @@ def validate_gguf(path: str | Path, forward: bool = True) -> dict[str, Any]:
     else:
         checks.append("every tensor lies inside the file")
     from tritlm.formats.gguf import config_from_gguf, dequantize_tensor, import_gguf
+    from tritlm.formats.gguf_tokenizer import tokenizer_from_kv
 
-    try:
+    try:  # the declared model against the tensor table: nothing is built before this passes
         cfg = config_from_gguf(f)
-        checks.append(f"architecture {f.kv['general.architecture']}: {cfg.n_layers} layers, dim {cfg.dim}")
+        checks.append(f"architecture {f.kv['general.architecture']}: {cfg.n_layers} layers, dim {cfg.dim}, "
+                      "every tensor the metadata implies present with its shape")
     except TritlmError as e:
         problems.append(str(e))
         return {"ok": False, "checks": checks, "problems": problems}
+    try:
+        tok = tokenizer_from_kv(f.kv)
+        checks.append(f"tokenizer: {tok.kind}" if tok is not None else "no tritlm tokenizer (model only)")
+    except TritlmError as e:
+        problems.append(str(e))
     bad = []
     for t in f.tensors:
         try:

@@ -46,10 +46,12 @@ from tritlm.formats.common import (
     set_quantised,
 )
 from tritlm.formats.hf_tokenizer import load_hf_folder_tokenizer, save_hf_tokenizer, to_hf_tokenizer
+from tritlm.formats.sanity import check_finite, check_model_finite, check_tensor_index, fp_shapes
 from tritlm.io_atomic import atomic_path
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import FP, QuantConfig
+from tritlm.safe_json import read_json
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,7 @@ def export_hf(model: Transformer, tokenizer: Any, out_dir: str | Path, *, linear
         raise FormatError(f"hf: dtype must be one of {', '.join(FP_DTYPES)}, not {dtype!r}")
     td = FP_DTYPES[dtype]
     cfg = model.cfg
+    check_model_finite("hf", model)
     conf = hf_config(cfg, linear_class, td, tokenizer)
     sd = hf_state_dict(model, linear_class, td)
     out_dir = Path(out_dir)
@@ -200,8 +203,8 @@ def is_hf(path: str | Path) -> bool:
     if not (p.is_dir() and (p / "config.json").is_file()):
         return False
     try:
-        d = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
+        d = read_json(p / "config.json")
+    except FormatError:
         return False
     return isinstance(d, dict) and ("model_type" in d or "architectures" in d)
 
@@ -216,9 +219,9 @@ def _read_tensors(p: Path) -> dict[str, torch.Tensor]:
         files = [p / "model.safetensors"]
     elif index.is_file():
         try:
-            wm = json.loads(index.read_text())["weight_map"]
+            wm = read_json(index)["weight_map"]
             files = [p / f for f in sorted(set(wm.values()))]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (FormatError, KeyError, TypeError, AttributeError) as e:
             raise FormatError(f"{index} is not a valid safetensors index ({e})") from None
     else:
         raise FormatError(f"{p}: no model.safetensors (PyTorch .bin checkpoints are not read; convert them "
@@ -257,6 +260,8 @@ def config_from_hf(d: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any] | Non
     if act not in ("silu", "relu2"):
         raise FormatError(f"hf: hidden_act {act!r} is not supported (silu, relu2)")
     qc = d.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise FormatError(f"hf: quantization_config must be an object, got {type(qc).__name__}")
     if qc is not None and qc.get("quant_method") != "bitnet":
         raise FormatError(f"hf: quantization method {qc.get('quant_method')!r} is not supported (bitnet)")
     try:
@@ -275,7 +280,7 @@ def config_from_hf(d: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any] | Non
             tie_embeddings=bool(d.get("tie_word_embeddings", False)), sub_norm=mt == "bitnet", quant=quant)
     except FormatError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as e:  # int(inf); 0 heads
         raise FormatError(f"hf: config.json lacks or has a bad {e}") from None
     except TritlmError as e:  # ConfigError: impossible sizes
         raise FormatError(f"hf: config.json describes an impossible model ({e})") from None
@@ -302,15 +307,12 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
     weights, quantised here with transformers' own formula (see :func:`_online_quant`).
     """
     p = Path(path)
-    try:
-        d = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{p}/config.json is missing or not JSON ({e})") from None
+    d = read_json(p / "config.json")
     if not isinstance(d, dict):
         raise FormatError(f"{p}/config.json is not a JSON object")
     cfg, qc = config_from_hf(d)
     sd = _read_tensors(p)
-    _check_sizes(p, cfg, sd)
+    _check_sizes(p, cfg, sd, qc is not None)
     model = Transformer(cfg)
     online = qc is not None and qc.get("quantization_mode") == "online"
     divides = qc is not None and qc.get("linear_class", "bitlinear") == "bitlinear"
@@ -330,17 +332,15 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
                 continue
             hk = k if k.startswith("lm_head.") else f"model.{k}"
             t = take(hk)
-            if tuple(t.shape) != tuple(v.shape):
-                raise FormatError(f"{p}: {hk} has shape {tuple(t.shape)}, expected {tuple(v.shape)}")
+            check_finite(str(p), hk, t)
             v.copy_(t.to(v.dtype))
         for name in sorted(linears):
             hk = f"model.{name}"
             w = take(f"{hk}.weight")
             mod = model.get_submodule(name)
             out, inp = mod.weight.shape
+            check_finite(str(p), f"{hk}.weight", w)
             if qc is None or online:
-                if tuple(w.shape) != (out, inp):
-                    raise FormatError(f"{p}: {hk}.weight has shape {tuple(w.shape)}, expected {(out, inp)}")
                 if qc is None:
                     set_linear(model, name, w.float())
                 else:
@@ -376,19 +376,13 @@ def import_hf(path: str | Path, *, load_tokenizer_too: bool = True):
     return model, tok
 
 
-def _check_sizes(p: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> None:
+def _check_sizes(p: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], quantised: bool) -> None:
     """The config must describe the tensors before a model of its size is allocated (a corrupt
-    config.json could otherwise ask for gigabytes)."""
-    emb = sd.get("model.embed_tokens.weight")
-    if emb is None or tuple(emb.shape) != (cfg.vocab_size, cfg.dim):
-        got = None if emb is None else tuple(emb.shape)
-        raise FormatError(f"{p}: model.embed_tokens.weight is {got}, config.json says {(cfg.vocab_size, cfg.dim)}")
-    last = f"model.layers.{cfg.n_layers - 1}.input_layernorm.weight"
-    if last not in sd or f"model.layers.{cfg.n_layers}.input_layernorm.weight" in sd:
-        raise FormatError(f"{p}: the checkpoint does not have the {cfg.n_layers} layers config.json declares")
-    up = sd.get("model.layers.0.mlp.up_proj.weight")
-    if up is None or up.shape[-1] != cfg.dim or up.shape[0] not in (cfg.ffn_dim, cfg.ffn_dim // 4):
-        raise FormatError(f"{p}: model.layers.0.mlp.up_proj.weight does not match intermediate_size {cfg.ffn_dim}")
+    config.json could otherwise ask for gigabytes). Quantised Linears may be packed ``[out/4, in]``."""
+    want: dict[str, Any] = {(k if k.startswith("lm_head.") else f"model.{k}"): s for k, s in fp_shapes(cfg).items()}
+    for name, (n, k) in cfg.linear_shapes().items():
+        want[f"model.{name}.weight"] = frozenset({(n, k), (n // 4, k)} if quantised and n % 4 == 0 else {(n, k)})
+    check_tensor_index(str(p), cfg, {k: v.shape for k, v in sd.items()}, want)
 
 
 def _online_quant(w: torch.Tensor) -> tuple[torch.Tensor, float]:

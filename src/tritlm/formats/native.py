@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tritlm.errors import FormatError
+from tritlm.errors import ConfigError, FormatError
 from tritlm.formats import checkpoint as ck
+from tritlm.formats.sanity import check_finite, check_tensor_index
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 
@@ -40,8 +41,12 @@ def load_native(path: str | Path):
     c = ck.read_checkpoint(ckpt)
     try:
         mcfg = ModelConfig.from_dict(c["config"]["model"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ConfigError) as e:
         raise FormatError(f"{ckpt}/config.json has no valid model config ({e})") from None
+    # the config is checked against the weights file before a model of its size is built
+    check_tensor_index(str(ckpt), mcfg, {k: v.shape for k, v in c["model"].items()})
+    for k, v in c["model"].items():
+        check_finite(str(ckpt), k, v)
     model = Transformer(mcfg)
     ck.load_model_state(model, c["model"], str(ckpt))
     model.eval()
@@ -51,5 +56,6 @@ def load_native(path: str | Path):
     tok = load_tokenizer(tok_dir)
     want = c["config"].get("tokenizer_fingerprint")
     if want is not None and tok.fingerprint() != want:
-        raise FormatError(f"{ckpt}: the tokenizer stored with it does not match the one it was trained with")
+        raise FormatError(f"{ckpt}: the tokenizer stored with it (fingerprint {tok.fingerprint()[:12]}) is not "
+                          f"the one it was trained with ({str(want)[:12]})")
     return model, tok, ckpt

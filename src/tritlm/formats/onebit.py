@@ -30,10 +30,12 @@ import torch
 
 from tritlm.errors import FormatError
 from tritlm.formats.common import block_linears, quantised_linear, set_quantised
+from tritlm.formats.sanity import check_model_finite, check_tensor_index, state_shapes
 from tritlm.io_atomic import atomic_path, write_text_atomic
 from tritlm.kernels.pack import pack_2bit, pack_binary, unpack_2bit, unpack_binary
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
+from tritlm.safe_json import loads
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,10 @@ def _tokenizer_from(d: dict[str, Any] | None):
 
     if d is None:
         return None
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind not in ("byte", "char", "hf", "sentencepiece"):
+        raise FormatError(f".1bit: unknown tokenizer kind {str(kind)[:40]!r} in the header "
+                          "(byte, char, hf, sentencepiece)")
     try:
         if d["kind"] == "byte":
             return ByteTokenizer()
@@ -90,6 +96,7 @@ def export_onebit(model: Transformer, tokenizer: Any, path: str | Path, fp_dtype
                   c_header_path: str | Path | None = None) -> Path:
     """Write ``model`` (ternary or binary) as a .1bit file; full-precision parts in fp16 or fp32."""
     cfg = model.cfg
+    check_model_finite(".1bit", model)
     if not cfg.quantised:
         raise FormatError(".1bit holds ternary or binary models; quantise it first (tritlm quantize)")
     for lname, q in cfg.layer_quants().items():
@@ -145,6 +152,8 @@ def export_onebit(model: Transformer, tokenizer: Any, path: str | Path, fp_dtype
 def read_onebit(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
     """(JSON header, tensor table, file bytes) with every structural check; FormatError otherwise."""
     p = Path(path)
+    if not p.is_file():  # before reading: a FIFO or a device would block or never end
+        raise FormatError(f"{p} is missing or not a regular file")
     try:
         buf = np.fromfile(p, dtype=np.uint8)
     except OSError as e:
@@ -160,10 +169,10 @@ def read_onebit(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
             or doff < toff + n * ENTRY.size or doff > buf.size:
         raise FormatError(f"{p}: truncated or corrupt .1bit header (sections out of the file's {buf.size} bytes)")
     try:
-        meta = json.loads(buf[HEADER.size:HEADER.size + jlen].tobytes().decode("utf-8"))
+        meta = loads(buf[HEADER.size:HEADER.size + jlen].tobytes(), f"{p}: the .1bit JSON header")
         if not isinstance(meta, dict) or meta.get("format") != "tritlm-1bit":
             raise ValueError("not a tritlm-1bit header")
-    except (UnicodeDecodeError, ValueError) as e:
+    except ValueError as e:
         raise FormatError(f"{p}: corrupt .1bit JSON header ({str(e)[:100]})") from None
     table = []
     for i in range(n):
@@ -191,6 +200,9 @@ def load_onebit(path: str | Path):
         cfg = ModelConfig.from_dict(meta["config"])
     except Exception as e:  # noqa: BLE001 - ConfigError/KeyError/TypeError from a corrupt header
         raise FormatError(f"{path}: invalid model config in the .1bit header ({str(e)[:120]})") from None
+    # 1-D tensors are stored as one row
+    want = {k: s if len(s) == 2 else (1, s[0]) for k, s in state_shapes(cfg).items()}
+    check_tensor_index(str(path), cfg, {t["name"]: t["shape"] for t in table}, want)
     model = Transformer(cfg)
     by = {t["name"]: t for t in table}
     linears = set(block_linears(cfg))

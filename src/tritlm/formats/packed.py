@@ -32,11 +32,13 @@ from safetensors import SafetensorError
 
 from tritlm.errors import ConfigError, FormatError
 from tritlm.formats.common import FP_DTYPES, block_linears, fp_tensors
+from tritlm.formats.sanity import check_context, check_model_finite, fp_shapes
 from tritlm.io_atomic import atomic_path, fsync_tree
 from tritlm.kernels.pack import PackedBase3, PackedTernary, pack_ternary_kernel
 from tritlm.kernels.pack_rows import PackedBinary, PackedInt4, PackedInt8
 from tritlm.model.config import ModelConfig
 from tritlm.nn.packed_linear import PackedLinear, pack_levels, pack_module
+from tritlm.safe_json import read_json
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ def from_transformer(model: torch.nn.Module, tokenizer: Any = None, fp_dtype: st
     if fp_dtype not in FP_DTYPES:
         raise FormatError(f"fp_dtype must be one of {', '.join(FP_DTYPES)}, got {fp_dtype!r}")
     _check_runtime_config(cfg)
+    check_model_finite("pack", model)
     if ternary_layout not in ("i2s", "base3"):
         raise FormatError(f"ternary_layout must be 'i2s' or 'base3', got {ternary_layout!r}")
     linears = {name: pack_module(model.get_submodule(name), fp_dtype, ternary_layout) for name in block_linears(cfg)}
@@ -186,9 +189,9 @@ def is_packed(path: str | Path) -> bool:
     if not (p.is_dir() and cfg.is_file() and (p / WEIGHTS_FILE).is_file()):
         return False
     try:
-        meta = json.loads(cfg.read_text())
+        meta = read_json(cfg)
         return isinstance(meta, dict) and meta.get("format") == FORMAT
-    except (OSError, ValueError):
+    except FormatError:
         return False
 
 
@@ -198,40 +201,25 @@ def inspect_packed(path: str | Path) -> dict:
     p = Path(path)
     if not is_packed(p):
         raise FormatError(f"{p} is not a tritlm packed model folder")
-    meta = json.loads((p / CONFIG_FILE).read_text())
-    cfg = ModelConfig.from_dict(meta.get("model", {}))
-    records = meta.get("tensors")
-    if not isinstance(records, dict):  # version 1: all ternary, one scale per tensor
-        records = {n: {"kind": "ternary", "bits": 2, "layout": "i2s_r4", "shape": s, "scale_shape": [1],
-                       "group_size": None} for n, s in (meta.get("shapes") or {}).items()}
-    kinds: dict[str, dict[str, int]] = {}
-    for r in records.values():
-        e = kinds.setdefault(str(r.get("kind")), {"tensors": 0, "params": 0})
-        e["tensors"] += 1
-        n, k = r.get("shape", [0, 0])
-        e["params"] += int(n) * int(k)
+    meta = read_json(p / CONFIG_FILE)
+    try:
+        cfg = ModelConfig.from_dict(meta.get("model", {}))
+        records = meta.get("tensors")
+        if not isinstance(records, dict):  # version 1: all ternary, one scale per tensor
+            records = {n: {"kind": "ternary", "bits": 2, "layout": "i2s_r4", "shape": s, "scale_shape": [1],
+                           "group_size": None} for n, s in (meta.get("shapes") or {}).items()}
+        kinds: dict[str, dict[str, int]] = {}
+        for r in records.values():
+            e = kinds.setdefault(str(r.get("kind")), {"tensors": 0, "params": 0})
+            e["tensors"] += 1
+            n, k = r.get("shape", [0, 0])
+            e["params"] += int(n) * int(k)
+    except (AttributeError, TypeError, ValueError, OverflowError, ConfigError) as e:  # hand-edited records
+        raise FormatError(f"{p}/{CONFIG_FILE}: corrupt model or tensor records ({str(e)[:100]})") from None
     return {"path": str(p), "format": FORMAT, "version": meta.get("version"), "fp_dtype": meta.get("fp_dtype"),
             "model": {k: v for k, v in cfg.to_dict().items() if k != "quant_overrides"},
             "quant_overrides": cfg.to_dict()["quant_overrides"], "kinds": kinds, "bytes": meta.get("bytes"),
             "file_bytes": (p / WEIGHTS_FILE).stat().st_size, "tensors": records}
-
-
-def fp_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the full-precision tensors a packed model of ``cfg`` holds."""
-    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
-    out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = (cfg.vocab_size, d)
-    for i in range(cfg.n_layers):
-        out[f"layers.{i}.input_layernorm.weight"] = (d,)
-        out[f"layers.{i}.post_attention_layernorm.weight"] = (d,)
-        if cfg.qk_norm:
-            out[f"layers.{i}.self_attn.q_norm.weight"] = (hd,)
-            out[f"layers.{i}.self_attn.k_norm.weight"] = (hd,)
-        if cfg.sub_norm:
-            out[f"layers.{i}.self_attn.attn_sub_norm.weight"] = (d,)
-            out[f"layers.{i}.mlp.ffn_sub_norm.weight"] = (f,)
-    return out
 
 
 def _expected_qweight(kind: str, n: int, k: int, layout: str | None = None) -> tuple[tuple[int, ...], torch.dtype]:
@@ -253,7 +241,7 @@ def _read_linear(p: Path, tensors: dict, name: str, rec: dict, want: tuple[int, 
     if not isinstance(rec, dict):
         raise FormatError(f"{p}: tensor record of {name} is not a mapping")
     kind, shape = rec.get("kind"), rec.get("shape")
-    if list(shape or []) != list(want):
+    if not isinstance(shape, list) or shape != list(want):
         raise FormatError(f"{p}: {name} has shape {shape}, the model config says {list(want)}")
     n, k = want
     if kind in ("fp16", "fp32"):
@@ -307,7 +295,7 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
     p = Path(path)
     if not is_packed(p):
         raise FormatError(f"{p} is not a tritlm packed model folder")
-    meta = json.loads((p / CONFIG_FILE).read_text())  # is_packed parsed it: a dict
+    meta = read_json(p / CONFIG_FILE)  # is_packed parsed it: a dict
     version = meta.get("version", 0)
     if not isinstance(version, int) or version > VERSION:
         raise FormatError(f"{p}: packed format version {version!r} is newer than this tritlm ({VERSION})")
@@ -317,6 +305,7 @@ def load_packed(path: str | Path, load_tokenizer: bool = True) -> PackedModel:
         cfg = ModelConfig.from_dict(meta["model"])
     except ConfigError as e:
         raise FormatError(f"{p}/config.json: {e}") from None
+    check_context(str(p), cfg)
     shapes = cfg.linear_shapes()
     if version >= 2:
         records = meta.get("tensors")

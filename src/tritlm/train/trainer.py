@@ -217,6 +217,7 @@ class Trainer:
 
         step, last_loss, last_val = start, float("nan"), float("nan")
         step_times: list[float] = []
+        warmup_times: list[float] = []  # used only when a run is too short to have step_times
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             o = cfg.optim
@@ -266,8 +267,8 @@ class Trainer:
             step += 1
             last_loss = loss_val
             dt = time.perf_counter() - t0
-            if step - start > 3:  # the first steps include one-off allocation costs
-                step_times.append(dt)
+            # the first steps include one-off allocation costs
+            (step_times if step - start > 3 else warmup_times).append(dt)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 tps = tokens_per_step / dt
                 metrics.log(step, "train", loss=loss_val, lr=lr, wd=wd, grad_norm=gnorm_val,
@@ -285,7 +286,8 @@ class Trainer:
 
         metrics.close()
         # median: a step stalled by another process on a shared machine does not move it
-        step_s = statistics.median(step_times) if step_times else 0.0
+        times = step_times or warmup_times
+        step_s = statistics.median(times) if times else 0.0
         tps = tokens_per_step / step_s if step_s > 0 else 0.0
         final = ck.latest_checkpoint(self.ckpt_root)
         result = TrainResult(self.out, final, mcfg, step, last_loss, last_val,
@@ -339,9 +341,9 @@ class Trainer:
         c = ck.read_checkpoint(path)
         fp = c["config"].get("tokenizer_fingerprint")
         if fp is not None and fp != tok.fingerprint():
-            raise ConfigError(f"{path} was trained with a different tokenizer "
-                              f"({c['config'].get('tokenizer')}, not {tok.kind}); resume with the same "
-                              "data and tokenizer")
+            raise ConfigError(f"{path} was trained with a different tokenizer ({c['config'].get('tokenizer')} "
+                              f"fingerprint {str(fp)[:12]}, this run's {tok.kind} {tok.fingerprint()[:12]}); "
+                              "resume with the same data and tokenizer")
         ck.load_model_state(model, c["model"], str(path))
         meta = c["state"].pop("optimizer", None)
         if meta is not None:

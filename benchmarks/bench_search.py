@@ -66,7 +66,7 @@ def main() -> None:
     held = torch.as_tensor(read_eval_ids(a.heldout, tok)[: a.eval_tokens])
 
     def ppl(m) -> float:  # `tritlm eval MODEL --data heldout --ctx 128 --max-tokens N` (hf protocol)
-        return perplexity(m, held, protocol="hf", ctx=CTX).ppl
+        return perplexity(m, held, protocol="hf", ctx=CTX, batch_size=16).ppl
 
     units = make_units(cfg, a.units)
     options = parse_options("binary,ternary,int4,int8,fp16")

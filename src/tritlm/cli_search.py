@@ -50,8 +50,9 @@ def _check_args(a: argparse.Namespace) -> tuple[int | None, list]:
     options = parse_options(a.options)
     for flag, v in (("--calib-tokens", a.calib_tokens), ("--heldout-tokens", a.heldout_tokens),
                     ("--finetune-steps", a.finetune_steps), ("--random", a.random), ("--ctx", a.ctx)):
-        if v is not None and v < (0 if flag in ("--finetune-steps", "--random") else 2):
-            raise ConfigError(f"{flag} must be positive, got {v}")
+        lo = 0 if flag in ("--finetune-steps", "--random") else 2
+        if v is not None and v < lo:
+            raise ConfigError(f"{flag} must be at least {lo}, got {v}")
     if a.finetune_steps and not a.finetune_out:
         raise ConfigError("--finetune-steps needs --finetune-out DIR (the fine-tune's run folder)")
     return budget, options

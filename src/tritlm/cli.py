@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tritlm.cli_finetune import add_finetune_command  # finetune
 
     add_finetune_command(sub, _add_train_args)
+    from tritlm.cli_search import add_search_command  # search
+
+    add_search_command(sub)
     return p
 
 

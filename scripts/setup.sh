@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${TRITLM_EXTRAS:-dev,serve,hf,gguf,eval}
+EXTRAS=${TRITLM_EXTRAS:-dev,serve,hf,gguf,eval,gpu}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -3,11 +3,11 @@
 __version__ = "0.1.0"
 
 
-def load(path):
-    """Load any model tritlm can read; see :func:`tritlm.api.load`."""
+def load(path, device="cpu"):
+    """Load any model tritlm can read, on ``device``; see :func:`tritlm.api.load`."""
     from tritlm.api import load as _load
 
-    return _load(path)
+    return _load(path, device)
 
 
 __all__ = ["load", "__version__"]

@@ -158,27 +158,55 @@ class LoadedModel:
         return out[0] if isinstance(prompt, str) else out
 
 
-def load(path: str | Path) -> LoadedModel:
-    """Load any model tritlm can read (for now: a training run folder or checkpoint folder)."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a
+    device that is not there is a one-line error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    return dev
+
+
+def load(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load any model tritlm can read: a training run or checkpoint folder, a packed folder, a
+    GGUF or .1bit file, a transformers folder, or a registry name.
+
+    ``device``: see :func:`resolve_device`. A packed model on CUDA runs the GPU runtime (the
+    Triton kernels, ``Engine(backend="triton")``); any other model moves there as it is.
+    """
     from tritlm.formats.native import is_native, load_native
     from tritlm.registry import resolve_path
 
+    dev = resolve_device(device)
     p = resolve_path(path)  # a path, or a name from the model registry (tritlm models)
     if not p.exists():
         raise FormatError(f"no such file or folder: {p}")
     if is_native(p):
         model, tok, ckpt = load_native(p)
-        return LoadedModel(model, tok, ckpt, "checkpoint")
+        return LoadedModel(model.to(dev), tok, ckpt, "checkpoint")
     from tritlm.formats.packed import is_packed
 
     if is_packed(p):
         from tritlm.infer.engine import load_engine
 
-        eng = load_engine(p)
+        if dev.type == "cpu":
+            eng = load_engine(p)
+        else:
+            from tritlm.kernels.triton import require
+
+            require(dev.type)
+            eng = load_engine(p, backend="triton", device=dev)
         return LoadedModel(eng.model, eng.tokenizer, p, "packed", engine=eng)
     got = load_interop(p)  # GGUF files, .1bit files, transformers folders
     if got is not None:
-        return LoadedModel(got[0], got[1], p, got[2])
+        return LoadedModel(got[0].to(dev), got[1], p, got[2])
     raise FormatError(f"{p}: not a model format tritlm can read")
 
 

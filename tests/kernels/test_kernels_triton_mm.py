@@ -17,7 +17,8 @@ from tritlm.quant.config import TERNARY
 from tritlm.quant.weights import quantize_weight
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SHAPES = [(1, 1, 5), (1, 7, 13), (2, 33, 100), (5, 16, 64), (16, 65, 129), (17, 40, 70), (33, 9, 200)]
+SHAPES = [(1, 1, 5), (1, 7, 13), (2, 33, 100), (5, 16, 64), (16, 65, 129), (17, 40, 70), (33, 9, 200),
+          (1, 300, 260), (3, 140, 300), (40, 290, 270)]  # the last three: several blocks in N and K
 
 
 def _float64(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

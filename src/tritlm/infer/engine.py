@@ -40,6 +40,7 @@ from tritlm.infer.fused_decode import FusedDecoder
 from tritlm.infer.sampling import SamplingParams
 from tritlm.kernels.cpu import set_num_threads
 from tritlm.model.transformer import Transformer
+from tritlm.nn.packed_linear import BACKENDS
 from tritlm.nn.runtime import HEADS, build_runtime_model
 
 log = logging.getLogger(__name__)
@@ -56,36 +57,39 @@ class SlotCache:
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
         self.k, self.v = k, v
+        self.device = k[0].device
         self.slots: list[int] = [0]
-        self.starts = torch.zeros(1, dtype=torch.long)
+        self.starts = torch.zeros(1, dtype=torch.long, device=self.device)
         self.t = 0
 
     def at(self, slots: list[int], starts: list[int], t: int) -> SlotCache:
         """Set up the next forward: row b is slot ``slots[b]`` from position ``starts[b]``."""
         if len(slots) > 1 and t != 1:
             raise ValueError("several sequences at once decode one token each")
-        self.slots, self.starts, self.t = list(slots), torch.tensor(starts, dtype=torch.long), t
+        self.slots, self.t = list(slots), t
+        self.starts = torch.tensor(starts, dtype=torch.long, device=self.device)
+        self._start0 = int(starts[0])
         return self
 
     def positions(self, b: int, t: int) -> torch.Tensor:
         if len(self.slots) == 1:
-            s = int(self.starts[0])
-            return torch.arange(s, s + t)
+            s = self._start0
+            return torch.arange(s, s + t, device=self.device)
         return self.starts.view(-1, 1)  # [B, 1]: one new token per row
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc, vc = self.k[layer], self.v[layer]
         if len(self.slots) == 1:
-            slot, start, t = self.slots[0], int(self.starts[0]), k.shape[2]
+            slot, start, t = self.slots[0], self._start0, k.shape[2]
             end = start + t
             kc[slot, :, start:end] = k[0]
             vc[slot, :, start:end] = v[0]
             mask = None
             if start and t > 1:  # new tokens see the cache plus the causal part of themselves
-                mask = torch.ones(t, end, dtype=torch.bool).tril(diagonal=start)
+                mask = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
             return kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], mask
         sl, pos = self.slots, self.starts
-        idx = torch.tensor(sl)
+        idx = torch.tensor(sl, device=self.device)
         kc[idx, :, pos] = k[:, :, 0]
         vc[idx, :, pos] = v[:, :, 0]
         lmax = int(pos.max()) + 1
@@ -95,7 +99,7 @@ class SlotCache:
         else:
             kk, vv = kc[idx, :, :lmax], vc[idx, :, :lmax]
         # [B, 1, 1, Lmax]: row b sees its own positions 0..pos_b
-        mask = (torch.arange(lmax).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, lmax)
+        mask = (torch.arange(lmax, device=self.device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, lmax)
         return kk, vv, mask
 
     def advance(self, t: int) -> None:  # the engine keeps each slot's fill level itself
@@ -117,7 +121,8 @@ class Engine:
     Args:
         pm: the packed model.
         threads: kernel threads (None: the kernels' global default).
-        backend: "packed" (the layers' kernels) or "dense" (F.linear baseline).
+        backend: "packed" (the layers' C kernels, CPU), "dense" (F.linear baseline) or "triton"
+            (the GPU runtime: the Triton kernels on ``device``).
         dense_dtype: float32 or bfloat16 for ``backend="dense"``.
         head: "auto" (exact: "f16" when the model stores its head in fp16, else "fp32"), "f16"
             (fp16 weights, C GEMV), "fp32" (float32 matmul) or "t4" (4 ternary digit planes,
@@ -128,13 +133,20 @@ class Engine:
             keeps torch's OpenMP workers from spinning against the kernel threads on small ops.
         fused: decode single tokens with one C call for all layers (``infer/fused_decode.py``)
             when the compiled kernels are available; False keeps every step on the forward pass.
+        device: where weights and KV cache live ("cpu"; "cuda" with the triton or dense backend).
+            Logits come back to the CPU, where the generator samples.
+        cuda_graphs: on CUDA, replay decode steps from CUDA graphs (``infer/graph_decode.py``).
     """
 
     def __init__(self, pm: PackedModel, *, threads: int | None = None, backend: str = "packed",
                  dense_dtype: torch.dtype = torch.float32, head: str = "auto", slots: int = 1,
-                 max_len: int | None = None, torch_threads: int | None = 1, fused: bool = True):
-        if backend not in ("packed", "dense"):
-            raise ValueError(f"backend must be 'packed' or 'dense', got {backend!r}")
+                 max_len: int | None = None, torch_threads: int | None = 1, fused: bool = True,
+                 device: torch.device | str = "cpu", cuda_graphs: bool = True):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         self.pm = pm
@@ -147,13 +159,14 @@ class Engine:
         self.tokenizer = pm.tokenizer
         self.max_len = max_len or c.max_seq_len
         self.model = build_runtime_model(Transformer, c, pm.linears, pm.fp, backend=backend,
-                                         dense_dtype=dense_dtype, head=head, max_len=self.max_len)
+                                         dense_dtype=dense_dtype, head=head, max_len=self.max_len,
+                                         device=self.device)
         self.head_kind = self.model.lm_head.kind
         self.H, self.KV, self.hd = c.n_heads, c.kv_heads, c.head_dim
         self.slots = slots
         shape = (slots, self.KV, self.max_len, self.hd)
-        self.k_cache = [torch.zeros(shape) for _ in range(c.n_layers)]
-        self.v_cache = [torch.zeros(shape) for _ in range(c.n_layers)]
+        self.k_cache = [torch.zeros(shape, device=self.device) for _ in range(c.n_layers)]
+        self.v_cache = [torch.zeros(shape, device=self.device) for _ in range(c.n_layers)]
         self.cache = SlotCache(self.k_cache, self.v_cache)
         self.pos = [0] * slots  # filled positions per slot
         self.tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
@@ -170,6 +183,11 @@ class Engine:
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): the C step's form
         self.sin_signed = torch.cat([-rope_sin[:, :half], rope_sin[:, half:]], dim=1).contiguous()
         self.fused = FusedDecoder.create(self) if fused and backend == "packed" else None
+        self.graphs = None
+        if self.device.type == "cuda" and cuda_graphs:
+            from tritlm.infer.graph_decode import GraphDecoder
+
+            self.graphs = GraphDecoder(self)
 
     # ---------------------------------------------------------------- hooks
     def _install_hooks(self) -> None:
@@ -247,6 +265,10 @@ class Engine:
         self.last_hidden = h
         return out
 
+    def _host(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits where the generator samples: float32 on the CPU."""
+        return logits if self.device.type == "cpu" else logits.float().cpu()
+
     def _check_ids(self, ids: Sequence[int]) -> None:
         v = self.cfg.vocab_size
         bad = next((i for i in ids if not 0 <= int(i) < v), None)
@@ -276,11 +298,16 @@ class Engine:
         end = start + t
         t0 = time.perf_counter()
         with self._torch_threads():
+            out = None
             if t == 1 and self.fused is not None and self.tracer is None and self.timer is None:
                 out = self._fused_step([int(ids[0])], [slot], [start])
-            else:
-                idx = torch.as_tensor(list(ids), dtype=torch.long).view(1, t)
-                out = self.model(idx, cache=self.cache.at([slot], [start], t), last_only=not all_logits)[0][0]
+            elif t == 1 and self.graphs is not None and self.tracer is None and self.timer is None:
+                out = self.graphs.step([int(ids[0])], [slot], [start])
+                out = None if out is None else self._host(out)
+            if out is None:
+                idx = torch.as_tensor(list(ids), dtype=torch.long).view(1, t).to(self.device)
+                out = self._host(self.model(idx, cache=self.cache.at([slot], [start], t),
+                                            last_only=not all_logits)[0][0])
         dt = time.perf_counter() - t0
         if t == 1:
             self.stats.decode_tokens += 1
@@ -311,11 +338,15 @@ class Engine:
         b = len(slots)
         t0 = time.perf_counter()
         with self._torch_threads():
+            out = None
             if self.fused is not None and self.tracer is None and self.timer is None:
                 out = self._fused_step([int(t) for t in tokens], slots, [self.pos[s] for s in slots])
-            else:
-                idx = torch.as_tensor(list(tokens), dtype=torch.long).view(b, 1)
-                out = self.model(idx, cache=self.cache.at(slots, [self.pos[s] for s in slots], 1))[0][:, 0]
+            elif self.graphs is not None and self.tracer is None and self.timer is None:
+                out = self.graphs.step([int(t) for t in tokens], slots, [self.pos[s] for s in slots])
+                out = None if out is None else self._host(out)
+            if out is None:
+                idx = torch.as_tensor(list(tokens), dtype=torch.long).view(b, 1).to(self.device)
+                out = self._host(self.model(idx, cache=self.cache.at(slots, [self.pos[s] for s in slots], 1))[0][:, 0])
         self.stats.decode_tokens += b
         self.stats.decode_s += time.perf_counter() - t0
         for s, tok in zip(slots, tokens):
@@ -353,7 +384,7 @@ class Engine:
         with self.lock:
             for cache in (self.k_cache, self.v_cache):
                 for i, old in enumerate(cache):  # in place: the SlotCache and a PrefixCache share these lists
-                    new = torch.zeros((n, *old.shape[1:]), dtype=old.dtype)
+                    new = torch.zeros((n, *old.shape[1:]), dtype=old.dtype, device=old.device)
                     new[:self.slots] = old
                     cache[i] = new
             self.pos += [0] * (n - self.slots)
@@ -361,6 +392,8 @@ class Engine:
             self.slots = n
             if self.fused is not None:  # the C context points into the old cache buffers
                 self.fused = FusedDecoder.create(self)
+            if self.graphs is not None:  # so do the recorded graphs
+                self.graphs.reset()
 
     def generate(self, prompt: Sequence[int], max_tokens: int, params: SamplingParams | None = None,
                  stop_ids: set[int] | None = None, slot: int = 0) -> Iterator[int]:

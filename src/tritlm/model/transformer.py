@@ -195,7 +195,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
             cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         else:
-            if int(pos.max()) >= self.rope_cos.shape[0]:
+            # a static (CUDA-graph) cache keeps its positions on the device, checked by its owner
+            if not getattr(cache, "static", False) and int(pos.max()) >= self.rope_cos.shape[0]:
                 raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, D], or [B, T, D]: a position per row
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads

@@ -259,8 +259,8 @@ class KernelLinear:
 class DenseLinear:
     """F.linear over a float weight (FP layers, and the dense PyTorch baseline), float32 or bfloat16."""
 
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype = torch.float32):
-        self.w = w.to(dtype).contiguous()
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.w = w.to(device=device, dtype=dtype).contiguous()
         self.n, self.k = w.shape
         self.dtype = dtype
 
@@ -295,7 +295,7 @@ class SplitLinear:
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         c = 0
         for p in self.parts:
-            out[:, c:c + p.n] = p(x, torch.empty(x.shape[0], p.n))
+            out[:, c:c + p.n] = p(x, torch.empty(x.shape[0], p.n, device=x.device))
             c += p.n
         return out
 
@@ -337,13 +337,47 @@ class TritPlaneHead:
         return out
 
 
-def runner_for(parts: list[PackedLinear], backend: str = "packed", dense_dtype: torch.dtype = torch.float32):
-    """The runner of one or more layers that share an input (fused when they share a kind)."""
+class TritonLinear:
+    """Ternary or binary layers (binary levels are ternary ones) as 2-bit ``t2_k4`` weights on the
+    device, run by the Triton kernels (``kernels/triton/ternary_mm.py``): CUDA, or CPU tensors
+    under ``TRITON_INTERPRET=1``."""
+
+    def __init__(self, p: PackedLinear, device: torch.device | str):
+        from tritlm.kernels.triton.layout import pack_t2
+
+        self.packed = pack_t2(torch.from_numpy(p.levels())).to(device)
+        self.scale = torch.from_numpy(np.ascontiguousarray(p.row_scales())).to(device)
+        self.n, self.k = p.n, p.k
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        from tritlm.kernels.triton.ternary_mm import ternary_linear
+
+        return ternary_linear(x, self.packed, self.scale, self.k, out)
+
+
+BACKENDS = ("packed", "dense", "triton")
+
+
+def runner_for(parts: list[PackedLinear], backend: str = "packed", dense_dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu"):
+    """The runner of one or more layers that share an input (fused when they share a kind).
+
+    ``packed``: the C kernels (CPU); ``dense``: F.linear over the dequantised weights in
+    ``dense_dtype`` on ``device``; ``triton``: ternary / binary layers through the Triton kernels
+    on ``device``, the other kinds as dense fp16 there (no GPU kernel of their own yet)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "dense":
-        return DenseLinear(torch.cat([p.dequant() for p in parts]), dense_dtype)
-    if backend != "packed":
-        raise ValueError(f"backend must be 'packed' or 'dense', got {backend!r}")
+        return DenseLinear(torch.cat([p.dequant() for p in parts]), dense_dtype, device)
     parts = [p.for_runtime() for p in parts]
+    if backend == "triton":
+        def one_gpu(p: PackedLinear):
+            if p.kind in ("ternary", "binary"):
+                return TritonLinear(p, device)
+            return DenseLinear(p.dequant(), torch.float16 if torch.device(device).type == "cuda" else torch.float32,
+                               device)
+        groups = [concat_linears(parts)] if all(parts[0].fusable_with(p) for p in parts) else parts
+        return one_gpu(groups[0]) if len(groups) == 1 else SplitLinear([one_gpu(p) for p in groups])
 
     def one(p: PackedLinear):
         if p.kind == "fp16":
@@ -361,28 +395,30 @@ class PackedLinearModule(torch.nn.Module):
     """A block Linear (or a row-fused group of them: q|k|v, gate|up) in its runtime kind; what
     ``convert_for_runtime`` swaps into the one Transformer forward.
 
-    The backend seam: CPU tensors go through the runner (C kernels); tensors on another device go
-    through the torch reference (where a GPU kernel plugs in).
+    The backend seam: the runner of ``backend`` (``runner_for``) on ``device``; inputs on another
+    device than the runner's go through the torch reference.
     """
 
     def __init__(self, parts: list[PackedLinear], backend: str = "packed", dense_dtype: torch.dtype = torch.float32,
-                 input_norm: bool = False, buffers: dict | None = None, role: str | None = None):
+                 input_norm: bool = False, buffers: dict | None = None, role: str | None = None,
+                 device: torch.device | str = "cpu"):
         super().__init__()
+        self.device = torch.device(device)
         self.parts = parts
         # Output buffers shared by the modules of one role across layers (each output is consumed
         # before the next layer's module of that role runs): no fresh multi-MB allocation, and its
         # page faults, per call. Only without autograd, where nothing keeps the output alive.
         self._buffers_pool, self._role = buffers, role
-        self.runner = runner_for(parts, backend, dense_dtype)
+        self.runner = runner_for(parts, backend, dense_dtype, self.device)
         self.in_features, self.out_features = parts[0].k, sum(p.n for p in parts)
         # BitLinear's parameter-free input RMSNorm (RMSNorm's default eps 1e-6), when configured
         self.input_norm = input_norm
-        self.quantises_input = backend == "packed" and any(p.scale is not None for p in parts)
+        self.quantises_input = backend != "dense" and any(p.scale is not None for p in parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm:
             x = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), None, 1e-6)
-        if x.device.type != "cpu":
+        if x.device.type != self.device.type:
             return torch.cat([p.reference(x) for p in self.parts], dim=-1)
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype is not torch.float32 or not x2.is_contiguous():
@@ -393,13 +429,13 @@ class PackedLinearModule(torch.nn.Module):
     def _out(self, m: int) -> torch.Tensor:
         pool = self._buffers_pool
         if pool is None or torch.is_grad_enabled():
-            return torch.empty(m, self.out_features)
+            return torch.empty(m, self.out_features, device=self.device)
         key = (self._role, m, self.out_features)
         b = pool.get(key)
         if b is None:
             if len(pool) > 64:  # many distinct M (prefill lengths): do not grow forever
                 pool.clear()
-            b = pool[key] = torch.empty(m, self.out_features)
+            b = pool[key] = torch.empty(m, self.out_features, device=self.device)
         return b
 
     def extra_repr(self) -> str:

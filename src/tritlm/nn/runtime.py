@@ -40,12 +40,18 @@ class RuntimeHead(nn.Module):
     """The LM head: ``f16`` (fp16 weights, C GEMV, exact), ``fp32`` (float32 matmul), ``t4`` (4
     ternary digit planes, approximate, 8 bits a weight) or the dense baseline in ``dense_dtype``."""
 
-    def __init__(self, w: torch.Tensor, kind: str, dense_dtype: torch.dtype | None = None):
+    def __init__(self, w: torch.Tensor, kind: str, dense_dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         if kind not in HEADS[1:]:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {kind!r}")
         self.kind = kind
-        if dense_dtype is not None:
+        self.device = torch.device(device)
+        if self.device.type != "cpu":  # off the CPU the C heads do not exist: a dense matmul there
+            self.kind = "fp32" if dense_dtype is None and kind == "fp32" else "f16"
+            self.runner = DenseLinear(w.float(), dense_dtype or (torch.float32 if kind == "fp32" else torch.float16),
+                                      self.device)
+        elif dense_dtype is not None:
             self.runner = DenseLinear(w.float(), dense_dtype)
         elif kind == "t4":
             self.runner = TritPlaneHead(w)
@@ -59,20 +65,25 @@ class RuntimeHead(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype is not torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        return self.runner(x2, torch.empty(x2.shape[0], self.out_features)).view(*x.shape[:-1], self.out_features)
+        out = torch.empty(x2.shape[0], self.out_features, device=self.device)
+        return self.runner(x2, out).view(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
 def build_runtime_model(model_cls: type, cfg, linears: dict[str, PackedLinear], fp: dict[str, torch.Tensor], *,
                         backend: str = "packed", dense_dtype: torch.dtype = torch.float32, head: str = "auto",
-                        max_len: int | None = None) -> nn.Module:
+                        max_len: int | None = None, device: torch.device | str = "cpu") -> nn.Module:
     """``model_cls(cfg)`` (the Transformer) in eval mode with the runtime kinds swapped in.
 
     ``linears``: every block Linear's :class:`PackedLinear`; ``fp``: the other tensors by
     state-dict name (embeddings, norms, an untied lm_head). ``backend="dense"`` gives the dense
-    PyTorch baseline (float weights in ``dense_dtype``) through the same forward. ``max_len``:
+    PyTorch baseline (float weights in ``dense_dtype``) through the same forward; ``"triton"``
+    the GPU runtime (``device`` cuda, or CPU tensors under ``TRITON_INTERPRET=1``). ``max_len``:
     positions the RoPE tables cover (default: the model's context).
     """
+    device = torch.device(device)
+    if backend == "packed" and device.type != "cpu":
+        raise ValueError(f"the packed backend runs on the CPU; use backend='triton' for {device.type}")
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     with torch.device("meta"):
@@ -85,7 +96,7 @@ def build_runtime_model(model_cls: type, cfg, linears: dict[str, PackedLinear], 
     def module(names: list[str]) -> PackedLinearModule:
         role = "|".join(n.rsplit(".", 1)[1] for n in names)
         return PackedLinearModule([linears[n] for n in names], backend, dd, input_norm=input_norm,
-                                  buffers=pool, role=role)
+                                  buffers=pool, role=role, device=device)
 
     for i, blk in enumerate(model.layers):
         a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
@@ -102,15 +113,15 @@ def build_runtime_model(model_cls: type, cfg, linears: dict[str, PackedLinear], 
     head_w = emb if cfg.tie_embeddings else fp["lm_head.weight"]
     if head == "auto":
         head = "f16" if head_w.dtype is torch.float16 else "fp32"
-    model.embed_tokens = RuntimeEmbedding(emb)
-    model.lm_head = RuntimeHead(head_w, head, dense_dtype if backend == "dense" else None)
+    model.embed_tokens = RuntimeEmbedding(emb.to(device))
+    model.lm_head = RuntimeHead(head_w, head, dense_dtype if backend == "dense" else None, device)
     # what is left on the meta device: norm weights and the RoPE tables
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     own = dict(model.named_parameters())
     for name, p in own.items():
         if name not in fp:
             raise ValueError(f"packed model has no tensor {name}")
         p.copy_(fp[name].float())
         p.requires_grad_(False)
-    model.reset_rope(max(max_len or 0, cfg.max_seq_len))
+    model.reset_rope(max(max_len or 0, cfg.max_seq_len), device)
     return model.eval()

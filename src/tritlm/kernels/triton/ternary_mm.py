@@ -127,7 +127,7 @@ def _blocks(device_type: str, small: bool, m: int) -> dict:
     """Fixed tile sizes: the interpreter wants few, big programs; CUDA wants enough programs to fill
     the SMs (decode: a thin N slice each)."""
     if device_type != "cuda":
-        return dict(BN=32, BK=64) if small else dict(BM=16, BN=32, BK=64)
+        return dict(BN=128, BK=128) if small else dict(BM=32, BN=128, BK=128)
     if small:
         return dict(BN=64, BK=128, num_warps=4)
     return dict(BM=128 if m >= 128 else 64, BN=128, BK=64, num_warps=8, num_stages=3)

@@ -16,6 +16,12 @@ from tritlm.errors import ConfigError, TritlmError
 log = logging.getLogger("tritlm")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the model runs (default auto: CUDA when torch sees a GPU; a packed model on CUDA "
+                        "runs the Triton kernels)")
+
+
 def require_int(flag: str, v: int | None, lo: int, hi: int | None = None, note: str = "") -> None:
     """A command-line integer out of range is a one-line :class:`ConfigError` naming the flag."""
     if v is None or (v >= lo and (hi is None or v <= hi)):
@@ -157,9 +163,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     kw = sampling_kwargs(a)
     sampling_params(**kw)  # checked before the model loads: a bad flag fails at once
     require_int("--draft-k", a.draft_k, 1)
-    m = tritlm.load(a.model)
+    m = tritlm.load(a.model, a.device)
     require_tokenizer(m, "generate")
-    draft = tritlm.load(a.draft) if a.draft else None
+    draft = tritlm.load(a.draft, a.device) if a.draft else None
     if not m.tokenizer.encode(a.prompt):
         raise TritlmError("the prompt encodes to no tokens")
     sys.stdout.write(a.prompt)
@@ -245,7 +251,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
           model_name=a.model_name, api_key=a.api_key or os.environ.get("TRITLM_API_KEY"),
           max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
           chat_template=a.chat_template, max_batch=a.max_batch, max_queue=a.max_queue, threads=a.threads,
-          prefix_cache_mb=a.prefix_cache_mb)
+          prefix_cache_mb=a.prefix_cache_mb, device=a.device)
     return 0
 
 
@@ -328,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--penalty-alpha", type=float, default=0.0,
                    help="> 0: contrastive search over the --top-k most likely tokens instead of sampling "
                         "(packed models; e.g. --penalty-alpha 0.6 --top-k 4)")
+    add_device_arg(s)
     add_sampling_args(s)
     s.set_defaults(fn=cmd_generate)
 
@@ -352,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: model context)")
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
     s.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else plain text)")
+    add_device_arg(s)
     s.set_defaults(fn=cmd_serve)
     from tritlm.cli_runtime import add_runtime_commands  # pack, bench, chat, profile, models
 

@@ -63,6 +63,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise ConfigError(f"--threads {a.threads!r}: every thread count must be >= 1")
     require_int("--decode-tokens", a.decode_tokens, 1)
     require_int("--prompt-tokens", a.prompt_tokens, 1)
+    from tritlm.api import resolve_device
+
+    dev = resolve_device(a.device)
+    if dev.type == "cuda":
+        return _bench_gpu(a, dev)
     from tritlm.infer.profile import bench_models
     from tritlm.model.config import load_quant_spec
 
@@ -74,6 +79,23 @@ def cmd_bench(a: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         print("\n".join(bench_lines(res)))
+    return 0
+
+
+def _bench_gpu(a: argparse.Namespace, dev) -> int:
+    """``tritlm bench --device cuda``: the GPU runtime vs dense bf16 (benchmarks/bench_gpu.py has
+    the kernel and training sections too)."""
+    from dataclasses import asdict
+
+    from tritlm.infer.gpu_bench import bench_decode
+
+    rows = bench_decode(dev, [m for m in a.models.split(",") if m], a.prompt_tokens, a.decode_tokens)
+    if a.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    print(f"{'model':8} {'runtime':26} {'prefill tok/s':>13} {'decode tok/s':>12} {'8 seqs tok/s':>12}")
+    for r in rows:
+        print(f"{r.model:8} {r.runtime:26} {r.prefill_tok_s:>13.0f} {r.decode_tok_s:>12.1f} {r.batch8_tok_s:>12.1f}")
     return 0
 
 
@@ -102,7 +124,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     kw = sampling_kwargs(a)
     sampling_params(**kw)  # checked before the model loads
-    m = tritlm.load(a.model)
+    m = tritlm.load(a.model, a.device)
     require_tokenizer(m, "chat")
     tmpl = load_chat_template(m.tokenizer, m.path, a.chat_template)
     chat = KeepGoing(m, m.sampling(**kw), a.max_tokens, a.system, template=tmpl)
@@ -197,6 +219,9 @@ def add_runtime_commands(sub) -> None:
                    help="LM head of the packed runtime (t4: 8 bits/weight, approximate; f16, fp32: exact)")
     s.add_argument("--tune", action="store_true",
                    help="autotune the kernel parameters of every shape first (cached for later runs)")
+    s.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N}",
+                   help="cuda: the GPU runtime (Triton kernels, CUDA graphs) vs dense bf16 on the GPU, --models "
+                        "as presets (benchmarks/bench_gpu.py adds kernels and training)")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("chat", help="interactive chat with a model (history, the model's chat template or a "
@@ -205,8 +230,10 @@ def add_runtime_commands(sub) -> None:
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else plain text)")
+    from tritlm.cli import add_device_arg
     from tritlm.cli_sampling import add_sampling_args
 
+    add_device_arg(s)
     add_sampling_args(s, temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.1)
     s.set_defaults(fn=cmd_chat)
 

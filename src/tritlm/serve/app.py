@@ -416,13 +416,14 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
 def build_app_for_model(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                         max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096,
                         chat_template: str | Path | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                        max_queue: int = 64, threads: int | None = None, prefix_cache_mb: int = 256):
+                        max_queue: int = 64, threads: int | None = None, prefix_cache_mb: int = 256,
+                        device: str = "cpu"):
     """Load ``model`` (anything :func:`tritlm.load` reads) and build its app.
 
     ``max_batch``: sequences generated together, one KV cache slot each, decoded in one batched
     forward per step. ``threads``: torch intra-op threads (default: torch's own count).
     ``prefix_cache_mb``: K/V of earlier prompts kept for prompts that share their prefix (packed
-    models; 0 = off).
+    models; 0 = off). ``device``: see :func:`tritlm.api.resolve_device`.
     """
     import torch
 
@@ -438,7 +439,7 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
     n_threads = threads or torch.get_num_threads()
     if n_threads != torch.get_num_threads():
         torch.set_num_threads(n_threads)
-    m = tritlm.load(model)
+    m = tritlm.load(model, device)
     backend = backend_for(m, max_batch, prefix_cache_mb)
     name = model_name or Path(model).resolve().name
     tmpl = load_chat_template(m.tokenizer, getattr(m, "path", None), chat_template)

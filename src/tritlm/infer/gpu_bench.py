@@ -126,12 +126,12 @@ def bench_kernels(device: torch.device, shapes=None, ms=None, reps: int = 50) ->
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             out = torch.empty(m, n, device=device)
-            t3 = time_per_call(lambda i: ternary_linear(x, packs[i % pc], scale, k, out), device, reps)
-            tb = time_per_call(lambda i: torch.matmul(x, ws[i % wc].t()), device, reps)
+            t3 = time_per_call(lambda i, x=x, out=out, packs=packs, scale=scale, k=k:
+                               ternary_linear(x, packs[i % len(packs)], scale, k, out), device, reps)
+            tb = time_per_call(lambda i, x=x, ws=ws: torch.matmul(x, ws[i % len(ws)].t()), device, reps)
             b3 = n * ((k + 3) // 4) + 4 * n + 2 * m * k + 4 * m * n
             bb = 2 * n * k + 2 * m * k + 2 * m * n
             rows.append(KernelRow(name, n, k, m, 1e6 * t3, 1e6 * tb, b3 / t3 / 1e9, bb / tb / 1e9))
-        del packs, ws
     return rows
 
 
@@ -284,7 +284,8 @@ def _train_step_row(cfg, name: str, quant: str, kernel: str | None, device: torc
     t = time_per_call(f, device, 1 if smoke else 10, warmup=1 if smoke else 3)
     tok = batch * seq / t
     mfu = model.flops_per_token(seq) * tok / peak
-    del model, opt
+    model.to("meta")  # frees the device memory before the next preset
+    opt.state.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return TrainRow(f"{label} step, {batch}x{seq} tokens", 1e3 * t, tok, mfu)

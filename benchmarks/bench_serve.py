@@ -8,6 +8,15 @@ and errors, once per ``--max-batch`` setting. Every loop is bounded in count and
     .venv/bin/python benchmarks/bench_serve.py --preset 125M --max-batch 1,8 --max-tokens 32   # packed, batched
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo --max-batch 1,8 --write
 
+``--sweep 1,2,4,8,16`` instead measures one server at each count of concurrent streaming clients
+(aggregate generated tok/s, p50 / p95 time to first token), and, with ``--llama-server``, llama.cpp's
+own ``llama-server --parallel 8`` (continuous batching) on the same weights exported as TQ2_0 GGUF,
+driven by the same client, interleaved with ours:
+
+    bash benchmarks/build_llama_tools.sh          # once: llama-server, llama-bench, llama-perplexity
+    .venv/bin/python benchmarks/bench_serve.py --preset 700M --sweep 1,2,4,8,16 --max-tokens 32 \
+        --llama-server auto --threads 2 --write
+
 ``--write`` appends a dated section to ``benchmarks/RESULTS-serve.md``.
 """
 
@@ -53,17 +62,42 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(model: str, max_batch: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = free_port()
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
+        env["TRITLM_NUM_THREADS"] = str(threads)  # the packed kernels' threads
     cmd = [sys.executable, "-m", "tritlm", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
            "--max-queue", str(max_queue), "--model-name", "bench"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return _wait_healthy(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+                         port)
+
+
+def start_llama_server(binary: str, gguf: str, parallel: int, threads: int, ctx_per_slot: int
+                       ) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own server with continuous batching over ``parallel`` slots."""
+    port = free_port()
+    cmd = [binary, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "--parallel", str(parallel),
+           "--cont-batching", "-t", str(threads), "-tb", str(threads), "-c", str(ctx_per_slot * parallel),
+           "--no-webui", "-a", "bench"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return _wait_healthy(proc, port, timeout=180)
+
+
+def find_llama_server(arg: str) -> str | None:
+    """``auto``: the binary benchmarks/build_llama_tools.sh built (None if it was not built)."""
+    if arg != "auto":
+        return arg
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llama_tools.sh")], capture_output=True, text=True)
+    b = Path(r.stdout.strip().splitlines()[-1]) / "llama-server" if r.returncode == 0 and r.stdout.strip() else None
+    return str(b) if b is not None and b.exists() else None
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    import httpx
+
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
@@ -74,11 +108,11 @@ def start_server(model: str, max_batch: int, max_queue: int, threads: int | None
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not become healthy within 60 s")
+    raise RuntimeError(f"server did not become healthy within {timeout:.0f} s")
 
 
 async def run_load(url: str, clients: int, per_client: int, max_tokens: int, stream: bool,
-                   timeout: float) -> dict:
+                   timeout: float, chat_every: int = 2) -> dict:
     from openai import AsyncOpenAI
 
     lat: list[float] = []
@@ -89,7 +123,7 @@ async def run_load(url: str, clients: int, per_client: int, max_tokens: int, str
     async def one(client: AsyncOpenAI, i: int) -> None:
         nonlocal tokens
         t0 = time.perf_counter()
-        chat = i % 2 == 1  # alternate endpoints
+        chat = chat_every > 0 and i % chat_every == 1  # alternate endpoints
         if stream:
             first = None
             if chat:
@@ -98,12 +132,18 @@ async def run_load(url: str, clients: int, per_client: int, max_tokens: int, str
                     max_tokens=max_tokens, stream=True, seed=i, stream_options={"include_usage": True})
             else:
                 s = await client.completions.create(model="bench", prompt=prompt(i), max_tokens=max_tokens,
-                                                    stream=True, seed=i, stream_options={"include_usage": True})
+                                                    stream=True, seed=i, stream_options={"include_usage": True},
+                                                    extra_body={"ignore_eos": True})  # llama-server's; ours ignores it
+            chunks, used = 0, None
             async for ch in s:
                 if first is None and ch.choices:
                     first = time.perf_counter() - t0
+                if ch.choices and (getattr(ch.choices[0], "text", None) or getattr(
+                        getattr(ch.choices[0], "delta", None), "content", None)):
+                    chunks += 1
                 if ch.usage is not None:
-                    tokens += ch.usage.completion_tokens
+                    used = ch.usage.completion_tokens
+            tokens += used if used is not None else chunks
             if first is not None:
                 ttft.append(first)
         elif chat:
@@ -160,7 +200,16 @@ def main() -> int:
     ap.add_argument("--stream", action="store_true", help="streaming requests (also measures time to first token)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
     ap.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS-serve.md")
+    ap.add_argument("--sweep", help="comma-separated concurrent streaming client counts (e.g. 1,2,4,8,16): one "
+                                    "server, measured at each; --max-batch then takes one value")
+    ap.add_argument("--requests-per-client", type=int, default=2, help="--sweep: requests each client sends")
+    ap.add_argument("--llama-server", help="--sweep: also measure llama.cpp's llama-server (a path, or auto: "
+                                           "what benchmarks/build_llama_tools.sh built) on the same weights")
+    ap.add_argument("--parallel", type=int, default=8, help="llama-server --parallel (default 8)")
+    ap.add_argument("--rounds", type=int, default=1, help="--sweep: interleaved rounds of both servers")
     a = ap.parse_args()
+    if a.sweep:
+        return sweep(a)
 
     tmp = None
     model = a.model
@@ -217,6 +266,83 @@ def main() -> int:
         print(f"appended to {out}")
     if tmp is not None:
         tmp.cleanup()
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+def sweep(a: argparse.Namespace) -> int:
+    """Aggregate tok/s and TTFT at each client count: tritlm serve, then llama-server, per round."""
+    if not a.preset and not a.model:
+        raise SystemExit("--sweep needs --preset (a random packed model) or --model (a packed folder)")
+    counts = [int(x) for x in a.sweep.split(",") if x.strip()]
+    threads = a.threads or 2
+    tmp = tempfile.TemporaryDirectory(prefix="tritlm-bench-serve-")
+    model = a.model
+    if model is None:
+        model = str(Path(tmp.name) / a.preset)
+        random_packed_model(a.preset, model)
+    servers = [("tritlm", None)]
+    if a.llama_server:
+        binary = find_llama_server(a.llama_server)
+        if binary is None:
+            print("llama-server not built (run benchmarks/build_llama_tools.sh); measuring tritlm only")
+        else:
+            from tritlm.formats.packed import load_packed
+            from tritlm.infer.bench_llama_cpp import gguf_for
+
+            servers.append(("llama-server", (binary, str(gguf_for(load_packed(model), "f16")))))
+    max_batch = int(a.max_batch.split(",")[-1])
+    rows = []
+    for rnd in range(a.rounds):
+        for name, peer in servers:
+            if peer is None:
+                proc, url = start_server(model, max_batch, max_queue=max(counts) * 2, threads=threads)
+            else:
+                proc, url = start_llama_server(peer[0], peer[1], a.parallel, threads, ctx_per_slot=512)
+            try:
+                asyncio.run(run_load(url, 2, 1, 4, True, a.timeout, chat_every=0))  # warm-up
+                for c in counts:
+                    r = asyncio.run(run_load(url, c, a.requests_per_client, a.max_tokens, True, a.timeout,
+                                             chat_every=0))
+                    r.update(server=name, clients=c, round=rnd)
+                    rows.append(r)
+                    print(f"round {rnd} {name:12} clients {c:>2}: {r['ok']}/{r['n']} ok, {r['tok_s']:7.1f} tok/s "
+                          f"aggregate, ttft p50 {r['ttft_p50'] * 1e3:6.0f} ms p95 {r['ttft_p95'] * 1e3:6.0f} ms, "
+                          f"{r['tokens']} tokens in {r['wall_s']:.1f} s", flush=True)
+                    for e in r["errors"][:3]:
+                        print("  error:", e)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    base = {n: statistics.median([r["tok_s"] for r in rows if r["server"] == n and r["clients"] == counts[0]])
+            for n, _ in servers}
+    lines = ["| server | clients | tok/s aggregate (median) | x its 1-client | TTFT p50 ms | TTFT p95 ms "
+             "| ok / total |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for n, _ in servers:
+        for c in counts:
+            rs = [r for r in rows if r["server"] == n and r["clients"] == c]
+            tps = statistics.median([r["tok_s"] for r in rs])
+            lines.append(f"| {n} | {c} | {tps:.1f} | {tps / base[n]:.2f} | "
+                         f"{statistics.median([r['ttft_p50'] for r in rs]) * 1e3:.0f} | "
+                         f"{statistics.median([r['ttft_p95'] for r in rs]) * 1e3:.0f} | "
+                         f"{sum(r['ok'] for r in rs)} / {sum(r['n'] for r in rs)} |")
+    print("\n".join(lines))
+    if a.write:
+        out = ROOT / "benchmarks" / "RESULTS-serve.md"
+        with out.open("a") as f:
+            f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} - client sweep, {platform.machine()}, {os.cpu_count()} "
+                    f"CPUs, {threads} threads per server\n\n")
+            f.write(f"model `{a.model or f'random packed {a.preset} (byte vocab)'}`; tritlm serve --max-batch "
+                    f"{max_batch}" + (f", llama-server --parallel {a.parallel} --cont-batching on the TQ2_0 GGUF"
+                                      if len(servers) > 1 else "")
+                    + f"; streaming completions, max_tokens {a.max_tokens}, {a.requests_per_client} requests per "
+                      f"client, {a.rounds} interleaved round(s)\n\n")
+            f.write("\n".join(lines) + "\n")
+        print(f"appended to {out}")
+    tmp.cleanup()
     return 1 if any(r["errors"] for r in rows) else 0
 
 

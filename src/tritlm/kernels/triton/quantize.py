@@ -40,6 +40,21 @@ def _rne(v):
 
 
 @triton.jit
+def _to(v, DT: tl.constexpr):
+    """fp32 -> DT rounding to nearest even, as torch's ``.to``.
+
+    bfloat16 is rounded by hand: the interpreter truncates (and its "rtne" rounds ties up), while
+    on CUDA this is the same round-to-nearest-even the cvt instruction does, at a few ALU ops.
+    """
+    if DT == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        r = tl.where(v == v, b + 0x7FFF + ((b >> 16) & 1), b | 0x400000)  # NaN stays NaN
+        return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(DT)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, norm_eps,
                       NORM: tl.constexpr, AFFINE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -61,7 +76,7 @@ def _act_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, no
             v = v * r
             if AFFINE:
                 v = v * tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
-            v = v.to(OUT_DTYPE).to(tl.float32)  # RMSNorm returns x's dtype before absmax reads it
+            v = _to(v, OUT_DTYPE).to(tl.float32)  # RMSNorm returns x's dtype before absmax reads it
         amax = tl.maximum(amax, tl.abs(v))
     s = tl.math.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), eps)) * 127.0
     tl.store(s_ptr + row, s)
@@ -72,7 +87,7 @@ def _act_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, no
             v = v * r
             if AFFINE:
                 v = v * tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
-            v = v.to(OUT_DTYPE).to(tl.float32)
+            v = _to(v, OUT_DTYPE).to(tl.float32)
         q = tl.minimum(tl.maximum(_rne(v * s), -128.0), 127.0)
         tl.store(q_ptr + row * stride_q + c, q.to(tl.int8), mask=c < K)
 

@@ -248,7 +248,7 @@ class BitLinear(nn.Linear):
 
     def _hard(self, x: torch.Tensor) -> torch.Tensor:
         cd = _autocast_dtype(x.device.type) or x.dtype
-        if self.kernel != "torch" and self._triton_ok(x):
+        if getattr(self, "kernel", "torch") != "torch" and self._triton_ok(x):  # old pickles lack it
             from tritlm.kernels.triton.bitlinear import bitlinear_triton
             return bitlinear_triton(x, self.weight, self.bias, self.config, cd, self.act_slot)
         xd = _quant_input(x, self.config, cd, self.act_slot)

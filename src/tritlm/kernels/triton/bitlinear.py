@@ -31,6 +31,7 @@ import triton.language as tl
 
 from tritlm.kernels.triton import interpreting
 from tritlm.kernels.triton.quantize import _TL_DTYPE, _to, act_quant, ternarize
+from tritlm.nn.bitlinear import _autocast_dtype
 from tritlm.quant.config import QuantConfig
 
 _CUDA_CONFIGS = [
@@ -114,6 +115,15 @@ def int8_ternary_mm(q: torch.Tensor, s: torch.Tensor, levels: torch.Tensor, gamm
         grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
         _int8_mm_kernel[grid](*args, **flags, **c, num_warps=4)
     return out
+
+
+def int8_ternary_mm_reference(q: torch.Tensor, s: torch.Tensor, levels: torch.Tensor, gamma: torch.Tensor,
+                              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The math of :func:`int8_ternary_mm` in float64 (the integer sum is exact there for K < 2^37)."""
+    y = (q.double() @ levels.double().t()) * (gamma.double() / s.double().reshape(-1, 1))
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(out_dtype)
 
 
 @triton.jit
@@ -209,8 +219,7 @@ def bitlinear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if not supported(cfg):
         raise ValueError(f"the Triton BitLinear supports ternary per-tensor weights with act_bits=8, not {cfg}")
     if out_dtype is None:
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        out_dtype = dt or x.dtype
+        out_dtype = _autocast_dtype(x.device.type) or x.dtype
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     q, s = _quantized_input(x, x2, cfg.eps, slot)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

@@ -253,3 +253,58 @@ def test_transformer_training_steps_match(input_norm, monkeypatch):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ---- the CUDA lowering, checked without a GPU: compile to PTX for sm_80 and sm_90 ----------------
+_AOT = r'''
+import re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tritlm.kernels.triton import bitlinear as tb, quantize as tq
+
+def ptx(fn, sig, const, cc, **opts):
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    src = ASTSource(fn, sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts).asm["ptx"]
+
+mm_sig = dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", s_ptr="*fp32", g_ptr="*fp32", bias_ptr="*fp32", M="i32",
+              N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32")
+for cfg, cc in ((tb._CUDA_CONFIGS[0], 90), (tb._CUDA_CONFIGS[-1], 80)):  # wgmma on Hopper, mma.sync on Ampere
+    p = ptx(tb._int8_mm_kernel, mm_sig, dict(HAS_BIAS=True, OUT_DTYPE=tl.bfloat16, **cfg.kwargs), cc,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    assert re.search(r"(wgmma|mma)\S*\.s32\.s8\.s8", p), ("no int8 MMA", cfg, cc)
+aq_sig = dict(x_ptr="*bf16", w_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", K="i32", stride_x="i32", stride_q="i32",
+              eps="fp32", norm_eps="fp32")
+for norm in (False, True):
+    p = ptx(tq._act_quant_kernel, aq_sig, dict(NORM=norm, AFFINE=norm, OUT_DTYPE=tl.bfloat16, BLOCK_K=2048), 90,
+            num_warps=8, enable_fp_fusion=False)
+    assert "fma.rn.f32" not in p and "div.rn.f32" in p
+p = ptx(tq._ternarize_kernel, dict(w_ptr="*fp32", ge_ptr="*fp32", lv_ptr="*i8", numel="i32"), dict(BLOCK=1024), 90,
+        enable_fp_fusion=False)
+assert "div.rn.f32" in p and "div.full" not in p
+ptx(tq._ternarize_pack_kernel, dict(w_ptr="*bf16", ge_ptr="*fp32", p_ptr="*u8", N="i32", K="i32", KB="i32",
+    stride_w="i32", stride_p="i32"), dict(BLOCK_N=16, BLOCK_B=64), 90, enable_fp_fusion=False)
+for row in (False, True):
+    ptx(tb._dequant_kernel, dict(q_ptr="*i8", sc_ptr="*fp32", out_ptr="*bf16", M="i32", K="i32"),
+        dict(ROW_SCALE=row, OUT_DTYPE=tl.bfloat16, BLOCK_M=16, BLOCK_K=256), 90, enable_fp_fusion=False)
+print("ok")
+'''
+
+
+def test_kernels_lower_to_cuda_int8_mma():
+    """Compiles every kernel to PTX in a fresh process (no interpreter there): int8 tensor-core MMA
+    in the GEMM (the largest tile for sm_90, the smallest for sm_80), IEEE divisions and no FMA
+    contraction in the quantisers."""
+    import pathlib
+    import subprocess
+    import sys
+
+    import triton.backends
+
+    if not list(pathlib.Path(triton.backends.__path__[0]).glob("nvidia/bin/ptxas*")):
+        pytest.skip("this triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -151,7 +151,7 @@ def dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.T
         bm, bk = 16, 256
         _dequant_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
             q, scale.float().contiguous(), out, m, k, ROW_SCALE=scale.dim() == 2, OUT_DTYPE=_TL_DTYPE[dtype],
-            BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+            BLOCK_M=bm, BLOCK_K=bk, num_warps=4, enable_fp_fusion=False)
     return out
 
 

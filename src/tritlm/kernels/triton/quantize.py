@@ -9,6 +9,9 @@ functions here restate it), so switching a model between kernels changes only th
   fp32 is an approximate division on CUDA.
 - ``round`` is half-to-even (``torch.round``), written with ``floor`` (``_rne``): ``libdevice.rint``
   has no interpreter implementation, and the floor form is exact for every fp32 below 2^23.
+- the quantisers compile without FMA contraction (``enable_fp_fusion=False``): fused, ``x * s - floor``
+  would see the unrounded product and settle ties that torch rounds first (sm_90 PTX has 16 such fma
+  in ``_act_quant_kernel`` otherwise). They are memory-bound, so it costs nothing.
 - gamma = mean|W| stays a torch reduction: a Triton tree sums in another order and would move gamma
   by an ulp, which flips levels that sit on a rounding tie. It is one read of W, and gamma + eps
   goes to the kernels as a device tensor, so nothing waits on the host.
@@ -114,7 +117,7 @@ def act_quant(x: torch.Tensor, eps: float = 1e-5, norm: bool | torch.Tensor = Fa
         block = min(triton.next_power_of_2(k), 2048)
         _act_quant_kernel[(m,)](x, w, q, s, k, x.stride(0), q.stride(0), float(eps), float(norm_eps),
                                 NORM=affine or bool(norm), AFFINE=affine, OUT_DTYPE=_TL_DTYPE[x.dtype],
-                                BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+                                BLOCK_K=block, num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False)
     elif m:
         s.fill_(127.0 / eps)
     return q, s
@@ -181,7 +184,7 @@ def ternarize(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.T
     n = w.numel()
     if n:
         block = 1024
-        _ternarize_kernel[(triton.cdiv(n, block),)](w, ge, lv, n, BLOCK=block, num_warps=4)
+        _ternarize_kernel[(triton.cdiv(n, block),)](w, ge, lv, n, BLOCK=block, num_warps=4, enable_fp_fusion=False)
     return lv, gamma
 
 
@@ -195,7 +198,7 @@ def ternarize_pack(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, to
     if n and k:
         bn, bb = 16, 64
         _ternarize_pack_kernel[(triton.cdiv(n, bn), triton.cdiv(kb, bb))](
-            w, ge, p, n, k, kb, w.stride(0), p.stride(0), BLOCK_N=bn, BLOCK_B=bb, num_warps=4)
+            w, ge, p, n, k, kb, w.stride(0), p.stride(0), BLOCK_N=bn, BLOCK_B=bb, num_warps=4, enable_fp_fusion=False)
     return p, gamma
 
 

@@ -4,15 +4,17 @@ The design follows torchao's BitNet training (``BitNetTrainingLinearWeight``): q
 activations per token to int8 and the weights per tensor to int8 levels, multiply on the int8
 tensor cores (``tl.dot`` with int32 accumulation: exact, twice the bf16 rate on Ampere / Hopper)
 and apply both scales in the epilogue, ``y = acc * gamma / s + b``. That is the BitLinear torch
-path's math (``deq(x) @ deq(W)^T``) with the rounding of one float GEMM replaced by an exact sum,
-so the two kernels agree to the output dtype's rounding.
+path's math (``deq(x) @ deq(W)^T``) with the float GEMM replaced by an exact integer sum: the
+result is rounded once, where the torch path also rounds ``deq(x)`` and ``deq(W)`` to the compute
+dtype (in bf16 the two differ by that rounding, in fp32 by a few ulps).
 
 What is saved for backward is the int8 ``q`` with its ``[M, 1]`` scale and the int8 levels with
 gamma: half the bytes of the bf16 copies ``_BitLinearFn`` keeps. Backward rebuilds the bf16 operands
 ``q / s`` and ``levels * gamma`` with the same float32 arithmetic as the torch path (so, given the
-same upstream gradient, the gradients are bit-identical to ``_BitLinearFn``'s) and runs two bf16
-cuBLAS GEMMs: the straight-through gradients are not integers, and cuBLAS is the best bf16 GEMM
-there is, so a Triton backward would only add risk.
+same upstream gradient, the gradients are bit-identical to ``_BitLinearFn``'s; the copies live only
+while this layer's backward runs) and runs two bf16 cuBLAS GEMMs: the straight-through gradients
+are not integers, and cuBLAS is the best bf16 GEMM there is, so a Triton backward would only add
+risk.
 
 The GEMM reads int8 levels rather than the packed ``t2_k4`` bytes: training re-ternarises W every
 step and backward needs the levels anyway, and at training batch sizes the GEMM is compute-bound,
@@ -29,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritlm.kernels.triton import interpreting
+from tritlm.kernels.triton import interpreting, require
 from tritlm.kernels.triton.quantize import _TL_DTYPE, _to, act_quant, ternarize
 from tritlm.nn.bitlinear import _autocast_dtype
 from tritlm.quant.config import QuantConfig
@@ -216,6 +218,7 @@ def bitlinear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``slot``: an ``ActSlot`` shared by the layers that read ``x`` (quantised once for all of them).
     Autograd runs through :class:`BitLinearTritonFn` when a gradient is needed.
     """
+    require(x.device.type)
     if not supported(cfg):
         raise ValueError(f"the Triton BitLinear supports ternary per-tensor weights with act_bits=8, not {cfg}")
     if out_dtype is None:

@@ -7,6 +7,11 @@ The common case (lambda = 1, no annealing) runs through ``_BitLinearFn``, a fuse
 that quantises once, folds both scales into the operands and saves only the two dequantised
 operands, so backward is two plain matmuls (the same work as ``nn.Linear``). The schedule phases
 (lambda mixing, tanh annealing) take the slower, composable path built from ``tritlm.quant``.
+
+``kernel`` picks what runs that common case: "torch" (the default, above), "triton" (int8 tensor
+cores, ``tritlm.kernels.triton.bitlinear``) or "auto" (Triton for CUDA inputs when it is installed).
+Configs the Triton kernels do not implement keep the torch path whatever ``kernel`` says; the
+Triton module is imported only when a layer asks for it, so CPU-only installs never load it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tritlm.quant.weights import expand_scale, quantize_weight, threshold_ternar
 log = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+KERNELS = ("torch", "triton", "auto")
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -187,6 +193,18 @@ class _BitLinearFn(torch.autograd.Function):
         return gx, None, gw, gb, None, None
 
 
+def set_kernel(model: nn.Module, kind: str) -> int:
+    """Set ``kernel`` ("torch", "triton" or "auto") on every BitLinear of ``model``; returns how many."""
+    if kind not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kind!r}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.kernel = kind
+            n += 1
+    return n
+
+
 class BitLinear(nn.Linear):
     """``nn.Linear`` with quantisation-aware forward; its parameters are the latent fp weights.
 
@@ -211,6 +229,7 @@ class BitLinear(nn.Linear):
         self.anneal_alpha: float | None = None
         self.residual_coef: float = 0.0
         self.act_slot = ActSlot()  # shared with the sibling layers that read the same input
+        self.kernel: str = "torch"  # runtime choice, not saved: see the module docstring
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,6 +248,9 @@ class BitLinear(nn.Linear):
 
     def _hard(self, x: torch.Tensor) -> torch.Tensor:
         cd = _autocast_dtype(x.device.type) or x.dtype
+        if getattr(self, "kernel", "torch") != "torch" and self._triton_ok(x):  # old pickles lack it
+            from tritlm.kernels.triton.bitlinear import bitlinear_triton
+            return bitlinear_triton(x, self.weight, self.bias, self.config, cd, self.act_slot)
         xd = _quant_input(x, self.config, cd, self.act_slot)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
@@ -238,6 +260,18 @@ class BitLinear(nn.Linear):
             with torch.no_grad():
                 y = _hard_forward(xd, self.weight, self.bias, self.config, cd)[0]
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def _triton_ok(self, x: torch.Tensor) -> bool:
+        """Whether ``kernel`` sends this input to the Triton kernels (raises when "triton" cannot run)."""
+        from tritlm.kernels import triton as tk
+
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.kernel == "auto" and not (x.is_cuda and tk.available()):
+            return False
+        tk.require(x.device.type)
+        from tritlm.kernels.triton.bitlinear import supported
+        return supported(self.config)
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token absmax activations with STE, mixed with the fp input by ``lam``."""

@@ -96,3 +96,54 @@ def test_bad_shapes_are_one_line_errors():
         ternary_linear(torch.randn(2, 9), p, torch.ones(1), 8)
     with pytest.raises(ValueError, match="scale"):
         ternary_linear(torch.randn(2, 8), p, torch.ones(3), 8)
+
+
+_AOT = r'''
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tritlm.kernels.triton import ternary_mm as tm
+
+def ptx(fn, sig, const, cc, **opts):
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    return triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", cc, 32),
+                          options=opts).asm["ptx"]
+
+gemv = dict(x_ptr="*bf16", w_ptr="*u8", sc_ptr="*fp32", o_ptr="*fp32", M="i32", N="i32", K="i32", KB="i32",
+            sxm="i32", som="i32")
+for dot, bm in ((False, 1), (True, 16)):
+    for cc in (80, 90):
+        b = tm._blocks("cuda", True, bm)
+        p = ptx(tm._gemv, gemv, dict(PER_ROW=True, DOT=dot, BM=bm, BN=b["BN"], BK=b["BK"]), cc,
+                num_warps=b["num_warps"], enable_fp_fusion=False)
+        assert "div.rn.f32" in p and "fma.rn.f32" not in p, (dot, cc)
+        if dot:
+            assert re.search(r"mma\S*\.s32\.s8\.s8", p), ("no int8 MMA in the small-M GEMV", cc)
+gemm = dict(q_ptr="*i8", s_ptr="*fp32", w_ptr="*u8", sc_ptr="*fp32", o_ptr="*fp32", M="i32", N="i32", K="i32",
+            KB="i32", sqm="i32", som="i32")
+for m, cc in ((2048, 90), (128, 90), (64, 80)):
+    b = tm._blocks("cuda", False, m)
+    p = ptx(tm._gemm, gemm, dict(PER_ROW=False, BM=b["BM"], BN=b["BN"], BK=b["BK"]), cc,
+            num_warps=b["num_warps"], num_stages=b["num_stages"])
+    assert re.search(r"(wgmma|mma)\S*\.s32\.s8\.s8", p), ("no int8 MMA in the GEMM", m, cc)
+print("ok")
+'''
+
+
+def test_kernels_lower_to_cuda_int8_mma():
+    """Both kernels compile to PTX for sm_80 and sm_90 in a fresh process (no interpreter there),
+    with int8 tensor-core MMA where they use tl.dot, IEEE divisions and no FMA contraction in the
+    GEMV's rounding: the CUDA build is checked on a machine without a GPU."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import triton.backends
+
+    if not list(pathlib.Path(triton.backends.__path__[0]).glob("nvidia/bin/ptxas*")):
+        pytest.skip("this triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -17,7 +17,9 @@ Two kernels, split by M because the cost model differs:
 
 The integer products are exact in int32; the float epilogue multiplies by ``scale / s``. Rounding
 uses the 1.5 * 2^23 trick (round half to even, as ``torch.round``) because it means the same thing
-on CUDA and in the interpreter.
+on CUDA and in the interpreter; the GEMV compiles without FMA contraction, which would fuse
+``x * s + 1.5 * 2^23`` into one rounding and so round some products differently from torch, and
+divides with ``div_rn`` (Triton's ``/`` is approximate on CUDA).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ except ImportError:  # the CPU install: ternary_linear() raises the one-line err
     triton = None
 
 SMALL_M = 16
-_ROUND = 12582912.0  # 1.5 * 2^23: (v + R) - R rounds |v| < 2^22 to the nearest integer, ties to even
 
 
 def ternary_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,6 +56,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 if triton is not None:
+    _ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + R) - R rounds |v| < 2^22 to an integer, ties to even
+
     @triton.jit
     def _unpack(w_ptr, rn, rk, N, K, KB):
         """Levels ``[BK, BN]`` (int8) of rows ``rn`` at columns ``rk`` from t2_k4 bytes."""
@@ -74,7 +77,7 @@ if triton is not None:
             xv = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                          other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(xv), axis=1))
-        s = 127.0 / tl.maximum(amax, 1e-5)
+        s = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))  # Triton's "/" is approximate on CUDA
         if DOT:
             acc = tl.zeros((BM, BN), dtype=tl.int32)
         else:
@@ -96,11 +99,11 @@ if triton is not None:
         else:
             sc = tl.load(sc_ptr + rn * 0)
         if DOT:
-            y = acc.to(tl.float32) / s[:, None] * sc[None, :]
+            y = tl.math.div_rn(acc.to(tl.float32), s[:, None]) * sc[None, :]
             tl.store(o_ptr + rm[:, None] * som + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
         else:
             s0 = tl.sum(s, axis=0)
-            y1 = acc1.to(tl.float32) / s0 * sc
+            y1 = tl.math.div_rn(acc1.to(tl.float32), s0) * sc
             tl.store(o_ptr + rn, y1, mask=rn < N)
 
     @triton.jit
@@ -119,7 +122,7 @@ if triton is not None:
             sc = tl.load(sc_ptr + rn, mask=rn < N, other=0.0)
         else:
             sc = tl.load(sc_ptr + rn * 0)
-        y = acc.to(tl.float32) / s[:, None] * sc[None, :]
+        y = tl.math.div_rn(acc.to(tl.float32), s[:, None]) * sc[None, :]
         tl.store(o_ptr + rm[:, None] * som + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -156,7 +159,7 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k
         dot = m > 1
         bm = 16 if dot else 1
         _gemv[(triton.cdiv(n, b["BN"]),)](x, packed, scale, out, m, n, k, kb, x.stride(0), out.stride(0),
-                                          PER_ROW=per_row, DOT=dot, BM=bm, **b)
+                                          PER_ROW=per_row, DOT=dot, BM=bm, enable_fp_fusion=False, **b)
         return out
     q, s = quantize_rows(x)
     b = _blocks(x.device.type, False, m)

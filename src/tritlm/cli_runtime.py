@@ -44,6 +44,11 @@ def bench_lines(res: dict) -> list[str]:
                 note = f"kernels {100 * r['kernel_share']:.0f}% of a decode step"
             elif "decode_tokens" in r:
                 note = f"decode over {r['decode_tokens']} tokens"
+            if "decode_range" in r and r["decode_runs"] > 1:
+                lo, hi = r["decode_range"]
+                plo, phi = r["prefill_range"]
+                note = (f"median of {r['decode_runs']} (decode {lo:.1f}-{hi:.1f}, prefill {plo:.0f}-{phi:.0f})"
+                        + (f"; {note}" if note else ""))
             lines.append(f"{mres['model']:6} {r['impl']:28} {r['threads']:>3} {r['decode']:>12.1f} {pre:>13}  {note}")
         for q in mres["ratios"]:
             lines.append(f"{mres['model']:6} tritlm / {q['vs']:<23} {q['threads']:>3} {q['decode']:>11.2f}x "
@@ -63,6 +68,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise ConfigError(f"--threads {a.threads!r}: every thread count must be >= 1")
     require_int("--decode-tokens", a.decode_tokens, 1)
     require_int("--prompt-tokens", a.prompt_tokens, 1)
+    require_int("--reps", a.reps, 1)
     from tritlm.api import resolve_device
 
     dev = resolve_device(a.device)
@@ -73,7 +79,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     res = bench_models([m for m in a.models.split(",") if m], threads,
                        decode_tokens=a.decode_tokens, prompt_tokens=a.prompt_tokens, dense=not a.no_dense,
-                       head=a.head, tune=a.tune,
+                       head=a.head, tune=a.tune, reps=a.reps,
                        quant_spec=load_quant_spec(a.quant_spec) if a.quant_spec else None)
     if a.json:
         print(json.dumps(res, indent=2))
@@ -205,7 +211,8 @@ def add_runtime_commands(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.set_defaults(fn=cmd_pack)
 
-    s = sub.add_parser("bench", help="CPU runtime speed: packed vs dense PyTorch (fp32/bf16), 700M and 125M")
+    s = sub.add_parser("bench", help="CPU runtime speed: packed vs llama.cpp's llama-bench on the same weights and "
+                                     "dense PyTorch (fp32/bf16), 700M and 125M")
     s.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     s.add_argument("--models", default="700M,125M",
                    help="comma-separated presets or packed model folders (default 700M,125M)")
@@ -219,6 +226,8 @@ def add_runtime_commands(sub) -> None:
                    help="LM head of the packed runtime (t4: 8 bits/weight, approximate; f16, fp32: exact)")
     s.add_argument("--tune", action="store_true",
                    help="autotune the kernel parameters of every shape first (cached for later runs)")
+    s.add_argument("--reps", type=int, default=3,
+                   help="repetitions of ours and llama-bench, interleaved; medians and ranges (default 3)")
     s.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N}",
                    help="cuda: the GPU runtime (Triton kernels, CUDA graphs) vs dense bf16 on the GPU, --models "
                         "as presets (benchmarks/bench_gpu.py adds kernels and training)")

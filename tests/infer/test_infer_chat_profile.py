@@ -136,19 +136,22 @@ def test_models_registry_cli(tmp_path, monkeypatch, capsys):
 
 def test_bench_json_rows_and_ratios(tmp_path, monkeypatch):
     """`tritlm bench --json --tune` on the tiny preset: every row measured, ratios computed from them."""
-    from tritlm.infer.bench_llama_cpp import available
+    from tritlm.infer.bench_llama_cpp import available, llama_bench_binary
     from tritlm.infer.profile import bench_models, engine_shapes
     from tritlm.model.config import preset
 
     monkeypatch.setenv("TRITLM_CACHE_DIR", str(tmp_path))  # the tuning cache (and GGUF) go here
-    res = bench_models(["tiny"], [1], decode_tokens=4, prompt_tokens=8, dense=True, head="t4", tune=True)
+    res = bench_models(["tiny"], [1], decode_tokens=4, prompt_tokens=8, dense=True, head="t4", tune=True, reps=2)
     tuned = json.loads((tmp_path / "autotune.json").read_text())["entries"]
     for n, k in engine_shapes(preset("tiny", vocab_size=32000), "t4"):
         assert any(f"|n={n}|k={k}|m=1|t=1|" in key for key in tuned), (n, k)
     (m,) = res["models"]
     impls = [r["impl"] for r in m["rows"]]
     assert impls[:2] == ["bandwidth ceiling", "tritlm packed (head t4)"]
-    assert "torch dense bf16" in impls and ("llama.cpp TQ2_0 (head Q8_0)" in impls) == available()
+    assert "torch dense bf16" in impls and ("llama-cpp-python TQ2_0 (head Q8_0)" in impls) == available()
+    assert ("llama-bench TQ2_0 (head Q8_0)" in impls) == (llama_bench_binary() is not None)
+    for r in m["rows"][1:2] + [r for r in m["rows"] if r["impl"].startswith("llama-bench")]:
+        assert r["decode_runs"] == 2 and r["decode_range"][0] <= r["decode"] <= r["decode_range"][1]
     for r in m["rows"]:
         assert r["decode"] > 0 and (r["prefill"] is None or r["prefill"] > 0)
     ours = m["rows"][1]

@@ -2,9 +2,13 @@
 
 The packed model is written with :func:`~tritlm.formats.gguf.export_gguf_packed` (llama arch,
 ternary Linears in TQ2_0, token embeddings F16, output matrix Q8_0 next to our ``t4`` head, F16
-next to our ``f16`` head, F32 next to ``fp32``) into the cache folder, once per model, and run through
-``llama-cpp-python`` with the same thread count, prompt and token counts as our runtime. Decode is
-greedy (argmax of llama.cpp's logits, in Python, like our sampler), one ``eval`` per token.
+next to our ``f16`` head, F32 next to ``fp32``) into the cache folder, once per model, and run
+two ways with the same thread count and token counts as our runtime:
+
+* ``llama-bench``, llama.cpp's own benchmark (``tg`` decode, ``pp`` prefill), built by
+  ``benchmarks/build_llama_tools.sh``: what a llama.cpp user measures, and the peer the ratios use;
+* ``llama-cpp-python``: one ``eval`` per token and a numpy argmax, labelled as such (it adds
+  Python per token, so it is slower than llama.cpp itself).
 """
 
 from __future__ import annotations
@@ -21,6 +25,44 @@ log = logging.getLogger(__name__)
 
 # our head -> the GGUF output matrix type of about the same bytes and accuracy
 HEAD_TYPES = {"t4": "Q8_0", "f16": "F16", "fp32": "F32"}
+
+
+def llama_bench_binary() -> Path | None:
+    """``$TRITLM_LLAMA_BENCH``, else the newest ``llama-bench`` that build_llama_tools.sh built
+    under the cache folder (``$TRITLM_CACHE_DIR`` or ``~/.cache/tritlm``); None when there is none."""
+    import os
+
+    from tritlm.kernels.cpu import cache_dir
+
+    env = os.environ.get("TRITLM_LLAMA_BENCH")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    roots = {cache_dir(), Path.home() / ".cache" / "tritlm"}  # where build_llama_tools.sh builds by default
+    found = sorted((b for r in roots for b in r.glob("llama.cpp*/build/bin/llama-bench")),
+                   key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def llama_bench(binary: Path, path: Path, threads: int, decode_tokens: int, prompt_tokens: int,
+                reps: int = 1, timeout: float = 900) -> dict:
+    """llama-bench's tok/s on ``path``: ``{"decode": tg tok/s, "prefill": pp tok/s, "samples": ...}``
+    (the mean of ``reps`` runs each, as llama-bench reports it)."""
+    import subprocess
+
+    cmd = [str(binary), "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens), "-n", str(decode_tokens),
+           "-r", str(reps), "-o", "json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({r.returncode}): {r.stderr.strip()[-300:]}")
+    runs = json.loads(r.stdout)
+    out: dict = {}
+    for e in runs:
+        key = "prefill" if e.get("n_prompt", 0) > 0 and e.get("n_gen", 0) == 0 else "decode"
+        out[key] = float(e["avg_ts"])
+        out[f"{key}_samples"] = [float(x) for x in e.get("samples_ts", [])]
+    if "decode" not in out or "prefill" not in out:
+        raise RuntimeError("llama-bench printed no pp / tg result")
+    return out
 
 
 def available() -> bool:

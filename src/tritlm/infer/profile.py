@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -177,8 +178,11 @@ def engine_shapes(cfg, head: str) -> list[tuple[int, int]]:
 
 def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, prompt_tokens: int = 128,
                 dense: bool = True, head: str = "t4", seed: int = 0, tune: bool = False,
-                quant_spec=None) -> dict:
+                quant_spec=None, reps: int = 3) -> dict:
     """Our packed runtime vs llama.cpp on the same weights and vs dense PyTorch, per thread count.
+
+    Ours and ``llama-bench`` run ``reps`` times, interleaved; their rows hold the medians and the
+    ``*_range`` (min, max) of the repetitions.
 
     ``preset_name``: a preset (random weights of each layer's kind) or a packed folder.
     ``quant_spec``: per-layer kinds ``{glob: fields or kind}`` for a preset (a mixed model).
@@ -204,7 +208,6 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         pm = random_packed(cfg, seed=seed)
     log.info("built packed %s in %.1f s", preset_name, time.perf_counter() - t)
     mixed = cfg.uniform_quant is None or cfg.quant.kind != "ternary"
-    gguf_label = "llama.cpp " + ("mixed GGUF" if mixed else "TQ2_0")
     sizes = size_report(pm)
     head_bytes = cfg.vocab_size * cfg.dim * {"t4": 1, "f16": 2, "fp32": 4}[head]
     per_token = sizes["ternary_bytes"] + sizes["fp_linear_bytes"] + head_bytes
@@ -214,15 +217,19 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
     from tritlm.infer import bench_llama_cpp
 
     gguf_path = None
-    if bench_llama_cpp.available():
-        try:
-            gguf_path = bench_llama_cpp.gguf_for(pm, head)
-            res["llama_cpp"] = (f"{'mixed' if mixed else 'TQ2_0'} GGUF of the same weights ({gguf_path.name}), "
-                                "llama-cpp-python")
-        except Exception as e:  # noqa: BLE001 - the peer is optional; say why it is missing
-            res["llama_cpp"] = f"export failed: {str(e)[:200]}"
-    else:
-        res["llama_cpp"] = "not installed (pip install llama-cpp-python)"
+    lb = bench_llama_cpp.llama_bench_binary()
+    notes = []
+    try:
+        gguf_path = bench_llama_cpp.gguf_for(pm, head)
+    except Exception as e:  # noqa: BLE001 - the peer is optional; say why it is missing
+        notes.append(f"GGUF export failed: {str(e)[:200]}")
+    if gguf_path is not None:
+        notes.append(f"{'mixed' if mixed else 'TQ2_0'} GGUF of the same weights ({gguf_path.name})")
+        notes.append(f"llama-bench {lb}" if lb is not None else
+                     "llama-bench not built (bash benchmarks/build_llama_tools.sh)")
+        if not bench_llama_cpp.available():
+            notes.append("llama-cpp-python not installed")
+    res["llama_cpp"] = "; ".join(notes)
     for th in threads_list:
         bw = read_bandwidth(th)
         res["rows"].append({"impl": "bandwidth ceiling", "threads": th, "decode": bw / per_token,
@@ -234,20 +241,32 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
                 tune(n, k, ms=(1, prompt_tokens), threads=th)
         eng = Engine(pm, threads=th, head=head, max_len=cfg.max_seq_len)
         _time_decode(eng, 4)  # warm-up (thread pool, page faults)
+        ours: dict[str, list[float]] = {"decode": [], "prefill": []}
+        peer: dict[str, list[float]] = {"decode": [], "prefill": []}
         native: list[float] = []
-        dec = _time_decode(eng, decode_tokens, native)
-        pre = _time_prefill(eng, prompt_tokens)
-        row = {"impl": f"tritlm packed (head {head})", "threads": th, "decode": dec, "prefill": pre}
+        # interleaved: a slow minute of a shared machine hits both sides, not one
+        for _ in range(reps):
+            ours["decode"].append(_time_decode(eng, decode_tokens, native))
+            ours["prefill"].append(_time_prefill(eng, prompt_tokens))
+            if gguf_path is not None and lb is not None:
+                r = bench_llama_cpp.llama_bench(lb, gguf_path, th, decode_tokens, prompt_tokens)
+                peer["decode"].append(r["decode"])
+                peer["prefill"].append(r["prefill"])
+        row = {"impl": f"tritlm packed (head {head})", "threads": th, **_median_spread(ours)}
         if eng.fused is not None:
-            row["native_share"] = native[0]
+            row["native_share"] = statistics.median(native)
         else:
             row["kernel_share"] = kernel_share(eng)
         res["rows"].append(row)
+        if peer["decode"]:
+            res["rows"].append({"impl": f"llama-bench {'mixed GGUF' if mixed else 'TQ2_0'} "
+                                        f"(head {bench_llama_cpp.HEAD_TYPES[head]})",
+                                "threads": th, **_median_spread(peer)})
         del eng
-        if gguf_path is not None:
+        if gguf_path is not None and bench_llama_cpp.available():
             r = bench_llama_cpp.bench(gguf_path, th, decode_tokens, prompt_tokens, cfg.max_seq_len)
-            res["rows"].append({"impl": f"{gguf_label} (head {bench_llama_cpp.HEAD_TYPES[head]})",
-                                "threads": th, **r})
+            res["rows"].append({"impl": f"llama-cpp-python {'mixed GGUF' if mixed else 'TQ2_0'} "
+                                        f"(head {bench_llama_cpp.HEAD_TYPES[head]})", "threads": th, **r})
         if dense:
             for dt, name in ((torch.float32, "torch dense fp32"), (torch.bfloat16, "torch dense bf16")):
                 eng = Engine(pm, threads=th, backend="dense", dense_dtype=dt, max_len=cfg.max_seq_len,
@@ -263,6 +282,16 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
     return res
 
 
+def _median_spread(runs: dict[str, list[float]]) -> dict:
+    """``{"decode": median, "decode_range": [min, max], ...}`` of repeated measurements."""
+    out: dict = {}
+    for k, v in runs.items():
+        out[k] = statistics.median(v)
+        out[f"{k}_range"] = [min(v), max(v)]
+        out[f"{k}_runs"] = len(v)
+    return out
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """Per thread count: our packed runtime over llama.cpp and over the dense bf16 path."""
     out = []
@@ -271,7 +300,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         ours = by.get("tritlm packed")
         if ours is None:
             continue
-        for peer in ("llama.cpp TQ2_0", "llama.cpp mixed GGUF", "torch dense bf16"):
+        for peer in ("llama-bench TQ2_0", "llama-bench mixed GGUF", "llama-cpp-python TQ2_0",
+                     "llama-cpp-python mixed GGUF", "torch dense bf16"):
             p = by.get(peer)
             if p is not None:
                 out.append({"threads": th, "vs": peer, "decode": ours["decode"] / p["decode"],
@@ -281,7 +311,7 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 def bench_models(models: Sequence[str] = ("700M", "125M"), threads: Sequence[int] = (1, 2),
                  decode_tokens: int = 64, prompt_tokens: int = 128, dense: bool = True, head: str = "t4",
-                 tune: bool = False, quant_spec=None) -> dict:
+                 tune: bool = False, quant_spec=None, reps: int = 3) -> dict:
     """:func:`bench_model` for each preset in ``models``, with the machine's description: the
     document ``tritlm bench --json`` prints."""
     from tritlm.kernels.cpu import kernel_info
@@ -291,7 +321,7 @@ def bench_models(models: Sequence[str] = ("700M", "125M"), threads: Sequence[int
            "decode_tokens": decode_tokens, "prompt_tokens": prompt_tokens, "models": []}
     for name in models:
         out["models"].append(bench_model(name, list(threads), decode_tokens, prompt_tokens, dense, head,
-                                         tune=tune, quant_spec=quant_spec))
+                                         tune=tune, quant_spec=quant_spec, reps=reps))
     return out
 
 

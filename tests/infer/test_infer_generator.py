@@ -99,3 +99,20 @@ def test_contrastive_sequence_steps_beside_the_batch():
     torch_rt = TorchRuntime(tiny_model())
     (ev,) = list(generate(torch_rt, [c]))
     assert ev.finish == "error" and "packed" in ev.error
+
+
+def test_torch_runtime_decodes_a_batch_in_one_forward():
+    """Slots at different positions decode together: one forward, each row at its own position,
+    the same logits as decoding each slot alone."""
+    m = tiny_model(n_kv_heads=2)
+    rt, alone = TorchRuntime(m, slots=3), TorchRuntime(m, slots=3)
+    for s, p in enumerate(PROMPTS):
+        rt.prefill(p, s), alone.prefill(p, s)
+    calls = []
+    h = m.register_forward_pre_hook(lambda _mod, args: calls.append(tuple(args[0].shape)))
+    batch = rt.decode([4, 5, 6], [0, 1, 2])
+    assert calls == [(3, 1)]
+    h.remove()
+    for s, t in enumerate([4, 5, 6]):
+        assert torch.allclose(batch[s], alone.decode([t], [s])[0], atol=1e-5)
+    assert [rt.filled(s) for s in range(3)] == [len(p) + 1 for p in PROMPTS]

@@ -5,7 +5,7 @@ launch overhead, not the weights, sets its time. A CUDA graph records the step o
 it with one launch. A graph is recorded for a fixed shape and fixed addresses, so the step here
 reads everything that changes from static device tensors (token ids, slots, positions) and writes
 the new keys/values with index_put at those positions, instead of the Python slicing of
-:class:`~tritlm.infer.engine.SlotCache`.
+:class:`~tritlm.model.kv_cache.SlotCache`.
 
 Attention then reads a fixed window of each slot's cache: the first ``bucket`` positions, with
 a mask for the positions past each row's own. One graph per (batch size, first slot, bucket):

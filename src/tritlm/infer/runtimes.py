@@ -2,7 +2,7 @@
 token for several slots at once. One adapter per runtime; sampling and text live elsewhere.
 
 * :class:`TorchRuntime`: the training ``Transformer`` (checkpoint, FP twin, HF / GGUF imports),
-  one ``KVCache`` per slot, on whatever device the model is.
+  a slot KV cache on whatever device the model is; several sequences decode in one forward.
 * :class:`PackedRuntime`: the packed CPU engine (``infer/engine.py``): its slot KV cache, the fused
   C step for one sequence and one batched forward for several.
 """
@@ -43,57 +43,87 @@ class Runtime(Protocol):
 
 
 class TorchRuntime:
-    """The training ``Transformer`` with one KV cache per slot (allocated on first use).
+    """The training ``Transformer`` with a slot KV cache (``model/kv_cache.SlotCache``) on the
+    model's device: a decode step runs every slot's token in one forward, each row at its own
+    position. The cache grows to the slots in use (``reserve``).
 
     A slot keeps its tokens after its sequence ends: a later prompt in that slot runs only what
     follows their common prefix (a chat's growing history, a prompt prefilled in chunks)."""
 
     def __init__(self, model: Any, slots: int = 1):
         self.model = model.eval()
-        self.context_length = int(model.cfg.max_seq_len)
-        self.vocab_size = int(model.cfg.vocab_size)
+        cfg = model.cfg
+        self.context_length = int(cfg.max_seq_len)
+        self.vocab_size = int(cfg.vocab_size)
         self.slots = slots
-        self.device = model.embed_tokens.weight.device
-        self._caches: dict[int, Any] = {}
+        w = model.embed_tokens.weight
+        self.device = w.device
+        self._dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        self._shape = (cfg.kv_heads, self.context_length, cfg.head_dim)
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self._n = 0  # slots allocated
+        self._layers = cfg.n_layers
+        self._cache = None
         self._tokens: dict[int, list[int]] = {}  # what each slot's cache holds
 
-    def _cache(self, slot: int):
+    def _grow(self, n: int) -> None:
+        from tritlm.model.kv_cache import SlotCache
+
+        if n <= self._n:
+            return
+        for cache in (self._k, self._v):
+            for i in range(self._layers):
+                new = torch.zeros((n, *self._shape), dtype=self._dtype, device=self.device)
+                if i < len(cache):
+                    new[:self._n] = cache[i]
+                    cache[i] = new
+                else:
+                    cache.append(new)
+        self._n = n
+        self._cache = SlotCache(self._k, self._v)
+
+    def _check(self, slot: int) -> None:
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} out of range (runtime has {self.slots})")
-        if slot not in self._caches:
-            self._caches[slot] = self.model.new_cache(1, self.context_length)
-        return self._caches[slot]
-
-    def _run(self, ids: list[int], cache) -> torch.Tensor:
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self.model(x, cache=cache, last_only=True)[0][0, -1]
+        self._grow(slot + 1)
 
     @torch.no_grad()
     def prefill(self, ids: Sequence[int], slot: int) -> torch.Tensor:
         ids = [int(t) for t in ids]
-        cache = self._cache(slot)
+        self._check(slot)
+        if len(ids) > self.context_length:
+            raise ValueError(f"{len(ids)} tokens exceed the model's context of {self.context_length}")
         have = self._tokens.get(slot, [])
         n, most = 0, min(len(have), len(ids) - 1)  # the last token always runs: its logits are needed
         while n < most and have[n] == ids[n]:
             n += 1
-        cache.pos = n  # positions past n are overwritten
         self._tokens[slot] = ids
-        return self._run(ids[n:], cache).float().cpu()
+        x = torch.tensor([ids[n:]], dtype=torch.long, device=self.device)
+        out = self.model(x, cache=self._cache.at([slot], [n], len(ids) - n), last_only=True)[0]
+        return out[0, -1].float().cpu()
 
     @torch.no_grad()
     def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
-        # each slot's cache has its own fill level, which the training KVCache does not batch
-        rows = []
-        for tok, slot in zip(tokens, slots):
-            self._tokens[slot].append(int(tok))
-            rows.append(self._run([int(tok)], self._cache(slot)))
-        return torch.stack(rows).float().cpu()
+        slots = [int(s) for s in slots]
+        for s in slots:
+            self._check(s)
+            if len(self._tokens.get(s, [])) >= self.context_length:
+                raise ValueError(f"slot {s} is full: the model's context is {self.context_length}")
+        pos = [len(self._tokens.get(s, [])) for s in slots]
+        x = torch.tensor([[int(t)] for t in tokens], dtype=torch.long, device=self.device)
+        out = self.model(x, cache=self._cache.at(slots, pos, 1))[0][:, -1]
+        for tok, s in zip(tokens, slots):
+            self._tokens.setdefault(s, []).append(int(tok))
+        return out.float().cpu()
 
     def reserve(self, n: int) -> int:
-        return min(n, self.slots)  # caches are allocated on a slot's first prefill
+        n = min(n, self.slots)
+        self._grow(n)
+        return n
 
     def filled(self, slot: int) -> int:
-        return self._cache(slot).pos
+        return len(self._tokens.get(slot, []))
 
     def release(self, slot: int) -> None:
         pass  # the cache and its tokens stay for the slot's next sequence

@@ -1,4 +1,6 @@
-"""Preallocated key/value cache for incremental decoding."""
+"""Preallocated key/value caches for incremental decoding: :class:`KVCache` (a batch at one fill
+level) and :class:`SlotCache` (sequence slots, each at its own position: what the runtimes batch).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ class KVCache:
     ``pos`` is how many positions are filled; a forward pass with ``T`` new tokens writes slots
     ``pos .. pos+T`` and the caller advances ``pos`` once all layers have run. The protocol the
     transformer uses (``positions``, ``update``, ``advance``) is shared with the packed runtime's
-    slot cache (``tritlm.infer.engine.SlotCache``).
+    slot cache (:class:`SlotCache`).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -46,3 +48,61 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+
+class SlotCache:
+    """The engine's KV cache in the transformer's cache protocol (``positions`` / ``update`` /
+    ``advance``): one call's rows are sequences in cache slots, each at its own start position.
+
+    Keys/values live in ``k[layer]`` / ``v[layer]``, ``[slots, kv_heads, max_len, head_dim]``.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v
+        self.device = k[0].device
+        self.slots: list[int] = [0]
+        self.starts = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.t = 0
+
+    def at(self, slots: list[int], starts: list[int], t: int) -> SlotCache:
+        """Set up the next forward: row b is slot ``slots[b]`` from position ``starts[b]``."""
+        if len(slots) > 1 and t != 1:
+            raise ValueError("several sequences at once decode one token each")
+        self.slots, self.t = list(slots), t
+        self.starts = torch.tensor(starts, dtype=torch.long, device=self.device)
+        self._start0 = int(starts[0])
+        return self
+
+    def positions(self, b: int, t: int) -> torch.Tensor:
+        if len(self.slots) == 1:
+            s = self._start0
+            return torch.arange(s, s + t, device=self.device)
+        return self.starts.view(-1, 1)  # [B, 1]: one new token per row
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc, vc = self.k[layer], self.v[layer]
+        if len(self.slots) == 1:
+            slot, start, t = self.slots[0], self._start0, k.shape[2]
+            end = start + t
+            kc[slot, :, start:end] = k[0]
+            vc[slot, :, start:end] = v[0]
+            mask = None
+            if start and t > 1:  # new tokens see the cache plus the causal part of themselves
+                mask = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+            return kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], mask
+        sl, pos = self.slots, self.starts
+        idx = torch.tensor(sl, device=self.device)
+        kc[idx, :, pos] = k[:, :, 0]
+        vc[idx, :, pos] = v[:, :, 0]
+        lmax = int(pos.max()) + 1
+        b = len(sl)
+        if sl == list(range(sl[0], sl[0] + b)):
+            kk, vv = kc[sl[0]:sl[0] + b, :, :lmax], vc[sl[0]:sl[0] + b, :, :lmax]
+        else:
+            kk, vv = kc[idx, :, :lmax], vc[idx, :, :lmax]
+        # [B, 1, 1, Lmax]: row b sees its own positions 0..pos_b
+        mask = (torch.arange(lmax, device=self.device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, lmax)
+        return kk, vv, mask
+
+    def advance(self, t: int) -> None:  # the engine keeps each slot's fill level itself
+        pass

@@ -185,3 +185,24 @@ def test_contrastive_search_through_the_server_alongside_sampling(paths):
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "penalty_alpha": 0.6, "top_k": 3},
                        timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "penalty_alpha"
+
+
+def test_server_with_a_draft_decodes_speculatively(paths):
+    """`serve --draft`: requests go through the speculative decoder (one at a time). Greedy, it is
+    exactly the model's own greedy decoding; sampled and seeded, the same text as the API's
+    speculative generation. A draft with another vocabulary is a one-line error."""
+    from tritlm.errors import TritlmError
+    from tritlm.serve.app import build_app_for_model
+
+    app = build_app_for_model(paths["packed"], model_name="m", draft=paths["packed"], draft_k=3)
+    m = tritlm.load(paths["packed"])
+    with ServerThread(app) as srv:
+        greedy = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 0},
+                            timeout=60).json()["choices"][0]["text"]
+        sampled = httpx.post(srv.url + "/v1/completions",
+                             json={"prompt": PROMPT, "max_tokens": 16, "temperature": 0.9, "seed": 3},
+                             timeout=60).json()["choices"][0]["text"]
+    assert greedy == m.generate(PROMPT, 16, 0.0)
+    assert sampled == m.generate(PROMPT, 16, 0.9, seed=3, draft=tritlm.load(paths["packed"]), draft_k=3)
+    with pytest.raises(TritlmError, match="packed models"):
+        build_app_for_model(paths["packed"], draft=paths["checkpoint"])

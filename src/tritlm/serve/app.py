@@ -137,11 +137,12 @@ class _MetricsMiddleware:
 
 # ---- the app ----------------------------------------------------------------------------------------
 def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_batch: int = DEFAULT_MAX_BATCH,
-               max_queue: int = 64, metrics: Metrics | None = None):
-    """A FastAPI app serving ``backend``. Its engine starts with the app and stops at shutdown."""
+               max_queue: int = 64, metrics: Metrics | None = None, speculative=None):
+    """A FastAPI app serving ``backend``. Its engine starts with the app and stops at shutdown.
+    ``speculative``: request -> events of a speculative decoder (``serve --draft``)."""
     s = settings or ServeSettings()
     metrics = metrics or Metrics()
-    engine = Engine(backend, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+    engine = Engine(backend, max_batch=max_batch, max_queue=max_queue, metrics=metrics, speculative=speculative)
     metrics.add_gauge("queue_depth", "Admitted requests waiting for a batch slot.", lambda: engine.waiting)
     metrics.add_gauge("requests_in_flight", "Requests generating in the batch now.", lambda: engine.running)
     metrics.add_gauge("max_batch", "Sequences decoded together (batch slots).", lambda: engine.max_batch)
@@ -417,13 +418,15 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
                         max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096,
                         chat_template: str | Path | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                         max_queue: int = 64, threads: int | None = None, prefix_cache_mb: int = 256,
-                        device: str = "cpu"):
+                        device: str = "cpu", draft: str | Path | None = None, draft_k: int = 4):
     """Load ``model`` (anything :func:`tritlm.load` reads) and build its app.
 
     ``max_batch``: sequences generated together, one KV cache slot each, decoded in one batched
     forward per step. ``threads``: torch intra-op threads (default: torch's own count).
     ``prefix_cache_mb``: K/V of earlier prompts kept for prompts that share their prefix (packed
-    models; 0 = off). ``device``: see :func:`tritlm.api.resolve_device`.
+    models; 0 = off). ``device``: see :func:`tritlm.api.resolve_device`. ``draft``: a smaller
+    packed model with the same vocabulary: requests are decoded speculatively (``draft_k``
+    proposals a round), one at a time instead of batched.
     """
     import torch
 
@@ -439,7 +442,25 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
     n_threads = threads or torch.get_num_threads()
     if n_threads != torch.get_num_threads():
         torch.set_num_threads(n_threads)
+    if draft_k < 1:
+        raise TritlmError(f"--draft-k must be >= 1, got {draft_k}")
     m = tritlm.load(model, device)
+    speculative = None
+    if draft is not None:
+        d = tritlm.load(draft, device)
+        if m.engine is None or d.engine is None:
+            raise TritlmError("--draft needs packed models (tritlm pack) for both the model and the draft")
+        if d.config.vocab_size != m.config.vocab_size:
+            raise TritlmError(f"--draft {draft}: vocabulary of {d.config.vocab_size} tokens, the model has "
+                              f"{m.config.vocab_size}")
+        from tritlm.infer.speculative import speculative_events
+
+        eos = m.tokenizer.eos_id
+        stop = () if eos is None else (eos,)
+
+        def speculative(req):
+            return speculative_events(m.engine, d.engine, req, m.tokenizer, stop, draft_k)
+        max_batch = 1
     backend = backend_for(m, max_batch, prefix_cache_mb)
     name = model_name or Path(model).resolve().name
     tmpl = load_chat_template(m.tokenizer, getattr(m, "path", None), chat_template)
@@ -447,7 +468,7 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
                              max_tokens_limit=max_tokens_limit, chat_template=tmpl)
     log.info("model %s: context %d, vocab %d, chat template %s, batches of up to %d, %d torch thread(s)", name,
              backend.context_length, backend.vocab_size, tmpl.name, max_batch, n_threads)
-    return create_app(backend, settings, max_batch=max_batch, max_queue=max_queue)
+    return create_app(backend, settings, max_batch=max_batch, max_queue=max_queue, speculative=speculative)
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",

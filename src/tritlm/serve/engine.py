@@ -20,11 +20,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tritlm.infer.generator import Generator, Request, Seq
+from tritlm.infer.generator import Event, Generator, Request, Seq
 from tritlm.infer.runtimes import Runtime, runtime_for
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,13 @@ class Engine:
     """The scheduler (see the module docstring). ``max_batch``: sequences decoded together."""
 
     def __init__(self, backend: Backend, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64,
-                 metrics: Any = None, prefill_chunk: int | None = PREFILL_CHUNK):
+                 metrics: Any = None, prefill_chunk: int | None = PREFILL_CHUNK,
+                 speculative: Callable[[Request], Iterator[Event]] | None = None):
+        if speculative is not None:
+            # speculation replaces batching: the target verifies one sequence's k proposals in one
+            # forward, so requests run one at a time (latency at low concurrency is what it is for)
+            max_batch = 1
+        self.speculative = speculative
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_queue < 0:
@@ -208,7 +214,39 @@ class Engine:
                 admitted.append(job)
             return admitted
 
+    def _loop_speculative(self) -> None:
+        """One request at a time through the speculative decoder (``infer/speculative.py``),
+        checking for cancellation between tokens."""
+        while (admitted := self._admit()) is not None:
+            for job in admitted:
+                n, finished = 0, False
+                try:
+                    it = self.speculative(job.req)
+                    for ev in it:
+                        if job.cancelled.is_set():
+                            break
+                        if ev.token is not None:
+                            n += 1
+                            if job.ttft is None:
+                                job.ttft = time.perf_counter() - job.t_submit
+                        if ev.text:
+                            job._emit(Delta(ev.text))
+                        if ev.finish:
+                            self._finish(job, ev.finish, n, ev.error)
+                            finished = True
+                            break
+                    it.close()
+                except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
+                    log.exception("speculative generation failed")
+                    self._finish(job, "error", n, f"{type(e).__name__}: {e}")
+                    continue
+                if not finished:
+                    self._finish(job, "cancelled" if job.cancelled.is_set() else "length", n)
+
     def _loop(self) -> None:
+        if self.speculative is not None:
+            self._loop_speculative()
+            return
         while (admitted := self._admit()) is not None:
             for job in admitted:
                 try:

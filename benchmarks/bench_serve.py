@@ -93,6 +93,14 @@ def find_llama_server(arg: str) -> str | None:
     return str(b) if b is not None and b.exists() else None
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 60) -> tuple[subprocess.Popen, str]:
     import httpx
 
@@ -229,11 +237,7 @@ def main() -> int:
             asyncio.run(run_load(url, 2, 1, a.max_tokens, a.stream, a.timeout))  # warm-up
             r = asyncio.run(run_load(url, a.clients, per_client, a.max_tokens, a.stream, a.timeout))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         r["max_batch"] = w
         rows.append(r)
         ttft = f"  ttft p50 {r['ttft_p50'] * 1e3:.0f} ms p95 {r['ttft_p95'] * 1e3:.0f} ms" if a.stream else ""
@@ -311,11 +315,7 @@ def sweep(a: argparse.Namespace) -> int:
                     for e in r["errors"][:3]:
                         print("  error:", e)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc)
     base = {n: statistics.median([r["tok_s"] for r in rows if r["server"] == n and r["clients"] == counts[0]])
             for n, _ in servers}
     lines = ["| server | clients | tok/s aggregate (median) | x its 1-client | TTFT p50 ms | TTFT p95 ms "

@@ -58,6 +58,19 @@ def _to(v, DT: tl.constexpr):
 
 
 @triton.jit
+def _normed(xr, w_ptr, c, K, r, NORM: tl.constexpr, AFFINE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Columns ``c`` of the row as float32, after the RMSNorm (``r`` = its reciprocal rms) when
+    ``NORM``: rounded to x's dtype, as RMSNorm returns it before absmax reads it."""
+    v = tl.load(xr + c, mask=c < K, other=0.0).to(tl.float32)
+    if NORM:
+        v = v * r
+        if AFFINE:
+            v = v * tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+        v = _to(v, OUT_DTYPE).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, norm_eps,
                       NORM: tl.constexpr, AFFINE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -74,23 +87,13 @@ def _act_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, no
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         c = k0 + cols
-        v = tl.load(xr + c, mask=c < K, other=0.0).to(tl.float32)
-        if NORM:
-            v = v * r
-            if AFFINE:
-                v = v * tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
-            v = _to(v, OUT_DTYPE).to(tl.float32)  # RMSNorm returns x's dtype before absmax reads it
+        v = _normed(xr, w_ptr, c, K, r, NORM, AFFINE, OUT_DTYPE)
         amax = tl.maximum(amax, tl.abs(v))
     s = tl.math.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), eps)) * 127.0
     tl.store(s_ptr + row, s)
     for k0 in range(0, K, BLOCK_K):
         c = k0 + cols
-        v = tl.load(xr + c, mask=c < K, other=0.0).to(tl.float32)
-        if NORM:
-            v = v * r
-            if AFFINE:
-                v = v * tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
-            v = _to(v, OUT_DTYPE).to(tl.float32)
+        v = _normed(xr, w_ptr, c, K, r, NORM, AFFINE, OUT_DTYPE)
         q = tl.minimum(tl.maximum(_rne(v * s), -128.0), 127.0)
         tl.store(q_ptr + row * stride_q + c, q.to(tl.int8), mask=c < K)
 

@@ -160,38 +160,47 @@ def bench_decode(device: torch.device, models=("700M", "2B4T"), prompt_tokens: i
             cfg = preset("bitnet-2b4t" if name == "2B4T" else name, vocab_size=32000, max_seq_len=1024)
         pm = random_packed(cfg)
         mb = sum(pm.weight_bytes().values()) / 2**20
-        for label, kw in (("ternary triton (graphs)", dict(backend="triton", cuda_graphs=True)),
-                          ("ternary triton (eager)", dict(backend="triton", cuda_graphs=False)),
-                          ("dense bf16 (graphs)", dict(backend="dense", dense_dtype=torch.bfloat16, cuda_graphs=True))):
-            eng = Engine(pm, device=device, slots=8, head="f16", **kw)
-            prompt = [(7 * i) % cfg.vocab_size for i in range(1, prompt_tokens + 1)]
-            eng.prefill(prompt)  # warm-up: compiles the kernels
-            eng.reset()
-            _sync(device)
-            t = time.perf_counter()
-            logits = eng.prefill(prompt)
-            pre = prompt_tokens / (time.perf_counter() - t)
-            tok = int(logits.argmax())
-            for _ in range(3):  # warm-up: records the graphs
-                tok = int(eng.forward_seq([tok])[-1].argmax())
-            t = time.perf_counter()
-            for _ in range(decode_tokens):
-                tok = int(eng.forward_seq([tok])[-1].argmax())
-            dec = decode_tokens / (time.perf_counter() - t)
-            for s in range(1, 8):
-                eng.prefill(prompt[:16 + s], slot=s)
-            toks = [tok] * 8
-            for _ in range(3):
-                toks = eng.decode_batch(toks, list(range(8))).argmax(-1).tolist()
-            t = time.perf_counter()
-            for _ in range(decode_tokens // 2):
-                toks = eng.decode_batch(toks, list(range(8))).argmax(-1).tolist()
-            b8 = 8 * (decode_tokens // 2) / (time.perf_counter() - t)
-            rows.append(DecodeRow(name, label, pre, dec, b8, mb))
-            del eng
+        for label, kw in (("ternary triton", dict(backend="triton")),
+                          ("dense bf16", dict(backend="dense", dense_dtype=torch.bfloat16))):
+            eng = Engine(pm, device=device, slots=8, head="f16", cuda_graphs=True, **kw)
+            graphs = eng.graphs
+            modes = [("graphs", graphs), ("eager", None)] if kw["backend"] == "triton" else [("graphs", graphs)]
+            for mode, g in modes:  # one engine (the weights are built once), graphs on then off
+                eng.graphs = g
+                eng.reset()
+                rows.append(DecodeRow(name, f"{label} ({mode})", *_decode_speeds(eng, cfg, prompt_tokens,
+                                                                                  decode_tokens, device), mb))
+            del eng, graphs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def _decode_speeds(eng, cfg, prompt_tokens: int, decode_tokens: int, device: torch.device) -> tuple:
+    """(prefill tok/s, one-sequence decode tok/s, 8-sequence decode tok/s) of one engine."""
+    prompt = [(7 * i) % cfg.vocab_size for i in range(1, prompt_tokens + 1)]
+    eng.prefill(prompt)  # warm-up: compiles the kernels
+    eng.reset()
+    _sync(device)
+    t = time.perf_counter()
+    logits = eng.prefill(prompt)
+    pre = prompt_tokens / (time.perf_counter() - t)
+    tok = int(logits.argmax())
+    for _ in range(3):  # warm-up: records the graphs
+        tok = int(eng.forward_seq([tok])[-1].argmax())
+    t = time.perf_counter()
+    for _ in range(decode_tokens):
+        tok = int(eng.forward_seq([tok])[-1].argmax())
+    dec = decode_tokens / (time.perf_counter() - t)
+    for s in range(1, 8):
+        eng.prefill(prompt[:16 + s], slot=s)
+    toks = [tok] * 8
+    for _ in range(3):
+        toks = eng.decode_batch(toks, list(range(8))).argmax(-1).tolist()
+    t = time.perf_counter()
+    for _ in range(decode_tokens // 2):
+        toks = eng.decode_batch(toks, list(range(8))).argmax(-1).tolist()
+    return pre, dec, 8 * (decode_tokens // 2) / (time.perf_counter() - t)
 
 
 @dataclass

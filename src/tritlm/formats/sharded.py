@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,6 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Load a sharded checkpoint into ``model`` / ``optimizer`` (FSDP-sharded or not; a collective
     when a process group is up) and this rank's RNG state; returns its ``state.json``."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -107,11 +107,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     with_optim = optimizer is not None and bool(info.get("optimizer"))
     if with_optim:
         sd["optim"] = get_optimizer_state_dict(model, optimizer)
-    try:
-        dcp.load(sd, checkpoint_id=str(path / SHARDED_DIR), no_dist=not dist.is_initialized())
-    except Exception as e:  # DCP wraps every reader failure (missing key, truncated file) alike
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{path}: cannot read the sharded checkpoint ({first})") from None
+    _dcp_load(sd, path, no_dist=not dist.is_initialized())
     set_model_state_dict(model, sd["model"])
     if with_optim:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
@@ -126,6 +122,19 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
         log.warning("%s has no RNG state for rank %d (saved by %s processes); keeping this one's",
                     path, rank, info.get("world_size", "?"))
     return state
+
+
+def _dcp_load(sd: dict[str, Any], path: Path, no_dist: bool) -> None:
+    """``dcp.load`` of ``path/dcp`` into ``sd`` in place; a failure is a one-line FormatError."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():  # DCP warns that a process without a group reads alone: meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, checkpoint_id=str(path / SHARDED_DIR), no_dist=no_dist)
+    except Exception as e:  # DCP wraps every reader failure (missing key, truncated file) alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{path}: cannot read the sharded checkpoint ({first})") from None
 
 
 def resolve_sharded(path: str | Path) -> Path:
@@ -144,8 +153,6 @@ def resolve_sharded(path: str | Path) -> Path:
 
 def full_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(full model state dict, config.json) of a sharded checkpoint, read in this process alone."""
-    import torch.distributed.checkpoint as dcp
-
     from tritlm.model.config import ModelConfig
     from tritlm.model.transformer import Transformer
 
@@ -158,11 +165,7 @@ def full_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     # The model is only a template of names and shapes for DCP to fill; tied weights share a tensor.
     model = Transformer(mcfg)
     sd = {"model": model.state_dict()}
-    try:
-        dcp.load(sd, checkpoint_id=str(path / SHARDED_DIR), no_dist=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{path}: cannot read the sharded checkpoint ({first})") from None
+    _dcp_load(sd, path, no_dist=True)
     return ck.model_state_dict(model), config
 
 

@@ -60,18 +60,20 @@ def val_losses(out: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "val"}
 
 
-@pytest.mark.parametrize("tied,accum", [(False, 1), (True, 2)])
-def test_fsdp_losses_equal_a_single_process_on_the_same_global_batch(tmp_path, monkeypatch, tied, accum):
+@pytest.mark.parametrize("tied,accum,nan_at", [(False, 1, "[1,4]"), (True, 2, "[]")])
+def test_fsdp_losses_equal_a_single_process_on_the_same_global_batch(tmp_path, monkeypatch, tied, accum, nan_at):
     """Each rank draws its own windows (rank, world_size are in the data seed); the single-process
     reference trains on both ranks' windows concatenated, so the global batch is the same. The
     losses agree to an ulp or so (4.8e-7 at a loss of 4): the two sum the gradient in another
     order, so bitwise equality is not to be had. ``accum`` 2 covers FSDP's no_sync (gradients
-    reduced on the last micro-batch only)."""
+    reduced on the last micro-batch only); the injected NaNs, rollbacks to the sharded checkpoints
+    of step 0 (no optimizer state yet) and step 3."""
     from tritlm.train.config import load_config
     from tritlm.train.trainer import Trainer
 
-    args = [*SMALL, "--max-steps", "5", "--set", "ckpt_interval=5", "--set", "eval_interval=5",
-            "--set", f"model.tie_embeddings={str(tied).lower()}", "--set", f"grad_accum={accum}"]
+    args = [*SMALL, "--max-steps", "5", "--set", "ckpt_interval=3", "--set", "eval_interval=5",
+            "--set", f"model.tie_embeddings={str(tied).lower()}", "--set", f"grad_accum={accum}",
+            "--set", f"stability.inject_nan_at={nan_at}"]
     torchrun([*args, "--out", str(tmp_path / "fsdp")])
 
     one_rank = TokenData.get_batch
@@ -93,6 +95,9 @@ def test_fsdp_losses_equal_a_single_process_on_the_same_global_batch(tmp_path, m
     diffs = [abs(float(a[k]) - float(b[k])) for k in a]
     assert max(diffs) < 1e-6, diffs
     assert float(a[5]) < float(a[1])  # it trains: the comparison is not between two frozen models
+    with open(tmp_path / "fsdp" / "metrics.csv") as f:
+        events = [row["event"] for row in csv.DictReader(f) if row["event"]]
+    assert events == (["nan: rollback to 0", "nan: rollback to 3"] if nan_at != "[]" else [])
 
 
 @pytest.fixture(scope="module")

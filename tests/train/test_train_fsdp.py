@@ -7,6 +7,7 @@ holding the FSDP model's weights.
 
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -171,8 +172,25 @@ def test_sharded_checkpoint_converts_to_a_single_folder_one_that_loads_and_gener
     assert r.returncode == 2 and "exists" in r.stderr
 
 
+def _one_line_error(r, *words):
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
+
+
+def test_a_truncated_shard_is_a_one_line_error(fsdp_runs, tmp_path):
+    src = tmp_path / "step-000009"
+    shutil.copytree(fsdp_runs[0] / "checkpoints" / "step-000009", src)
+    shard = src / "dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    _one_line_error(run_cli(["checkpoint-convert", str(src), str(tmp_path / "out")], check=False),
+                    "cannot read the sharded checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
 def test_fsdp_in_a_single_process_warns_and_trains_unsharded(tmp_path):
     out = tmp_path / "one"
     r = run_cli(["train", *SMALL, "--batch-size", "4", "--max-steps", "2", "--out", str(out), "--fsdp"])
     assert "nothing to shard" in " ".join((r.stdout + r.stderr).split())
     assert (out / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    _one_line_error(run_cli(["checkpoint-convert", str(out), str(tmp_path / "c")], check=False),
+                    "not a sharded", "single-folder")

@@ -127,14 +127,20 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 def _dcp_load(sd: dict[str, Any], path: Path, no_dist: bool) -> None:
     """``dcp.load`` of ``path/dcp`` into ``sd`` in place; a failure is a one-line FormatError."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    if not (path / SHARDED_DIR / ".metadata").is_file():  # DCP itself would log tracebacks first
+        raise FormatError(f"{path}: the sharded checkpoint has no {SHARDED_DIR}/.metadata (incomplete or damaged)")
     try:
         with warnings.catch_warnings():  # DCP warns that a process without a group reads alone: meant
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(sd, checkpoint_id=str(path / SHARDED_DIR), no_dist=no_dist)
-    except Exception as e:  # DCP wraps every reader failure (missing key, truncated file) alike
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{path}: cannot read the sharded checkpoint ({first})") from None
+    except (Exception, CheckpointException) as e:  # a BaseException: every rank's failures, wrapped
+        failures = getattr(e, "failures", None)  # rank -> (exception, traceback)
+        cause = next(iter(failures.values())) if failures else e
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        what = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise FormatError(f"{path}: cannot read the sharded checkpoint ({what})") from None
 
 
 def resolve_sharded(path: str | Path) -> Path:

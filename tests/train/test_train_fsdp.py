@@ -194,3 +194,39 @@ def test_fsdp_in_a_single_process_warns_and_trains_unsharded(tmp_path):
     assert (out / "checkpoints" / "step-000002" / "model.safetensors").is_file()
     _one_line_error(run_cli(["checkpoint-convert", str(out), str(tmp_path / "c")], check=False),
                     "not a sharded", "single-folder")
+
+
+def test_lockstep_evaluation_counts_each_batch_once_and_runs_as_many_forwards_on_every_rank(tmp_path, monkeypatch):
+    """Under FSDP every forward is a collective: the evaluation of each of 3 (simulated) ranks runs
+    the same number of forwards, and their sums together are the single-process evaluation's."""
+    from tritlm.data import prepare_dataset
+    from tritlm.model.config import ModelConfig, preset
+    from tritlm.model.transformer import Transformer
+    from tritlm.train import trainer as tr_mod
+    from tritlm.train.config import load_config
+    from tritlm.train.distributed import DistInfo
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i}: to be, or not to be\n" for i in range(400)))
+    prepare_dataset(corpus, tmp_path / "data", tokenizer="char", val_fraction=0.1)
+    data = TokenData(tmp_path / "data")
+    n_batches = len(list(data.eval_batches("val", 32, 16)))
+    assert n_batches % 3 != 0  # the last round leaves a rank without a batch
+    torch.manual_seed(0)
+    mcfg = ModelConfig.from_dict({**preset("tiny").to_dict(), "dim": 32, "ffn_dim": 64, "n_layers": 1,
+                                  "vocab_size": data.vocab_size})
+    model = Transformer(mcfg)
+    t = tr_mod.Trainer(load_config(None, [], block_size=16, batch_size=4, out_dir=str(tmp_path / "o")))
+    want = t.evaluate(model, data, DistInfo())
+
+    sums, calls, forwards = [], [], []
+    monkeypatch.setattr(tr_mod, "all_reduce_sum", lambda tot, dist: sums.append(tot) or tot)
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    t._fsdp = True
+    for rank in range(3):
+        calls.clear()
+        t.evaluate(model, data, DistInfo(rank=rank, world_size=3))
+        forwards.append(len(calls))
+    assert forwards == [-(-n_batches // 3)] * 3
+    tot = sum(sums)
+    assert abs(float(tot[0] / tot[1]) - want) < 1e-9

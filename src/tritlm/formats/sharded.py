@@ -31,7 +31,7 @@ import torch
 
 from tritlm.errors import ConfigError, FormatError
 from tritlm.formats import checkpoint as ck
-from tritlm.io_atomic import atomic_path, write_json_atomic
+from tritlm.io_atomic import atomic_path, write_error, write_json_atomic
 from tritlm.safe_json import read_json
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,40 @@ def _rng_file(rank: int) -> str:
     return f"rng-rank{rank}.safetensors"
 
 
+def _first_failure(e: BaseException) -> BaseException:
+    """The underlying error of a DCP ``CheckpointException`` (rank -> (exception, traceback))."""
+    failures = getattr(e, "failures", None)
+    cause = next(iter(failures.values())) if failures else e
+    return cause[0] if isinstance(cause, tuple) else cause
+
+
+@contextlib.contextmanager
+def _peer_tmp(final: Path, suffix: str):
+    """Rank 0's temporary folder, for the other ranks; their write failures are one-line errors too."""
+    try:
+        yield final.with_name(final.name + suffix)
+    except OSError as e:
+        raise write_error(final, e) from None
+
+
+def _dcp_save(sd: dict[str, Any], tmp: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(sd, checkpoint_id=str(tmp / SHARDED_DIR))
+    except CheckpointException as e:
+        cause = _first_failure(e)
+        if isinstance(cause, OSError):  # a full disk: reported (and the temporary removed) by atomic_path
+            raise cause from None
+        raise
+
+
 def save_sharded(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  state: dict[str, Any], config: dict[str, Any], tokenizer: Any, keep: int, rank: int,
                  world_size: int) -> Path:
     """Write ``ckpt_root/step-XXXXXX`` from every process (a collective: all ranks call it)."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     final = ckpt_root / f"step-{step:06d}"
@@ -63,14 +91,13 @@ def save_sharded(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: 
     # An optimizer that never stepped (the step-0 checkpoint) has no state; DCP's get_*_state_dict
     # would create it by a zero-LR step, which advances Adam's step count: save the model only.
     with_optim = optimizer is not None and bool(optimizer.state)
-    holder = (atomic_path(final, is_dir=True, suffix=suffix) if rank == 0
-              else contextlib.nullcontext(final.with_name(final.name + suffix)))
+    holder = atomic_path(final, is_dir=True, suffix=suffix) if rank == 0 else _peer_tmp(final, suffix)
     with holder as tmp:
         dist.barrier()  # rank 0 has created the temporary folder
         sd: dict[str, Any] = {"model": get_model_state_dict(model)}
         if with_optim:
             sd["optim"] = get_optimizer_state_dict(model, optimizer)
-        dcp.save(sd, checkpoint_id=str(tmp / SHARDED_DIR))
+        _dcp_save(sd, tmp)
         ck._save_tensors(ck.rng_state(), tmp / _rng_file(rank))
         dist.barrier()  # every process's files are written (atomic_path fsyncs them all)
         if rank == 0:
@@ -136,9 +163,7 @@ def _dcp_load(sd: dict[str, Any], path: Path, no_dist: bool) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(sd, checkpoint_id=str(path / SHARDED_DIR), no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # a BaseException: every rank's failures, wrapped
-        failures = getattr(e, "failures", None)  # rank -> (exception, traceback)
-        cause = next(iter(failures.values())) if failures else e
-        cause = cause[0] if isinstance(cause, tuple) else cause
+        cause = _first_failure(e)
         what = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise FormatError(f"{path}: cannot read the sharded checkpoint ({what})") from None
 

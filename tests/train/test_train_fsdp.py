@@ -8,9 +8,11 @@ holding the FSDP model's weights.
 import csv
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,25 @@ def test_lockstep_evaluation_counts_each_batch_once_and_runs_as_many_forwards_on
     assert forwards == [-(-n_batches // 3)] * 3
     tot = sum(sums)
     assert abs(float(tot[0] / tot[1]) - want) < 1e-9
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_a_kill_of_every_process_at_a_random_moment(tmp_path):
+    """SIGKILL to torchrun and both ranks at once, wherever they are (a step, a save, an all-gather)."""
+    args = [*SMALL, "--max-steps", "30", "--set", "ckpt_interval=4", "--set", "eval_interval=10"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    torchrun([*args, "--out", str(ref)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "tritlm", "train", *args, "--fsdp", "--batch-size", str(PER_RANK_BATCH), "--out", str(cut)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if (cut / "metrics.csv").exists() and max(train_losses(cut) or [0]) >= 13:
+            break
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert max(train_losses(cut)) < 30  # it was killed before the end
+    torchrun([*args, "--out", str(cut), "--resume"])
+    assert train_losses(ref) == train_losses(cut)

@@ -16,6 +16,7 @@ import logging
 import torch
 from torch import nn
 
+from tritlm.errors import ConfigError
 from tritlm.train.config import TrainConfig
 from tritlm.train.distributed import DistInfo
 
@@ -48,7 +49,10 @@ def parallelize(model: nn.Module, mesh, cfg: TrainConfig) -> nn.Module:
     ``cfg.fsdp_reshard_after_forward``: free each block's gathered weights after its forward and
     gather them again for the backward (less memory), or keep them (one all-gather fewer per block).
     """
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # FSDP2 became public (and CPU-capable) in torch 2.6
+        raise ConfigError(f"fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}") from None
 
     device = next(model.parameters()).device
     kw = {"mesh": mesh, "mp_policy": mixed_precision(cfg, device)}

@@ -134,6 +134,30 @@ def test_fsdp_resume_after_sigkill_mid_save_is_bitwise_identical(fsdp_runs):
     assert not any(".tmp-" in p.name for p in (cut / "checkpoints").iterdir())
 
 
+# Loads a sharded checkpoint into a freshly built FSDP model (2 ranks) and has rank 0 save the
+# model's full state dict, gathered by torch: the weights as the FSDP model holds them.
+FULL_STATE = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from tritlm.formats.sharded import load_sharded
+from tritlm.model.config import ModelConfig
+from tritlm.model.transformer import Transformer
+from tritlm.safe_json import read_json
+from tritlm.train.config import TrainConfig
+from tritlm.train.distributed import init_distributed
+from tritlm.train.parallelize import data_parallel_mesh, parallelize
+src, out = sys.argv[1:]
+info = init_distributed("cpu")
+model = Transformer(ModelConfig.from_dict(read_json(src + "/config.json")["model"]))
+parallelize(model, data_parallel_mesh(info), TrainConfig())
+load_sharded(src, model, None, info.rank)
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if info.rank == 0:
+    torch.save(full, out)
+dist.barrier()
+"""
+
+
 def test_sharded_checkpoint_converts_to_a_single_folder_one_that_loads_and_generates(fsdp_runs, tmp_path):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -155,6 +179,16 @@ def test_sharded_checkpoint_converts_to_a_single_folder_one_that_loads_and_gener
     assert set(full) == set(ours) | {"lm_head.weight"}  # the tied head is stored once
     assert all(torch.equal(ours[k], full[k]) for k in ours)
     assert torch.equal(full["lm_head.weight"], ours["embed_tokens.weight"])
+    script = tmp_path / "full_state.py"
+    script.write_text(FULL_STATE)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(script), str(src), str(tmp_path / "fsdp.pt")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1",
+                            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stderr[-3000:]
+    gathered = torch.load(tmp_path / "fsdp.pt")
+    assert set(gathered) == set(full) and all(torch.equal(ours[k], gathered[k]) for k in ours)
 
     # the FSDP model's last validation loss, recomputed by one process from the converted weights
     m = tritlm.load(dst)

@@ -73,6 +73,8 @@ def _train_config(a: argparse.Namespace, base: dict | None = None, **extra):
               **extra}
     if getattr(a, "fp", False):
         direct["fp"] = True
+    if getattr(a, "fsdp", False):
+        direct["fsdp"] = True
     if a.quant_spec:
         from tritlm.model.config import load_quant_spec
 
@@ -308,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(s)
     s.add_argument("--fp", action="store_true", help="train the full-precision twin")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    s.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state with FSDP2 (instead of "
+                        "DDP) and write sharded checkpoints (see `tritlm checkpoint-convert`)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("compare", help="train the ternary model and its FP twin on equal terms; table + plot")
@@ -379,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tritlm.cli_search import add_search_command  # search
 
     add_search_command(sub)
+    from tritlm.cli_checkpoint import add_checkpoint_commands  # checkpoint-convert
+
+    add_checkpoint_commands(sub)
     return p
 
 

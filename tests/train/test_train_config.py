@@ -16,6 +16,8 @@ def test_yaml_then_overrides(tmp_path):
     (["optim.lrr=1"], "unknown config key.*optim.lrr"),
     (["max_steps=ten"], "max_steps"),
     (["noequals"], "key=value"),
+    (["kernel=cuda"], "kernel.*auto, torch, triton"),
+    (["fsdp=maybe"], "fsdp"),
 ])
 def test_bad_keys_are_clear(over, msg):
     with pytest.raises(ConfigError, match=msg):

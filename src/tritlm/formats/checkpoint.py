@@ -38,6 +38,7 @@ OLD_RE = re.compile(r"^(step-\d+)\.old(\.tmp-\d+)$")
 TRASH_PREFIX = ".trash-"
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = (
     "model.safetensors", "optimizer.safetensors", "state.json", "config.json")
+SHARDED_DIR = "dcp"  # the tensors of an FSDP run's checkpoint (tritlm.formats.sharded)
 
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -228,6 +229,9 @@ def _prune_point() -> None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint folder into plain dicts; every failure is a one-line FormatError."""
     path = Path(path)
+    if (path / SHARDED_DIR).is_dir() and not (path / MODEL_FILE).is_file():
+        raise FormatError(f"{path} is a sharded (FSDP) checkpoint; make a single-folder one first: "
+                          f"tritlm checkpoint-convert {path} DST")
     if not (path / STATE_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise FormatError(f"{path} is not a complete tritlm checkpoint (no {STATE_FILE}/{MODEL_FILE})")
     state, config = read_json(path / STATE_FILE), read_json(path / CONFIG_FILE)

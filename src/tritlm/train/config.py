@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine", "two-stage")
 WD_SCHEDULES = ("constant", "two-stage")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+KERNELS = ("auto", "torch", "triton")  # tritlm.nn.set_kernel's choices for the BitLinear forward
 
 
 @dataclass
@@ -113,6 +114,11 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     threads: int | None = None
     tensorboard: bool = True
+    # Under torchrun: shard weights, gradients and optimizer state with FSDP2 (instead of DDP's
+    # full replicas) and write sharded checkpoints. In a single process it is a no-op (a warning).
+    fsdp: bool = False
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered weights between forward and backward
+    kernel: str = "auto"  # BitLinear forward: auto | torch | triton (applied when tritlm.nn has set_kernel)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,6 +221,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _choice("preset", cfg.preset, tuple(PRESETS))
     _choice("device", cfg.device, DEVICES)
     _choice("dtype", cfg.dtype, DTYPES)
+    _choice("kernel", cfg.kernel, KERNELS)
     for k in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
               "ckpt_interval"):
         _num(k, getattr(cfg, k), 1)

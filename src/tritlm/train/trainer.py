@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import logging
 import math
 import statistics
@@ -23,6 +24,7 @@ import torch
 from tritlm.data import TokenData, default_corpus_path, prepare_dataset
 from tritlm.errors import ConfigError, TritlmError
 from tritlm.formats import checkpoint as ck
+from tritlm.formats import sharded
 from tritlm.io_atomic import run_lock
 from tritlm.model.config import ModelConfig, preset
 from tritlm.model.transformer import Transformer
@@ -89,6 +91,8 @@ class Trainer:
         self.callback = callback or (lambda ev: None)
         self.out = Path(cfg.out_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self._dist = DistInfo()
+        self._fsdp = False  # set by run(): cfg.fsdp under torchrun
 
     # ---- set-up -------------------------------------------------------------------------------
     def _data(self, dist: DistInfo, tokenizer: Any = None) -> TokenData:
@@ -173,9 +177,18 @@ class Trainer:
             mcfg = resolve_model_config(cfg, tok.vocab_size)
             torch.manual_seed(cfg.seed)
             model = Transformer(mcfg).to(dist.device)
+        _apply_kernel(model, cfg.kernel)
+        self._dist, self._fsdp = dist, cfg.fsdp and dist.enabled
+        if cfg.fsdp and not dist.enabled:
+            log.warning("fsdp: true in a single process has nothing to shard; training without FSDP "
+                        "(launch with torchrun --nproc_per_node=N)")
+        if self._fsdp:  # sharded in place: the optimizer must see the DTensor parameters
+            from tritlm.train.parallelize import data_parallel_mesh, parallelize
+
+            model = parallelize(model, data_parallel_mesh(dist), cfg)
         opt = build_optimizer(model, cfg)
         train_model: torch.nn.Module = model
-        if dist.enabled:
+        if dist.enabled and not self._fsdp:
             train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
 
@@ -239,7 +252,11 @@ class Trainer:
                                       micro=micro)
                 x, y = x.to(dist.device), y.to(dist.device)
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
-                ctx = contextlib.nullcontext() if sync else train_model.no_sync()
+                if self._fsdp:  # FSDP2's no_sync: keep unsharded gradients until the last micro-batch
+                    model.set_requires_gradient_sync(sync)
+                    ctx = contextlib.nullcontext()
+                else:
+                    ctx = contextlib.nullcontext() if sync else train_model.no_sync()
                 with ctx, self._autocast(dist):
                     if distiller is not None:
                         loss = distiller(train_model, x, y, cfg.label_smoothing)
@@ -249,8 +266,13 @@ class Trainer:
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
             loss_val = all_reduce_mean(loss_sum, dist).item()
-            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                     if o.grad_clip > 0 else _grad_norm(model))
+            if self._fsdp:
+                from tritlm.train.parallelize import grad_norm
+
+                gnorm = grad_norm(model, o.grad_clip)
+            else:
+                gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                         if o.grad_clip > 0 else _grad_norm(model))
             gnorm_val = float(all_reduce_mean(gnorm.detach().reshape(()).clone(), dist))
             reason = detector.check(loss_val) if cfg.stability.enabled else None
             if reason is None and cfg.stability.enabled and not math.isfinite(gnorm_val):
@@ -300,6 +322,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: Transformer, data: TokenData, dist: DistInfo) -> float:
         """Mean loss per token over the validation split (all of it unless eval_batches is set)."""
+        if self._fsdp:
+            return self._evaluate_lockstep(model, data, dist)
         model.eval()
         tot = torch.zeros(2, dtype=torch.float64)
         bs = max(self.cfg.batch_size, 32)
@@ -312,6 +336,29 @@ class Trainer:
             with self._autocast(dist):
                 _, loss = model(x, y)
             tot += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+        tot = all_reduce_sum(tot.to(dist.device), dist).cpu()
+        model.train()
+        return float(tot[0] / tot[1])
+
+    @torch.no_grad()
+    def _evaluate_lockstep(self, model: torch.nn.Module, data: TokenData, dist: DistInfo) -> float:
+        """:meth:`evaluate` under FSDP, where every forward is a collective (it all-gathers weights):
+        batches go round-robin to the processes as there, but a process left without one in the
+        last round runs that round's first batch again and counts nothing, so all run alike."""
+        model.eval()
+        tot = torch.zeros(2, dtype=torch.float64)
+        bs = max(self.cfg.batch_size, 32)
+        batches = data.eval_batches("val", bs, self.cfg.block_size)
+        if self.cfg.eval_batches is not None:
+            batches = itertools.islice(batches, self.cfg.eval_batches * dist.world_size)
+        while chunk := list(itertools.islice(batches, dist.world_size)):
+            mine = dist.rank < len(chunk)
+            x, y = chunk[dist.rank] if mine else chunk[0]
+            x, y = x.to(dist.device), y.to(dist.device)
+            with self._autocast(dist):
+                _, loss = model(x, y)
+            if mine:
+                tot += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64)
         tot = all_reduce_sum(tot.to(dist.device), dist).cpu()
         model.train()
         return float(tot[0] / tot[1])
@@ -330,6 +377,11 @@ class Trainer:
 
     def _saver(self, dist, model, opt, st, detector, full_cfg, tok):
         def save(step: int) -> None:
+            if self._fsdp:  # every process writes its own shards
+                state = {**st, "detector": detector.state()}
+                sharded.save_sharded(self.ckpt_root, step, model, opt, state, full_cfg, tok,
+                                     self.cfg.keep_checkpoints, dist.rank, dist.world_size)
+                return
             if dist.is_main:
                 state = {**st, "detector": detector.state()}
                 ck.save_checkpoint(self.ckpt_root, step, model, opt, state, full_cfg, tok,
@@ -338,23 +390,28 @@ class Trainer:
         return save
 
     def _restore(self, path: Path, model, opt, st, detector, tok) -> int:
+        if self._fsdp or sharded.is_sharded(path):
+            return self._restore_sharded(path, model, opt, st, detector, tok)
         c = ck.read_checkpoint(path)
-        fp = c["config"].get("tokenizer_fingerprint")
-        if fp is not None and fp != tok.fingerprint():
-            raise ConfigError(f"{path} was trained with a different tokenizer ({c['config'].get('tokenizer')} "
-                              f"fingerprint {str(fp)[:12]}, this run's {tok.kind} {tok.fingerprint()[:12]}); "
-                              "resume with the same data and tokenizer")
+        _check_tokenizer(path, c["config"], tok)
         ck.load_model_state(model, c["model"], str(path))
         meta = c["state"].pop("optimizer", None)
         if meta is not None:
             tensors = {k: v for k, v in c["optim"].items() if k.startswith("state.")}
             ck.restore_optimizer(opt, tensors, meta)
         ck.set_rng_state({k: v for k, v in c["optim"].items() if k.startswith("rng.")})
-        detector.load(c["state"].pop("detector", {}))
-        for k in ("lr_scale", "data_offset", "rollbacks", "consumed", "val_history"):
-            if k in c["state"]:
-                st[k] = c["state"][k]
-        return int(c["state"]["step"])
+        return _restore_state(c["state"], st, detector)
+
+    def _restore_sharded(self, path: Path, model, opt, st, detector, tok) -> int:
+        """A sharded checkpoint (DCP) into the model, sharded by FSDP or not (DCP reshards on load)."""
+        if not sharded.is_sharded(path):
+            raise ConfigError(f"{path} is a single-folder checkpoint (written without FSDP); resume it "
+                              "without fsdp, or start a new --out")
+        from tritlm.safe_json import read_json
+
+        _check_tokenizer(path, read_json(path / ck.CONFIG_FILE), tok)
+        state = sharded.load_sharded(path, model, opt, self._dist.rank)
+        return _restore_state(state, st, detector)
 
     def _rollback(self, reason, step, loss_val, model, opt, st, detector, tok, metrics) -> int:
         s = self.cfg.stability
@@ -374,6 +431,32 @@ class Trainer:
         metrics.log(step, "train", loss=loss_val, event=f"{reason}: rollback to {back}")
         self.callback({"event": "rollback", "step": step, "reason": reason, "to": back})
         return back
+
+
+def _check_tokenizer(path: Path, config: dict, tok) -> None:
+    fp = config.get("tokenizer_fingerprint")
+    if fp is not None and fp != tok.fingerprint():
+        raise ConfigError(f"{path} was trained with a different tokenizer ({config.get('tokenizer')} "
+                          f"fingerprint {str(fp)[:12]}, this run's {tok.kind} {tok.fingerprint()[:12]}); "
+                          "resume with the same data and tokenizer")
+
+
+def _restore_state(state: dict, st: dict, detector: SpikeDetector) -> int:
+    """The trainer's own state from a checkpoint's state.json into ``st`` / ``detector``; its step."""
+    detector.load(state.pop("detector", {}))
+    for k in ("lr_scale", "data_offset", "rollbacks", "consumed", "val_history"):
+        if k in state:
+            st[k] = state[k]
+    return int(state["step"])
+
+
+def _apply_kernel(model: torch.nn.Module, kernel: str) -> None:
+    """The BitLinear kernel choice (train.kernel), through tritlm.nn.set_kernel where it exists."""
+    import tritlm.nn
+
+    set_kernel = getattr(tritlm.nn, "set_kernel", None)
+    if set_kernel is not None:
+        set_kernel(model, kernel)  # call site for the Triton BitLinear (lead: connect/adjust here)
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:

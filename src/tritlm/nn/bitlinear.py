@@ -32,7 +32,7 @@ from tritlm.quant.weights import expand_scale, quantize_weight, threshold_ternar
 log = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-KERNELS = ("torch", "triton", "auto")
+KERNELS = ("auto", "torch", "triton")
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

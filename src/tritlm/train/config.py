@@ -13,6 +13,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from tritlm.errors import ConfigError
+from tritlm.nn.bitlinear import KERNELS  # set_kernel's choices for the BitLinear forward
 from tritlm.train.schedule import LAM_SCHEDULES, QuantSchedule
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,6 @@ LR_SCHEDULES = ("constant", "linear", "cosine", "two-stage")
 WD_SCHEDULES = ("constant", "two-stage")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-KERNELS = ("auto", "torch", "triton")  # tritlm.nn.set_kernel's choices for the BitLinear forward
 
 
 @dataclass
@@ -118,7 +118,7 @@ class TrainConfig:
     # full replicas) and write sharded checkpoints. In a single process it is a no-op (a warning).
     fsdp: bool = False
     fsdp_reshard_after_forward: bool = True  # free each block's gathered weights between forward and backward
-    kernel: str = "auto"  # BitLinear forward: auto | torch | triton (applied when tritlm.nn has set_kernel)
+    kernel: str = "auto"  # BitLinear forward: auto (Triton on CUDA where supported) | torch | triton
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -451,12 +451,11 @@ def _restore_state(state: dict, st: dict, detector: SpikeDetector) -> int:
 
 
 def _apply_kernel(model: torch.nn.Module, kernel: str) -> None:
-    """The BitLinear kernel choice (train.kernel), through tritlm.nn.set_kernel where it exists."""
-    import tritlm.nn
+    """The BitLinear kernel choice (``kernel``: auto = the Triton int8 forward on CUDA where the
+    layer's config has one, the torch path elsewhere)."""
+    from tritlm.nn import set_kernel
 
-    set_kernel = getattr(tritlm.nn, "set_kernel", None)
-    if set_kernel is not None:
-        set_kernel(model, kernel)  # call site for the Triton BitLinear (lead: connect/adjust here)
+    set_kernel(model, kernel)
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:

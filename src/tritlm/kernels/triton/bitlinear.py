@@ -33,7 +33,6 @@ import triton.language as tl
 
 from tritlm.kernels.triton import interpreting, require
 from tritlm.kernels.triton.quantize import _TL_DTYPE, _to, act_quant, ternarize
-from tritlm.nn.bitlinear import _autocast_dtype
 from tritlm.quant.config import QuantConfig
 
 _CUDA_CONFIGS = [
@@ -214,7 +213,8 @@ def bitlinear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      out_dtype: torch.dtype | None = None, slot=None) -> torch.Tensor:
     """BitLinear's hard forward (lambda = 1) on the Triton kernels: ``x [..., K]`` -> ``[..., N]``.
 
-    ``out_dtype``: the compute dtype, by default the autocast dtype of ``x``'s device or ``x.dtype``.
+    ``out_dtype``: the compute dtype (default ``x.dtype``; ``BitLinear`` passes its autocast dtype:
+    the kernels sit below ``tritlm.nn`` and do not look at autocast themselves).
     ``slot``: an ``ActSlot`` shared by the layers that read ``x`` (quantised once for all of them).
     Autograd runs through :class:`BitLinearTritonFn` when a gradient is needed.
     """
@@ -222,7 +222,7 @@ def bitlinear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if not supported(cfg):
         raise ValueError(f"the Triton BitLinear supports ternary per-tensor weights with act_bits=8, not {cfg}")
     if out_dtype is None:
-        out_dtype = _autocast_dtype(x.device.type) or x.dtype
+        out_dtype = x.dtype
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     q, s = _quantized_input(x, x2, cfg.eps, slot)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

@@ -120,7 +120,7 @@ def _wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 60) -> tup
 
 
 async def run_load(url: str, clients: int, per_client: int, max_tokens: int, stream: bool,
-                   timeout: float, chat_every: int = 2) -> dict:
+                   timeout: float, chat_every: int = 2, body: dict | None = None) -> dict:
     from openai import AsyncOpenAI
 
     lat: list[float] = []
@@ -141,7 +141,7 @@ async def run_load(url: str, clients: int, per_client: int, max_tokens: int, str
             else:
                 s = await client.completions.create(model="bench", prompt=prompt(i), max_tokens=max_tokens,
                                                     stream=True, seed=i, stream_options={"include_usage": True},
-                                                    extra_body={"ignore_eos": True})  # llama-server's; ours ignores it
+                                                    extra_body=body or {})
             chunks, used = 0, None
             async for ch in s:
                 if first is None and ch.choices:
@@ -284,13 +284,18 @@ def sweep(a: argparse.Namespace) -> int:
     if model is None:
         model = str(Path(tmp.name) / a.preset)
         random_packed_model(a.preset, model)
+    from tritlm.formats.packed import load_packed
+
+    eos = load_packed(model).tokenizer.eos_id
+    # every request runs to max_tokens on both servers (a random model samples EOS now and then):
+    # EOS banned through the standard logit_bias, plus llama-server's own ignore_eos
+    body = {"ignore_eos": True, **({"logit_bias": {str(eos): -100}} if eos is not None else {})}
     servers = [("tritlm", None)]
     if a.llama_server:
         binary = find_llama_server(a.llama_server)
         if binary is None:
             print("llama-server not built (run benchmarks/build_llama_tools.sh); measuring tritlm only")
         else:
-            from tritlm.formats.packed import load_packed
             from tritlm.infer.bench_llama_cpp import gguf_for
 
             servers.append(("llama-server", (binary, str(gguf_for(load_packed(model), "f16")))))
@@ -303,10 +308,10 @@ def sweep(a: argparse.Namespace) -> int:
             else:
                 proc, url = start_llama_server(peer[0], peer[1], a.parallel, threads, ctx_per_slot=512)
             try:
-                asyncio.run(run_load(url, 2, 1, 4, True, a.timeout, chat_every=0))  # warm-up
+                asyncio.run(run_load(url, 2, 1, 4, True, a.timeout, chat_every=0, body=body))  # warm-up
                 for c in counts:
                     r = asyncio.run(run_load(url, c, a.requests_per_client, a.max_tokens, True, a.timeout,
-                                             chat_every=0))
+                                             chat_every=0, body=body))
                     r.update(server=name, clients=c, round=rnd)
                     rows.append(r)
                     print(f"round {rnd} {name:12} clients {c:>2}: {r['ok']}/{r['n']} ok, {r['tok_s']:7.1f} tok/s "

@@ -31,7 +31,7 @@ def bench_lines(res: dict) -> list[str]:
     lines = [f"# tritlm bench  {res['date']}  {res['cpu']}  torch {res['torch']}  kernel {res['kernel']}",
              f"# decode: {res['decode_tokens']} tokens after an 8-token prompt; prefill: "
              f"{res['prompt_tokens']}-token prompt",
-             f"{'model':6} {'impl':28} {'thr':>3} {'decode tok/s':>12} {'prefill tok/s':>13}  notes"]
+             f"{'model':6} {'impl':36} {'thr':>3} {'decode tok/s':>12} {'prefill tok/s':>13}  notes"]
     for mres in res["models"]:
         for r in mres["rows"]:
             pre = "" if r["prefill"] is None else f"{r['prefill']:.1f}"
@@ -49,9 +49,9 @@ def bench_lines(res: dict) -> list[str]:
                 plo, phi = r["prefill_range"]
                 note = (f"median of {r['decode_runs']} (decode {lo:.1f}-{hi:.1f}, prefill {plo:.0f}-{phi:.0f})"
                         + (f"; {note}" if note else ""))
-            lines.append(f"{mres['model']:6} {r['impl']:28} {r['threads']:>3} {r['decode']:>12.1f} {pre:>13}  {note}")
+            lines.append(f"{mres['model']:6} {r['impl']:36} {r['threads']:>3} {r['decode']:>12.1f} {pre:>13}  {note}")
         for q in mres["ratios"]:
-            lines.append(f"{mres['model']:6} tritlm / {q['vs']:<23} {q['threads']:>3} {q['decode']:>11.2f}x "
+            lines.append(f"{mres['model']:6} tritlm / {q['vs']:<31} {q['threads']:>3} {q['decode']:>11.2f}x "
                          f"{q['prefill']:>12.2f}x")
         lines.append(f"{mres['model']:6} llama.cpp: {mres['llama_cpp']}")
     return lines

@@ -139,8 +139,8 @@ class PackedRuntime:
     """
 
     def __init__(self, engine: Any, slots: int | None = None, prefix_cache_bytes: int = 0):
-        # up to ``slots`` sequences; the engine's cache grows to them as concurrency asks (reserve),
-        # so a server with --max-batch 8 holds 8 slots of K/V only once 8 requests ran together
+        # up to ``slots`` sequences; the engine's cache grows to them as concurrency asks (reserve;
+        # the server reserves all of them at start)
         self.engine = engine
         self._cap = max(slots or engine.slots, engine.slots)
         self.prefix = None

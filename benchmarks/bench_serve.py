@@ -286,10 +286,16 @@ def sweep(a: argparse.Namespace) -> int:
         random_packed_model(a.preset, model)
     from tritlm.formats.packed import load_packed
 
-    eos = load_packed(model).tokenizer.eos_id
-    # every request runs to max_tokens on both servers (a random model samples EOS now and then):
-    # EOS banned through the standard logit_bias, plus llama-server's own ignore_eos
-    body = {"ignore_eos": True, **({"logit_bias": {str(eos): -100}} if eos is not None else {})}
+    tok = load_packed(model).tokenizer
+    # Every request runs to max_tokens on both servers (a random model samples EOS now and then):
+    # EOS banned through the standard logit_bias, plus llama-server's own ignore_eos. A byte
+    # vocabulary also has its bytes >= 0x80 banned: random ones rarely make whole UTF-8 characters,
+    # and both servers hold back text until they do, which would measure the detokeniser, not
+    # the time to the first token.
+    ban = [tok.eos_id] if tok.eos_id is not None else []
+    if tok.vocab_size <= 260:
+        ban += [i for i in range(128, 256) if i != tok.eos_id]
+    body = {"ignore_eos": True, **({"logit_bias": {str(i): -100 for i in ban}} if ban else {})}
     servers = [("tritlm", None)]
     if a.llama_server:
         binary = find_llama_server(a.llama_server)

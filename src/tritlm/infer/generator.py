@@ -151,6 +151,7 @@ class Generator:
             self._free, self._reserved = [], 0
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
+        self._pending: list[Seq] = []  # sampled last step, their tokens not yet through the model
 
     def add(self, req: Request) -> Seq:
         """Queue ``req``; bad input (empty prompt, ids outside the vocabulary) raises here."""
@@ -225,7 +226,14 @@ class Generator:
 
     def step(self) -> list[Event]:
         """Admit (prefill), then one token for every sequence whose prompt is in. A failed decode
-        forward raises."""
+        forward raises.
+
+        The decode forward of the tokens sampled here runs at the start of the next step, so
+        that the tokens reach the caller (a server streaming them) one forward sooner, and a new
+        request's first token does not wait for the batch's forward."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._decode([s for s in pending if s.slot is not None and s in self.running])
         events = self._admit()
         cont: list[Seq] = []
         for seq in [s for s in self.running if s.driver is not None]:  # their own forwards, one token each
@@ -243,7 +251,7 @@ class Generator:
                 self._release(seq)
             else:
                 cont.append(seq)
-        self._decode(cont)
+        self._pending = cont
         return events
 
     def _decode(self, seqs: list[Seq]) -> None:

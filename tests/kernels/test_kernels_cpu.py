@@ -19,8 +19,8 @@ from tritlm.kernels import (
 from tritlm.kernels.cpu import build, ops
 
 KS = [1, 127, 129, 300]
-NS = [1, 3, 5, 67]
-MS = [1, 2, 7, 33]
+NS = [1, 3, 5, 67, 131]  # 131 rows: several 8-group blocks of the small-M GEMV, and a remainder
+MS = [1, 2, 3, 4, 7, 33]  # 2-3: the GEMV per token; 4 and up: the GEMM tile
 THREADS = [1, 2, 3]
 
 

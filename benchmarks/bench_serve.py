@@ -85,7 +85,8 @@ def start_llama_server(binary: str, gguf: str, parallel: int, threads: int, ctx_
 
 
 def find_llama_server(arg: str) -> str | None:
-    """``auto``: the binary benchmarks/build_llama_tools.sh built (None if it was not built)."""
+    """``auto``: the binary of benchmarks/build_llama_tools.sh, which builds it first when it is
+    not there yet (about 10 minutes on 2 cores); None if that build fails."""
     if arg != "auto":
         return arg
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llama_tools.sh")], capture_output=True, text=True)

@@ -187,14 +187,21 @@ def test_contrastive_search_through_the_server_alongside_sampling(paths):
     assert r.status_code == 400 and r.json()["error"]["param"] == "penalty_alpha"
 
 
-def test_server_with_a_draft_decodes_speculatively(paths):
-    """`serve --draft`: requests go through the speculative decoder (one at a time). Greedy, it is
-    exactly the model's own greedy decoding; sampled and seeded, the same text as the API's
-    speculative generation. A draft with another vocabulary is a one-line error."""
+def test_server_with_a_draft_decodes_speculatively(paths, tmp_path):
+    """`serve --draft`: requests go through the speculative decoder (one at a time). The draft is
+    another model of the same vocabulary, so proposals get rejected. Greedy, the server gives the
+    model's own greedy text; sampled and seeded, the API's speculative text, which differs from
+    plain sampling (so a server that ignored the draft would fail). A checkpoint draft is a
+    one-line error."""
     from tritlm.errors import TritlmError
     from tritlm.serve.app import build_app_for_model
 
-    app = build_app_for_model(paths["packed"], model_name="m", draft=paths["packed"], draft_k=3)
+    tok = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64)
+    ck = save_checkpoint(tmp_path / "draft-run", 1, Transformer(cfg).eval(), None, {}, {"model": cfg.to_dict()}, tok)
+    draft, _ = pack_checkpoint(ck, tmp_path / "draft", fp_dtype="fp32")
+    app = build_app_for_model(paths["packed"], model_name="m", draft=draft, draft_k=3)
     m = tritlm.load(paths["packed"])
     with ServerThread(app) as srv:
         greedy = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 0},
@@ -203,6 +210,7 @@ def test_server_with_a_draft_decodes_speculatively(paths):
                              json={"prompt": PROMPT, "max_tokens": 16, "temperature": 0.9, "seed": 3},
                              timeout=60).json()["choices"][0]["text"]
     assert greedy == m.generate(PROMPT, 16, 0.0)
-    assert sampled == m.generate(PROMPT, 16, 0.9, seed=3, draft=tritlm.load(paths["packed"]), draft_k=3)
+    assert sampled == m.generate(PROMPT, 16, 0.9, seed=3, draft=tritlm.load(draft), draft_k=3)
+    assert sampled != m.generate(PROMPT, 16, 0.9, seed=3)
     with pytest.raises(TritlmError, match="packed models"):
         build_app_for_model(paths["packed"], draft=paths["checkpoint"])

@@ -62,6 +62,7 @@ class SlotCache:
         self.device = k[0].device
         self.slots: list[int] = [0]
         self.starts = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._start0 = 0  # starts[0] as a Python int: no device sync per layer
         self.t = 0
 
     def at(self, slots: list[int], starts: list[int], t: int) -> SlotCache:

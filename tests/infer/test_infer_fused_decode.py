@@ -164,3 +164,51 @@ def test_fused_step_runs_every_weight_kind(kind):
         assert _rel(a, b) < 2e-3
     assert _rel(a, ref[-1]) < 1e-2
     assert fused.stats.decode_tokens == 14
+
+
+@pytest.mark.parametrize("kw", [
+    {"ffn_dim": 204},
+    {"n_kv_heads": 1, "mlp": "relu2", "qk_norm": True, "residual_scale": 0.7},
+    {"quant": QuantConfig(input_norm=True), "n_kv_heads": 2},
+], ids=["base-ffn-tail", "mqa-relu2-qknorm", "input-norm-gqa"])
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+def test_fused_prefill_matches_torch_path(kw, kernel, monkeypatch):
+    """A prompt through the C layers as rows of one sequence (causal: each row sees only earlier
+    positions), in several chunks (the first prompt is longer than the scratch rows) and continued
+    from a filled slot, against the torch forward's logits at every position and its cache.
+    (SubLN is left to the decode tests: over 90 positions of this tiny model one activation lands
+    on an int8 rounding boundary, and the flip reaches every later position through the cache;
+    the C path then matches its own decode steps, not the torch path, within 2e-3.)"""
+    from tritlm.infer import fused_decode
+
+    monkeypatch.setenv("TRITLM_KERNEL", kernel)
+    monkeypatch.setattr(fused_decode, "PREFILL_ROWS", 24)
+    pm = from_transformer(tiny_model(max_len=128, **kw), fp_dtype="fp32")
+    fused, plain = Engine(pm, slots=2, threads=3), Engine(pm, slots=2, threads=3, fused=False)
+    assert fused.fused is not None and fused.fused.rows == 24
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (90,), generator=g).tolist()
+    a = fused.forward_seq(ids[:61], slot=1, all_logits=True)  # chunks of 24, 24, 13
+    b = plain.forward_seq(ids[:61], slot=1, all_logits=True)
+    assert a.shape == b.shape == (61, 97) and _rel(a, b) < 2e-3
+    assert fused.last_hidden.shape == (61, 128) and _rel(fused.last_hidden, plain.last_hidden) < 2e-3
+    a, b = fused.forward_seq(ids[61:], slot=1), plain.forward_seq(ids[61:], slot=1)  # the rest, last logits
+    assert a.shape == b.shape == (1, 97) and _rel(a, b) < 2e-3
+    for i in range(pm.config.n_layers):
+        assert _rel(fused.k_cache[i][1, :, :90], plain.k_cache[i][1, :, :90]) < 2e-3
+        assert _rel(fused.v_cache[i][1, :, :90], plain.v_cache[i][1, :, :90]) < 2e-3
+    assert fused.k_cache[0][0].abs().max() == 0 and fused.pos == plain.pos == [0, 90]
+    # a wrong row (a future token) would change an earlier position's logits: causality
+    c = Engine(pm, slots=1, threads=3).forward_seq(ids[:30] + [(ids[30] + 1) % 97], all_logits=True)
+    d = plain.forward_seq(ids[:31], slot=0, all_logits=True)
+    assert _rel(c[:30], d[:30]) < 2e-3 and _rel(c[30:], d[30:]) > 1e-2
+
+
+def test_fused_prefill_rejects_bad_positions():
+    pm = from_transformer(_model(), fp_dtype="fp32")
+    eng = Engine(pm)
+    x, out = torch.zeros(8, 128), torch.empty(8, 128)
+    with pytest.raises(ValueError, match="positions"):
+        eng.fused.prefill(x, 0, 60, out)  # 60..67 past the cache of 64
+    with pytest.raises(ValueError, match="slot"):
+        eng.fused.prefill(x, 1, 0, out)

@@ -208,6 +208,17 @@ class Engine:
         self.last_hidden = h
         return out
 
+    def _fused_prefill(self, ids: Sequence[int], slot: int, start: int, all_logits: bool) -> torch.Tensor:
+        """A prompt through the C layers (one sequence, its tokens as the rows); logits of every
+        position (``all_logits``) or of the last, as the torch path returns them."""
+        x = self.model.embed_tokens.w[torch.as_tensor(list(ids), dtype=torch.long)].float().contiguous()
+        h = torch.empty_like(x)
+        self.fused.prefill(x, slot, start, h, self.threads or 0)
+        rows = h if all_logits else h[-1:]
+        out = self.head(rows, torch.empty(rows.shape[0], self.cfg.vocab_size))
+        self.last_hidden = h
+        return out
+
     def _host(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits where the generator samples: float32 on the CPU."""
         return logits if self.device.type == "cpu" else logits.float().cpu()
@@ -244,6 +255,8 @@ class Engine:
             out = None
             if t == 1 and self.fused is not None and self.tracer is None and self.timer is None:
                 out = self._fused_step([int(ids[0])], [slot], [start])
+            elif self.fused is not None and self.tracer is None and self.timer is None:
+                out = self._fused_prefill(ids, slot, start, all_logits)
             elif t == 1 and self.graphs is not None and self.tracer is None and self.timer is None:
                 out = self.graphs.step([int(ids[0])], [slot], [start])
                 out = None if out is None else self._host(out)

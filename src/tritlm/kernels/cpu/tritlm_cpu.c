@@ -47,7 +47,7 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 10
+#define TT_ABI_VERSION 11
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */

@@ -2,6 +2,8 @@
  * Fused decode step: one token through every transformer layer in one C call, for one sequence or
  * for M sequences at once (continuous batching: each Linear runs once over the M rows, so the
  * weights are read once per step for all of them; attention runs per row on its own slot).
+ * Prefill is the same computation with the rows being one sequence's consecutive positions: every
+ * row's keys/values are written before any row attends, so row r sees positions 0..pos[r] (causal).
  *
  * Included at the end of tritlm_cpu.c (one translation unit: it uses the kernels' contexts, the
  * thread pool and the activation quantiser directly). Why: at M = 1 the ternary GEMVs of a 700M
@@ -28,13 +30,14 @@ typedef struct {
 } tt_dec_layer;
 
 typedef struct {
-    int n_layers, dim, n_heads, kv_heads, hd, ffn, max_len, slots;
+    int n_layers, dim, n_heads, kv_heads, hd, ffn, max_len, slots, rows; /* rows: scratch capacity */
+    int isa; /* 1: AVX2 attention / exp */
     float eps, rs;
     int relu2, input_norm;
     const float *cos, *sin_signed; /* [max_len, hd]; sin with its first half negated */
     const float *final_norm;
     tt_dec_layer *L;
-    float *h, *qkv, *att, *gu, *tmp, *scores; /* scratch, one row per slot */
+    float *h, *qkv, *att, *gu, *tmp, *scores; /* scratch, `rows` rows */
 } tt_dec;
 
 static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *out) {
@@ -48,22 +51,23 @@ static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *
         for (int i = 0; i < n; i++) out[i] = x[i] * r;
 }
 
+/* rows: how many rows one call may carry (>= slots; prefill chunks up to it) */
 tt_dec *tt_dec_new(int n_layers, int dim, int n_heads, int kv_heads, int hd, int ffn, int max_len, int slots,
-                   float eps, float rs, int relu2, int input_norm, const float *cos, const float *sin_signed,
-                   const float *final_norm) {
+                   int rows, float eps, float rs, int relu2, int input_norm, const float *cos,
+                   const float *sin_signed, const float *final_norm) {
     if (n_layers <= 0 || dim <= 0 || n_heads <= 0 || kv_heads <= 0 || n_heads % kv_heads || hd <= 0 || hd % 2 ||
-        ffn <= 0 || max_len <= 0 || slots <= 0)
+        ffn <= 0 || max_len <= 0 || slots <= 0 || rows < slots || rows > 4096)
         return NULL;
     tt_dec *d = (tt_dec *)calloc(1, sizeof(tt_dec));
     if (!d) return NULL;
     *d = (tt_dec){.n_layers = n_layers, .dim = dim, .n_heads = n_heads, .kv_heads = kv_heads, .hd = hd,
-                  .ffn = ffn, .max_len = max_len, .slots = slots, .eps = eps, .rs = rs, .relu2 = relu2,
+                  .ffn = ffn, .max_len = max_len, .slots = slots, .rows = rows, .isa = tt_cpu_has_avx2(), .eps = eps, .rs = rs, .relu2 = relu2,
                   .input_norm = input_norm, .cos = cos, .sin_signed = sin_signed, .final_norm = final_norm};
     const int nq = n_heads * hd, nqkv = (n_heads + 2 * kv_heads) * hd;
     int wide = dim > nq ? dim : nq;
     wide = wide > ffn ? wide : ffn;
     d->L = (tt_dec_layer *)calloc((size_t)n_layers, sizeof(tt_dec_layer));
-    const size_t S = (size_t)slots;
+    const size_t S = (size_t)rows;
     d->h = (float *)tt_aligned_alloc(sizeof(float) * S * (size_t)wide);
     d->qkv = (float *)tt_aligned_alloc(sizeof(float) * S * (size_t)nqkv);
     d->att = (float *)tt_aligned_alloc(sizeof(float) * S * (size_t)nq);
@@ -93,6 +97,7 @@ int tt_dec_set_layer(tt_dec *d, int i, const float *ln1, const float *ln2, const
     if (!gu || gu->k != d->dim || gu->n != 2 * d->ffn) return -1;
     if (!down || down->k != d->ffn || down->n != d->dim) return -1;
     d->L[i] = (tt_dec_layer){ln1, ln2, q_norm, k_norm, attn_sub, ffn_sub, qkv, o, gu, down, kc, vc};
+    d->isa = d->isa && qkv->isa; /* TRITLM_KERNEL=portable reaches the attention too */
     return 0;
 }
 
@@ -102,19 +107,79 @@ typedef struct {
     const int *slots, *pos; /* row r: slot slots[r], positions 0..pos[r] attended */
 } tt_attn_job;
 
-/* one query head of one row: scores, softmax, weighted sum of values (chunk = row * H + head) */
-static void tt_attn_head(const void *arg, int job) {
-    const tt_attn_job *A = (const tt_attn_job *)arg;
-    const tt_dec *d = A->d;
-    const int H = d->n_heads, r = job / H, h = job % H;
-    const int hd = d->hd, n = A->pos[r] + 1, nqkv = (H + 2 * d->kv_heads) * hd;
-    const int kvh = h / (H / d->kv_heads);
-    const size_t slot_off = (size_t)A->slots[r] * d->kv_heads * d->max_len * hd;
-    const float *q = d->qkv + (size_t)r * nqkv + (size_t)h * hd;
-    const float *K = A->kc + slot_off + (size_t)kvh * d->max_len * hd;
-    const float *V = A->vc + slot_off + (size_t)kvh * d->max_len * hd;
-    float *sc = d->scores + (size_t)job * d->max_len;
-    const float scale = 1.0f / sqrtf((float)hd);
+#if TT_X86
+/* exp(x) for 8 floats: Cephes' range reduction and degree-5 polynomial (within ~2 ulp of expf);
+ * x is clamped to [-87, 88.37], so results stay normal floats or reach FLT_MAX */
+TT_AVX2_INLINE __m256 tt_exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+TT_AVX2_INLINE float tt_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* attention of one query row over n cached positions, hd a multiple of 8 */
+TT_AVX2_FN static void tt_attend_avx2(const float *q, const float *K, const float *V, int n, int hd, float scale,
+                                      float *sc, float *y) {
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        const float *kj = K + (size_t)j * hd;
+        __m256 a = _mm256_setzero_ps();
+        for (int e = 0; e < hd; e += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(kj + e), a);
+        const float s = tt_hsum8(a) * scale;
+        sc[j] = s;
+        mx = s > mx ? s : mx;
+    }
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 p = tt_exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
+        _mm256_storeu_ps(sc + j, p);
+        vsum = _mm256_add_ps(vsum, p);
+    }
+    float sum = tt_hsum8(vsum);
+    for (; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+    const float inv = 1.0f / sum;
+    for (int e = 0; e < hd; e += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int jj = 0; jj < n; jj++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(sc[jj]), _mm256_loadu_ps(V + (size_t)jj * hd + e), acc);
+        _mm256_storeu_ps(y + e, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    }
+}
+
+/* a = silu(g) * u over n floats */
+TT_AVX2_FN static void tt_silu_mul_avx2(float *g, const float *u, int n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int e = 0;
+    for (; e + 8 <= n; e += 8) {
+        const __m256 v = _mm256_loadu_ps(g + e);
+        const __m256 den = _mm256_add_ps(one, tt_exp8(_mm256_sub_ps(_mm256_setzero_ps(), v)));
+        _mm256_storeu_ps(g + e, _mm256_mul_ps(_mm256_div_ps(v, den), _mm256_loadu_ps(u + e)));
+    }
+    for (; e < n; e++) g[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
+}
+#endif
+
+static void tt_attend_portable(const float *q, const float *K, const float *V, int n, int hd, float scale,
+                               float *sc, float *y) {
     float mx = -INFINITY;
     for (int j = 0; j < n; j++) {
         const float *kj = K + (size_t)j * hd;
@@ -130,13 +195,32 @@ static void tt_attn_head(const void *arg, int job) {
         sum += sc[j];
     }
     const float inv = 1.0f / sum;
-    float *y = d->att + (size_t)r * H * hd + (size_t)h * hd;
     for (int e = 0; e < hd; e++) y[e] = 0.0f;
     for (int j = 0; j < n; j++) {
         const float p = sc[j] * inv;
         const float *vj = V + (size_t)j * hd;
         for (int e = 0; e < hd; e++) y[e] += p * vj[e];
     }
+}
+
+/* one query head of one row: scores, softmax, weighted sum of values (chunk = row * H + head) */
+static void tt_attn_head(const void *arg, int job) {
+    const tt_attn_job *A = (const tt_attn_job *)arg;
+    const tt_dec *d = A->d;
+    const int H = d->n_heads, r = job / H, h = job % H;
+    const int hd = d->hd, n = A->pos[r] + 1, nqkv = (H + 2 * d->kv_heads) * hd;
+    const int kvh = h / (H / d->kv_heads);
+    const size_t slot_off = (size_t)A->slots[r] * d->kv_heads * d->max_len * hd;
+    const float *q = d->qkv + (size_t)r * nqkv + (size_t)h * hd;
+    const float *K = A->kc + slot_off + (size_t)kvh * d->max_len * hd;
+    const float *V = A->vc + slot_off + (size_t)kvh * d->max_len * hd;
+    float *sc = d->scores + (size_t)job * d->max_len;
+    float *y = d->att + (size_t)r * H * hd + (size_t)h * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+#if TT_X86
+    if (d->isa && hd % 8 == 0) { tt_attend_avx2(q, K, V, n, hd, scale, sc, y); return; }
+#endif
+    tt_attend_portable(q, K, V, n, hd, scale, sc, y);
 }
 
 /* optional per-head RMSNorm, then RoPE at position pos, of `nh` heads starting at x */
@@ -167,67 +251,123 @@ static int tt_dec_linear(const tt_dec *d, tt_ctx *c, float *in, int m, int ldx, 
     return tt_forward_f32_locked(c, in, m, ldx, out, nth);
 }
 
-/* x [m, dim] (the tokens' embeddings, float32) -> out [m, dim] = final-normed hidden states; row r
- * writes its keys/values at pos[r] of slot slots[r] (distinct slots). x is overwritten with the
- * residual streams. */
-int tt_dec_step_batch(tt_dec *d, float *x, int m, const int *slots, const int *pos, float *out, int nth) {
-    if (!d || m <= 0 || m > d->slots || !slots || !pos) return -2;
-    if (d->hd > 512) return -2; /* tt_qk_prep's stack row */
-    for (int r = 0; r < m; r++) {
-        if (slots[r] < 0 || slots[r] >= d->slots || pos[r] < 0 || pos[r] >= d->max_len) return -2;
-        for (int t = 0; t < r; t++)
-            if (slots[t] == slots[r]) return -2;
-    }
-    for (int i = 0; i < d->n_layers; i++)
-        if (!d->L[i].qkv) return -2;
-    pthread_mutex_lock(&P.call_lock);
-    tt_init_once();
-    if (nth <= 0) nth = P.nthreads;
+/* the per-row work between the Linears, over row chunks of the thread pool (prefill has many rows) */
+enum { TT_ROW_LN1, TT_ROW_QKV, TT_ROW_ATTN_SUB, TT_ROW_RESID, TT_ROW_LN2, TT_ROW_ACT, TT_ROW_FINAL };
+
+typedef struct {
+    const tt_dec *d;
+    const tt_dec_layer *L;
+    int stage, m, per; /* per: rows per chunk */
+    float *x, *out;
+    const int *slots, *pos;
+} tt_rows_job;
+
+static void tt_rows_task(const void *arg, int chunk) {
+    const tt_rows_job *R = (const tt_rows_job *)arg;
+    const tt_dec *d = R->d;
+    const tt_dec_layer *L = R->L;
     const int H = d->n_heads, KV = d->kv_heads, hd = d->hd, D = d->dim, F = d->ffn;
     const int nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv;
+    const int r1 = (chunk + 1) * R->per < R->m ? (chunk + 1) * R->per : R->m;
+    for (int r = chunk * R->per; r < r1; r++) {
+        float *x = R->x + (size_t)r * D;
+        switch (R->stage) {
+        case TT_ROW_LN1: tt_rmsnorm(x, D, L->ln1, d->eps, d->h + (size_t)r * D); break;
+        case TT_ROW_LN2: tt_rmsnorm(x, D, L->ln2, d->eps, d->h + (size_t)r * D); break;
+        case TT_ROW_FINAL: tt_rmsnorm(x, D, d->final_norm, d->eps, R->out + (size_t)r * D); break;
+        case TT_ROW_RESID: tt_residual(x, d->tmp + (size_t)r * D, D, d->rs); break;
+        case TT_ROW_ATTN_SUB: tt_rmsnorm(d->att + (size_t)r * nq, nq, L->attn_sub, d->eps, d->att + (size_t)r * nq); break;
+        case TT_ROW_QKV: {
+            float *row = d->qkv + (size_t)r * nqkv;
+            tt_qk_prep(d, row, H, L->q_norm, R->pos[r]);
+            tt_qk_prep(d, row + nq, KV, L->k_norm, R->pos[r]);
+            const size_t slot_off = (size_t)R->slots[r] * KV * d->max_len * hd;
+            for (int g = 0; g < KV; g++) {
+                const size_t at = slot_off + ((size_t)g * d->max_len + R->pos[r]) * hd;
+                memcpy(L->kc + at, row + nq + (size_t)g * hd, sizeof(float) * hd);
+                memcpy(L->vc + at, row + nq + nkv + (size_t)g * hd, sizeof(float) * hd);
+            }
+            break;
+        }
+        case TT_ROW_ACT: {
+            float *g = d->gu + (size_t)r * 2 * F, *u = g + F;
+            if (d->relu2) {
+                for (int e = 0; e < F; e++) { const float v = g[e] > 0.0f ? g[e] : 0.0f; g[e] = v * v * u[e]; }
+            } else {
+#if TT_X86
+                if (d->isa) tt_silu_mul_avx2(g, u, F);
+                else
+#endif
+                    for (int e = 0; e < F; e++) g[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
+            }
+            if (L->ffn_sub) tt_rmsnorm(g, F, L->ffn_sub, d->eps, g);
+            break;
+        }
+        }
+    }
+}
+
+static void tt_rows(const tt_dec *d, const tt_dec_layer *L, int stage, int m, float *x, float *out,
+                    const int *slots, const int *pos, int nth) {
+    /* a few rows (decode): the pool's wake-up costs more than the work */
+    const int th = m >= 8 ? nth : 1;
+    const int per = (m + 2 * th - 1) / (2 * th);
+    tt_rows_job R = {.d = d, .L = L, .stage = stage, .m = m, .per = per, .x = x, .out = out, .slots = slots, .pos = pos};
+    tt_parallel(tt_rows_task, &R, (m + per - 1) / per, th);
+}
+
+/* the layers over m rows (validated by the callers); caller holds call_lock */
+static int tt_dec_rows(tt_dec *d, float *x, int m, const int *slots, const int *pos, float *out, int nth) {
+    if (nth <= 0) nth = P.nthreads;
+    const int H = d->n_heads, hd = d->hd, D = d->dim, F = d->ffn;
+    const int nq = H * hd;
     size_t work = 0; /* attention multiply-adds of this step */
     for (int r = 0; r < m; r++) work += (size_t)(pos[r] + 1) * hd * H;
     int rc = 0;
     for (int i = 0; i < d->n_layers && rc == 0; i++) {
         const tt_dec_layer *L = &d->L[i];
         /* attention */
-        for (int r = 0; r < m; r++) tt_rmsnorm(x + (size_t)r * D, D, L->ln1, d->eps, d->h + (size_t)r * D);
+        tt_rows(d, L, TT_ROW_LN1, m, x, NULL, slots, pos, nth);
         if ((rc = tt_dec_linear(d, L->qkv, d->h, m, D, d->qkv, nth))) break;
-        for (int r = 0; r < m; r++) {
-            float *row = d->qkv + (size_t)r * nqkv;
-            tt_qk_prep(d, row, H, L->q_norm, pos[r]);
-            tt_qk_prep(d, row + nq, KV, L->k_norm, pos[r]);
-            const size_t slot_off = (size_t)slots[r] * KV * d->max_len * hd;
-            for (int g = 0; g < KV; g++) {
-                const size_t at = slot_off + ((size_t)g * d->max_len + pos[r]) * hd;
-                memcpy(L->kc + at, row + nq + (size_t)g * hd, sizeof(float) * hd);
-                memcpy(L->vc + at, row + nq + nkv + (size_t)g * hd, sizeof(float) * hd);
-            }
-        }
+        tt_rows(d, L, TT_ROW_QKV, m, x, NULL, slots, pos, nth); /* every row's keys/values, then attention */
         tt_attn_job A = {.d = d, .kc = L->kc, .vc = L->vc, .slots = slots, .pos = pos};
         /* short contexts: the pool's wake-up costs more than the work */
         tt_parallel(tt_attn_head, &A, m * H, work >= 16384 ? nth : 1);
-        if (L->attn_sub)
-            for (int r = 0; r < m; r++) tt_rmsnorm(d->att + (size_t)r * nq, nq, L->attn_sub, d->eps, d->att + (size_t)r * nq);
+        if (L->attn_sub) tt_rows(d, L, TT_ROW_ATTN_SUB, m, x, NULL, slots, pos, nth);
         if ((rc = tt_dec_linear(d, L->o, d->att, m, nq, d->tmp, nth))) break;
-        for (int r = 0; r < m; r++) tt_residual(x + (size_t)r * D, d->tmp + (size_t)r * D, D, d->rs);
+        tt_rows(d, L, TT_ROW_RESID, m, x, NULL, slots, pos, nth);
         /* feed-forward */
-        for (int r = 0; r < m; r++) tt_rmsnorm(x + (size_t)r * D, D, L->ln2, d->eps, d->h + (size_t)r * D);
+        tt_rows(d, L, TT_ROW_LN2, m, x, NULL, slots, pos, nth);
         if ((rc = tt_dec_linear(d, L->gu, d->h, m, D, d->gu, nth))) break;
-        for (int r = 0; r < m; r++) {
-            float *g = d->gu + (size_t)r * 2 * F, *u = g + F;
-            if (d->relu2)
-                for (int e = 0; e < F; e++) { const float v = g[e] > 0.0f ? g[e] : 0.0f; g[e] = v * v * u[e]; }
-            else
-                for (int e = 0; e < F; e++) g[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-            if (L->ffn_sub) tt_rmsnorm(g, F, L->ffn_sub, d->eps, g);
-        }
+        tt_rows(d, L, TT_ROW_ACT, m, x, NULL, slots, pos, nth);
         /* the activations sit in the first half of each [g | u] row: row stride 2F */
         if ((rc = tt_dec_linear(d, L->down, d->gu, m, 2 * F, d->tmp, nth))) break;
-        for (int r = 0; r < m; r++) tt_residual(x + (size_t)r * D, d->tmp + (size_t)r * D, D, d->rs);
+        tt_rows(d, L, TT_ROW_RESID, m, x, NULL, slots, pos, nth);
     }
-    if (rc == 0)
-        for (int r = 0; r < m; r++) tt_rmsnorm(x + (size_t)r * D, D, d->final_norm, d->eps, out + (size_t)r * D);
+    if (rc == 0) tt_rows(d, NULL, TT_ROW_FINAL, m, x, out, slots, pos, nth);
+    return rc;
+}
+
+static int tt_dec_ready(const tt_dec *d) {
+    if (d->hd > 512) return 0; /* tt_qk_prep's stack row */
+    for (int i = 0; i < d->n_layers; i++)
+        if (!d->L[i].qkv) return 0;
+    return 1;
+}
+
+/* x [m, dim] (the tokens' embeddings, float32) -> out [m, dim] = final-normed hidden states; row r
+ * writes its keys/values at pos[r] of slot slots[r] (distinct slots). x is overwritten with the
+ * residual streams. */
+int tt_dec_step_batch(tt_dec *d, float *x, int m, const int *slots, const int *pos, float *out, int nth) {
+    if (!d || m <= 0 || m > d->slots || !slots || !pos || !tt_dec_ready(d)) return -2;
+    for (int r = 0; r < m; r++) {
+        if (slots[r] < 0 || slots[r] >= d->slots || pos[r] < 0 || pos[r] >= d->max_len) return -2;
+        for (int t = 0; t < r; t++)
+            if (slots[t] == slots[r]) return -2;
+    }
+    pthread_mutex_lock(&P.call_lock);
+    tt_init_once();
+    const int rc = tt_dec_rows(d, x, m, slots, pos, out, nth);
     pthread_mutex_unlock(&P.call_lock);
     return rc;
 }
@@ -235,4 +375,19 @@ int tt_dec_step_batch(tt_dec *d, float *x, int m, const int *slots, const int *p
 /* one sequence: x [dim] -> out [dim] (see tt_dec_step_batch) */
 int tt_dec_step(tt_dec *d, float *x, int slot, int pos, float *out, int nth) {
     return tt_dec_step_batch(d, x, 1, &slot, &pos, out, nth);
+}
+
+/* prefill: m tokens of one sequence at positions pos0..pos0+m-1 of `slot` (m <= rows); x [m, dim]
+ * their embeddings -> out [m, dim]. Positions before pos0 must hold the sequence's keys/values. */
+int tt_dec_prefill(tt_dec *d, float *x, int m, int slot, int pos0, float *out, int nth) {
+    if (!d || m <= 0 || m > d->rows || slot < 0 || slot >= d->slots || pos0 < 0 || pos0 > d->max_len - m ||
+        !tt_dec_ready(d))
+        return -2;
+    int slots[4096], pos[4096]; /* rows <= 4096 (tt_dec_new) */
+    for (int r = 0; r < m; r++) { slots[r] = slot; pos[r] = pos0 + r; }
+    pthread_mutex_lock(&P.call_lock);
+    tt_init_once();
+    const int rc = tt_dec_rows(d, x, m, slots, pos, out, nth);
+    pthread_mutex_unlock(&P.call_lock);
+    return rc;
 }

@@ -78,11 +78,11 @@ TT_F16C_FN static inline float tt_hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* rows [r0, r1) for tokens [t0, t0 + T), T <= 4; two accumulators per token hide FMA latency */
-TT_F16C_FN static void tt_f16_rows_avx2(const tt_f16_job *J, int r0, int r1, int t0, int T) {
+/* row r for tokens [t0, t0 + T), T <= 4; two accumulators per token hide FMA latency */
+TT_F16C_FN static void tt_f16_row_avx2(const tt_f16_job *J, int r, int t0, int T) {
     const int k = J->k, k16 = k & ~15;
     const float *x0 = J->x + (size_t)t0 * J->ldx;
-    for (int r = r0; r < r1; r++) {
+    {
         const uint16_t *w = J->w + (size_t)r * k;
         __m256 a[4][2];
         for (int t = 0; t < 4; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();
@@ -112,7 +112,9 @@ static void tt_f16_task(const void *arg, int chunk) {
     const int r1 = r0 + TT_F16_ROWS_PER_CHUNK < J->n ? r0 + TT_F16_ROWS_PER_CHUNK : J->n;
 #if TT_X86
     if (J->isa) {
-        for (int t0 = 0; t0 < J->m; t0 += 4) tt_f16_rows_avx2(J, r0, r1, t0, J->m - t0 < 4 ? J->m - t0 : 4);
+        /* token quads inside the row loop: a row (2k bytes) is still in L1 for the next quad */
+        for (int r = r0; r < r1; r++)
+            for (int t0 = 0; t0 < J->m; t0 += 4) tt_f16_row_avx2(J, r, t0, J->m - t0 < 4 ? J->m - t0 : 4);
         return;
     }
 #endif

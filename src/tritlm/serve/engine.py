@@ -97,10 +97,7 @@ class Job:
         self.engine._dequeue_if_waiting(self)
 
     def _emit(self, item: Delta | Finish) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancelled.set()
+        _emit_all([(self, item)])
 
     async def events(self, poll: Callable[[], Awaitable[bool]] | None = None,
                      poll_interval: float = 1.0) -> AsyncIterator[Delta | Finish]:
@@ -127,6 +124,24 @@ class Job:
         finally:
             self.cancel()  # no-op when finished; frees the slot when the consumer went away
 
+
+
+def _put_all(items: list[tuple[Job, Delta | Finish]]) -> None:
+    for job, item in items:
+        job.queue.put_nowait(item)
+
+
+def _emit_all(items: list[tuple[Job, Delta | Finish]]) -> None:
+    """Hand a step's items to their event loops: one wake-up per loop and step, not per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Delta | Finish]]] = {}
+    for job, item in items:
+        by_loop.setdefault(job.loop, []).append((job, item))
+    for loop, its in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, its)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            for job, _ in its:
+                job.cancelled.set()
 
 class Engine:
     """The scheduler (see the module docstring). ``max_batch``: sequences decoded together."""
@@ -190,7 +205,8 @@ class Engine:
             job.state = "done"
         job._emit(Finish("cancelled", len(job.req.prompt_ids), 0))
 
-    def _finish(self, job: Job, reason: str, n: int, err: str | None = None) -> None:
+    def _finish(self, job: Job, reason: str, n: int, err: str | None = None,
+                out: list[tuple[Job, Delta | Finish]] | None = None) -> None:
         with self._cv:
             if job.state == "done":
                 return
@@ -200,7 +216,11 @@ class Engine:
                 self._jobs.pop(job.seq, None)
         if self.metrics is not None:
             self.metrics.observe_generation(len(job.req.prompt_ids), n, reason, job.ttft)
-        job._emit(Finish(reason, len(job.req.prompt_ids), n, err))
+        item = Finish(reason, len(job.req.prompt_ids), n, err)
+        if out is None:
+            job._emit(item)
+        else:
+            out.append((job, item))
 
     def _admit(self) -> list[Job] | None:
         """Under the lock: wait for work, move waiting jobs into free slots; None to stop."""
@@ -274,6 +294,7 @@ class Engine:
                     self._finish(job, "error", seq.n, f"{type(e).__name__}: {e}")
                 continue
             now = time.perf_counter()
+            out: list[tuple[Job, Delta | Finish]] = []
             for ev in events:
                 job = self._jobs.get(ev.seq)
                 if job is None:
@@ -281,9 +302,10 @@ class Engine:
                 if job.ttft is None and ev.token is not None:
                     job.ttft = now - job.t_submit
                 if ev.text:
-                    job._emit(Delta(ev.text))
+                    out.append((job, Delta(ev.text)))
                 if ev.finish:
-                    self._finish(job, ev.finish, ev.seq.n, ev.error)
+                    self._finish(job, ev.finish, ev.seq.n, ev.error, out)
+            _emit_all(out)
         for seq, job in list(self._jobs.items()):  # shutting down
             self.gen.cancel(seq)
             self._finish(job, "cancelled", seq.n)

@@ -149,6 +149,16 @@ def profile_lines(r) -> list[str]:
         lines.append(f"decode on the fused C path (the default; no per-layer hooks): {1e3 * r.fused_decode_s:.2f} "
                      f"ms/token ({1 / r.fused_decode_s:.1f} tok/s), Python "
                      f"{100 * (1 - r.fused_native_share):.0f}% of it")
+    if r.fused_sections:
+        lines.append(f"fused decode step by section (weights read once per token; ceiling = "
+                     f"{r.read_bw / 1e9:.1f} GB/s measured read bandwidth):")
+        lines.append(f"{'section':16} {'ms/token':>9} {'share':>6} {'MB/token':>9} {'GB/s':>6} {'ceiling':>8}")
+        for s in r.fused_sections:
+            gb = f"{s['gb_s']:6.1f}" if s["gb_s"] else f"{'':6}"
+            ce = f"{100 * s['ceiling']:7.0f}%" if s["ceiling"] else f"{'':8}"
+            lines.append(f"{s['section']:16} {s['ms_per_token']:>9.3f} {100 * s['share']:>5.0f}% "
+                         f"{s['mb_per_token']:>9.2f} {gb} {ce}")
+        lines.append("per-layer (torch) path, by module:")
     lines.append(f"{'section':16} {'calls':>6} {'total ms':>9} {'mean us':>9}")
     for name, n, tot, mean in r.sections:
         lines.append(f"{name:16} {n:>6} {tot:>9.2f} {mean:>9.1f}")

@@ -115,8 +115,32 @@ def test_profile_command_runs(tmp_path, capsys):
     assert main(["profile", str(p), "--prompt-tokens", "8", "--decode-tokens", "4",
                  "--trace", str(tmp_path / "t2.json"), "--compare"]) == 0
     out = capsys.readouterr().out
-    assert "layer0.attn" in out and "rel diff" in out
+    assert "layer0.attn" in out and "rel diff" in out and "fused decode step by section" in out
     assert (tmp_path / "t2.json").exists()
+
+
+def test_fused_profile_sections_add_up():
+    """The fused step's section timers: every section measured, the C sections inside the C time,
+    the weight bytes per token those of the packed model, the total the wall time per token."""
+    from tritlm.infer.engine import Engine
+    from tritlm.infer.profile import fused_profile
+
+    pm = random_packed(ModelConfig(vocab_size=300, dim=128, n_layers=2, n_heads=4, ffn_dim=256, max_seq_len=64))
+    eng = Engine(pm, threads=2)
+    if eng.fused is None:
+        pytest.skip("no compiled kernels")
+    rows = {r["section"]: r for r in fused_profile(eng, 12, read_bw=10e9)}
+    assert set(rows) == {"qkv", "o", "gate_up", "down", "attention", "norms+rope+act", "head", "python", "total"}
+    assert all(r["ms_per_token"] > 0 for r in rows.values())
+    parts = sum(r["ms_per_token"] for k, r in rows.items() if k != "total")
+    assert parts == pytest.approx(rows["total"]["ms_per_token"], rel=0.05)
+    ternary = sum(pl.nbytes for pl in pm.linears.values()) / 1e6
+    assert sum(rows[k]["mb_per_token"] for k in ("qkv", "o", "gate_up", "down")) == pytest.approx(ternary)
+    assert rows["head"]["mb_per_token"] == pytest.approx(300 * 128 * 2 / 1e6)  # fp16 head
+    assert rows["qkv"]["gb_s"] == pytest.approx(rows["qkv"]["mb_per_token"] / rows["qkv"]["ms_per_token"], rel=1e-6)
+    eng.fused.set_profile(False)  # off: the counters stay at zero
+    eng.forward_seq([1])
+    assert eng.fused.read_profile() == ({k: 0.0 for k in eng.fused.SECTIONS}, 0)
 
 
 def test_models_registry_cli(tmp_path, monkeypatch, capsys):

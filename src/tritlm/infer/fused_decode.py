@@ -112,3 +112,17 @@ class FusedDecoder:
             if rc != 0:
                 raise ValueError(f"fused prefill rejected slot {slot} / positions {start + a}..{start + b - 1}")
         return out
+
+    # the C side's profile sections, in its order (tritlm_decode.c TT_PROF_*)
+    SECTIONS = ("qkv", "o", "gate_up", "down", "attention", "norms+rope+act")
+
+    def set_profile(self, on: bool) -> None:
+        """Per-section timing of the C layers on or off; the counters restart at zero."""
+        self._lib.tt_dec_set_profile(self._h, int(on))
+
+    def read_profile(self) -> tuple[dict[str, float], int]:
+        """Seconds per section summed since :meth:`set_profile`, and the number of calls."""
+        n = len(self.SECTIONS) + 1
+        buf = (ctypes.c_uint64 * n)()
+        self._lib.tt_dec_get_profile(self._h, buf)
+        return {name: buf[i] * 1e-9 for i, name in enumerate(self.SECTIONS)}, int(buf[n - 1])

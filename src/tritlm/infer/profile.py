@@ -137,6 +137,48 @@ def _time_prefill(eng, n: int, reps: int = 2) -> float:
     return n / best
 
 
+HEAD_BYTES_PER_WEIGHT = {"t4": 1, "f16": 2, "fp32": 4}
+_SECTION_LINEARS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                    "down": ("down_proj",)}
+
+
+def fused_profile(eng, n: int, read_bw: float) -> list[dict]:
+    """Where a fused decode step's time goes: the C layers by section (the four Linears of every
+    layer, attention, the row work between them), the LM head, and Python (sampling and glue),
+    each with the weight bytes it reads per token and the share of the read-bandwidth ceiling
+    (``read_bw`` bytes/s) that reaches. ``n`` greedy tokens after the prefill."""
+    from tritlm.infer.sampling import SamplingParams
+
+    nbytes = {sec: sum(pl.nbytes for name, pl in eng.pm.linears.items() if name.rsplit(".", 1)[-1] in names)
+              for sec, names in _SECTION_LINEARS.items()}
+    nbytes["head"] = eng.cfg.vocab_size * eng.cfg.dim * HEAD_BYTES_PER_WEIGHT[eng.head_kind]
+    eng.reset()
+    it = eng.generate([1, 2, 3, 4, 5, 6, 7, 8], n + 1, SamplingParams(temperature=0))
+    next(it)  # the prefill and the first token
+    eng.fused.set_profile(True)
+    n0 = eng.stats.native_s
+    t = time.perf_counter()
+    k = sum(1 for _ in it)
+    wall = time.perf_counter() - t
+    native = eng.stats.native_s - n0
+    secs, _calls = eng.fused.read_profile()
+    eng.fused.set_profile(False)
+    secs["head"] = max(0.0, native - sum(secs.values()))
+    secs["python"] = max(0.0, wall - native)
+    rows = []
+    for name, sec in secs.items():
+        per = sec / max(1, k)
+        b = nbytes.get(name, 0)
+        rows.append({"section": name, "ms_per_token": 1e3 * per, "share": sec / wall, "mb_per_token": b / 1e6,
+                     "gb_s": b / per / 1e9 if b and per else None,
+                     "ceiling": b / per / read_bw if b and per else None})
+    total_b = sum(nbytes.values())
+    rows.append({"section": "total", "ms_per_token": 1e3 * wall / max(1, k), "share": 1.0,
+                 "mb_per_token": total_b / 1e6, "gb_s": total_b * k / wall / 1e9,
+                 "ceiling": total_b * k / wall / read_bw})
+    return rows
+
+
 def kernel_share(eng, reps: int = 20) -> float:
     """Fraction of one decode step on the per-layer torch path spent inside the Linear kernels +
     head (the rest: Python/torch glue, which the fused C path removes)."""
@@ -339,6 +381,8 @@ class ProfileReport:
     trace: Path | None = None  # the Chrome trace written
     fused_decode_s: float | None = None  # per token on the fused C path (None: no fused path)
     fused_native_share: float | None = None  # fraction of a fused step in C (the rest: Python)
+    fused_sections: list[dict] | None = None  # fused_profile(): per-section time, bytes, GB/s
+    read_bw: float | None = None  # bytes/s, the ceiling fused_sections are measured against
     divergence: list[dict] | None = None  # LayerTracer.compare() packed vs dense fp32 (compare=True)
 
 
@@ -380,6 +424,8 @@ def profile_model(model: str | Path | None = None, *, preset: str = "125M", prom
         native: list[float] = []
         tps = _time_decode(eng, max(4, decode_tokens), native)
         rep.fused_decode_s, rep.fused_native_share = 1.0 / tps, native[0]
+        rep.read_bw = read_bandwidth(eng.threads or torch.get_num_threads())
+        rep.fused_sections = fused_profile(eng, max(8, decode_tokens), rep.read_bw)
     if compare:
         ids = prompt[:16]
         tr_p, tr_d = LayerTracer(), LayerTracer()

@@ -23,6 +23,10 @@
  * pointers to them and its own scratch space.
  */
 
+/* profile sections (ns summed over calls): the four Linears of every layer, attention, the row
+ * work between them (norms, RoPE, cache writes, residuals, activation), and the step count */
+enum { TT_PROF_QKV, TT_PROF_O, TT_PROF_GU, TT_PROF_DOWN, TT_PROF_ATTN, TT_PROF_ROWS, TT_PROF_CALLS, TT_DEC_NPROF };
+
 typedef struct {
     const float *ln1, *ln2, *q_norm, *k_norm, *attn_sub, *ffn_sub; /* optional ones may be NULL */
     tt_ctx *qkv, *o, *gu, *down;
@@ -38,6 +42,8 @@ typedef struct {
     const float *final_norm;
     tt_dec_layer *L;
     float *h, *qkv, *att, *gu, *tmp, *scores; /* scratch, `rows` rows */
+    int prof;                                  /* 1: accumulate prof_ns (tt_dec_set_profile) */
+    uint64_t prof_ns[TT_DEC_NPROF];
 } tt_dec;
 
 static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *out) {
@@ -323,29 +329,69 @@ static int tt_dec_rows(tt_dec *d, float *x, int m, const int *slots, const int *
     const int nq = H * hd;
     size_t work = 0; /* attention multiply-adds of this step */
     for (int r = 0; r < m; r++) work += (size_t)(pos[r] + 1) * hd * H;
+    uint64_t t = d->prof ? tt_now_ns() : 0;
+#define TT_LAP(S)                                                  \
+    do {                                                           \
+        if (d->prof) {                                             \
+            const uint64_t now_ = tt_now_ns();                     \
+            d->prof_ns[S] += now_ - t;                             \
+            t = now_;                                              \
+        }                                                          \
+    } while (0)
     int rc = 0;
     for (int i = 0; i < d->n_layers && rc == 0; i++) {
         const tt_dec_layer *L = &d->L[i];
         /* attention */
         tt_rows(d, L, TT_ROW_LN1, m, x, NULL, slots, pos, nth);
+        TT_LAP(TT_PROF_ROWS);
         if ((rc = tt_dec_linear(d, L->qkv, d->h, m, D, d->qkv, nth))) break;
+        TT_LAP(TT_PROF_QKV);
         tt_rows(d, L, TT_ROW_QKV, m, x, NULL, slots, pos, nth); /* every row's keys/values, then attention */
+        TT_LAP(TT_PROF_ROWS);
         tt_attn_job A = {.d = d, .kc = L->kc, .vc = L->vc, .slots = slots, .pos = pos};
         /* short contexts: the pool's wake-up costs more than the work */
         tt_parallel(tt_attn_head, &A, m * H, work >= 16384 ? nth : 1);
+        TT_LAP(TT_PROF_ATTN);
         if (L->attn_sub) tt_rows(d, L, TT_ROW_ATTN_SUB, m, x, NULL, slots, pos, nth);
+        TT_LAP(TT_PROF_ROWS);
         if ((rc = tt_dec_linear(d, L->o, d->att, m, nq, d->tmp, nth))) break;
+        TT_LAP(TT_PROF_O);
         tt_rows(d, L, TT_ROW_RESID, m, x, NULL, slots, pos, nth);
         /* feed-forward */
         tt_rows(d, L, TT_ROW_LN2, m, x, NULL, slots, pos, nth);
+        TT_LAP(TT_PROF_ROWS);
         if ((rc = tt_dec_linear(d, L->gu, d->h, m, D, d->gu, nth))) break;
+        TT_LAP(TT_PROF_GU);
         tt_rows(d, L, TT_ROW_ACT, m, x, NULL, slots, pos, nth);
+        TT_LAP(TT_PROF_ROWS);
         /* the activations sit in the first half of each [g | u] row: row stride 2F */
         if ((rc = tt_dec_linear(d, L->down, d->gu, m, 2 * F, d->tmp, nth))) break;
+        TT_LAP(TT_PROF_DOWN);
         tt_rows(d, L, TT_ROW_RESID, m, x, NULL, slots, pos, nth);
     }
     if (rc == 0) tt_rows(d, NULL, TT_ROW_FINAL, m, x, out, slots, pos, nth);
+    TT_LAP(TT_PROF_ROWS);
+#undef TT_LAP
+    if (d->prof) d->prof_ns[TT_PROF_CALLS]++;
     return rc;
+}
+
+/* profiling of the C layers: on (1) / off (0); either way the counters restart at zero */
+void tt_dec_set_profile(tt_dec *d, int on) {
+    if (!d) return;
+    pthread_mutex_lock(&P.call_lock);
+    d->prof = on ? 1 : 0;
+    memset(d->prof_ns, 0, sizeof d->prof_ns);
+    pthread_mutex_unlock(&P.call_lock);
+}
+
+/* the counters: out[TT_DEC_NPROF] (ns per section, then the number of calls); returns TT_DEC_NPROF */
+int tt_dec_get_profile(tt_dec *d, uint64_t *out) {
+    if (!d || !out) return 0;
+    pthread_mutex_lock(&P.call_lock);
+    memcpy(out, d->prof_ns, sizeof d->prof_ns);
+    pthread_mutex_unlock(&P.call_lock);
+    return TT_DEC_NPROF;
 }
 
 static int tt_dec_ready(const tt_dec *d) {

@@ -258,3 +258,34 @@ def test_engine_backend_error_is_an_error_event():
             eng.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_server_connections_have_nagle_off():
+    """The listening socket says IPPROTO_TCP (asyncio sets TCP_NODELAY only on such sockets) and
+    has TCP_NODELAY itself: a token streamed after the headers must not wait for the client's
+    delayed ACK (that cost ~40 ms of time to first token on kept-alive connections)."""
+    import socket
+
+    from tritlm.serve.listen import bind_socket
+
+    lst = bind_socket("127.0.0.1", 0)
+    try:
+        assert lst.proto == socket.IPPROTO_TCP
+        cli = socket.create_connection(lst.getsockname()[:2])
+        conn, _ = lst.accept()
+        with cli, conn:
+            assert conn.proto == socket.IPPROTO_TCP  # what asyncio's transport checks
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            loop = asyncio.new_event_loop()
+            try:  # the transport asyncio builds on an accepted socket keeps Nagle off
+                async def check():
+                    tr, _ = await loop.connect_accepted_socket(asyncio.Protocol, conn)
+                    try:
+                        return tr.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                    finally:
+                        tr.abort()
+                assert loop.run_until_complete(check()) != 0
+            finally:
+                loop.close()
+    finally:
+        lst.close()

@@ -112,6 +112,33 @@ def test_t4_head_is_close():
     assert rel_err(approx, exact) < 3e-2
 
 
+@pytest.mark.parametrize("kind, tol", [("q8", 1.5e-2), ("q4", 1.5e-1)])
+def test_int_heads_match_their_reference_and_stay_close(kind, tol):
+    """q8 / q4 heads: the int kernels' results are the quantised head's own float math (int8
+    per-row / int4 per-32 levels, int8 activations per token), and they stay near the exact head;
+    q8 is within t4's error."""
+    from tritlm.nn.packed_linear import int_head, pack_levels
+    from tritlm.nn.runtime import RuntimeHead
+    from tritlm.quant.config import QuantConfig
+    from tritlm.quant.weights import quantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(301, 160, generator=g) * 0.05).half()  # odd vocabulary, K not a multiple of 32 * 4
+    x = torch.randn(5, 160, generator=g)
+    cfg = {"q8": QuantConfig(weight="int8"), "q4": QuantConfig(weight="int4", group_size=32)}[kind]
+    ref = pack_levels(*quantize_weight(w.float(), cfg), cfg).reference(x)
+    head = RuntimeHead(w, kind)
+    got = head(x)
+    assert got.shape == (5, 301) and rel_err(got, ref) < 1e-5
+    assert rel_err(int_head(w, kind)(x, torch.empty(5, 301)), ref) < 1e-5
+    assert rel_err(got, x @ w.float().t()) < tol
+    pm = random_packed(ModelConfig(vocab_size=300, dim=128, n_layers=1, n_heads=4, ffn_dim=256, max_seq_len=32))
+    ids = [1, 5, 9, 200]
+    exact = Engine(pm).logits(ids)
+    eng = Engine(pm, head=kind)
+    assert eng.head_kind == kind and rel_err(eng.logits(ids), exact) < 2 * tol
+
+
 def test_f16_head_is_the_default_and_exact():
     pm = from_transformer(_model(), fp_dtype="fp16")
     ids = list(range(1, 30))
@@ -120,7 +147,7 @@ def test_f16_head_is_the_default_and_exact():
     # the same fp16 weights, read as fp16 instead of a float32 copy: only summation order differs
     assert rel_err(auto.logits(ids), fp32.logits(ids)) < 1e-5
     with pytest.raises(ValueError, match="head must be one of"):
-        Engine(pm, head="q4")
+        Engine(pm, head="q2")
 
 
 def test_dense_backends_match_packed():

@@ -68,7 +68,7 @@ from tritlm.quant.weights import dequantize, quantize_weight
 log = logging.getLogger(__name__)
 
 QTYPES = {"TQ2_0": TQ2_0, "TQ1_0": TQ1_0, "I2_S": I2_S, "F16": F16, "F32": F32}
-HEAD_TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0}
+HEAD_TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0, "Q4_0": Q4_0}
 # llama.cpp file types (LLAMA_FTYPE_*); 40 = MOSTLY_I2_S in bitnet.cpp's fork
 _FTYPE = {TQ2_0: 37, TQ1_0: 36, I2_S: 40, F16: 1, F32: 0, Q8_0: 7, Q4_0: 2}
 _NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",

@@ -24,7 +24,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # our head -> the GGUF output matrix type of about the same bytes and accuracy
-HEAD_TYPES = {"t4": "Q8_0", "f16": "F16", "fp32": "F32"}
+HEAD_TYPES = {"t4": "Q8_0", "q8": "Q8_0", "q4": "Q4_0", "f16": "F16", "fp32": "F32"}
 
 
 def llama_bench_binary() -> Path | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from tritlm.nn.runtime import HEAD_BYTES_PER_WEIGHT
 from tritlm.sysinfo import cpu_name
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,6 @@ def _time_prefill(eng, n: int, reps: int = 2) -> float:
     return n / best
 
 
-HEAD_BYTES_PER_WEIGHT = {"t4": 1, "f16": 2, "fp32": 4}
 _SECTION_LINEARS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
                     "down": ("down_proj",)}
 
@@ -151,7 +151,7 @@ def fused_profile(eng, n: int, read_bw: float) -> list[dict]:
 
     nbytes = {sec: sum(pl.nbytes for name, pl in eng.pm.linears.items() if name.rsplit(".", 1)[-1] in names)
               for sec, names in _SECTION_LINEARS.items()}
-    nbytes["head"] = eng.cfg.vocab_size * eng.cfg.dim * HEAD_BYTES_PER_WEIGHT[eng.head_kind]
+    nbytes["head"] = int(eng.cfg.vocab_size * eng.cfg.dim * HEAD_BYTES_PER_WEIGHT[eng.head_kind])
     eng.reset()
     it = eng.generate([1, 2, 3, 4, 5, 6, 7, 8], n + 1, SamplingParams(temperature=0))
     next(it)  # the prefill and the first token
@@ -251,7 +251,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
     log.info("built packed %s in %.1f s", preset_name, time.perf_counter() - t)
     mixed = cfg.uniform_quant is None or cfg.quant.kind != "ternary"
     sizes = size_report(pm)
-    head_bytes = cfg.vocab_size * cfg.dim * {"t4": 1, "f16": 2, "fp32": 4}[head]
+    head_bytes = int(cfg.vocab_size * cfg.dim * HEAD_BYTES_PER_WEIGHT[head])
     per_token = sizes["ternary_bytes"] + sizes["fp_linear_bytes"] + head_bytes
     res: dict = {"model": preset_name, "ternary_params": sizes["ternary_params"], "kinds": sizes["kinds"],
                  "packed_weight_bytes": sizes["weight_bytes"], "bytes_per_decode_token": per_token,

@@ -337,6 +337,16 @@ class TritPlaneHead:
         return out
 
 
+def int_head(w: torch.Tensor, kind: str, threads: int | None = None) -> KernelLinear:
+    """A dense head quantised for the CPU kernels: ``q8`` (int8 per row, llama.cpp's Q8_0 size)
+    or ``q4`` (int4 per 32 weights, Q4_0's); int8 activations per token, as every kernel here."""
+    from tritlm.quant.weights import quantize_weight
+
+    cfg = {"q8": QuantConfig(weight="int8"), "q4": QuantConfig(weight="int4", group_size=32)}[kind]
+    q, s = quantize_weight(w.float(), cfg)
+    return KernelLinear(pack_levels(q, s, cfg).kernel(threads))
+
+
 class TritonLinear:
     """Ternary or binary layers (binary levels are ternary ones) as 2-bit ``t2_k4`` weights on the
     device, run by the Triton kernels (``kernels/triton/ternary_mm.py``): CUDA, or CPU tensors

@@ -16,9 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tritlm.nn.packed_linear import DenseLinear, F16Linear, PackedLinear, PackedLinearModule, TritPlaneHead
+from tritlm.nn.packed_linear import DenseLinear, F16Linear, PackedLinear, PackedLinearModule, TritPlaneHead, int_head
 
-HEADS = ("auto", "f16", "fp32", "t4")
+HEADS = ("auto", "f16", "fp32", "t4", "q8", "q4")
+# weight bytes the head reads per token and weight (scales included: q8 one float per row of
+# >= 256, q4 one per 32 weights)
+HEAD_BYTES_PER_WEIGHT = {"fp32": 4.0, "f16": 2.0, "t4": 1.0, "q8": 1.0, "q4": 0.625}
 
 
 class RuntimeEmbedding(nn.Module):
@@ -38,7 +41,8 @@ class RuntimeEmbedding(nn.Module):
 
 class RuntimeHead(nn.Module):
     """The LM head: ``f16`` (fp16 weights, C GEMV, exact), ``fp32`` (float32 matmul), ``t4`` (4
-    ternary digit planes, approximate, 8 bits a weight) or the dense baseline in ``dense_dtype``."""
+    ternary digit planes, approximate, 8 bits a weight), ``q8`` / ``q4`` (int8 per row / int4 per
+    32 weights on the int kernels, approximate) or the dense baseline in ``dense_dtype``."""
 
     def __init__(self, w: torch.Tensor, kind: str, dense_dtype: torch.dtype | None = None,
                  device: torch.device | str = "cpu"):
@@ -55,6 +59,8 @@ class RuntimeHead(nn.Module):
             self.runner = DenseLinear(w.float(), dense_dtype)
         elif kind == "t4":
             self.runner = TritPlaneHead(w)
+        elif kind in ("q8", "q4"):
+            self.runner = int_head(w, kind)
         elif kind == "f16":
             self.runner = F16Linear(w)
         else:

@@ -212,3 +212,56 @@ def test_fused_prefill_rejects_bad_positions():
         eng.fused.prefill(x, 0, 60, out)  # 60..67 past the cache of 64
     with pytest.raises(ValueError, match="slot"):
         eng.fused.prefill(x, 1, 0, out)
+
+
+def test_prefill_many_is_each_prompt_prefilled_alone(monkeypatch):
+    """Several prompts as the rows of one fused call (chunks that cut across prompts; one slot
+    reusing a cached prefix) give each prompt's own prefill: logits, keys/values, fill levels."""
+    from tritlm.infer import fused_decode
+
+    monkeypatch.setattr(fused_decode, "PREFILL_ROWS", 16)
+    pm = from_transformer(tiny_model(max_len=96, n_kv_heads=2), fp_dtype="fp32")
+    many, one, plain = (Engine(pm, slots=4, threads=2), Engine(pm, slots=4, threads=2),
+                        Engine(pm, slots=4, threads=2, fused=False))
+    g = torch.Generator().manual_seed(5)
+    p = {s: torch.randint(0, 97, (n,), generator=g).tolist() for s, n in ((2, 23), (0, 9), (3, 30))}
+    for e in (many, one, plain):
+        e.prefill(p[3][:12], slot=3)  # slot 3 already holds the first 12 tokens of its prompt
+    got = many.prefill_many([(p[2], 2), (p[0], 0), (p[3], 3)])
+    for (slot, ids), a in zip(p.items(), got):
+        b, c = one.prefill(ids, slot=slot), plain.prefill(ids, slot=slot)
+        assert a.shape == (97,) and _rel(a, b) < 1e-5 and _rel(a, c) < 2e-3
+        for i in range(pm.config.n_layers):
+            assert _rel(many.k_cache[i][slot, :, :len(ids)], one.k_cache[i][slot, :, :len(ids)]) < 1e-5
+            assert _rel(many.v_cache[i][slot, :, :len(ids)], one.v_cache[i][slot, :, :len(ids)]) < 1e-5
+    assert many.pos == one.pos == [9, 0, 23, 30] and many.tokens == one.tokens
+    assert many.stats.prefill_tokens == 23 + 9 + 18 + 12  # slot 3: only its 18 new tokens ran
+    assert many.k_cache[0][1].abs().max() == 0
+    with pytest.raises(ValueError, match="own slot"):
+        many.prefill_many([(p[0], 0), (p[2], 0)])
+
+
+def test_generator_prefills_requests_that_arrive_together_in_one_call():
+    """Requests queued together are prefilled by one prefill_many call; their tokens are those
+    each request gets alone (seeded sampling)."""
+    from tritlm.infer.generator import Generator, Request
+    from tritlm.infer.runtimes import PackedRuntime
+    from tritlm.infer.sampling import SamplingParams
+
+    pm = from_transformer(tiny_model(max_len=64, n_kv_heads=2), fp_dtype="fp32")
+    rt = PackedRuntime(Engine(pm, slots=3, threads=2), slots=3)
+    calls = []
+    orig = rt.prefill_many
+    rt.prefill_many = lambda prompts: calls.append(len(prompts)) or orig(prompts)
+    reqs = [Request(list(range(1 + i, 8 + 3 * i)), 10, SamplingParams(seed=i, temperature=0.8)) for i in range(3)]
+
+    def tokens(gen_reqs, runtime):
+        gen = Generator(runtime, max_batch=3)
+        seqs = [gen.add(r) for r in gen_reqs]
+        evs = list(gen.run())
+        return [[e.token for e in evs if e.seq is s and e.token is not None] for s in seqs]
+
+    together = tokens(reqs, rt)
+    assert calls == [3]
+    alone = [tokens([r], PackedRuntime(Engine(pm, slots=1, threads=2), slots=1))[0] for r in reqs]
+    assert together == alone and all(len(t) == 10 for t in together)

@@ -322,16 +322,59 @@ class Engine:
             raise ValueError(f"{len(ids)} tokens exceed the model's context of {self.max_len}")
         return self.forward_seq(ids, slot=0, start=0, all_logits=True)
 
+    def _reusable(self, ids: Sequence[int], slot: int) -> int:
+        """How many leading ``ids`` the slot's cache already holds (the last one always runs: its
+        logits are needed)."""
+        have, start = self.tokens[slot], 0
+        n = min(len(have), len(ids) - 1)
+        while start < n and have[start] == ids[start]:
+            start += 1
+        return start
+
     def prefill(self, ids: Sequence[int], slot: int = 0, reuse_prefix: bool = True) -> torch.Tensor:
         """Logits ``[V]`` after ``ids``, reusing the longest prefix already in the slot's cache."""
         ids = list(ids)
-        start = 0
-        if reuse_prefix:
-            have = self.tokens[slot]
-            n = min(len(have), len(ids) - 1)  # the last prompt token always runs (we need its logits)
-            while start < n and have[start] == ids[start]:
-                start += 1
+        start = self._reusable(ids, slot) if reuse_prefix else 0
         return self.forward_seq(ids[start:], slot=slot, start=start)[-1]
+
+    @torch.no_grad()
+    def prefill_many(self, prompts: Sequence[tuple[Sequence[int], int]],
+                     reuse_prefix: bool = True) -> list[torch.Tensor]:
+        """Logits ``[V]`` after each ``(ids, slot)`` (distinct slots), as :meth:`prefill` gives them
+        one by one, but all prompts through the fused C layers as the rows of one call (the weights
+        are read once per chunk of rows, not once per prompt: requests that arrive together)."""
+        items = []
+        for ids, slot in prompts:
+            ids = [int(t) for t in ids]
+            if not ids:
+                raise ValueError("ids must not be empty")
+            items.append((ids, slot, self._reusable(ids, slot) if reuse_prefix else 0))
+        if len({slot for _, slot, _ in items}) != len(items):
+            raise ValueError("each prompt of a batch needs its own slot")
+        if len(items) < 2 or self.fused is None or self.tracer is not None or self.timer is not None:
+            return [self.forward_seq(ids[start:], slot=slot, start=start)[-1] for ids, slot, start in items]
+        toks, slots, pos, last = [], [], [], []
+        for ids, slot, start in items:
+            self._check_room(slot, start, len(ids) - start)
+            self._check_ids(ids)
+            toks += ids[start:]
+            slots += [slot] * (len(ids) - start)
+            pos += range(start, len(ids))
+            last.append(len(toks) - 1)
+        t0 = time.perf_counter()
+        with self._torch_threads():
+            x = self.model.embed_tokens.w[torch.as_tensor(toks, dtype=torch.long)].float().contiguous()
+            h = torch.empty_like(x)
+            self.fused.forward_rows(x, slots, pos, h, self.threads or 0)
+            h = h[last].contiguous()
+            out = self.head(h, torch.empty(len(items), self.cfg.vocab_size))
+        self.stats.prefill_tokens += len(toks)
+        self.stats.prefill_s += time.perf_counter() - t0
+        for ids, slot, _ in items:
+            self.pos[slot] = len(ids)
+            self.tokens[slot] = ids
+        self.last_hidden = h  # the prompts' last positions, a row each
+        return list(out)
 
     def ensure_slots(self, n: int) -> None:
         """Grow the KV cache to hold at least ``n`` sequences (what the slots hold is kept)."""

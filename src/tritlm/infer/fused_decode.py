@@ -99,19 +99,28 @@ class FusedDecoder:
             raise ValueError(f"fused decode step rejected slots {slots} / positions {pos}")
         return out
 
-    def prefill(self, x: torch.Tensor, slot: int, start: int, out: torch.Tensor, threads: int = 0) -> torch.Tensor:
-        """``len(x)`` tokens of one sequence at positions ``start..`` of ``slot``, in chunks of
-        :attr:`rows`. ``x``: float32 [T, dim] embeddings (overwritten); ``out`` [T, dim] the
-        final-normed hidden states. Positions before ``start`` must hold the sequence's cache."""
-        for a in range(0, x.shape[0], self.rows):
-            b = min(a + self.rows, x.shape[0])
-            rc = self._lib.tt_dec_prefill(self._h, x[a:b].data_ptr(), b - a, slot, start + a, out[a:b].data_ptr(),
-                                          threads)
+    def forward_rows(self, x: torch.Tensor, slots: list[int], pos: list[int], out: torch.Tensor,
+             threads: int = 0) -> torch.Tensor:
+        """Row ``r`` is the token at position ``pos[r]`` of slot ``slots[r]`` (no two rows share
+        both): one prompt (a slot's consecutive positions: causal, as every row's keys/values are
+        written before any row attends) or several, in chunks of :attr:`rows` rows, a slot's
+        earlier positions in earlier rows. ``x``: float32 [M, dim] embeddings (overwritten);
+        ``out`` [M, dim] the final-normed hidden states."""
+        for a in range(0, len(slots), self.rows):
+            b = min(a + self.rows, len(slots))
+            sl = (ctypes.c_int * (b - a))(*slots[a:b])
+            ps = (ctypes.c_int * (b - a))(*pos[a:b])
+            rc = self._lib.tt_dec_forward_rows(self._h, x[a:b].data_ptr(), b - a, sl, ps, out[a:b].data_ptr(), threads)
             if rc == -1:
                 raise MemoryError("tritlm kernel: workspace allocation failed")
             if rc != 0:
-                raise ValueError(f"fused prefill rejected slot {slot} / positions {start + a}..{start + b - 1}")
+                raise ValueError(f"fused forward rejected rows {a}..{b - 1}: slots {slots[a:b]} / positions {pos[a:b]}")
         return out
+
+    def prefill(self, x: torch.Tensor, slot: int, start: int, out: torch.Tensor, threads: int = 0) -> torch.Tensor:
+        """``len(x)`` tokens of one sequence at positions ``start..`` of ``slot`` (see :meth:`forward_rows`)."""
+        t = x.shape[0]
+        return self.forward_rows(x, [slot] * t, list(range(start, start + t)), out, threads)
 
     # the C side's profile sections, in its order (tritlm_decode.c TT_PROF_*)
     SECTIONS = ("qkv", "o", "gate_up", "down", "attention", "norms+rope+act")

@@ -206,21 +206,34 @@ class Generator:
                 seq.driver = contrastive(seq.history, seq.slot, seq.max_tokens, seq.req.params.top_k,
                                          seq.req.penalty_alpha, self.stop_ids)
         budget = self.prefill_chunk
+        todo: list[tuple[Seq, int]] = []  # (sequence, prompt tokens through after this step)
         for seq in [s for s in self.running if s.logits is None and s.driver is None]:
             if budget is not None and budget <= 0:
                 break
             n = len(seq.history)
             end = n if budget is None else min(n, seq.prefilled + budget)
-            try:
-                logits = self.rt.prefill(seq.history[:end], seq.slot)
-            except Exception as e:  # noqa: BLE001 - this sequence fails, the others go on
-                self._release(seq)
-                events.append(seq._end(None, "", "error", e))
-                continue
+            todo.append((seq, end))
             if budget is not None:
                 budget -= end - seq.prefilled
+        many = getattr(self.rt, "prefill_many", None)
+        got: list | None = None
+        if many is not None and len(todo) > 1:
+            try:  # requests that arrived together: one forward for all their prompts
+                got = many([(seq.history[:end], seq.slot) for seq, end in todo])
+            except Exception:  # noqa: BLE001 - one by one below, so only a failing prompt fails
+                got = None
+        for i, (seq, end) in enumerate(todo):
+            if got is not None:
+                logits = got[i]
+            else:
+                try:
+                    logits = self.rt.prefill(seq.history[:end], seq.slot)
+                except Exception as e:  # noqa: BLE001 - this sequence fails, the others go on
+                    self._release(seq)
+                    events.append(seq._end(None, "", "error", e))
+                    continue
             seq.prefilled = end
-            if end == n:
+            if end == len(seq.history):
                 seq.logits = logits
         return events
 

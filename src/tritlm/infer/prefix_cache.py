@@ -50,8 +50,25 @@ class PrefixCache:
 
     def prefill(self, ids: Sequence[int], slot: int = 0) -> torch.Tensor:
         """Like ``Engine.prefill`` but restores the longest cached prefix first; stores the prompt."""
-        e = self.engine
         ids = list(ids)
+        self._restore(ids, slot)
+        logits = self.engine.prefill(ids, slot=slot)  # reuses the (restored) slot prefix
+        self.store(ids, slot)
+        return logits
+
+    def prefill_many(self, prompts: Sequence[tuple[Sequence[int], int]]) -> list[torch.Tensor]:
+        """``Engine.prefill_many`` with each prompt's cached prefix restored first; stores them."""
+        prompts = [(list(ids), slot) for ids, slot in prompts]
+        for ids, slot in prompts:
+            self._restore(ids, slot)
+        out = self.engine.prefill_many(prompts)
+        for ids, slot in prompts:
+            self.store(ids, slot)
+        return out
+
+    def _restore(self, ids: list[int], slot: int) -> None:
+        """The longest cached prefix of ``ids`` into ``slot``, when it beats what the slot holds."""
+        e = self.engine
         key, n = self.longest(ids)
         have = e.tokens[slot]
         own = 0
@@ -72,9 +89,6 @@ class PrefixCache:
             self.reused_tokens += own
         else:
             self.misses += 1
-        logits = e.prefill(ids, slot=slot)  # reuses the (restored) slot prefix
-        self.store(ids, slot)
-        return logits
 
     def store(self, ids: Sequence[int], slot: int = 0) -> None:
         e = self.engine

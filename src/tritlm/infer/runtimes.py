@@ -165,6 +165,13 @@ class PackedRuntime:
                 return self.prefix.prefill(list(ids), slot)
             return self.engine.prefill(list(ids), slot)
 
+    def prefill_many(self, prompts: Sequence[tuple[Sequence[int], int]]) -> list[torch.Tensor]:
+        """Several prompts (distinct slots) in one forward of the fused layers (``Engine.prefill_many``)."""
+        with self.engine.lock:
+            if self.prefix is not None:
+                return self.prefix.prefill_many(prompts)
+            return self.engine.prefill_many(prompts)
+
     def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
         with self.engine.lock:
             return self.engine.decode_batch(list(tokens), list(slots)).view(len(tokens), -1)

@@ -148,7 +148,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_dec_set_layer": (i32, [vp, i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp]),
         "tt_dec_step": (i32, [vp, vp, i32, i32, vp, i32]),
         "tt_dec_step_batch": (i32, [vp, vp, i32, vp, vp, vp, i32]),
-        "tt_dec_prefill": (i32, [vp, vp, i32, i32, i32, vp, i32]),
+        "tt_dec_forward_rows": (i32, [vp, vp, i32, vp, vp, vp, i32]),
         "tt_dec_set_profile": (None, [vp, i32]),
         "tt_dec_get_profile": (i32, [vp, vp]),
         "tt_has_f16c": (i32, []),

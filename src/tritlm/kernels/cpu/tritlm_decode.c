@@ -62,7 +62,7 @@ tt_dec *tt_dec_new(int n_layers, int dim, int n_heads, int kv_heads, int hd, int
                    int rows, float eps, float rs, int relu2, int input_norm, const float *cos,
                    const float *sin_signed, const float *final_norm) {
     if (n_layers <= 0 || dim <= 0 || n_heads <= 0 || kv_heads <= 0 || n_heads % kv_heads || hd <= 0 || hd % 2 ||
-        ffn <= 0 || max_len <= 0 || slots <= 0 || rows < slots || rows > 4096)
+        ffn <= 0 || max_len <= 0 || slots <= 0 || rows < slots || rows > 1024)
         return NULL;
     tt_dec *d = (tt_dec *)calloc(1, sizeof(tt_dec));
     if (!d) return NULL;
@@ -423,14 +423,18 @@ int tt_dec_step(tt_dec *d, float *x, int slot, int pos, float *out, int nth) {
     return tt_dec_step_batch(d, x, 1, &slot, &pos, out, nth);
 }
 
-/* prefill: m tokens of one sequence at positions pos0..pos0+m-1 of `slot` (m <= rows); x [m, dim]
- * their embeddings -> out [m, dim]. Positions before pos0 must hold the sequence's keys/values. */
-int tt_dec_prefill(tt_dec *d, float *x, int m, int slot, int pos0, float *out, int nth) {
-    if (!d || m <= 0 || m > d->rows || slot < 0 || slot >= d->slots || pos0 < 0 || pos0 > d->max_len - m ||
-        !tt_dec_ready(d))
-        return -2;
-    int slots[4096], pos[4096]; /* rows <= 4096 (tt_dec_new) */
-    for (int r = 0; r < m; r++) { slots[r] = slot; pos[r] = pos0 + r; }
+/* any rows (m <= rows): row r is the token at position pos[r] of slot slots[r]; no two rows share a
+ * (slot, position). Every row's keys/values are written before any row attends, so the rows of a
+ * prompt (one slot, consecutive positions) attend causally, and several prompts (or prompts and
+ * decode steps of other slots) go through in one call. Positions of a slot before its rows must
+ * hold its keys/values. x [m, dim] embeddings (overwritten) -> out [m, dim]. */
+int tt_dec_forward_rows(tt_dec *d, float *x, int m, const int *slots, const int *pos, float *out, int nth) {
+    if (!d || m <= 0 || m > d->rows || !slots || !pos || !tt_dec_ready(d)) return -2;
+    for (int r = 0; r < m; r++) {
+        if (slots[r] < 0 || slots[r] >= d->slots || pos[r] < 0 || pos[r] >= d->max_len) return -2;
+        for (int t = 0; t < r; t++)
+            if (slots[t] == slots[r] && pos[t] == pos[r]) return -2;
+    }
     pthread_mutex_lock(&P.call_lock);
     tt_init_once();
     const int rc = tt_dec_rows(d, x, m, slots, pos, out, nth);

@@ -265,3 +265,57 @@ def test_generator_prefills_requests_that_arrive_together_in_one_call():
     assert calls == [3]
     alone = [tokens([r], PackedRuntime(Engine(pm, slots=1, threads=2), slots=1))[0] for r in reqs]
     assert together == alone and all(len(t) == 10 for t in together)
+
+
+def test_step_many_is_decode_and_prefill_apart():
+    """Running sequences' next tokens and new prompts in one fused call: the logits, caches and
+    fill levels of decode_batch and prefill_many run one after the other."""
+    pm = from_transformer(tiny_model(max_len=64, n_kv_heads=2), fp_dtype="fp32")
+    a, b = Engine(pm, slots=4, threads=2), Engine(pm, slots=4, threads=2)
+    g = torch.Generator().manual_seed(7)
+    run = {1: torch.randint(0, 97, (11,), generator=g).tolist(), 3: torch.randint(0, 97, (6,), generator=g).tolist()}
+    new = {0: torch.randint(0, 97, (9,), generator=g).tolist(), 2: torch.randint(0, 97, (14,), generator=g).tolist()}
+    for e in (a, b):
+        for slot, ids in run.items():
+            e.prefill(ids, slot=slot)
+        e.prefill(new[2][:5], slot=2)  # a reusable prefix in one of the new slots
+    dec, got = a.step_many([(5, 1), (7, 3)], [(new[0], 0), (new[2], 2)])
+    want_dec = b.decode_batch([5, 7], [1, 3])
+    want = b.prefill_many([(new[0], 0), (new[2], 2)])
+    assert dec.shape == (2, 97) and _rel(dec, want_dec) < 1e-5
+    assert len(got) == 2 and all(_rel(x, y) < 1e-5 for x, y in zip(got, want))
+    assert a.pos == b.pos == [9, 12, 14, 7] and a.tokens == b.tokens
+    for i in range(pm.config.n_layers):
+        assert _rel(a.k_cache[i][:, :, :14], b.k_cache[i][:, :, :14]) < 1e-5
+    with pytest.raises(ValueError, match="own slot"):
+        a.step_many([(5, 1)], [(new[0], 1)])
+
+
+def test_request_joining_a_batch_runs_in_the_batch_forward():
+    """A request that arrives while others generate is prefilled in the same forward as their next
+    tokens (step_many); every request's tokens are those it gets alone."""
+    from tritlm.infer.generator import Generator, Request
+    from tritlm.infer.runtimes import PackedRuntime
+    from tritlm.infer.sampling import SamplingParams
+
+    pm = from_transformer(tiny_model(max_len=64, n_kv_heads=2), fp_dtype="fp32")
+    rt = PackedRuntime(Engine(pm, slots=3, threads=2), slots=3)
+    calls = []
+    orig = rt.step_many
+    rt.step_many = lambda d, p: calls.append((len(d), len(p))) or orig(d, p)
+    reqs = [Request(list(range(2 + i, 9 + 2 * i)), 8, SamplingParams(seed=i, temperature=0.7)) for i in range(3)]
+    gen = Generator(rt, max_batch=3)
+    seqs, events = [gen.add(reqs[0])], []
+    for k in range(1, 3):  # two more requests join, one step apart
+        events += gen.step() + gen.step()
+        seqs.append(gen.add(reqs[k]))
+    events += list(gen.run())
+    together = [[e.token for e in events if e.seq is s and e.token is not None] for s in seqs]
+    assert calls == [(1, 1), (2, 1)]
+
+    def alone(r):
+        g1 = Generator(PackedRuntime(Engine(pm, slots=1, threads=2), slots=1), max_batch=1)
+        s = g1.add(r)
+        return [e.token for e in g1.run() if e.seq is s and e.token is not None]
+
+    assert together == [alone(r) for r in reqs] and all(len(t) == 8 for t in together)

@@ -343,23 +343,53 @@ class Engine:
         """Logits ``[V]`` after each ``(ids, slot)`` (distinct slots), as :meth:`prefill` gives them
         one by one, but all prompts through the fused C layers as the rows of one call (the weights
         are read once per chunk of rows, not once per prompt: requests that arrive together)."""
+        items = self._prompt_items(prompts, reuse_prefix)
+        if len(items) < 2 or not self._rows_ok():
+            return [self.forward_seq(ids, slot=slot, start=start)[-1] for ids, slot, start in items]
+        return list(self._rows_forward(items, decode=0))
+
+    @torch.no_grad()
+    def step_many(self, decode: Sequence[tuple[int, int]], prompts: Sequence[tuple[Sequence[int], int]],
+                  reuse_prefix: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One forward for the next token of running sequences (``decode``: (token, slot)) and the
+        prompts of new ones (``prompts``: (ids, slot)), all in distinct slots: logits ``[B, V]`` of
+        the decode rows and ``[V]`` after each prompt, as :meth:`decode_batch` and
+        :meth:`prefill_many` give them apart. New requests then wait for no batch forward, and the
+        weights are read once for both."""
+        items = [([int(t)], slot, self.pos[slot]) for t, slot in decode]
+        items += self._prompt_items(prompts, reuse_prefix)
+        if not self._rows_ok():
+            d = self.decode_batch([t for t, _ in decode], [s for _, s in decode]) if decode else None
+            return d, self.prefill_many(prompts, reuse_prefix)
+        out = self._rows_forward(items, decode=len(decode))
+        return out[:len(decode)], list(out[len(decode):])
+
+    def _prompt_items(self, prompts, reuse_prefix: bool) -> list[tuple[list[int], int, int]]:
+        """(the ids still to run, slot, their first position) of each prompt."""
         items = []
         for ids, slot in prompts:
             ids = [int(t) for t in ids]
             if not ids:
                 raise ValueError("ids must not be empty")
-            items.append((ids, slot, self._reusable(ids, slot) if reuse_prefix else 0))
+            start = self._reusable(ids, slot) if reuse_prefix else 0
+            items.append((ids[start:], slot, start))
+        return items
+
+    def _rows_ok(self) -> bool:
+        return self.fused is not None and self.tracer is None and self.timer is None
+
+    def _rows_forward(self, items: list[tuple[list[int], int, int]], decode: int) -> torch.Tensor:
+        """``items`` (ids, slot, start) as the rows of fused calls; logits [len(items), V] after each
+        item's last row. The first ``decode`` items count as decode tokens in the stats."""
         if len({slot for _, slot, _ in items}) != len(items):
-            raise ValueError("each prompt of a batch needs its own slot")
-        if len(items) < 2 or self.fused is None or self.tracer is not None or self.timer is not None:
-            return [self.forward_seq(ids[start:], slot=slot, start=start)[-1] for ids, slot, start in items]
+            raise ValueError("each sequence of a batch needs its own slot")
         toks, slots, pos, last = [], [], [], []
         for ids, slot, start in items:
-            self._check_room(slot, start, len(ids) - start)
+            self._check_room(slot, start, len(ids))
             self._check_ids(ids)
-            toks += ids[start:]
-            slots += [slot] * (len(ids) - start)
-            pos += range(start, len(ids))
+            toks += ids
+            slots += [slot] * len(ids)
+            pos += range(start, start + len(ids))
             last.append(len(toks) - 1)
         t0 = time.perf_counter()
         with self._torch_threads():
@@ -368,13 +398,16 @@ class Engine:
             self.fused.forward_rows(x, slots, pos, h, self.threads or 0)
             h = h[last].contiguous()
             out = self.head(h, torch.empty(len(items), self.cfg.vocab_size))
-        self.stats.prefill_tokens += len(toks)
-        self.stats.prefill_s += time.perf_counter() - t0
-        for ids, slot, _ in items:
-            self.pos[slot] = len(ids)
-            self.tokens[slot] = ids
-        self.last_hidden = h  # the prompts' last positions, a row each
-        return list(out)
+        dt = time.perf_counter() - t0
+        self.stats.native_s += dt
+        self.stats.decode_tokens += decode
+        self.stats.prefill_tokens += len(toks) - decode
+        self.stats.prefill_s += dt
+        for ids, slot, start in items:
+            self.tokens[slot] = self.tokens[slot][:start] + ids
+            self.pos[slot] = start + len(ids)
+        self.last_hidden = h  # each item's last position, a row each
+        return out
 
     def ensure_slots(self, n: int) -> None:
         """Grow the KV cache to hold at least ``n`` sequences (what the slots hold is kept)."""

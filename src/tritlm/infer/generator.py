@@ -187,7 +187,10 @@ class Generator:
             self._reserved = max(self._reserved, got)
         return bool(self._free)
 
-    def _admit(self) -> list[Event]:
+    def _admit(self, pending: list[Seq] | None = None) -> list[Event]:
+        """Waiting sequences into free slots and their prompts' prefill; ``pending``: sequences
+        whose sampled token still has to go through the model, in the same forward as the
+        prompts where the runtime can (``step_many``), else first."""
         events = []
         while self.waiting and self._has_slot():
             seq = self.waiting.popleft()
@@ -215,11 +218,25 @@ class Generator:
             todo.append((seq, end))
             if budget is not None:
                 budget -= end - seq.prefilled
-        many = getattr(self.rt, "prefill_many", None)
+        prompts = [(seq.history[:end], seq.slot) for seq, end in todo]
         got: list | None = None
-        if many is not None and len(todo) > 1:
+        pending = self._decode_ready(pending or [])
+        mixed = getattr(self.rt, "step_many", None)
+        if pending and todo and mixed is not None:
+            try:  # the running sequences' next tokens and the new prompts: one forward
+                dec, got = mixed([(q.history[-1], q.slot) for q in pending], prompts)
+            except Exception:  # noqa: BLE001 - apart below: a failing decode raises, a failing prompt fails alone
+                got = None
+            else:
+                for i, q in enumerate(pending):
+                    q.logits = dec[i]
+                pending = []
+        if pending:
+            self._decode_batch(pending)
+        many = getattr(self.rt, "prefill_many", None)
+        if got is None and many is not None and len(todo) > 1:
             try:  # requests that arrived together: one forward for all their prompts
-                got = many([(seq.history[:end], seq.slot) for seq, end in todo])
+                got = many(prompts)
             except Exception:  # noqa: BLE001 - one by one below, so only a failing prompt fails
                 got = None
         for i, (seq, end) in enumerate(todo):
@@ -244,10 +261,8 @@ class Generator:
         The decode forward of the tokens sampled here runs at the start of the next step, so
         that the tokens reach the caller (a server streaming them) one forward sooner, and a new
         request's first token does not wait for the batch's forward."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            self._decode([s for s in pending if s.slot is not None and s in self.running])
-        events = self._admit()
+        pending, self._pending = self._pending, []
+        events = self._admit([s for s in pending if s.slot is not None and s in self.running])
         cont: list[Seq] = []
         for seq in [s for s in self.running if s.driver is not None]:  # their own forwards, one token each
             try:
@@ -267,18 +282,22 @@ class Generator:
         self._pending = cont
         return events
 
-    def _decode(self, seqs: list[Seq]) -> None:
+    def _decode_ready(self, seqs: list[Seq]) -> list[Seq]:
+        """``seqs`` whose slot has room for one more token; a full one restarts on the most recent
+        half of its history (its logits set here)."""
         ctx = self.rt.context_length
         batch = []
         for seq in seqs:
-            if self.rt.filled(seq.slot) >= ctx:  # context full: restart on the most recent half
+            if self.rt.filled(seq.slot) >= ctx:
                 seq.logits = self.rt.prefill(seq.history[-(ctx // 2):], seq.slot)
             else:
                 batch.append(seq)
-        if batch:
-            logits = self.rt.decode([s.history[-1] for s in batch], [s.slot for s in batch])
-            for i, seq in enumerate(batch):
-                seq.logits = logits[i]
+        return batch
+
+    def _decode_batch(self, batch: list[Seq]) -> None:
+        logits = self.rt.decode([s.history[-1] for s in batch], [s.slot for s in batch])
+        for i, seq in enumerate(batch):
+            seq.logits = logits[i]
 
     @property
     def idle(self) -> bool:

@@ -51,7 +51,7 @@ class PrefixCache:
     def prefill(self, ids: Sequence[int], slot: int = 0) -> torch.Tensor:
         """Like ``Engine.prefill`` but restores the longest cached prefix first; stores the prompt."""
         ids = list(ids)
-        self._restore(ids, slot)
+        self.restore(ids, slot)
         logits = self.engine.prefill(ids, slot=slot)  # reuses the (restored) slot prefix
         self.store(ids, slot)
         return logits
@@ -60,13 +60,13 @@ class PrefixCache:
         """``Engine.prefill_many`` with each prompt's cached prefix restored first; stores them."""
         prompts = [(list(ids), slot) for ids, slot in prompts]
         for ids, slot in prompts:
-            self._restore(ids, slot)
+            self.restore(ids, slot)
         out = self.engine.prefill_many(prompts)
         for ids, slot in prompts:
             self.store(ids, slot)
         return out
 
-    def _restore(self, ids: list[int], slot: int) -> None:
+    def restore(self, ids: list[int], slot: int) -> None:
         """The longest cached prefix of ``ids`` into ``slot``, when it beats what the slot holds."""
         e = self.engine
         key, n = self.longest(ids)

@@ -172,6 +172,20 @@ class PackedRuntime:
                 return self.prefix.prefill_many(prompts)
             return self.engine.prefill_many(prompts)
 
+    def step_many(self, decode: Sequence[tuple[int, int]],
+                  prompts: Sequence[tuple[Sequence[int], int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Running sequences' next tokens and new prompts in one forward (``Engine.step_many``)."""
+        with self.engine.lock:
+            prompts = [(list(ids), slot) for ids, slot in prompts]
+            if self.prefix is not None:
+                for ids, slot in prompts:
+                    self.prefix.restore(ids, slot)
+            dec, out = self.engine.step_many(list(decode), prompts)
+            if self.prefix is not None:
+                for ids, slot in prompts:
+                    self.prefix.store(ids, slot)
+            return dec.view(len(decode), -1), out
+
     def decode(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
         with self.engine.lock:
             return self.engine.decode_batch(list(tokens), list(slots)).view(len(tokens), -1)

@@ -129,6 +129,15 @@ def test_export_from_packed_model_is_the_same_file(tmp_path, mixed):
     assert err.max() > 0  # it is quantised, not stored as float
     with pytest.raises(FormatError, match="Q6_K"):
         export_gguf(model, ByteTokenizer(), tmp_path / "c.gguf", head_type="Q6_K")
+    # Q4_0 (the q4 head's peer in tritlm bench): d = the block's signed absmax / -8, 4-bit levels
+    c = export_gguf_packed(from_transformer(model, ByteTokenizer(), fp_dtype="fp32"), tmp_path / "q4.gguf",
+                           fp_type="F16", head_type="Q4_0")
+    assert {t.name: t for t in gguf.GGUFReader(str(c)).tensors}["output.weight"].tensor_type == \
+        gguf.GGMLQuantizationType.Q4_0
+    back4, _ = import_gguf(c)
+    err = np.abs(back4.lm_head.weight.detach().numpy() - w).reshape(w.shape[0], -1, 32)
+    # (a value near -max maps past level 7 and is clipped to it: up to one step d = max / 8)
+    assert (err <= np.abs(w).reshape(err.shape).max(-1, keepdims=True) / 8 * 1.01).all() and err.max() > 0
 
 
 def test_permute_inverse_and_i2s_layout():

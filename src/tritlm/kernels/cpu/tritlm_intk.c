@@ -146,9 +146,15 @@ TT_AVX2_INLINE void tt_i8_tile(const uint8_t *const *w, const int8_t *x, size_t 
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    /* one token (GEMV): the next tile's rows (R rows further on) are fetched while this one runs;
+     * the hardware prefetcher alone kept the 4-row stream at ~10 GB/s */
+    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
     for (int v = 0; v < nv; v++) {
         const size_t o = (size_t)v * 32;
         __m256i wv[4];
+        if (ahead && (v & 1) == 0)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + o + ahead), _MM_HINT_NTA);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w[r] + o));
 #pragma GCC unroll 4

@@ -359,7 +359,8 @@ class Engine:
         items = [([int(t)], slot, self.pos[slot]) for t, slot in decode]
         items += self._prompt_items(prompts, reuse_prefix)
         if not self._rows_ok():
-            d = self.decode_batch([t for t, _ in decode], [s for _, s in decode]) if decode else None
+            d = (self.decode_batch([t for t, _ in decode], [s for _, s in decode]) if decode
+                 else torch.empty(0, self.cfg.vocab_size))
             return d, self.prefill_many(prompts, reuse_prefix)
         out = self._rows_forward(items, decode=len(decode))
         return out[:len(decode)], list(out[len(decode):])

@@ -46,6 +46,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     con.print("heads = query (key/value) heads; train* = fp32 weights + grads + AdamW moments, "
               "activations excluded; packed = block Linears at their kinds' bits (ternary 2, binary 1, "
               "int8 8, int4 4, scales included; FP layers fp16) + fp16 embeddings/norms")
+    con.print(_kernel_line())
     if len(cfgs) == 1:
         cfg = cfgs[0][1]
         k = Table(title="block Linears by kind")
@@ -63,6 +64,18 @@ def cmd_info(a: argparse.Namespace) -> int:
                 lt.add_row(ls.name, ls.kind, "x".join(map(str, shapes[ls.name])), _b(ls.bytes))
             con.print(lt)
     return 0
+
+
+def _kernel_line() -> str:
+    """Which CPU kernel route runs here, and what the CPU offers (CPUID at run time)."""
+    from tritlm.kernels.cpu import kernel_info
+
+    k = kernel_info()
+    if k["library"] is None:
+        return f"CPU kernels: {k['backend']} (the C library is not built: {k['error'] or 'no compiler'})"
+    yn = {True: "yes", False: "no", None: "?"}
+    return (f"CPU kernels: {k['backend']} (this CPU: AVX-512 VNNI {yn[k['avx512_vnni']]}, AVX2 {yn[k['avx2']]}; "
+            f"TRITLM_KERNEL=avx512|avx2|portable|numpy picks one)")
 
 
 def _h(n: float) -> str:

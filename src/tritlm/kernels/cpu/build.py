@@ -30,10 +30,11 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 # files SOURCE #includes: part of the cache key, so editing any of them triggers a rebuild
-INCLUDED = tuple(Path(__file__).with_name(f) for f in ("tritlm_intk.c", "tritlm_decode.c", "tritlm_f16.c"))
+INCLUDED = tuple(Path(__file__).with_name(f)
+                 for f in ("tritlm_intk.c", "tritlm_decode.c", "tritlm_f16.c", "tritlm_avx512.c"))
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-lm"]
 
@@ -127,6 +128,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     sig = {
         "tt_abi_version": (i32, []),
         "tt_has_avx2": (i32, []),
+        "tt_has_avx512vnni": (i32, []),
         "tt_set_num_threads": (None, [i32]),
         "tt_get_num_threads": (i32, []),
         "tt_set_spin_us": (None, [i32]),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import build
-from .ops import resolve_backend
+from .ops import AVX2_BACKENDS, resolve_backend
 
 
 def f16_matmul_ref(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ class F16MatMul:
         self.threads = threads
         be = resolve_backend(backend)
         self._lib = build.load_library() if be != "numpy" else None
-        self._isa = int(be == "avx2")
+        self._isa = int(be in AVX2_BACKENDS)
         self._w32 = None if self._lib is not None else self.w.float()
         self._ptr = self.w.data_ptr()
 

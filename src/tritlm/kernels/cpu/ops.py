@@ -4,11 +4,15 @@ the settings of the thread pool and the parameter tuning loop (:func:`tune`).
 
 Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL``, else "auto"):
 
+* ``"avx512"``   - the compiled C library, AVX-512 VNNI ``vpdpbusd`` route for ternary weights
+  (CPUs with AVX512 F/BW/VL/VNNI and an OS that saves the ZMM state); the other weight kinds, the
+  quantiser and the fp16 head use the AVX2 code there;
 * ``"avx2"``     - the compiled C library, AVX2 ``maddubs`` route (x86-64 with AVX2 + FMA);
 * ``"portable"`` - the compiled C library, plain C loops (any CPU);
 * ``"numpy"``    - pure numpy (exact, slow, ~4 bytes of RAM per weight), used with a logged warning
   when the C library cannot be built;
-* ``"auto"``     - avx2 if the CPU has it, else portable, else numpy.
+* ``"auto"``     - avx512 if the CPU has it, else avx2, else portable, else numpy (CPUID at run
+  time: one library runs on every x86-64 and never executes an instruction the CPU lacks).
 
 Per-call overhead is kept to a few microseconds: the C context (weight pointer, scales, int8
 activation workspace) is built once per weight matrix, pointers of the inputs are read with the
@@ -33,7 +37,11 @@ from . import build
 
 log = logging.getLogger("tritlm.kernels")
 
-BACKENDS = ("auto", "avx2", "portable", "numpy")
+BACKENDS = ("auto", "avx512", "avx2", "portable", "numpy")
+# backends that run the AVX2 code where they have no route of their own
+AVX2_BACKENDS = ("avx2", "avx512")
+# tt_ctx_set_isa codes
+ISA_CODES = {"avx512": 2, "avx2": 1, "portable": 0}
 # M buckets of the tuned parameters (same as the C side): 0: M == 1, 1: 2 <= M < 16, 2: M >= 16
 BUCKETS = ("1", "2-15", "16+")
 DEFAULT_PARAMS = {"prefetch": 2048, "panel_rows": 32, "chunks": 8, "nta": 1}
@@ -98,17 +106,23 @@ def resolve_backend(requested: str | None = None) -> str:
     has_avx2 = bool(lib.tt_has_avx2())
     if req == "portable":
         return "portable"
+    if req in ("auto", "avx512") and has_avx2 and lib.tt_has_avx512vnni():
+        return "avx512"
+    if req == "avx512":
+        log.warning("tritlm: AVX-512 VNNI kernels requested but the CPU (or its OS) lacks them; using %s",
+                    "AVX2" if has_avx2 else "portable C")
     if req == "avx2" and not has_avx2:
         log.warning("tritlm: AVX2 kernels requested but the CPU lacks AVX2/FMA; using portable C")
     return "avx2" if has_avx2 else "portable"
 
 
 def kernel_info() -> dict:
-    """Which backend "auto" gives here, and why."""
+    """Which backend runs here ($TRITLM_KERNEL, else "auto"), and what the CPU offers."""
     lib = build.load_library()
     return {
-        "backend": resolve_backend("auto"),
+        "backend": resolve_backend(None),
         "avx2": bool(lib.tt_has_avx2()) if lib is not None else None,
+        "avx512_vnni": bool(lib.tt_has_avx512vnni()) if lib is not None else None,
         "library": str(build.library_path()) if lib is not None else None,
         "compiler": build.find_compiler(),
         "threads": get_num_threads(),
@@ -163,7 +177,7 @@ def quantize_act(x, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]
     q = np.empty((m, k), dtype=np.int8)
     s = np.empty(m, dtype=np.float32)
     if m and k:
-        build.load_library().tt_quantize(_ptr(x), m, k, k, _ptr(q), k, k, _ptr(s), None, int(be == "avx2"))
+        build.load_library().tt_quantize(_ptr(x), m, k, k, _ptr(q), k, k, _ptr(s), None, int(be in AVX2_BACKENDS))
     return q, s
 
 
@@ -231,7 +245,9 @@ class LinearKernelBase:
             raise MemoryError(f"{type(self).__name__}: creating the C context failed")
         self._ctx = ctx
         self._finalizer = weakref.finalize(self, lib.tt_ctx_free, ctx)
-        lib.tt_ctx_set_isa(ctx, 1 if self.backend == "avx2" else 0)
+        isa = lib.tt_ctx_set_isa(ctx, ISA_CODES[self.backend])
+        if self.backend == "avx512" and isa != 2:  # a kind without a VNNI route runs the AVX2 code
+            self.backend = "avx2"
         self._fwd = lib.tt_forward_f32
         self._fwd_i8 = lib.tt_forward_i8
         if params is None:
@@ -437,7 +453,7 @@ class TernaryLinearKernel(LinearKernelBase):
         w_scale: scalar (per tensor) or ``[N]`` (per output row); multiplies: W ~= wq * w_scale.
         bias: optional ``[N]``.
         threads: threads for this kernel (None: the global :func:`set_num_threads` value).
-        backend: "auto" | "avx2" | "portable" | "numpy" (None: ``$TRITLM_KERNEL`` or auto).
+        backend: "auto" | "avx512" | "avx2" | "portable" | "numpy" (None: ``$TRITLM_KERNEL`` or auto).
         params: ``{bucket: {"prefetch": bytes, "panel_rows": rows}}`` overrides; by default the
             autotune cache (``autotune.json``) is consulted, then built-in defaults.
     """

@@ -47,7 +47,7 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 11
+#define TT_ABI_VERSION 12
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
@@ -237,7 +237,7 @@ typedef struct {
     int n, k, kp, kb, ngroups;
     float *wscale;     /* [n] */
     float *bias;       /* [n] or NULL */
-    int isa;           /* 1 = AVX2, 0 = portable */
+    int isa;           /* 2 = AVX-512 VNNI (ternary), 1 = AVX2, 0 = portable */
     tt_params params[TT_NBUCKETS];
     int8_t *xq;        /* workspace [cap_m, kp] */
     float *xs;         /* [cap_m] */
@@ -671,6 +671,9 @@ static void tt_task_avx2(const void *arg, int chunk) {
 }
 #endif
 
+/* the AVX-512 VNNI route (tt_ctx.isa == 2): tt_task_vnni, tt_cpu_has_avx512vnni */
+#include "tritlm_avx512.c"
+
 static void tt_lb_run(tt_job *J, int nth); /* kinds 1-3: tritlm_intk.c */
 
 /* chunking: GEMM = one panel per chunk; GEMV (and portable) = `chunks` chunks per thread, each of at
@@ -698,6 +701,7 @@ static void tt_run(tt_job *J, int nth) {
     }
     const int nchunks = (c->ngroups + J->cg - 1) / J->cg;
 #if TT_X86
+    if (c->isa == 2) { tt_parallel(tt_task_vnni, J, nchunks, nth); return; }
     if (c->isa) { tt_parallel(tt_task_avx2, J, nchunks, nth); return; }
 #endif
     tt_parallel(tt_task_portable, J, nchunks, nth);
@@ -706,6 +710,7 @@ static void tt_run(tt_job *J, int nth) {
 /* ============================================================== exported API */
 int tt_abi_version(void) { return TT_ABI_VERSION; }
 int tt_has_avx2(void) { return tt_cpu_has_avx2(); }
+int tt_has_avx512vnni(void) { return tt_cpu_has_avx512vnni(); }
 
 void tt_set_num_threads(int n) {
     if (n < 1) n = 1;
@@ -743,8 +748,13 @@ void tt_ctx_free(tt_ctx *c) {
     free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c->gscale); free(c);
 }
 
-/* isa: 1 = AVX2 (ignored / returns 0 when the CPU lacks it), 0 = portable. Returns the isa in use. */
-int tt_ctx_set_isa(tt_ctx *c, int isa) { c->isa = (isa && tt_cpu_has_avx2()) ? 1 : 0; return c->isa; }
+/* isa: 2 = AVX-512 VNNI (ternary contexts; the other kinds and CPUs without it get AVX2), 1 = AVX2
+ * (0 when the CPU lacks it), 0 = portable. Returns the isa in use. */
+int tt_ctx_set_isa(tt_ctx *c, int isa) {
+    if (isa == 2 && c->kind == TT_KIND_TERNARY && tt_cpu_has_avx512vnni()) return c->isa = 2;
+    c->isa = (isa && tt_cpu_has_avx2()) ? 1 : 0;
+    return c->isa;
+}
 int tt_ctx_get_isa(const tt_ctx *c) { return c->isa; }
 void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows, int chunks, int nta) {
     if (bucket < 0 || bucket >= TT_NBUCKETS) return;

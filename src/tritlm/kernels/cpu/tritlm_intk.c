@@ -190,10 +190,16 @@ TT_AVX2_INLINE void tt_i4_tile(const uint8_t *const *w, const float *const *gs, 
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    /* one token: prefetch the next tile's rows as the int8 tile does (a tile's rows are short
+     * streams the hardware prefetcher does not pick up in time) */
+    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
     for (int b = 0; b < nb; b++) {
         const size_t wo = (size_t)b * 32, xo = (size_t)b * 64;
         __m256i lo[4], hi[4];
         __m256 s0[4], s1[4];
+        if (ahead && (b & 1) == 0)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + wo + ahead), _MM_HINT_NTA);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(w[r] + wo));
@@ -241,6 +247,7 @@ TT_AVX2_INLINE void tt_b1_tile(const uint8_t *const *w, const int8_t *x, size_t 
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0; /* as tt_i4_tile */
     for (int b0 = 0; b0 < nb; b0 += 16) { /* int16 lanes: |sum| <= 16 blocks * 4 * 2 * 128 = 16384 */
         const int b1 = b0 + 16 < nb ? b0 + 16 : nb;
         __m256i s16[4][4];
@@ -250,6 +257,9 @@ TT_AVX2_INLINE void tt_b1_tile(const uint8_t *const *w, const int8_t *x, size_t 
             for (int t = 0; t < T; t++) s16[r][t] = _mm256_setzero_si256();
         for (int b = b0; b < b1; b++) {
             __m256i v[4];
+            if (ahead && (b & 3) == 0)
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + (size_t)b * 16 + ahead), _MM_HINT_NTA);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
                 v[r] = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w[r] + (size_t)b * 16))), sh);

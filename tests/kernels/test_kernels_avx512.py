@@ -1,4 +1,4 @@
-"""The AVX-512 VNNI route of the ternary kernel: its dispatch and its dots, bit-exact.
+"""The AVX-512 VNNI routes of the ternary and int8 kernels: dispatch and results, bit-exact.
 
 Where the CPU has AVX-512 VNNI, the shared kernel tests (kernel_backends.BACKENDS) run the route
 natively through every entry point. Here the route's leaf function and the CPUID/XCR0 check run
@@ -58,13 +58,15 @@ def test_an_unavailable_avx512_request_falls_back_with_a_warning(caplog):
     assert k.backend == resolve_backend("auto") and LIB.tt_ctx_get_isa(k._ctx) != 2
 
 
-def test_lowbit_kinds_report_the_avx2_code_they_run():
-    from tritlm.kernels.cpu.lowbit import Int8LinearKernel
+def test_lowbit_kinds_report_the_code_they_run():
+    from tritlm.kernels.cpu.lowbit import BinaryLinearKernel, Int8LinearKernel
 
     if not HAS_AVX512:
-        pytest.skip("needs AVX-512 VNNI (the kinds without a VNNI route run AVX2 there)")
+        pytest.skip("needs AVX-512 VNNI (int8 has a VNNI route; binary / int4 run AVX2 there)")
     k = Int8LinearKernel(torch.randint(-127, 128, (8, 64), dtype=torch.int8), 1.0, backend="avx512")
-    assert k.backend == "avx2"
+    assert k.backend == "avx512" and LIB.tt_ctx_get_isa(k._ctx) == 2
+    b = BinaryLinearKernel(torch.randint(0, 2, (8, 128), dtype=torch.int8) * 2 - 1, 1.0, backend="avx512")
+    assert b.backend == "avx2"
 
 
 @pytest.mark.parametrize("model,xcr0,want", [
@@ -165,3 +167,42 @@ def test_emulated_vnni_route_equals_the_portable_kernel(emu_dir):
     got = np.load(emu_dir / "serial-out.npz")
     for i, ref in enumerate(refs):
         assert got[f"r{i}"].dtype == ref.dtype and np.array_equal(got[f"r{i}"], ref), f"shape {shapes[i]}"
+
+
+def test_emulated_int8_vnni_route_equals_the_portable_kernel(emu_dir):
+    """The int8 route (activations offset by 128, the row sums taken back out modulo 2^32) on the
+    emulated Xeon: the native portable kernel's outputs and exact dots bit for bit, with K at the
+    int8 limit and every activation / level at its extreme."""
+    from tritlm.kernels.cpu.lowbit import Int8LinearKernel
+
+    rng = np.random.default_rng(2)
+    # (N, K, M, groups per chunk, raw dots): K with a 32-byte tail, N not a multiple of 4, token quads
+    shapes = [(5, 96, 1, 1, 0), (37, 300, 6, 2, 0), (64, 1000, 3, 8, 1), (10, 256, 17, 3, 0), (3, 1 << 17, 2, 1, 1)]
+    cases, refs = {}, []
+    for i, (n, k, m, cg, raw) in enumerate(shapes):
+        w = rng.integers(-127, 128, (n, k), dtype=np.int8)
+        xq = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        if i == 4:  # the largest |dot|: level 127 against -128, and the largest offset sum (x = 127)
+            w[:] = 127
+            xq[0], xq[1] = -128, 127
+        ws = rng.uniform(0.01, 2.0, n).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32) if i % 2 else np.zeros(0, np.float32)
+        ref = Int8LinearKernel(torch.from_numpy(w), torch.from_numpy(ws), torch.from_numpy(bias) if bias.size else None,
+                               backend="portable", threads=1)
+        kp = ref.k_padded
+        xs = rng.uniform(0.5, 100.0, m).astype(np.float32)
+        refs.append(ref.int_dots(xq) if raw else ref.matmul_int8(xq, xs))
+        if raw:
+            assert np.array_equal(refs[-1], (xq.astype(np.int64) @ w.T.astype(np.int64)).astype(np.int32))
+        xp = np.zeros((m, kp), dtype=np.int8)
+        xp[:, :k] = xq
+        cases.update({f"w{i}": np.ascontiguousarray(ref.packed.data).reshape(-1), f"wscale{i}": ref.w_scale,
+                      f"bias{i}": bias, f"xq{i}": xp, f"xs{i}": xs, f"shape{i}": np.array([n, k, kp, m, cg, raw])})
+    cases["n"] = np.array(len(shapes))
+    np.savez(emu_dir / "i8.npz", **cases)
+    res = emu.run_in_guest(emu_dir, "sapphire_rapids", build.library_path(),
+                           {"kind": "i8serial", "cases": str(emu_dir / "i8.npz"), "out": str(emu_dir / "i8-out.npz")})
+    assert res["cases"] == len(shapes)
+    got = np.load(emu_dir / "i8-out.npz")
+    for i, ref in enumerate(refs):
+        assert got[f"r{i}"].dtype == ref.dtype and np.array_equal(got[f"r{i}"], ref), f"shape {shapes[i][:4]}"

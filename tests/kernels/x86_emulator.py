@@ -245,7 +245,8 @@ def run_in_guest(workdir: Path, model: str, lib: Path, job: dict, xcr0: int = 0x
 def _job(guest: Guest, syms: dict, job: dict, workdir: Path) -> dict:
     """``job["kind"]``: "has_vnni" -> tt_has_avx512vnni(); "dots" -> tt_vnni_dots over the cases of
     the .npz file ``job["cases"]`` (w, x, kb, ngroups, T per case), dots written to ``job["out"]``;
-    "serial" -> tt_vnni_run_serial (the route's chunking and epilogue) per case."""
+    "serial" -> tt_vnni_run_serial (the route's chunking and epilogue) per case; "i8serial" -> the
+    int8 route's tt_vnni_i8_run_serial."""
     import numpy as np
 
     if job["kind"] == "has_vnni":
@@ -275,6 +276,21 @@ def _job(guest: Guest, syms: dict, job: dict, workdir: Path) -> dict:
             pw, pws, pb, pxq, pxs, psx = ptrs
             guest.call(syms["tt_vnni_run_serial"], pw, n, kb, pws, pb if bias.size else 0, pxq, xq.shape[1], m, pxs,
                        psx, 0 if raw else res, res if raw else 0, cg)
+            dt = np.int32 if raw else np.float32
+            out[f"r{i}"] = np.frombuffer(guest.read(res, 4 * m * n), dtype=dt).reshape(m, n)
+        np.savez(job["out"], **out)
+        return {"cases": len(out)}
+    if job["kind"] == "i8serial":
+        data = np.load(job["cases"])
+        out = {}
+        for i in range(int(data["n"])):
+            n, k, kp, m, cg, raw = (int(v) for v in data[f"shape{i}"])
+            xq, bias = data[f"xq{i}"], data[f"bias{i}"]
+            pw, pws, pb, pxq, pxs = (guest.alloc(np.ascontiguousarray(a).tobytes()) for a in
+                                     (data[f"w{i}"], data[f"wscale{i}"], bias, xq, data[f"xs{i}"]))
+            psum, res = guest.alloc(4 * n), guest.alloc(4 * m * n)
+            guest.call(syms["tt_vnni_i8_run_serial"], pw, n, k, kp, pws, pb if bias.size else 0, psum, pxq, xq.shape[1],
+                       m, pxs, 0 if raw else res, res if raw else 0, cg)
             dt = np.int32 if raw else np.float32
             out[f"r{i}"] = np.frombuffer(guest.read(res, 4 * m * n), dtype=dt).reshape(m, n)
         np.savez(job["out"], **out)

@@ -237,7 +237,7 @@ typedef struct {
     int n, k, kp, kb, ngroups;
     float *wscale;     /* [n] */
     float *bias;       /* [n] or NULL */
-    int isa;           /* 2 = AVX-512 VNNI (ternary), 1 = AVX2, 0 = portable */
+    int isa;           /* 2 = AVX-512 VNNI (ternary, int8), 1 = AVX2, 0 = portable */
     tt_params params[TT_NBUCKETS];
     int8_t *xq;        /* workspace [cap_m, kp] */
     float *xs;         /* [cap_m] */
@@ -249,6 +249,7 @@ typedef struct {
     int ngk;           /* int4: scale groups per row as the kernel walks them, ceil(kp / group) */
     float *gscale;     /* int4: [n, ngk] group scales (groups past ceil(k / group) are 0) */
     size_t rowb;       /* kinds 1-3: bytes per packed row */
+    int32_t *wsum;     /* int8 with AVX-512 VNNI: [n] sums of each row's levels (the offset correction) */
 } tt_ctx;
 
 static int tt_cpu_has_avx2(void) {
@@ -745,13 +746,14 @@ tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, 
 
 void tt_ctx_free(tt_ctx *c) {
     if (!c) return;
-    free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c->gscale); free(c);
+    free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c->gscale); free(c->wsum); free(c);
 }
 
-/* isa: 2 = AVX-512 VNNI (ternary contexts; the other kinds and CPUs without it get AVX2), 1 = AVX2
+/* isa: 2 = AVX-512 VNNI (ternary and int8 contexts; the other kinds and CPUs without it get AVX2), 1 = AVX2
  * (0 when the CPU lacks it), 0 = portable. Returns the isa in use. */
 int tt_ctx_set_isa(tt_ctx *c, int isa) {
-    if (isa == 2 && c->kind == TT_KIND_TERNARY && tt_cpu_has_avx512vnni()) return c->isa = 2;
+    const int vnni_kind = c->kind == TT_KIND_TERNARY || (c->kind == TT_KIND_INT8 && c->wsum);
+    if (isa == 2 && vnni_kind && tt_cpu_has_avx512vnni()) return c->isa = 2;
     c->isa = (isa && tt_cpu_has_avx2()) ? 1 : 0;
     return c->isa;
 }

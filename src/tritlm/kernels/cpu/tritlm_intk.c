@@ -378,6 +378,108 @@ static void tt_lb_task_avx2(const void *arg, int chunk) {
 }
 #endif
 
+/* ============================================================== AVX-512 VNNI (int8) */
+/* sum of each row's levels: the VNNI route's offset correction (tt_ctx.wsum) */
+static void tt_i8_row_sums(const int8_t *w, int n, int k, size_t rowb, int32_t *out) {
+    for (int r = 0; r < n; r++) {
+        const int8_t *p = w + (size_t)r * rowb;
+        int32_t s = 0;
+        for (int i = 0; i < k; i++) s += p[i];
+        out[r] = s;
+    }
+}
+
+#if TT_X86
+/* vpdpbusd takes its first operand unsigned, so the activations go in offset by 128
+ * (x ^ 0x80 = x + 128, 0..255) and the row's level sum comes back out: sum (x + 128) w - 128 sum w
+ * = sum x w, exact modulo 2^32 (and the true dot fits in int32: k <= 2^17). R rows (stride rowb)
+ * x T tokens over kp (a multiple of 32: the last 64-byte step is masked, masked bytes read as 0). */
+TT_VNNI_INLINE void tt_vnni_i8_tile(const int8_t *w, size_t rowb, int R, int kp, const int8_t *x, size_t ldx, int T,
+                                    const int32_t *wsum, int32_t *dots, size_t ldd) {
+    const __m512i off = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
+    for (int k0 = 0; k0 < kp; k0 += 64) {
+        const __mmask64 mk = kp - k0 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (kp - k0)) - 1);
+        __m512i wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_epi8(mk, w + (size_t)r * rowb + k0);
+        for (int t = 0; t < T; t++) {
+            const __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, x + (size_t)t * ldx + k0), off);
+            for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], xu, wv[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            dots[(size_t)t * ldd + r] = (int32_t)((uint32_t)_mm512_reduce_add_epi32(acc[r][t]) - 128u * (uint32_t)wsum[r]);
+}
+
+TT_VNNI_FN static void tt_vnni_i8_4x1(const int8_t *w, size_t rowb, int kp, const int8_t *x, size_t ldx, const int32_t *ws,
+                                      int32_t *d, size_t ldd) { tt_vnni_i8_tile(w, rowb, 4, kp, x, ldx, 1, ws, d, ldd); }
+TT_VNNI_FN static void tt_vnni_i8_4x4(const int8_t *w, size_t rowb, int kp, const int8_t *x, size_t ldx, const int32_t *ws,
+                                      int32_t *d, size_t ldd) { tt_vnni_i8_tile(w, rowb, 4, kp, x, ldx, 4, ws, d, ldd); }
+TT_VNNI_FN static void tt_vnni_i8_any(const int8_t *w, size_t rowb, int R, int kp, const int8_t *x, size_t ldx, int T,
+                                      const int32_t *ws, int32_t *d, size_t ldd) { tt_vnni_i8_tile(w, rowb, R, kp, x, ldx, T, ws, d, ldd); }
+
+/* exact dots of nrows int8 rows (stride rowb) and T tokens into dots[t * ldd + row]; a leaf */
+TT_VNNI_FN static void tt_vnni_i8_dots_impl(const int8_t *w, size_t rowb, int nrows, int kp, const int32_t *wsum,
+                                            const int8_t *x, size_t ldx, int T, int32_t *dots, size_t ldd) {
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const int tn = T - t0 < 4 ? T - t0 : 4;
+        for (int r0 = 0; r0 < nrows; r0 += 4) {
+            const int rn = nrows - r0 < 4 ? nrows - r0 : 4;
+            const int8_t *wr = w + (size_t)r0 * rowb;
+            const int8_t *xt = x + (size_t)t0 * ldx;
+            int32_t *dt = dots + (size_t)t0 * ldd + r0;
+            if (rn == 4 && tn == 1) tt_vnni_i8_4x1(wr, rowb, kp, xt, ldx, wsum + r0, dt, ldd);
+            else if (rn == 4 && tn == 4) tt_vnni_i8_4x4(wr, rowb, kp, xt, ldx, wsum + r0, dt, ldd);
+            else tt_vnni_i8_any(wr, rowb, rn, kp, xt, ldx, tn, wsum + r0, dt, ldd);
+        }
+    }
+}
+
+/* exported for the emulator tests (the library calls the static one) */
+TT_VNNI_FN void tt_vnni_i8_dots(const int8_t *w, size_t rowb, int nrows, int kp, const int32_t *wsum, const int8_t *x,
+                                size_t ldx, int T, int32_t *dots, size_t ldd) {
+    tt_vnni_i8_dots_impl(w, rowb, nrows, kp, wsum, x, ldx, T, dots, ldd);
+}
+
+/* rows of a chunk in batches of 32, token quads over each batch, then the int8 epilogue */
+static void tt_lb_task_vnni_i8(const void *arg, int chunk) {
+    const tt_job *J = (const tt_job *)arg;
+    const tt_ctx *c = J->c;
+    int g0, g1;
+    tt_chunk_groups(J, chunk, &g0, &g1);
+    const int r0 = 4 * g0, r1 = 4 * g1 < c->n ? 4 * g1 : c->n;
+    int32_t buf[4 * 32];
+    for (int rb = r0; rb < r1; rb += 32) {
+        const int re = rb + 32 < r1 ? rb + 32 : r1;
+        for (int t0 = 0; t0 < J->m; t0 += 4) {
+            const int T = J->m - t0 < 4 ? J->m - t0 : 4;
+            tt_vnni_i8_dots_impl((const int8_t *)c->w + (size_t)rb * c->rowb, c->rowb, re - rb, c->kp, c->wsum + rb,
+                                 J->xq + (size_t)t0 * J->ldx, J->ldx, T, buf, 32);
+            for (int t = 0; t < T; t++)
+                for (int i = 0; i < re - rb; i++) tt_lb_store_int(J, t0 + t, rb + i, buf[32 * t + i]);
+        }
+    }
+}
+
+/* the int8 route over a whole matrix on the calling thread (as tt_vnni_run_serial for ternary):
+ * the emulator tests' entry. wsum: scratch [n], filled here with tt_i8_row_sums. */
+TT_VNNI_FN void tt_vnni_i8_run_serial(const int8_t *w, int n, int k, int kp, const float *wscale, const float *bias,
+                                      int32_t *wsum, const int8_t *xq, size_t ldx, int m, const float *xs, float *out,
+                                      int32_t *dots, int cg) {
+    tt_i8_row_sums(w, n, k, (size_t)kp, wsum);
+    tt_ctx c;
+    c.w = (const uint8_t *)w; c.n = n; c.k = k; c.kp = kp; c.rowb = (size_t)kp; c.ngroups = (n + 3) / 4;
+    c.wscale = (float *)wscale; c.bias = (float *)bias; c.wsum = wsum; c.isa = 2; c.kind = TT_KIND_INT8;
+    tt_job J;
+    J.c = &c; J.xq = xq; J.ldx = ldx; J.m = m; J.xs = xs; J.sx = NULL; J.out = out; J.dots = dots;
+    J.cg = cg < 1 ? 1 : cg;
+    for (int ch = 0; ch * J.cg < c.ngroups; ch++) tt_lb_task_vnni_i8(&J, ch);
+}
+#endif
+
 /* chunking as tt_run: GEMM = one panel per chunk; GEMV (and portable) = `chunks` chunks per thread,
  * each of at least min_blocks x 32 bytes of weights */
 static void tt_lb_run(tt_job *J, int nth) {
@@ -401,6 +503,7 @@ static void tt_lb_run(tt_job *J, int nth) {
     }
     const int nchunks = (c->ngroups + J->cg - 1) / J->cg;
 #if TT_X86
+    if (c->isa == 2 && c->kind == TT_KIND_INT8) { tt_parallel(tt_lb_task_vnni_i8, J, nchunks, nth); return; }
     if (c->isa) { tt_parallel(tt_lb_task_avx2, J, nchunks, nth); return; }
 #endif
     tt_parallel(tt_lb_task_portable, J, nchunks, nth);
@@ -432,7 +535,12 @@ static tt_ctx *tt_lb_new(int kind, const uint8_t *w, int n, int k, int kp, int a
 /* int8 levels [n, kp] (row stride kp bytes), row_scale [n], bias [n] or NULL */
 tt_ctx *tt_ctx_new_int8(const int8_t *w, int n, int k, int kp, const float *row_scale, const float *bias) {
     if (!row_scale || k > TT_I8_MAX_K) return NULL;
-    return tt_lb_new(TT_KIND_INT8, (const uint8_t *)w, n, k, kp, TT_I8_ALIGN, (size_t)kp, row_scale, bias);
+    tt_ctx *c = tt_lb_new(TT_KIND_INT8, (const uint8_t *)w, n, k, kp, TT_I8_ALIGN, (size_t)kp, row_scale, bias);
+    if (c && tt_cpu_has_avx512vnni()) { /* the VNNI route's row sums; without them the context runs AVX2 */
+        c->wsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
+        if (c->wsum) tt_i8_row_sums(w, n, k, (size_t)kp, c->wsum);
+    }
+    return c;
 }
 
 /* int4 offset nibbles [n, kp / 2]; group_scales [n, ceil(k / group)] (copied), group 32 / 64 / 128 */

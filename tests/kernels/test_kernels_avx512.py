@@ -89,6 +89,16 @@ def _decode_i2s_r4(data: np.ndarray, n: int, kb: int) -> np.ndarray:
     return q.transpose(0, 2, 1, 3, 4).reshape(ng * 4, kb * 128).astype(np.int64)
 
 
+def _run_cases(emu_dir, kind: str, cases: dict, n: int):
+    """Run job ``kind`` over ``n`` cases on the emulated Xeon; returns its outputs (an npz)."""
+    np.savez(emu_dir / f"{kind}.npz", n=np.array(n), **cases)
+    res = emu.run_in_guest(emu_dir, "sapphire_rapids", build.library_path(),
+                           {"kind": kind, "cases": str(emu_dir / f"{kind}.npz"),
+                            "out": str(emu_dir / f"{kind}-out.npz")})
+    assert res["cases"] == n
+    return np.load(emu_dir / f"{kind}-out.npz")
+
+
 # (N, K, T): N not a multiple of 4 or 8 groups, K not a multiple of the 128-weight block, every
 # token-quad remainder, one-block and many-block rows
 SHAPES = [(1, 1, 1), (5, 130, 1), (7, 255, 3), (12, 128, 2), (33, 384, 5), (64, 1000, 4), (260, 640, 9),
@@ -112,12 +122,7 @@ def test_emulated_vnni_dots_bit_exact(emu_dir):
             x[:, :k] = -128  # the extreme activation with every code
         cases.update({f"w{i}": data, f"x{i}": x, f"shape{i}": np.array([kb, q.shape[0] // 4, t])})
         refs.append(x.astype(np.int64) @ q.T)
-    cases["n"] = np.array(len(SHAPES))
-    np.savez(emu_dir / "cases.npz", **cases)
-    res = emu.run_in_guest(emu_dir, "sapphire_rapids", build.library_path(),
-                           {"kind": "dots", "cases": str(emu_dir / "cases.npz"), "out": str(emu_dir / "dots.npz")})
-    assert res["cases"] == len(SHAPES)
-    got = np.load(emu_dir / "dots.npz")
+    got = _run_cases(emu_dir, "dots", cases, len(SHAPES))
     for i, ref in enumerate(refs):
         assert np.array_equal(got[f"d{i}"].astype(np.int64), ref), f"shape {SHAPES[i]}"
 
@@ -158,13 +163,7 @@ def test_emulated_vnni_route_equals_the_portable_kernel(emu_dir):
                       f"bias{i}": bias, f"xq{i}": xq, f"xs{i}": xs,
                       f"sx{i}": xq.astype(np.int32).sum(1).astype(np.int32),
                       f"shape{i}": np.array([n, kb, m, cg, raw])})
-    cases["n"] = np.array(len(shapes))
-    np.savez(emu_dir / "serial.npz", **cases)
-    res = emu.run_in_guest(emu_dir, "sapphire_rapids", build.library_path(),
-                           {"kind": "serial", "cases": str(emu_dir / "serial.npz"),
-                            "out": str(emu_dir / "serial-out.npz")})
-    assert res["cases"] == len(shapes)
-    got = np.load(emu_dir / "serial-out.npz")
+    got = _run_cases(emu_dir, "serial", cases, len(shapes))
     for i, ref in enumerate(refs):
         assert got[f"r{i}"].dtype == ref.dtype and np.array_equal(got[f"r{i}"], ref), f"shape {shapes[i]}"
 
@@ -198,11 +197,6 @@ def test_emulated_int8_vnni_route_equals_the_portable_kernel(emu_dir):
         xp[:, :k] = xq
         cases.update({f"w{i}": np.ascontiguousarray(ref.packed.data).reshape(-1), f"wscale{i}": ref.w_scale,
                       f"bias{i}": bias, f"xq{i}": xp, f"xs{i}": xs, f"shape{i}": np.array([n, k, kp, m, cg, raw])})
-    cases["n"] = np.array(len(shapes))
-    np.savez(emu_dir / "i8.npz", **cases)
-    res = emu.run_in_guest(emu_dir, "sapphire_rapids", build.library_path(),
-                           {"kind": "i8serial", "cases": str(emu_dir / "i8.npz"), "out": str(emu_dir / "i8-out.npz")})
-    assert res["cases"] == len(shapes)
-    got = np.load(emu_dir / "i8-out.npz")
+    got = _run_cases(emu_dir, "i8serial", cases, len(shapes))
     for i, ref in enumerate(refs):
         assert got[f"r{i}"].dtype == ref.dtype and np.array_equal(got[f"r{i}"], ref), f"shape {shapes[i][:4]}"

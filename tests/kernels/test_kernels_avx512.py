@@ -1,4 +1,4 @@
-"""The AVX-512 VNNI routes of the ternary and int8 kernels: dispatch and results, bit-exact.
+"""The AVX-512 VNNI routes of the ternary, int8 and int4 kernels: dispatch and results.
 
 Where the CPU has AVX-512 VNNI, the shared kernel tests (kernel_backends.BACKENDS) run the route
 natively through every entry point. Here the route's leaf function and the CPUID/XCR0 check run
@@ -62,7 +62,7 @@ def test_lowbit_kinds_report_the_code_they_run():
     from tritlm.kernels.cpu.lowbit import BinaryLinearKernel, Int8LinearKernel
 
     if not HAS_AVX512:
-        pytest.skip("needs AVX-512 VNNI (int8 has a VNNI route; binary / int4 run AVX2 there)")
+        pytest.skip("needs AVX-512 VNNI (int8 has a VNNI route; binary runs AVX2 there)")
     k = Int8LinearKernel(torch.randint(-127, 128, (8, 64), dtype=torch.int8), 1.0, backend="avx512")
     assert k.backend == "avx512" and LIB.tt_ctx_get_isa(k._ctx) == 2
     b = BinaryLinearKernel(torch.randint(0, 2, (8, 128), dtype=torch.int8) * 2 - 1, 1.0, backend="avx512")
@@ -89,14 +89,17 @@ def _decode_i2s_r4(data: np.ndarray, n: int, kb: int) -> np.ndarray:
     return q.transpose(0, 2, 1, 3, 4).reshape(ng * 4, kb * 128).astype(np.int64)
 
 
-def _run_cases(emu_dir, kind: str, cases: dict, n: int):
-    """Run job ``kind`` over ``n`` cases on the emulated Xeon; returns its outputs (an npz)."""
-    np.savez(emu_dir / f"{kind}.npz", n=np.array(n), **cases)
+def _run_cases(emu_dir, job: str, cases: dict, n: int, weights: str | None = None):
+    """Run ``job`` over ``n`` cases (of ``weights`` kind, for "serial") on the emulated Xeon;
+    returns its outputs (an npz)."""
+    name = f"{job}-{weights}"
+    kinds = {f"kind{i}": np.array(weights) for i in range(n)} if weights else {}
+    np.savez(emu_dir / f"{name}.npz", n=np.array(n), **cases, **kinds)
     res = emu.run_in_guest(emu_dir, "sapphire_rapids", build.library_path(),
-                           {"kind": kind, "cases": str(emu_dir / f"{kind}.npz"),
-                            "out": str(emu_dir / f"{kind}-out.npz")})
+                           {"kind": job, "cases": str(emu_dir / f"{name}.npz"),
+                            "out": str(emu_dir / f"{name}-out.npz")})
     assert res["cases"] == n
-    return np.load(emu_dir / f"{kind}-out.npz")
+    return np.load(emu_dir / f"{name}-out.npz")
 
 
 # (N, K, T): N not a multiple of 4 or 8 groups, K not a multiple of the 128-weight block, every
@@ -124,7 +127,7 @@ def test_emulated_vnni_dots_bit_exact(emu_dir):
         refs.append(x.astype(np.int64) @ q.T)
     got = _run_cases(emu_dir, "dots", cases, len(SHAPES))
     for i, ref in enumerate(refs):
-        assert np.array_equal(got[f"d{i}"].astype(np.int64), ref), f"shape {SHAPES[i]}"
+        assert np.array_equal(got[f"r{i}"].astype(np.int64), ref), f"shape {SHAPES[i]}"
 
 
 def test_emulated_vnni_faults_without_the_instructions(emu_dir):
@@ -163,7 +166,7 @@ def test_emulated_vnni_route_equals_the_portable_kernel(emu_dir):
                       f"bias{i}": bias, f"xq{i}": xq, f"xs{i}": xs,
                       f"sx{i}": xq.astype(np.int32).sum(1).astype(np.int32),
                       f"shape{i}": np.array([n, kb, m, cg, raw])})
-    got = _run_cases(emu_dir, "serial", cases, len(shapes))
+    got = _run_cases(emu_dir, "serial", cases, len(shapes), "ternary")
     for i, ref in enumerate(refs):
         assert got[f"r{i}"].dtype == ref.dtype and np.array_equal(got[f"r{i}"], ref), f"shape {shapes[i]}"
 
@@ -197,6 +200,43 @@ def test_emulated_int8_vnni_route_equals_the_portable_kernel(emu_dir):
         xp[:, :k] = xq
         cases.update({f"w{i}": np.ascontiguousarray(ref.packed.data).reshape(-1), f"wscale{i}": ref.w_scale,
                       f"bias{i}": bias, f"xq{i}": xp, f"xs{i}": xs, f"shape{i}": np.array([n, k, kp, m, cg, raw])})
-    got = _run_cases(emu_dir, "i8serial", cases, len(shapes))
+    got = _run_cases(emu_dir, "serial", cases, len(shapes), "int8")
     for i, ref in enumerate(refs):
         assert got[f"r{i}"].dtype == ref.dtype and np.array_equal(got[f"r{i}"], ref), f"shape {shapes[i][:4]}"
+
+
+@pytest.mark.parametrize("unit", [True, False], ids=["integer-sums", "random-scales"])
+def test_emulated_int4_vnni_route_matches_the_portable_kernel(emu_dir, unit):
+    """The int4 route on the emulated Xeon against the native portable kernel, every group size:
+    exactly equal where every partial sum is an integer below 2^24 (unit scales), else within the
+    rounding of a float32 sum taken in another order (as the AVX2 route)."""
+    from tritlm.kernels.cpu.lowbit import Int4LinearKernel
+
+    rng = np.random.default_rng(3)
+    # (N, K, group, M, groups per chunk): K short of the 64-weight block, N not a multiple of 4
+    shapes = [(5, 100, 32, 1, 1), (37, 300, 64, 3, 2), (18, 640, 128, 2, 8), (9, 256, 32, 5, 1), (64, 1000, 64, 1, 3)]
+    cases, refs = {}, []
+    for i, (n, k, g, m, cg) in enumerate(shapes):
+        q = rng.integers(-7, 8, (n, k), dtype=np.int8)
+        ng = -(-k // g)
+        gs = np.ones((n, ng), np.float32) if unit else rng.uniform(0.01, 2.0, (n, ng)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32) if (i % 2 and not unit) else np.zeros(0, np.float32)
+        ref = Int4LinearKernel(torch.from_numpy(q), torch.from_numpy(gs), g,
+                               torch.from_numpy(bias) if bias.size else None, backend="portable", threads=1)
+        kp = ref.k_padded
+        xq = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        xs = np.ones(m, np.float32) if unit else rng.uniform(0.5, 100.0, m).astype(np.float32)
+        refs.append(ref.matmul_int8(xq, xs))
+        gpad = np.zeros((n, -(-kp // g)), np.float32)
+        gpad[:, :ng] = gs
+        xp = np.zeros((m, kp), dtype=np.int8)
+        xp[:, :k] = xq
+        cases.update({f"w{i}": np.ascontiguousarray(ref.packed.data).reshape(-1), f"gscale{i}": gpad, f"bias{i}": bias,
+                      f"xq{i}": xp, f"xs{i}": xs, f"shape{i}": np.array([n, k, kp, g, m, cg])})
+    got = _run_cases(emu_dir, "serial", cases, len(shapes), "int4")
+    for i, ref in enumerate(refs):
+        y = got[f"r{i}"]
+        if unit:
+            assert np.array_equal(y, ref), f"shape {shapes[i]}"
+        else:
+            assert np.abs(y.astype(np.float64) - ref).max() <= 1e-5 * np.abs(ref).max(), f"shape {shapes[i]}"

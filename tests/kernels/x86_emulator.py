@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -155,6 +156,12 @@ class Guest:
             addr, n = addr + k, n - k
         return bytes(out)
 
+    def put(self, array) -> int:
+        """Copy a numpy array (C order) into fresh guest memory; its address."""
+        import numpy as np
+
+        return self.alloc(np.ascontiguousarray(array).tobytes())
+
     def alloc(self, data: bytes | int) -> int:
         n = data if isinstance(data, int) else len(data)
         a = (self.brk + PAGE - 1) // PAGE * PAGE
@@ -242,60 +249,66 @@ def run_in_guest(workdir: Path, model: str, lib: Path, job: dict, xcr0: int = 0x
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _case_dots(guest: Guest, syms: dict, d: dict):
+    """tt_vnni_dots: raw dots of ngroups 4-row groups and T tokens."""
+    import numpy as np
+
+    kb, ng, t = (int(v) for v in d["shape"])
+    pd = guest.alloc(4 * t * 4 * ng)
+    guest.call(syms["tt_vnni_dots"], guest.put(d["w"]), kb, ng, guest.put(d["x"]), d["x"].shape[1], t, pd, 4 * ng)
+    return np.frombuffer(guest.read(pd, 4 * t * 4 * ng), dtype=np.int32).reshape(t, 4 * ng)
+
+
+def _case_serial(guest: Guest, syms: dict, d: dict):
+    """tt_vnni_run_serial (ternary) / tt_vnni_i8_run_serial / tt_vnni_i4_run_serial: a whole matrix
+    through the route's chunking and epilogue; float outputs, or raw int32 dots (``raw``)."""
+    import numpy as np
+
+    kind = d["kind"]
+    if kind == "ternary":
+        n, kb, m, cg, raw = (int(v) for v in d["shape"])
+    elif kind == "int8":
+        n, k, kp, m, cg, raw = (int(v) for v in d["shape"])
+    else:
+        n, k, kp, g, m, cg = (int(v) for v in d["shape"])
+        raw = 0
+    res = guest.alloc(4 * m * n)
+    out, dots = (0, res) if raw else (res, 0)
+    bias = guest.put(d["bias"]) if d["bias"].size else 0
+    w, xq, xs, ldx = guest.put(d["w"]), guest.put(d["xq"]), guest.put(d["xs"]), d["xq"].shape[1]
+    if kind == "ternary":
+        guest.call(syms["tt_vnni_run_serial"], w, n, kb, guest.put(d["wscale"]), bias, xq, ldx, m, xs,
+                   guest.put(d["sx"]), out, dots, cg)
+    elif kind == "int8":
+        guest.call(syms["tt_vnni_i8_run_serial"], w, n, k, kp, guest.put(d["wscale"]), bias, guest.alloc(4 * n), xq,
+                   ldx, m, xs, out, dots, cg)
+    else:
+        guest.call(syms["tt_vnni_i4_run_serial"], w, n, k, kp, g, guest.put(d["gscale"]), bias, xq, ldx, m, xs, out,
+                   cg)
+    return np.frombuffer(guest.read(res, 4 * m * n), dtype=np.int32 if raw else np.float32).reshape(m, n)
+
+
 def _job(guest: Guest, syms: dict, job: dict, workdir: Path) -> dict:
-    """``job["kind"]``: "has_vnni" -> tt_has_avx512vnni(); "dots" -> tt_vnni_dots over the cases of
-    the .npz file ``job["cases"]`` (w, x, kb, ngroups, T per case), dots written to ``job["out"]``;
-    "serial" -> tt_vnni_run_serial (the route's chunking and epilogue) per case; "i8serial" -> the
-    int8 route's tt_vnni_i8_run_serial."""
+    """``job["kind"]``: "has_vnni" -> tt_has_avx512vnni(); "dots" / "serial" -> :func:`_case_dots` /
+    :func:`_case_serial` over the cases of the .npz file ``job["cases"]`` (arrays ``{name}{i}`` for
+    case i; serial cases name their weight kind), outputs ``r{i}`` written to ``job["out"]``."""
     import numpy as np
 
     if job["kind"] == "has_vnni":
         return {"has_vnni": int(guest.call(syms["tt_has_avx512vnni"]) & 0xFFFFFFFF)}
-    if job["kind"] == "dots":
-        data = np.load(job["cases"])
-        out = {}
-        for i in range(int(data["n"])):
-            w, x = data[f"w{i}"], data[f"x{i}"]
-            kb, ng, t = (int(v) for v in data[f"shape{i}"])
-            pw, px = guest.alloc(w.tobytes()), guest.alloc(x.tobytes())
-            pd = guest.alloc(4 * t * 4 * ng)
-            guest.call(syms["tt_vnni_dots"], pw, kb, ng, px, x.shape[1], t, pd, 4 * ng)
-            out[f"d{i}"] = np.frombuffer(guest.read(pd, 4 * t * 4 * ng), dtype=np.int32).reshape(t, 4 * ng)
-        np.savez(job["out"], **out)
-        return {"cases": len(out)}
-    if job["kind"] == "serial":
-        data = np.load(job["cases"])
-        out = {}
-        for i in range(int(data["n"])):
-            n, kb, m, cg, raw = (int(v) for v in data[f"shape{i}"])
-            xq = data[f"xq{i}"]
-            bias = data[f"bias{i}"]
-            ptrs = [guest.alloc(np.ascontiguousarray(a).tobytes()) for a in
-                    (data[f"w{i}"], data[f"wscale{i}"], bias, xq, data[f"xs{i}"], data[f"sx{i}"])]
-            res = guest.alloc(4 * m * n)
-            pw, pws, pb, pxq, pxs, psx = ptrs
-            guest.call(syms["tt_vnni_run_serial"], pw, n, kb, pws, pb if bias.size else 0, pxq, xq.shape[1], m, pxs,
-                       psx, 0 if raw else res, res if raw else 0, cg)
-            dt = np.int32 if raw else np.float32
-            out[f"r{i}"] = np.frombuffer(guest.read(res, 4 * m * n), dtype=dt).reshape(m, n)
-        np.savez(job["out"], **out)
-        return {"cases": len(out)}
-    if job["kind"] == "i8serial":
-        data = np.load(job["cases"])
-        out = {}
-        for i in range(int(data["n"])):
-            n, k, kp, m, cg, raw = (int(v) for v in data[f"shape{i}"])
-            xq, bias = data[f"xq{i}"], data[f"bias{i}"]
-            pw, pws, pb, pxq, pxs = (guest.alloc(np.ascontiguousarray(a).tobytes()) for a in
-                                     (data[f"w{i}"], data[f"wscale{i}"], bias, xq, data[f"xs{i}"]))
-            psum, res = guest.alloc(4 * n), guest.alloc(4 * m * n)
-            guest.call(syms["tt_vnni_i8_run_serial"], pw, n, k, kp, pws, pb if bias.size else 0, psum, pxq, xq.shape[1],
-                       m, pxs, 0 if raw else res, res if raw else 0, cg)
-            dt = np.int32 if raw else np.float32
-            out[f"r{i}"] = np.frombuffer(guest.read(res, 4 * m * n), dtype=dt).reshape(m, n)
-        np.savez(job["out"], **out)
-        return {"cases": len(out)}
-    raise ValueError(f"unknown job {job['kind']!r}")
+    run = {"dots": _case_dots, "serial": _case_serial}[job["kind"]]
+    data = np.load(job["cases"])
+    cases: dict[int, dict] = {i: {} for i in range(int(data["n"]))}
+    for key in data.files:
+        m = re.fullmatch(r"([a-z]+)(\d+)", key)
+        if m:
+            cases[int(m.group(2))][m.group(1)] = data[key]
+    out = {}
+    for i, case in cases.items():
+        case["kind"] = str(case.get("kind", "ternary"))
+        out[f"r{i}"] = run(guest, syms, case)
+    np.savez(job["out"], **out)
+    return {"cases": len(out)}
 
 
 def _main(argv: list[str]) -> int:

@@ -4,8 +4,8 @@ the settings of the thread pool and the parameter tuning loop (:func:`tune`).
 
 Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL``, else "auto"):
 
-* ``"avx512"``   - the compiled C library, AVX-512 VNNI ``vpdpbusd`` routes for ternary and int8
-  weights (CPUs with AVX512 F/BW/VL/VNNI and an OS that saves the ZMM state); int4, binary, the
+* ``"avx512"``   - the compiled C library, AVX-512 VNNI ``vpdpbusd`` routes for ternary, int8 and
+  int4 weights (CPUs with AVX512 F/BW/VL/VNNI and an OS that saves the ZMM state); binary, the
   quantiser and the fp16 head use the AVX2 code there;
 * ``"avx2"``     - the compiled C library, AVX2 ``maddubs`` route (x86-64 with AVX2 + FMA);
 * ``"portable"`` - the compiled C library, plain C loops (any CPU);

@@ -7,7 +7,7 @@
  * 2 loads, 7 shift/and, 8 vpdpbusd, against the AVX2 route's 4 loads, 28 shift/and, 16 maddubs
  * and 16 adds.
  *
- * The int8 kind's VNNI route is in tritlm_intk.c (next to its epilogue).
+ * The int8 and int4 kinds' VNNI routes are in tritlm_intk.c (next to their epilogues).
  *
  * Included by tritlm_cpu.c (it uses tt_job, tt_store and the chunking). The dots are the same
  * exact integers as the other routes and the epilogue is the shared tt_store, so the results are

@@ -464,6 +464,104 @@ static void tt_lb_task_vnni_i8(const void *arg, int chunk) {
     }
 }
 
+/* int4 on AVX-512 VNNI: the offset nibbles (q + 8, 1..15) are already unsigned, so vpdpbusd takes
+ * them as they are and 8 * (lane sums of x) comes back out, lane by lane (each int32 lane sums the
+ * same 4 bytes of both): exact group partial dots. A 64-byte vector is one block of a row: its low
+ * nibbles (weights 64b .. 64b+31) in lanes 0-7 against x[64b ..], its high nibbles in lanes 8-15
+ * against x[64b + 32 ..], so one contiguous load of x serves the block. The lanes are converted,
+ * scaled by their group's scale and summed in float (the AVX2 route's way; the portable route adds
+ * in another order, so int4 results agree to rounding, and exactly where every sum is an integer
+ * below 2^24). R rows x T tokens, group G (32 / 64 / 128) a constant at the call sites. */
+TT_VNNI_INLINE void tt_vnni_i4_tile(const uint8_t *const *w, const float *const *gs, const int8_t *x, size_t ldx, int nb,
+                                    int G, int R, int T, float res[4][4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
+    for (int b = 0; b < nb; b++) {
+        __m512i u[4];
+        __m512 s[4];
+        if (ahead && (b & 1) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + (size_t)b * 32 + ahead), _MM_HINT_NTA);
+        for (int r = 0; r < R; r++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w[r] + (size_t)b * 32));
+            u[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
+                                      _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
+            if (G == 32) s[r] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(gs[r][2 * b]), _mm512_set1_ps(gs[r][2 * b + 1]));
+            else s[r] = _mm512_set1_ps(gs[r][G == 64 ? b : b >> 1]);
+        }
+        for (int t = 0; t < T; t++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(x + (size_t)t * ldx + (size_t)b * 64));
+            const __m512i corr = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xv), 3);
+            for (int r = 0; r < R; r++) {
+                const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u[r], xv), corr);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s[r], acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+#define TT_VNNI_I4(NAME, G, R, T)                                                                             \
+    TT_VNNI_FN static void NAME(const uint8_t *const *w, const float *const *gs, const int8_t *x, size_t ldx, \
+                                int nb, float res[4][4]) { tt_vnni_i4_tile(w, gs, x, ldx, nb, G, R, T, res); }
+TT_VNNI_I4(tt_vnni_i4_g32_4x1, 32, 4, 1)
+TT_VNNI_I4(tt_vnni_i4_g64_4x1, 64, 4, 1)
+TT_VNNI_I4(tt_vnni_i4_g128_4x1, 128, 4, 1)
+TT_VNNI_I4(tt_vnni_i4_g32_4x2, 32, 4, 2)
+TT_VNNI_I4(tt_vnni_i4_g64_4x2, 64, 4, 2)
+TT_VNNI_I4(tt_vnni_i4_g128_4x2, 128, 4, 2)
+#undef TT_VNNI_I4
+
+/* rows of a chunk 4 at a time (the last tile repeats its last row: computed, not stored), tokens in
+ * pairs (one token: the GEMV tile), then the int4 epilogue */
+static void tt_lb_task_vnni_i4(const void *arg, int chunk) {
+    const tt_job *J = (const tt_job *)arg;
+    const tt_ctx *c = J->c;
+    int g0, g1;
+    tt_chunk_groups(J, chunk, &g0, &g1);
+    const int r0 = 4 * g0, r1 = 4 * g1 < c->n ? 4 * g1 : c->n, nb = c->kp / 64;
+    for (int t0 = 0; t0 < J->m; t0 += 2) {
+        const int T = J->m - t0 == 1 ? 1 : 2;
+        for (int row = r0; row < r1; row += 4) {
+            const uint8_t *w[4];
+            const float *gs[4];
+            float res[4][4];
+            tt_lb_rows(c, row, r1, 4, w, gs);
+            const int8_t *x = J->xq + (size_t)t0 * J->ldx;
+            if (T == 1) {
+                if (c->group == 32) tt_vnni_i4_g32_4x1(w, gs, x, J->ldx, nb, res);
+                else if (c->group == 64) tt_vnni_i4_g64_4x1(w, gs, x, J->ldx, nb, res);
+                else tt_vnni_i4_g128_4x1(w, gs, x, J->ldx, nb, res);
+            } else {
+                if (c->group == 32) tt_vnni_i4_g32_4x2(w, gs, x, J->ldx, nb, res);
+                else if (c->group == 64) tt_vnni_i4_g64_4x2(w, gs, x, J->ldx, nb, res);
+                else tt_vnni_i4_g128_4x2(w, gs, x, J->ldx, nb, res);
+            }
+            for (int r = 0; r < 4 && row + r < r1; r++)
+                for (int t = 0; t < T; t++) tt_lb_store_f(J, t0 + t, row + r, res[r][t]);
+        }
+    }
+}
+
+/* the int4 route on the calling thread: the emulator tests' entry. gscale [n, ceil(kp / group)]
+ * (groups past ceil(k / group) zero), as tt_ctx_new_int4 lays them out. */
+TT_VNNI_FN void tt_vnni_i4_run_serial(const uint8_t *w, int n, int k, int kp, int group, const float *gscale,
+                                      const float *bias, const int8_t *xq, size_t ldx, int m, const float *xs,
+                                      float *out, int cg) {
+    tt_ctx c;
+    c.w = w; c.n = n; c.k = k; c.kp = kp; c.rowb = (size_t)kp / 2; c.ngroups = (n + 3) / 4;
+    c.group = group; c.ngk = (kp + group - 1) / group; c.gscale = (float *)gscale; c.bias = (float *)bias;
+    c.wscale = NULL; c.wsum = NULL; c.isa = 2; c.kind = TT_KIND_INT4;
+    tt_job J;
+    J.c = &c; J.xq = xq; J.ldx = ldx; J.m = m; J.xs = xs; J.sx = NULL; J.out = out; J.dots = NULL;
+    J.cg = cg < 1 ? 1 : cg;
+    for (int ch = 0; ch * J.cg < c.ngroups; ch++) tt_lb_task_vnni_i4(&J, ch);
+}
+
 /* the int8 route over a whole matrix on the calling thread (as tt_vnni_run_serial for ternary):
  * the emulator tests' entry. wsum: scratch [n], filled here with tt_i8_row_sums. */
 TT_VNNI_FN void tt_vnni_i8_run_serial(const int8_t *w, int n, int k, int kp, const float *wscale, const float *bias,
@@ -504,6 +602,7 @@ static void tt_lb_run(tt_job *J, int nth) {
     const int nchunks = (c->ngroups + J->cg - 1) / J->cg;
 #if TT_X86
     if (c->isa == 2 && c->kind == TT_KIND_INT8) { tt_parallel(tt_lb_task_vnni_i8, J, nchunks, nth); return; }
+    if (c->isa == 2 && c->kind == TT_KIND_INT4) { tt_parallel(tt_lb_task_vnni_i4, J, nchunks, nth); return; }
     if (c->isa) { tt_parallel(tt_lb_task_avx2, J, nchunks, nth); return; }
 #endif
     tt_parallel(tt_lb_task_portable, J, nchunks, nth);

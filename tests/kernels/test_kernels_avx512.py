@@ -1,4 +1,4 @@
-"""The AVX-512 VNNI routes of the ternary, int8 and int4 kernels: dispatch and results.
+"""The AVX-512 VNNI routes of every weight kind (ternary, int8, int4, binary): dispatch and results.
 
 Where the CPU has AVX-512 VNNI, the shared kernel tests (kernel_backends.BACKENDS) run the route
 natively through every entry point. Here the route's leaf function and the CPUID/XCR0 check run
@@ -58,15 +58,15 @@ def test_an_unavailable_avx512_request_falls_back_with_a_warning(caplog):
     assert k.backend == resolve_backend("auto") and LIB.tt_ctx_get_isa(k._ctx) != 2
 
 
-def test_lowbit_kinds_report_the_code_they_run():
-    from tritlm.kernels.cpu.lowbit import BinaryLinearKernel, Int8LinearKernel
+def test_every_kind_runs_its_vnni_route():
+    from tritlm.kernels.cpu.lowbit import BinaryLinearKernel, Int4LinearKernel, Int8LinearKernel
 
     if not HAS_AVX512:
-        pytest.skip("needs AVX-512 VNNI (int8 has a VNNI route; binary runs AVX2 there)")
-    k = Int8LinearKernel(torch.randint(-127, 128, (8, 64), dtype=torch.int8), 1.0, backend="avx512")
-    assert k.backend == "avx512" and LIB.tt_ctx_get_isa(k._ctx) == 2
-    b = BinaryLinearKernel(torch.randint(0, 2, (8, 128), dtype=torch.int8) * 2 - 1, 1.0, backend="avx512")
-    assert b.backend == "avx2"
+        pytest.skip("needs AVX-512 VNNI")
+    for k in (Int8LinearKernel(torch.randint(-127, 128, (8, 64), dtype=torch.int8), 1.0, backend="avx512"),
+              Int4LinearKernel(torch.randint(-7, 8, (8, 64), dtype=torch.int8), torch.ones(8, 2), 32, backend="avx512"),
+              BinaryLinearKernel(torch.randint(0, 2, (8, 128), dtype=torch.int8) * 2 - 1, 1.0, backend="avx512")):
+        assert k.backend == "avx512" and LIB.tt_ctx_get_isa(k._ctx) == 2
 
 
 @pytest.mark.parametrize("model,xcr0,want", [
@@ -240,3 +240,34 @@ def test_emulated_int4_vnni_route_matches_the_portable_kernel(emu_dir, unit):
             assert np.array_equal(y, ref), f"shape {shapes[i]}"
         else:
             assert np.abs(y.astype(np.float64) - ref).max() <= 1e-5 * np.abs(ref).max(), f"shape {shapes[i]}"
+
+
+def test_emulated_binary_vnni_route_equals_the_portable_kernel(emu_dir):
+    """The binary route (bits spread to 0/1 bytes by per-lane shifts, 2 * sum(x where set) - sum x)
+    on the emulated Xeon: the native portable kernel's outputs and exact dots bit for bit."""
+    from tritlm.kernels.cpu.lowbit import BinaryLinearKernel
+
+    rng = np.random.default_rng(4)
+    shapes = [(5, 100, 1, 1, 0), (37, 300, 6, 2, 1), (64, 1000, 3, 8, 0), (10, 256, 17, 3, 1)]  # (N, K, M, cg, raw)
+    cases, refs = {}, []
+    for i, (n, k, m, cg, raw) in enumerate(shapes):
+        w = rng.integers(0, 2, (n, k), dtype=np.int8) * 2 - 1
+        ws = rng.uniform(0.01, 2.0, n).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32) if i % 2 else np.zeros(0, np.float32)
+        ref = BinaryLinearKernel(torch.from_numpy(w), torch.from_numpy(ws),
+                                 torch.from_numpy(bias) if bias.size else None, backend="portable", threads=1)
+        kp = ref.k_padded
+        xq = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        xs = rng.uniform(0.5, 100.0, m).astype(np.float32)
+        refs.append(ref.int_dots(xq) if raw else ref.matmul_int8(xq, xs))
+        if raw:
+            assert np.array_equal(refs[-1], xq.astype(np.int64) @ w.T.astype(np.int64))
+        xp = np.zeros((m, kp), dtype=np.int8)
+        xp[:, :k] = xq
+        cases.update({f"w{i}": np.ascontiguousarray(ref.packed.data).reshape(-1), f"wscale{i}": ref.w_scale,
+                      f"bias{i}": bias, f"xq{i}": xp, f"xs{i}": xs,
+                      f"sx{i}": xq.astype(np.int32).sum(1).astype(np.int32),
+                      f"shape{i}": np.array([n, k, kp, m, cg, raw])})
+    got = _run_cases(emu_dir, "serial", cases, len(shapes), "binary")
+    for i, ref in enumerate(refs):
+        assert got[f"r{i}"].dtype == ref.dtype and np.array_equal(got[f"r{i}"], ref), f"shape {shapes[i][:4]}"

@@ -260,14 +260,14 @@ def _case_dots(guest: Guest, syms: dict, d: dict):
 
 
 def _case_serial(guest: Guest, syms: dict, d: dict):
-    """tt_vnni_run_serial (ternary) / tt_vnni_i8_run_serial / tt_vnni_i4_run_serial: a whole matrix
+    """tt_vnni_run_serial (ternary) / tt_vnni_{i8,i4,b1}_run_serial: a whole matrix
     through the route's chunking and epilogue; float outputs, or raw int32 dots (``raw``)."""
     import numpy as np
 
     kind = d["kind"]
     if kind == "ternary":
         n, kb, m, cg, raw = (int(v) for v in d["shape"])
-    elif kind == "int8":
+    elif kind in ("int8", "binary"):
         n, k, kp, m, cg, raw = (int(v) for v in d["shape"])
     else:
         n, k, kp, g, m, cg = (int(v) for v in d["shape"])
@@ -278,6 +278,9 @@ def _case_serial(guest: Guest, syms: dict, d: dict):
     w, xq, xs, ldx = guest.put(d["w"]), guest.put(d["xq"]), guest.put(d["xs"]), d["xq"].shape[1]
     if kind == "ternary":
         guest.call(syms["tt_vnni_run_serial"], w, n, kb, guest.put(d["wscale"]), bias, xq, ldx, m, xs,
+                   guest.put(d["sx"]), out, dots, cg)
+    elif kind == "binary":
+        guest.call(syms["tt_vnni_b1_run_serial"], w, n, k, kp, guest.put(d["wscale"]), bias, xq, ldx, m, xs,
                    guest.put(d["sx"]), out, dots, cg)
     elif kind == "int8":
         guest.call(syms["tt_vnni_i8_run_serial"], w, n, k, kp, guest.put(d["wscale"]), bias, guest.alloc(4 * n), xq,

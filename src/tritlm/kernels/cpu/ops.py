@@ -4,9 +4,9 @@ the settings of the thread pool and the parameter tuning loop (:func:`tune`).
 
 Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL``, else "auto"):
 
-* ``"avx512"``   - the compiled C library, AVX-512 VNNI ``vpdpbusd`` routes for ternary, int8 and
-  int4 weights (CPUs with AVX512 F/BW/VL/VNNI and an OS that saves the ZMM state); binary, the
-  quantiser and the fp16 head use the AVX2 code there;
+* ``"avx512"``   - the compiled C library, AVX-512 VNNI ``vpdpbusd`` routes for every weight kind
+  (CPUs with AVX512 F/BW/VL/VNNI and an OS that saves the ZMM state); the quantiser, the fused
+  step's attention and the fp16 head use the AVX2 code there;
 * ``"avx2"``     - the compiled C library, AVX2 ``maddubs`` route (x86-64 with AVX2 + FMA);
 * ``"portable"`` - the compiled C library, plain C loops (any CPU);
 * ``"numpy"``    - pure numpy (exact, slow, ~4 bytes of RAM per weight), used with a logged warning
@@ -246,7 +246,7 @@ class LinearKernelBase:
         self._ctx = ctx
         self._finalizer = weakref.finalize(self, lib.tt_ctx_free, ctx)
         isa = lib.tt_ctx_set_isa(ctx, ISA_CODES[self.backend])
-        if self.backend == "avx512" and isa != 2:  # a kind without a VNNI route runs the AVX2 code
+        if self.backend == "avx512" and isa != 2:  # e.g. an int8 context without its row sums: AVX2
             self.backend = "avx2"
         self._fwd = lib.tt_forward_f32
         self._fwd_i8 = lib.tt_forward_i8

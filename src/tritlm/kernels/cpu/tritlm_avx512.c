@@ -7,7 +7,7 @@
  * 2 loads, 7 shift/and, 8 vpdpbusd, against the AVX2 route's 4 loads, 28 shift/and, 16 maddubs
  * and 16 adds.
  *
- * The int8 and int4 kinds' VNNI routes are in tritlm_intk.c (next to their epilogues).
+ * The int8, int4 and binary kinds' VNNI routes are in tritlm_intk.c (next to their epilogues).
  *
  * Included by tritlm_cpu.c (it uses tt_job, tt_store and the chunking). The dots are the same
  * exact integers as the other routes and the epilogue is the shared tt_store, so the results are
@@ -159,6 +159,16 @@ static void tt_task_vnni(const void *arg, int chunk) {
     }
 }
 
+/* The serial entries' driver (the emulator tests' entries, one per kind): the job over context c,
+ * every chunk of cg groups through `task` on the calling thread. */
+static void tt_run_serial(const tt_ctx *c, const int8_t *xq, size_t ldx, int m, const float *xs, const int32_t *sx,
+                          float *out, int32_t *dots, int cg, tt_chunk_fn task) {
+    tt_job J;
+    J.c = c; J.xq = xq; J.ldx = ldx; J.m = m; J.xs = xs; J.sx = sx; J.out = out; J.dots = dots;
+    J.cg = cg < 1 ? 1 : cg;
+    for (int ch = 0; ch * J.cg < c->ngroups; ch++) task(&J, ch);
+}
+
 /* The route over a whole matrix on the calling thread, without the pool, the locks or the
  * quantiser: chunks of cg groups, each through tt_task_vnni and the shared epilogue, as tt_run
  * cuts them. Only the emulator tests call it (a leaf: no libc, no globals). sx[t] = sum_k xq[t, k];
@@ -169,10 +179,7 @@ TT_VNNI_FN void tt_vnni_run_serial(const uint8_t *w, int n, int kb, const float 
     tt_ctx c; /* only the fields the task and tt_store read */
     c.w = w; c.n = n; c.kb = kb; c.kp = kb * TT_BLOCK; c.k = c.kp; c.ngroups = (n + 3) / 4;
     c.wscale = (float *)wscale; c.bias = (float *)bias; c.isa = 2; c.kind = TT_KIND_TERNARY;
-    tt_job J;
-    J.c = &c; J.xq = xq; J.ldx = ldx; J.m = m; J.xs = xs; J.sx = sx; J.out = out; J.dots = dots;
-    J.cg = cg < 1 ? 1 : cg;
-    for (int ch = 0; ch * J.cg < c.ngroups; ch++) tt_task_vnni(&J, ch);
+    tt_run_serial(&c, xq, ldx, m, xs, sx, out, dots, cg, tt_task_vnni);
 }
 #else
 static int tt_cpu_has_avx512vnni(void) { return 0; }

@@ -237,7 +237,7 @@ typedef struct {
     int n, k, kp, kb, ngroups;
     float *wscale;     /* [n] */
     float *bias;       /* [n] or NULL */
-    int isa;           /* 2 = AVX-512 VNNI (ternary, int8, int4), 1 = AVX2, 0 = portable */
+    int isa;           /* 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable */
     tt_params params[TT_NBUCKETS];
     int8_t *xq;        /* workspace [cap_m, kp] */
     float *xs;         /* [cap_m] */
@@ -749,10 +749,10 @@ void tt_ctx_free(tt_ctx *c) {
     free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c->gscale); free(c->wsum); free(c);
 }
 
-/* isa: 2 = AVX-512 VNNI (ternary, int8 and int4 contexts; binary and CPUs without it get AVX2), 1 = AVX2
+/* isa: 2 = AVX-512 VNNI (every kind; CPUs without it get AVX2), 1 = AVX2
  * (0 when the CPU lacks it), 0 = portable. Returns the isa in use. */
 int tt_ctx_set_isa(tt_ctx *c, int isa) {
-    const int vnni_kind = c->kind == TT_KIND_TERNARY || c->kind == TT_KIND_INT4 || (c->kind == TT_KIND_INT8 && c->wsum);
+    const int vnni_kind = c->kind != TT_KIND_INT8 || c->wsum; /* int8 needs its row sums */
     if (isa == 2 && vnni_kind && tt_cpu_has_avx512vnni()) return c->isa = 2;
     c->isa = (isa && tt_cpu_has_avx2()) ? 1 : 0;
     return c->isa;

@@ -547,6 +547,81 @@ static void tt_lb_task_vnni_i4(const void *arg, int chunk) {
     }
 }
 
+/* binary on AVX-512 VNNI: a 16-byte block (128 weights; bit s of byte j = weight 16 s + j) is
+ * broadcast to the four 128-bit lanes, lane L shifted right by L (then by 4 + L) bits, so `& 1`
+ * gives the 0/1 bytes of weights 0..63 (64..127) in x's order: vpdpbusd(bits, x) sums the
+ * activations whose bit is set, exactly. R rows x T tokens over nb blocks. */
+TT_VNNI_INLINE void tt_vnni_b1_tile(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int R, int T,
+                                    int32_t res[4][4]) {
+    const __m512i one8 = _mm512_set1_epi8(1);
+    const __m512i sh0 = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0), sh1 = _mm512_add_epi64(sh0, _mm512_set1_epi64(4));
+    __m512i acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
+    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
+    for (int b = 0; b < nb; b++) {
+        __m512i lo[4], hi[4];
+        if (ahead && (b & 3) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + (size_t)b * 16 + ahead), _MM_HINT_NTA);
+        for (int r = 0; r < R; r++) {
+            const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(w[r] + (size_t)b * 16)));
+            lo[r] = _mm512_and_si512(_mm512_srlv_epi64(v, sh0), one8);
+            hi[r] = _mm512_and_si512(_mm512_srlv_epi64(v, sh1), one8);
+        }
+        for (int t = 0; t < T; t++) {
+            const int8_t *xb = x + (size_t)t * ldx + (size_t)b * 128;
+            const __m512i x0 = _mm512_loadu_si512((const void *)xb), x1 = _mm512_loadu_si512((const void *)(xb + 64));
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][t], lo[r], x0), hi[r], x1);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) res[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
+}
+
+TT_VNNI_FN static void tt_vnni_b1_4x1(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int32_t res[4][4]) {
+    tt_vnni_b1_tile(w, x, ldx, nb, 4, 1, res);
+}
+TT_VNNI_FN static void tt_vnni_b1_4x4(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int32_t res[4][4]) {
+    tt_vnni_b1_tile(w, x, ldx, nb, 4, 4, res);
+}
+TT_VNNI_FN static void tt_vnni_b1_4xT(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int T,
+                                      int32_t res[4][4]) {
+    tt_vnni_b1_tile(w, x, ldx, nb, 4, T, res);
+}
+
+/* rows of a chunk 4 at a time, token quads, then the binary epilogue (2 S - sum x) */
+static void tt_lb_task_vnni_b1(const void *arg, int chunk) {
+    const tt_job *J = (const tt_job *)arg;
+    const tt_ctx *c = J->c;
+    int g0, g1;
+    tt_chunk_groups(J, chunk, &g0, &g1);
+    const int r0 = 4 * g0, r1 = 4 * g1 < c->n ? 4 * g1 : c->n, nb = c->kp / 128;
+    for (int t0 = 0; t0 < J->m; t0 += 4) {
+        const int T = J->m - t0 < 4 ? J->m - t0 : 4;
+        for (int row = r0; row < r1; row += 4) {
+            const uint8_t *w[4];
+            int32_t res[4][4];
+            tt_lb_rows(c, row, r1, 4, w, NULL);
+            const int8_t *x = J->xq + (size_t)t0 * J->ldx;
+            if (T == 1) tt_vnni_b1_4x1(w, x, J->ldx, nb, res);
+            else if (T == 4) tt_vnni_b1_4x4(w, x, J->ldx, nb, res);
+            else tt_vnni_b1_4xT(w, x, J->ldx, nb, T, res);
+            tt_lb_store_tile_int(J, t0, T, row, r1, 4, res);
+        }
+    }
+}
+
+/* the binary route on the calling thread: the emulator tests' entry (sx[t] = sum_k xq[t, k]) */
+TT_VNNI_FN void tt_vnni_b1_run_serial(const uint8_t *w, int n, int k, int kp, const float *wscale, const float *bias,
+                                      const int8_t *xq, size_t ldx, int m, const float *xs, const int32_t *sx,
+                                      float *out, int32_t *dots, int cg) {
+    tt_ctx c;
+    c.w = w; c.n = n; c.k = k; c.kp = kp; c.rowb = (size_t)kp / 8; c.ngroups = (n + 3) / 4;
+    c.wscale = (float *)wscale; c.bias = (float *)bias; c.wsum = NULL; c.isa = 2; c.kind = TT_KIND_BINARY;
+    tt_run_serial(&c, xq, ldx, m, xs, sx, out, dots, cg, tt_lb_task_vnni_b1);
+}
+
 /* the int4 route on the calling thread: the emulator tests' entry. gscale [n, ceil(kp / group)]
  * (groups past ceil(k / group) zero), as tt_ctx_new_int4 lays them out. */
 TT_VNNI_FN void tt_vnni_i4_run_serial(const uint8_t *w, int n, int k, int kp, int group, const float *gscale,
@@ -556,10 +631,7 @@ TT_VNNI_FN void tt_vnni_i4_run_serial(const uint8_t *w, int n, int k, int kp, in
     c.w = w; c.n = n; c.k = k; c.kp = kp; c.rowb = (size_t)kp / 2; c.ngroups = (n + 3) / 4;
     c.group = group; c.ngk = (kp + group - 1) / group; c.gscale = (float *)gscale; c.bias = (float *)bias;
     c.wscale = NULL; c.wsum = NULL; c.isa = 2; c.kind = TT_KIND_INT4;
-    tt_job J;
-    J.c = &c; J.xq = xq; J.ldx = ldx; J.m = m; J.xs = xs; J.sx = NULL; J.out = out; J.dots = NULL;
-    J.cg = cg < 1 ? 1 : cg;
-    for (int ch = 0; ch * J.cg < c.ngroups; ch++) tt_lb_task_vnni_i4(&J, ch);
+    tt_run_serial(&c, xq, ldx, m, xs, NULL, out, NULL, cg, tt_lb_task_vnni_i4);
 }
 
 /* the int8 route over a whole matrix on the calling thread (as tt_vnni_run_serial for ternary):
@@ -571,10 +643,7 @@ TT_VNNI_FN void tt_vnni_i8_run_serial(const int8_t *w, int n, int k, int kp, con
     tt_ctx c;
     c.w = (const uint8_t *)w; c.n = n; c.k = k; c.kp = kp; c.rowb = (size_t)kp; c.ngroups = (n + 3) / 4;
     c.wscale = (float *)wscale; c.bias = (float *)bias; c.wsum = wsum; c.isa = 2; c.kind = TT_KIND_INT8;
-    tt_job J;
-    J.c = &c; J.xq = xq; J.ldx = ldx; J.m = m; J.xs = xs; J.sx = NULL; J.out = out; J.dots = dots;
-    J.cg = cg < 1 ? 1 : cg;
-    for (int ch = 0; ch * J.cg < c.ngroups; ch++) tt_lb_task_vnni_i8(&J, ch);
+    tt_run_serial(&c, xq, ldx, m, xs, NULL, out, dots, cg, tt_lb_task_vnni_i8);
 }
 #endif
 
@@ -603,6 +672,7 @@ static void tt_lb_run(tt_job *J, int nth) {
 #if TT_X86
     if (c->isa == 2 && c->kind == TT_KIND_INT8) { tt_parallel(tt_lb_task_vnni_i8, J, nchunks, nth); return; }
     if (c->isa == 2 && c->kind == TT_KIND_INT4) { tt_parallel(tt_lb_task_vnni_i4, J, nchunks, nth); return; }
+    if (c->isa == 2 && c->kind == TT_KIND_BINARY) { tt_parallel(tt_lb_task_vnni_b1, J, nchunks, nth); return; }
     if (c->isa) { tt_parallel(tt_lb_task_avx2, J, nchunks, nth); return; }
 #endif
     tt_parallel(tt_lb_task_portable, J, nchunks, nth);

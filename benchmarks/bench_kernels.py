@@ -1,11 +1,14 @@
-"""Ternary CPU kernels vs torch dense F.linear: decode (M=1) and prefill (M=128).
+"""Packed CPU kernels (ternary by default; --kind int8 / int4 / binary) vs torch dense F.linear:
+decode (M=1) and prefill (M=128), on the route $TRITLM_KERNEL picks (avx512 / avx2 / portable).
 
     .venv/bin/python benchmarks/bench_kernels.py            # table
     .venv/bin/python benchmarks/bench_kernels.py --json     # JSON on stdout (or --json out.json)
+    TRITLM_KERNEL=avx2 .venv/bin/python benchmarks/bench_kernels.py --kind int4
 
 Decode weights are streamed from DRAM as in a real model: every route cycles through enough
 copies of the weight matrix (>= --stream-mb in total) that nothing is left in the caches.
-"Floor" = the time to read the 2-bit weights once (N*K/4 bytes) at the read bandwidth measured
+"Floor" = the time to read the packed weights once (ternary N*K/4 bytes, int8 N*K, int4 N*K/2 plus
+its group scales, binary N*K/8) at the read bandwidth measured
 here with the same number of threads (numpy/torch sums over a large array, best of a few).
 Prefill is reported in GOP/s = 2*M*N*K / time. Every time is the median of one round of calls,
 best of --rounds rounds (the machine may be shared).
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tritlm.kernels import TernaryLinearKernel, kernel_info, set_num_threads
+from tritlm.kernels.cpu.lowbit import BinaryLinearKernel, Int4LinearKernel, Int8LinearKernel
 from tritlm.sysinfo import cpu_name
 
 SHAPES = [(2048, 2048), (4096, 4096), (11008, 4096)]
@@ -78,23 +82,52 @@ def _copies(nbytes: int, stream_bytes: int, m: int) -> int:
     return max(1, math.ceil(stream_bytes / nbytes)) if m == 1 else 1
 
 
+INT4_GROUP = 32  # the q4 head's group size
+
+
+def make_kernel(kind: str, w: np.ndarray, threads: int, like=None):
+    """A kernel of ``kind`` for levels ``w``; ``like``: another kernel's packed weights (a copy)."""
+    src = like.packed if like is not None else w
+    if kind == "ternary":
+        return TernaryLinearKernel(src, 0.5, threads=threads)
+    if kind == "int8":
+        return Int8LinearKernel(src, 0.5, threads=threads)
+    if kind == "binary":
+        return BinaryLinearKernel(src, 0.5, threads=threads)
+    return Int4LinearKernel(src, np.full((w.shape[0], -(-w.shape[1] // INT4_GROUP)), 0.5, np.float32), INT4_GROUP,
+                            threads=threads)
+
+
+def levels(kind: str, n: int, k: int, rng) -> np.ndarray:
+    if kind == "binary":
+        return rng.integers(0, 2, size=(n, k), dtype=np.int8) * 2 - 1
+    hi = {"ternary": 1, "int8": 127, "int4": 7}[kind]
+    return rng.integers(-hi, hi + 1, size=(n, k), dtype=np.int8)
+
+
+def packed_bytes(kind: str, n: int, k: int) -> int:
+    return {"ternary": n * k // 4, "int8": n * k, "binary": n * k // 8,
+            "int4": n * k // 2 + n * -(-k // INT4_GROUP) * 4}[kind]
+
+
 def bench_shape(n, k, m, threads, bw, args, rng):
-    w = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
+    w = levels(args.kind, n, k, rng)
     stream = args.stream_mb << 20
     reps = args.reps_decode if m == 1 else args.reps_prefill
     x_np = rng.standard_normal((m, k)).astype(np.float32)
     x = torch.from_numpy(x_np)
     set_num_threads(threads)
     torch.set_num_threads(threads)
-    row = {"n": n, "k": k, "m": m, "threads": threads}
+    row = {"n": n, "k": k, "m": m, "threads": threads, "kind": args.kind}
 
     # ours
-    base = TernaryLinearKernel(w, 0.5, threads=threads)
-    kerns = [base] + [TernaryLinearKernel(base.packed, 0.5, threads=threads)
-                      for _ in range(_copies(n * k // 4, stream, m) - 1)]
+    nbytes = packed_bytes(args.kind, n, k)
+    base = make_kernel(args.kind, w, threads)
+    kerns = [base] + [make_kernel(args.kind, w, threads, like=base) for _ in range(_copies(nbytes, stream, m) - 1)]
+    row["backend"] = base.backend
     out = torch.empty(m, n)
     row["ours_us"] = _time_rotating([lambda kk=kk: kk(x, out=out) for kk in kerns], reps, args.rounds) * 1e6
-    row["weight_bytes"] = n * k // 4
+    row["weight_bytes"] = nbytes
     del kerns
     if m == 1:
         floor_us = row["weight_bytes"] / bw * 1e6
@@ -153,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="rounds per measurement; the best is kept")
     ap.add_argument("--stream-mb", type=int, default=128, help="weight bytes cycled through for decode")
     ap.add_argument("--skip", default="", help="comma list of routes to skip: fp32,bf16")
+    ap.add_argument("--kind", choices=("ternary", "int8", "int4", "binary"), default="ternary",
+                    help=f"weight kind (int4: group {INT4_GROUP})")
     ap.add_argument("--tune", action="store_true", help="autotune each shape first (cached)")
     ap.add_argument("--json", nargs="?", const="-", default=None,
                     help="write JSON results to PATH (or stdout when no PATH)")
@@ -171,7 +206,7 @@ def main(argv=None):
         for t in threads:
             if args.tune:
                 set_num_threads(t)
-                TernaryLinearKernel(np.zeros((n, k), dtype=np.int8), threads=t).tune(ms=ms, threads=t)
+                make_kernel(args.kind, levels(args.kind, n, k, rng), t).tune(ms=ms, threads=t)
             for m in ms:
                 rows.append(bench_shape(n, k, m, t, bws[t], args, rng))
                 if args.json != "-":
@@ -187,7 +222,7 @@ def main(argv=None):
     if args.json == "-":
         print(json.dumps(result, indent=1))
         return result
-    print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} cores, backend {info['backend']}, "
+    print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} cores, {args.kind} on {info['backend']}, "
           f"torch {torch.__version__}, {result['date']}")
     print(fmt_table(rows, bws))
     if args.json:

@@ -3,9 +3,9 @@
  * 2-bit codes (0..2) by the signed int8 activations and adds groups of 4 products straight into
  * int32 lanes, so there is no int16 stage to saturate and no madd widening. A 64-byte vector holds
  * two rows' 32-byte slices of one 128-weight block (the i2s_r4 layout keeps a group's 4 rows
- * adjacent), and each 32-byte activation quarter is broadcast to both halves. Per 512 weights:
- * 2 loads, 7 shift/and, 8 vpdpbusd, against the AVX2 route's 4 loads, 28 shift/and, 16 maddubs
- * and 16 adds.
+ * adjacent), and each 32-byte activation quarter is broadcast to both halves. Per 512 weights
+ * (one block of a 4-row group): 2 weight loads, 14 shift/and, 8 vpdpbusd, against the AVX2
+ * route's 4 weight loads, 28 shift/and, 16 maddubs and 16 adds (4 activation loads each).
  *
  * The int8, int4 and binary kinds' VNNI routes are in tritlm_intk.c (next to their epilogues).
  *

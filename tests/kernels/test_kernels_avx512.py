@@ -1,10 +1,11 @@
 """The AVX-512 VNNI routes of every weight kind (ternary, int8, int4, binary): dispatch and results.
 
-Where the CPU has AVX-512 VNNI, the shared kernel tests (kernel_backends.BACKENDS) run the route
-natively through every entry point. Here the route's leaf function and the CPUID/XCR0 check run
-on emulated CPUs (Bochs: a Sapphire Rapids Xeon, a Cannon Lake without VNNI, an Arrow Lake without
-AVX-512), so they are tested on machines without the instructions too. The references are
-independent of the kernel: integer dots of the ternary weights in numpy, and /proc/cpuinfo.
+Where the CPU has AVX-512 VNNI, the shared kernel tests (kernel_backends.BACKENDS) run the routes
+natively through every entry point. Here the routes (each kind's dots, chunking and epilogue) and
+the CPUID/XCR0 check run on emulated CPUs (Bochs: a Sapphire Rapids Xeon, a Cannon Lake without
+VNNI, an Arrow Lake without AVX-512), so they are tested on machines without the instructions too.
+The references: numpy integer dots of codes decoded from the documented layout, the native
+portable kernels, and /proc/cpuinfo.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class FusedDecoder:
         return out
 
     def forward_rows(self, x: torch.Tensor, slots: list[int], pos: list[int], out: torch.Tensor,
-             threads: int = 0) -> torch.Tensor:
+                     threads: int = 0) -> torch.Tensor:
         """Row ``r`` is the token at position ``pos[r]`` of slot ``slots[r]`` (no two rows share
         both): one prompt (a slot's consecutive positions: causal, as every row's keys/values are
         written before any row attends) or several, in chunks of :attr:`rows` rows, a slot's

@@ -267,12 +267,9 @@ static void tt_qk_prep(const tt_dec *d, float *x, int nh, const float *norm, int
     for (int h = 0; h < nh; h++) {
         float *v = x + (size_t)h * hd;
         if (norm) tt_rmsnorm(v, hd, norm, d->eps, v);
-        if (hd % 2 == 0) { /* rotate_half: e's partner is e + half, then e - half (no division per element) */
-            for (int e = 0; e < half; e++) r[e] = v[e] * cs[e] + v[e + half] * sn[e];
-            for (int e = half; e < hd; e++) r[e] = v[e] * cs[e] + v[e - half] * sn[e];
-        } else {
-            for (int e = 0; e < hd; e++) r[e] = v[e] * cs[e] + v[(e + half) % hd] * sn[e];
-        }
+        /* rotate_half (hd is even: tt_dec_new): e's partner is e + half, then e - half */
+        for (int e = 0; e < half; e++) r[e] = v[e] * cs[e] + v[e + half] * sn[e];
+        for (int e = half; e < hd; e++) r[e] = v[e] * cs[e] + v[e - half] * sn[e];
         memcpy(v, r, sizeof(float) * (size_t)hd);
     }
 }

@@ -174,12 +174,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def load(path: str | Path, device: str = "cpu") -> LoadedModel:
+def load(path: str | Path, device: str = "cpu", kv_dtype: str = "auto") -> LoadedModel:
     """Load any model tritlm can read: a training run or checkpoint folder, a packed folder, a
     GGUF or .1bit file, a transformers folder, or a registry name.
 
     ``device``: see :func:`resolve_device`. A packed model on CUDA runs the GPU runtime (the
     Triton kernels, ``Engine(backend="triton")``); any other model moves there as it is.
+    ``kv_dtype``: a packed model's KV cache (``Engine``: "auto" is fp16 on the CPU runtime, as
+    llama.cpp's; "f32" keeps keys and values exact, as scoring does).
     """
     from tritlm.formats.native import is_native, load_native
     from tritlm.registry import resolve_path
@@ -197,12 +199,12 @@ def load(path: str | Path, device: str = "cpu") -> LoadedModel:
         from tritlm.infer.engine import load_engine
 
         if dev.type == "cpu":
-            eng = load_engine(p)
+            eng = load_engine(p, kv_dtype=kv_dtype)
         else:
             from tritlm.kernels.triton import require
 
             require(dev.type)
-            eng = load_engine(p, backend="triton", device=dev)
+            eng = load_engine(p, backend="triton", device=dev, kv_dtype=kv_dtype)
         return LoadedModel(eng.model, eng.tokenizer, p, "packed", engine=eng)
     got = load_interop(p)  # GGUF files, .1bit files, transformers folders
     if got is not None:

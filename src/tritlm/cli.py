@@ -253,7 +253,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
           model_name=a.model_name, api_key=a.api_key or os.environ.get("TRITLM_API_KEY"),
           max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
           chat_template=a.chat_template, max_batch=a.max_batch, max_queue=a.max_queue, threads=a.threads,
-          prefix_cache_mb=a.prefix_cache_mb, device=a.device, draft=a.draft, draft_k=a.draft_k)
+          prefix_cache_mb=a.prefix_cache_mb, device=a.device, draft=a.draft, draft_k=a.draft_k,
+          kv_dtype=a.kv_dtype)
     return 0
 
 
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft", metavar="MODEL", help="speculative decoding with this smaller packed model (same "
                                                      "vocabulary); requests then run one at a time, not batched")
     s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    s.add_argument("--kv-dtype", choices=["auto", "f16", "f32"], default="auto",
+                   help="packed models' KV cache (auto: f16 on the CPU, half the memory of f32 and faster "
+                        "attention; f32: keys and values exact)")
     add_device_arg(s)
     s.set_defaults(fn=cmd_serve)
     from tritlm.cli_runtime import add_runtime_commands  # pack, bench, chat, profile, models

@@ -79,7 +79,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     res = bench_models([m for m in a.models.split(",") if m], threads,
                        decode_tokens=a.decode_tokens, prompt_tokens=a.prompt_tokens, dense=not a.no_dense,
-                       head=a.head, tune=a.tune, reps=a.reps,
+                       head=a.head, tune=a.tune, reps=a.reps, kv_dtype=a.kv_dtype,
                        quant_spec=load_quant_spec(a.quant_spec) if a.quant_spec else None)
     if a.json:
         print(json.dumps(res, indent=2))
@@ -235,6 +235,8 @@ def add_runtime_commands(sub) -> None:
     s.add_argument("--head", choices=["t4", "q8", "q4", "f16", "fp32"], default="t4",
                    help="LM head of the packed runtime (t4: 8 bits/weight, q8: int8 per row, q4: int4 per 32 "
                         "weights, approximate; f16, fp32: exact); llama.cpp gets Q8_0, Q8_0, Q4_0, F16, F32")
+    s.add_argument("--kv-dtype", choices=["f16", "f32"], default="f16",
+                   help="KV cache of the packed runtime (f16: the runtime's default and llama-bench's)")
     s.add_argument("--tune", action="store_true",
                    help="autotune the kernel parameters of every shape first (cached for later runs)")
     s.add_argument("--reps", type=int, default=3,

@@ -171,7 +171,7 @@ def test_bench_json_rows_and_ratios(tmp_path, monkeypatch):
         assert any(f"|n={n}|k={k}|m=1|t=1|" in key for key in tuned), (n, k)
     (m,) = res["models"]
     impls = [r["impl"] for r in m["rows"]]
-    assert impls[:2] == ["bandwidth ceiling", "tritlm packed (head t4)"]
+    assert impls[:2] == ["bandwidth ceiling", "tritlm packed (head t4, kv f16)"] and m["kv_dtype"] == "f16"
     assert "torch dense bf16" in impls and ("llama-cpp-python TQ2_0 (head Q8_0)" in impls) == available()
     assert ("llama-bench TQ2_0 (head Q8_0)" in impls) == (llama_bench_binary() is not None)
     for r in m["rows"][1:2] + [r for r in m["rows"] if r["impl"].startswith("llama-bench")]:

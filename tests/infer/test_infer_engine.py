@@ -56,7 +56,8 @@ def _model(**kw) -> Transformer:
 ], ids=["base", "gqa-qknorm", "relu2-subln-tied", "input-norm"])
 def test_engine_matches_training_forward(kw):
     m = _model(**kw)
-    eng = Engine(from_transformer(m, fp_dtype="fp32"), slots=2)
+    # f32 K/V: the packed math against the training forward (the fp16 cache: test_infer_kv_cache)
+    eng = Engine(from_transformer(m, fp_dtype="fp32"), slots=2, kv_dtype="f32")
     ids = torch.randint(0, 97, (30,)).tolist()
     with torch.no_grad():
         ref = m(torch.tensor([ids]))[0][0]

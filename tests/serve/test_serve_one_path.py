@@ -214,3 +214,21 @@ def test_server_with_a_draft_decodes_speculatively(paths, tmp_path):
     assert sampled != m.generate(PROMPT, 16, 0.9, seed=3)
     with pytest.raises(TritlmError, match="packed models"):
         build_app_for_model(paths["packed"], draft=paths["checkpoint"])
+
+
+def test_server_kv_dtype_reaches_the_engine(paths):
+    """`serve --kv-dtype`: the packed engine's cache is fp16 by default and f32 when asked, the
+    fused C step runs on either and serves a request; a bad value is a one-line error."""
+    from tritlm.errors import TritlmError
+    from tritlm.serve.app import build_app_for_model
+
+    for kv, want in (("auto", torch.float16), ("f32", torch.float32)):
+        app = build_app_for_model(paths["packed"], model_name="m", kv_dtype=kv, max_batch=2)
+        eng = app.state.engine.backend.runtime.engine
+        assert eng.k_cache[0].dtype == want and eng.fused is not None
+        with ServerThread(app) as srv:
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+                           timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    with pytest.raises(TritlmError, match="kv-dtype"):
+        build_app_for_model(paths["packed"], kv_dtype="bf16")

@@ -116,7 +116,9 @@ class TritlmLM(TemplateLM):
                 raise ValueError("the tritlm model needs path=MODEL (model_args path=...)")
             import tritlm
 
-            model = tritlm.load(path)
+            # exact K/V (no fp16 cache): a score must not depend on the batch size, and the
+            # batched log-likelihood forward runs without a cache
+            model = tritlm.load(path, kv_dtype="f32")
         self.lm = model
         self.path = str(path if path is not None else getattr(model, "path", ""))
         dev = model.model.embed_tokens.weight.device

@@ -369,7 +369,7 @@ def evaluate(model: Any, data: str | Path, *, protocol: str = "hf", ctx: int | N
     if isinstance(model, (str, Path)):
         from tritlm.api import load
 
-        model = load(model)
+        model = load(model, kv_dtype="f32")  # scores are the model's own: no fp16 rounding of K/V
     resolve_args(model, protocol, ctx, stride)  # bad arguments fail before the data is tokenised
     ids = read_eval_ids(data, model.tokenizer)
     return perplexity(model, ids, protocol=protocol, ctx=ctx, stride=stride, max_tokens=max_tokens,

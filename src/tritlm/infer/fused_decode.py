@@ -57,11 +57,15 @@ class FusedDecoder:
         keep: list = [eng.cos, eng.sin_signed, final_norm]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in keep):
             return None
+        kv16 = eng.k_cache[0].dtype == torch.float16
+        if not all(t.dtype in (torch.float16, torch.float32) and t.dtype == eng.k_cache[0].dtype and t.is_contiguous()
+                   for t in (*eng.k_cache, *eng.v_cache)):
+            return None
         rows = max(eng.slots, min(PREFILL_ROWS, eng.max_len))
         h = lib.tt_dec_new(c.n_layers, c.dim, eng.H, eng.KV, eng.hd, c.ffn_dim, eng.max_len, eng.slots, rows,
                            float(c.norm_eps), float(c.residual_scale), int(c.mlp == "relu2"),
                            int(bool(c.quant.input_norm)), eng.cos.data_ptr(), eng.sin_signed.data_ptr(),
-                           final_norm.data_ptr())
+                           final_norm.data_ptr(), int(kv16))
         if not h:
             return None
         dec = cls(lib, h, keep, rows)

@@ -220,7 +220,7 @@ def engine_shapes(cfg, head: str) -> list[tuple[int, int]]:
 
 def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, prompt_tokens: int = 128,
                 dense: bool = True, head: str = "t4", seed: int = 0, tune: bool = False,
-                quant_spec=None, reps: int = 3) -> dict:
+                quant_spec=None, reps: int = 3, kv_dtype: str = "f16") -> dict:
     """Our packed runtime vs llama.cpp on the same weights and vs dense PyTorch, per thread count.
 
     Ours and ``llama-bench`` run ``reps`` times, interleaved; their rows hold the medians and the
@@ -228,6 +228,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
 
     ``preset_name``: a preset (random weights of each layer's kind) or a packed folder.
     ``quant_spec``: per-layer kinds ``{glob: fields or kind}`` for a preset (a mixed model).
+    ``kv_dtype``: our KV cache ("f16", llama-bench's default cache type too, or "f32").
     """
     from pathlib import Path
 
@@ -255,7 +256,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
     per_token = sizes["ternary_bytes"] + sizes["fp_linear_bytes"] + head_bytes
     res: dict = {"model": preset_name, "ternary_params": sizes["ternary_params"], "kinds": sizes["kinds"],
                  "packed_weight_bytes": sizes["weight_bytes"], "bytes_per_decode_token": per_token,
-                 "head": head, "rows": []}
+                 "head": head, "kv_dtype": kv_dtype, "rows": []}
     from tritlm.infer import bench_llama_cpp
 
     gguf_path = None
@@ -281,7 +282,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
 
             for n, k in engine_shapes(cfg, head):
                 tune(n, k, ms=(1, prompt_tokens), threads=th)
-        eng = Engine(pm, threads=th, head=head, max_len=cfg.max_seq_len)
+        eng = Engine(pm, threads=th, head=head, max_len=cfg.max_seq_len, kv_dtype=kv_dtype)
         _time_decode(eng, 4)  # warm-up (thread pool, page faults)
         ours: dict[str, list[float]] = {"decode": [], "prefill": []}
         peer: dict[str, list[float]] = {"decode": [], "prefill": []}
@@ -294,7 +295,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
                 r = bench_llama_cpp.llama_bench(lb, gguf_path, th, decode_tokens, prompt_tokens)
                 peer["decode"].append(r["decode"])
                 peer["prefill"].append(r["prefill"])
-        row = {"impl": f"tritlm packed (head {head})", "threads": th, **_median_spread(ours)}
+        row = {"impl": f"tritlm packed (head {head}, kv {kv_dtype})", "threads": th, **_median_spread(ours)}
         if eng.fused is not None:
             row["native_share"] = statistics.median(native)
         else:
@@ -353,7 +354,7 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 def bench_models(models: Sequence[str] = ("700M", "125M"), threads: Sequence[int] = (1, 2),
                  decode_tokens: int = 64, prompt_tokens: int = 128, dense: bool = True, head: str = "t4",
-                 tune: bool = False, quant_spec=None, reps: int = 3) -> dict:
+                 tune: bool = False, quant_spec=None, reps: int = 3, kv_dtype: str = "f16") -> dict:
     """:func:`bench_model` for each preset in ``models``, with the machine's description: the
     document ``tritlm bench --json`` prints."""
     from tritlm.kernels.cpu import kernel_info
@@ -363,7 +364,7 @@ def bench_models(models: Sequence[str] = ("700M", "125M"), threads: Sequence[int
            "decode_tokens": decode_tokens, "prompt_tokens": prompt_tokens, "models": []}
     for name in models:
         out["models"].append(bench_model(name, list(threads), decode_tokens, prompt_tokens, dense, head,
-                                         tune=tune, quant_spec=quant_spec, reps=reps))
+                                         tune=tune, quant_spec=quant_spec, reps=reps, kv_dtype=kv_dtype))
     return out
 
 

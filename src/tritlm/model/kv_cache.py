@@ -50,11 +50,18 @@ class KVCache:
         self.pos = 0
 
 
+def _widen(cached: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The cache's keys/values in the compute dtype: an fp16 cache is read back as float32 (the new
+    tokens' own keys/values too, as stored, so every position is the rounded one: the C step's math)."""
+    return cached if cached.dtype == like.dtype else cached.to(like.dtype)
+
+
 class SlotCache:
     """The engine's KV cache in the transformer's cache protocol (``positions`` / ``update`` /
     ``advance``): one call's rows are sequences in cache slots, each at its own start position.
 
-    Keys/values live in ``k[layer]`` / ``v[layer]``, ``[slots, kv_heads, max_len, head_dim]``.
+    Keys/values live in ``k[layer]`` / ``v[layer]``, ``[slots, kv_heads, max_len, head_dim]``, in
+    the compute dtype or fp16 (rounded when written, widened when read).
     """
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
@@ -90,11 +97,11 @@ class SlotCache:
             mask = None
             if start and t > 1:  # new tokens see the cache plus the causal part of themselves
                 mask = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
-            return kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], mask
+            return _widen(kc[slot:slot + 1, :, :end], k), _widen(vc[slot:slot + 1, :, :end], v), mask
         sl, pos = self.slots, self.starts
         idx = torch.tensor(sl, device=self.device)
-        kc[idx, :, pos] = k[:, :, 0]
-        vc[idx, :, pos] = v[:, :, 0]
+        kc[idx, :, pos] = k[:, :, 0].to(kc.dtype)
+        vc[idx, :, pos] = v[:, :, 0].to(vc.dtype)
         lmax = int(pos.max()) + 1
         b = len(sl)
         if sl == list(range(sl[0], sl[0] + b)):
@@ -103,7 +110,7 @@ class SlotCache:
             kk, vv = kc[idx, :, :lmax], vc[idx, :, :lmax]
         # [B, 1, 1, Lmax]: row b sees its own positions 0..pos_b
         mask = (torch.arange(lmax, device=self.device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, lmax)
-        return kk, vv, mask
+        return _widen(kk, k), _widen(vv, v), mask
 
     def advance(self, t: int) -> None:  # the engine keeps each slot's fill level itself
         pass

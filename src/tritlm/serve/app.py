@@ -418,7 +418,8 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
                         max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096,
                         chat_template: str | Path | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                         max_queue: int = 64, threads: int | None = None, prefix_cache_mb: int = 256,
-                        device: str = "cpu", draft: str | Path | None = None, draft_k: int = 4):
+                        device: str = "cpu", draft: str | Path | None = None, draft_k: int = 4,
+                        kv_dtype: str = "auto"):
     """Load ``model`` (anything :func:`tritlm.load` reads) and build its app.
 
     ``max_batch``: sequences generated together, one KV cache slot each, decoded in one batched
@@ -426,7 +427,8 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
     ``prefix_cache_mb``: K/V of earlier prompts kept for prompts that share their prefix (packed
     models; 0 = off). ``device``: see :func:`tritlm.api.resolve_device`. ``draft``: a smaller
     packed model with the same vocabulary: requests are decoded speculatively (``draft_k``
-    proposals a round), one at a time instead of batched.
+    proposals a round), one at a time instead of batched. ``kv_dtype``: a packed model's KV cache
+    ("auto": fp16 on the CPU runtime, half the memory of "f32"; see :class:`~tritlm.infer.engine.Engine`).
     """
     import torch
 
@@ -444,10 +446,12 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
         torch.set_num_threads(n_threads)
     if draft_k < 1:
         raise TritlmError(f"--draft-k must be >= 1, got {draft_k}")
-    m = tritlm.load(model, device)
+    if kv_dtype not in ("auto", "f16", "f32"):
+        raise TritlmError(f"--kv-dtype must be auto, f16 or f32, got {kv_dtype!r}")
+    m = tritlm.load(model, device, kv_dtype)
     speculative = None
     if draft is not None:
-        d = tritlm.load(draft, device)
+        d = tritlm.load(draft, device, kv_dtype)
         if m.engine is None or d.engine is None:
             raise TritlmError("--draft needs packed models (tritlm pack) for both the model and the draft")
         if d.config.vocab_size != m.config.vocab_size:

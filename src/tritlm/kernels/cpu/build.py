@@ -30,7 +30,7 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 # files SOURCE #includes: part of the cache key, so editing any of them triggers a rebuild
 INCLUDED = tuple(Path(__file__).with_name(f)
@@ -145,7 +145,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_forward_f32": (i32, [vp, vp, i32, i64, vp, i32]),
         "tt_forward_i8": (i32, [vp, vp, i32, i64, vp, vp, vp, i32]),
         "tt_quantize": (None, [vp, i32, i32, i64, vp, i64, i32, vp, vp, i32]),
-        "tt_dec_new": (vp, [i32, i32, i32, i32, i32, i32, i32, i32, i32, f32, f32, i32, i32, vp, vp, vp]),
+        "tt_dec_new": (vp, [i32, i32, i32, i32, i32, i32, i32, i32, i32, f32, f32, i32, i32, vp, vp, vp, i32]),
         "tt_dec_free": (None, [vp]),
         "tt_dec_set_layer": (i32, [vp, i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp]),
         "tt_dec_step": (i32, [vp, vp, i32, i32, vp, i32]),
@@ -155,6 +155,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_dec_get_profile": (i32, [vp, vp]),
         "tt_has_f16c": (i32, []),
         "tt_f16_matmul": (i32, [vp, i32, i32, vp, i32, i64, vp, i32, i32]),
+        "tt_f32_to_f16": (i32, [vp, vp, i64, i32]),
+        "tt_f16_to_f32": (i32, [vp, vp, i64]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)

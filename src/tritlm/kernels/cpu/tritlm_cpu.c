@@ -47,7 +47,7 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 12
+#define TT_ABI_VERSION 13
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
@@ -825,7 +825,7 @@ void tt_quantize(const float *x, int m, int k, long ldx, int8_t *q, long ldq, in
 
 /* int8 / int4 / binary weight kinds (tt_lb_run, tt_ctx_new_int8/int4/binary) */
 #include "tritlm_intk.c"
+/* fp16-weight GEMV for the LM head, and the half <-> float conversions the decode step's KV cache uses */
+#include "tritlm_f16.c"
 /* the fused one-token decode step of a whole model (tritlm/infer/engine.py uses it) */
 #include "tritlm_decode.c"
-/* fp16-weight GEMV for the LM head */
-#include "tritlm_f16.c"

@@ -21,6 +21,10 @@
  *
  * The Python side owns every buffer (weights, norms, KV cache, RoPE tables); this file only keeps
  * pointers to them and its own scratch space.
+ *
+ * The KV cache holds float32 or IEEE half (kv16, the engine's default, as llama.cpp's f16 cache):
+ * keys and values are rounded to half when written (round to nearest even, as torch's .half()) and
+ * widened when read, so attention reads half the bytes; the math stays float32.
  */
 
 /* profile sections (ns summed over calls): the four Linears of every layer, attention, the row
@@ -30,12 +34,13 @@ enum { TT_PROF_QKV, TT_PROF_O, TT_PROF_GU, TT_PROF_DOWN, TT_PROF_ATTN, TT_PROF_R
 typedef struct {
     const float *ln1, *ln2, *q_norm, *k_norm, *attn_sub, *ffn_sub; /* optional ones may be NULL */
     tt_ctx *qkv, *o, *gu, *down;
-    float *kc, *vc; /* [slots, KV, max_len, hd] */
+    void *kc, *vc; /* [slots, KV, max_len, hd] of float (kv16 0) or IEEE half (kv16 1) */
 } tt_dec_layer;
 
 typedef struct {
     int n_layers, dim, n_heads, kv_heads, hd, ffn, max_len, slots, rows; /* rows: scratch capacity */
-    int isa; /* 1: AVX2 attention / exp */
+    int isa; /* 1: AVX2 (+ F16C) attention / exp */
+    int kv16; /* 1: the KV cache holds halves */
     float eps, rs;
     int relu2, input_norm;
     const float *cos, *sin_signed; /* [max_len, hd]; sin with its first half negated */
@@ -60,14 +65,14 @@ static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *
 /* rows: how many rows one call may carry (>= slots; prefill chunks up to it) */
 tt_dec *tt_dec_new(int n_layers, int dim, int n_heads, int kv_heads, int hd, int ffn, int max_len, int slots,
                    int rows, float eps, float rs, int relu2, int input_norm, const float *cos,
-                   const float *sin_signed, const float *final_norm) {
+                   const float *sin_signed, const float *final_norm, int kv16) {
     if (n_layers <= 0 || dim <= 0 || n_heads <= 0 || kv_heads <= 0 || n_heads % kv_heads || hd <= 0 || hd % 2 ||
         ffn <= 0 || max_len <= 0 || slots <= 0 || rows < slots || rows > 1024)
         return NULL;
     tt_dec *d = (tt_dec *)calloc(1, sizeof(tt_dec));
     if (!d) return NULL;
     *d = (tt_dec){.n_layers = n_layers, .dim = dim, .n_heads = n_heads, .kv_heads = kv_heads, .hd = hd,
-                  .ffn = ffn, .max_len = max_len, .slots = slots, .rows = rows, .isa = tt_cpu_has_avx2(), .eps = eps, .rs = rs, .relu2 = relu2,
+                  .ffn = ffn, .max_len = max_len, .slots = slots, .rows = rows, .isa = tt_cpu_has_f16c(), .kv16 = kv16 ? 1 : 0, .eps = eps, .rs = rs, .relu2 = relu2,
                   .input_norm = input_norm, .cos = cos, .sin_signed = sin_signed, .final_norm = final_norm};
     const int nq = n_heads * hd, nqkv = (n_heads + 2 * kv_heads) * hd;
     int wide = dim > nq ? dim : nq;
@@ -95,7 +100,7 @@ void tt_dec_free(tt_dec *d) {
 /* returns 0, or -1 when a matrix does not have the shape the model needs */
 int tt_dec_set_layer(tt_dec *d, int i, const float *ln1, const float *ln2, const float *q_norm, const float *k_norm,
                      const float *attn_sub, const float *ffn_sub, tt_ctx *qkv, tt_ctx *o, tt_ctx *gu, tt_ctx *down,
-                     float *kc, float *vc) {
+                     void *kc, void *vc) {
     if (!d || i < 0 || i >= d->n_layers || !ln1 || !ln2 || !kc || !vc) return -1;
     const int nq = d->n_heads * d->hd;
     if (!qkv || qkv->k != d->dim || qkv->n != nq + 2 * d->kv_heads * d->hd) return -1;
@@ -109,7 +114,7 @@ int tt_dec_set_layer(tt_dec *d, int i, const float *ln1, const float *ln2, const
 
 typedef struct {
     const tt_dec *d;
-    const float *kc, *vc;   /* the layer's [slots, KV, max_len, hd] */
+    const void *kc, *vc;    /* the layer's [slots, KV, max_len, hd] (float or half: d->kv16) */
     const int *slots, *pos; /* row r: slot slots[r], positions 0..pos[r] attended */
 } tt_attn_job;
 
@@ -133,6 +138,14 @@ TT_AVX2_INLINE __m256 tt_exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+/* 8 floats of a KV row at element i: float32, or halves widened by F16C (f16 is a constant at
+ * every call: the compiler keeps one load) */
+#define TT_F16C_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+TT_F16C_INLINE __m256 tt_ld8(const void *p, size_t i, const int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+               : _mm256_loadu_ps((const float *)p + i);
+}
+
 TT_AVX2_INLINE float tt_hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -140,35 +153,38 @@ TT_AVX2_INLINE float tt_hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* y[e0 .. e0 + 8 NC) = inv * sum_j sc[j] V[j, .]: NC value columns of 8 per pass over the positions */
-TT_AVX2_INLINE void tt_wsum_avx2(const float *sc, const float *V, int n, int hd, int e0, int NC, float inv, float *y) {
-    __m256 acc[8];
+/* y[e0 .. e0 + 8 NC) = inv * sum_j sc[j] V[j, .]: NC value columns of 8 per pass over the positions
+ * (NC <= 12 accumulators: a 96-wide head in one pass, where a 64 + 32 split walked the cache twice
+ * and cost ~30% more at 1000 positions) */
+TT_F16C_INLINE void tt_wsum_avx2(const float *sc, const void *V, int n, int hd, int e0, int NC, float inv, float *y,
+                                  const int f16) {
+    __m256 acc[12];
     for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
     for (int jj = 0; jj < n; jj++) {
         const __m256 p = _mm256_set1_ps(sc[jj]);
-        const float *vj = V + (size_t)jj * hd + e0;
-        for (int c = 0; c < NC; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+        const size_t vj = (size_t)jj * hd + e0;
+        for (int c = 0; c < NC; c++) acc[c] = _mm256_fmadd_ps(p, tt_ld8(V, vj + 8 * c, f16), acc[c]);
     }
     for (int c = 0; c < NC; c++) _mm256_storeu_ps(y + e0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
 }
 
 /* attention of one query row over n cached positions, hd a multiple of 8. Every sum keeps the
  * order of the one-chain loops (bit-identical to them); what changed is the number of chains in
- * flight: 4 positions per pass for the scores and up to 8 value columns per pass for the weighted
+ * flight: 4 positions per pass for the scores and up to 12 value columns per pass for the weighted
  * sum, where one FMA chain per sum had left the loops waiting on FMA latency (~3x slower). */
-TT_AVX2_FN static void tt_attend_avx2(const float *q, const float *K, const float *V, int n, int hd, float scale,
-                                      float *sc, float *y) {
+TT_F16C_INLINE void tt_attend_avx2(const float *q, const void *K, const void *V, int n, int hd, float scale,
+                                    float *sc, float *y, const int f16) {
     float mx = -INFINITY;
     int j0 = 0;
     for (; j0 + 4 <= n; j0 += 4) {
-        const float *k0 = K + (size_t)j0 * hd;
+        const size_t k0 = (size_t)j0 * hd;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int e = 0; e < hd; e += 8) {
             const __m256 qv = _mm256_loadu_ps(q + e);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + hd + e), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * hd + e), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * hd + e), a3);
+            a0 = _mm256_fmadd_ps(qv, tt_ld8(K, k0 + e, f16), a0);
+            a1 = _mm256_fmadd_ps(qv, tt_ld8(K, k0 + hd + e, f16), a1);
+            a2 = _mm256_fmadd_ps(qv, tt_ld8(K, k0 + 2 * hd + e, f16), a2);
+            a3 = _mm256_fmadd_ps(qv, tt_ld8(K, k0 + 3 * hd + e, f16), a3);
         }
         const float s0 = tt_hsum8(a0) * scale, s1 = tt_hsum8(a1) * scale;
         const float s2 = tt_hsum8(a2) * scale, s3 = tt_hsum8(a3) * scale;
@@ -176,9 +192,9 @@ TT_AVX2_FN static void tt_attend_avx2(const float *q, const float *K, const floa
         mx = s0 > mx ? s0 : mx; mx = s1 > mx ? s1 : mx; mx = s2 > mx ? s2 : mx; mx = s3 > mx ? s3 : mx;
     }
     for (int j = j0; j < n; j++) {
-        const float *kj = K + (size_t)j * hd;
+        const size_t kj = (size_t)j * hd;
         __m256 a = _mm256_setzero_ps();
-        for (int e = 0; e < hd; e += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(kj + e), a);
+        for (int e = 0; e < hd; e += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), tt_ld8(K, kj + e, f16), a);
         const float s = tt_hsum8(a) * scale;
         sc[j] = s;
         mx = s > mx ? s : mx;
@@ -195,11 +211,19 @@ TT_AVX2_FN static void tt_attend_avx2(const float *q, const float *K, const floa
     for (; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
     const float inv = 1.0f / sum;
     int e0 = 0;
-    for (; e0 + 64 <= hd; e0 += 64) tt_wsum_avx2(sc, V, n, hd, e0, 8, inv, y);
-    if (e0 + 32 <= hd) { tt_wsum_avx2(sc, V, n, hd, e0, 4, inv, y); e0 += 32; }
-    if (e0 + 16 <= hd) { tt_wsum_avx2(sc, V, n, hd, e0, 2, inv, y); e0 += 16; }
-    if (e0 < hd) tt_wsum_avx2(sc, V, n, hd, e0, 1, inv, y);
+    for (; e0 + 96 <= hd; e0 += 96) tt_wsum_avx2(sc, V, n, hd, e0, 12, inv, y, f16);
+    if (e0 + 64 <= hd) { tt_wsum_avx2(sc, V, n, hd, e0, 8, inv, y, f16); e0 += 64; }
+    if (e0 + 32 <= hd) { tt_wsum_avx2(sc, V, n, hd, e0, 4, inv, y, f16); e0 += 32; }
+    if (e0 + 16 <= hd) { tt_wsum_avx2(sc, V, n, hd, e0, 2, inv, y, f16); e0 += 16; }
+    if (e0 < hd) tt_wsum_avx2(sc, V, n, hd, e0, 1, inv, y, f16);
 }
+
+/* the two caches' routes, each compiled with its load */
+TT_F16C_FN static void tt_attend_avx2_f32(const float *q, const void *K, const void *V, int n, int hd, float scale,
+                                          float *sc, float *y) { tt_attend_avx2(q, K, V, n, hd, scale, sc, y, 0); }
+TT_F16C_FN static void tt_attend_avx2_f16(const float *q, const void *K, const void *V, int n, int hd, float scale,
+                                          float *sc, float *y) { tt_attend_avx2(q, K, V, n, hd, scale, sc, y, 1); }
+
 
 /* a = silu(g) * u over n floats */
 TT_AVX2_FN static void tt_silu_mul_avx2(float *g, const float *u, int n) {
@@ -214,13 +238,17 @@ TT_AVX2_FN static void tt_silu_mul_avx2(float *g, const float *u, int n) {
 }
 #endif
 
-static void tt_attend_portable(const float *q, const float *K, const float *V, int n, int hd, float scale,
-                               float *sc, float *y) {
+static inline float tt_kv_at(const void *p, size_t i, int f16) {
+    return f16 ? tt_half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static void tt_attend_portable(const float *q, const void *K, const void *V, int n, int hd, float scale,
+                               float *sc, float *y, int f16) {
     float mx = -INFINITY;
     for (int j = 0; j < n; j++) {
-        const float *kj = K + (size_t)j * hd;
+        const size_t kj = (size_t)j * hd;
         float s = 0.0f;
-        for (int e = 0; e < hd; e++) s += q[e] * kj[e];
+        for (int e = 0; e < hd; e++) s += q[e] * tt_kv_at(K, kj + e, f16);
         s *= scale;
         sc[j] = s;
         mx = s > mx ? s : mx;
@@ -234,8 +262,8 @@ static void tt_attend_portable(const float *q, const float *K, const float *V, i
     for (int e = 0; e < hd; e++) y[e] = 0.0f;
     for (int j = 0; j < n; j++) {
         const float p = sc[j] * inv;
-        const float *vj = V + (size_t)j * hd;
-        for (int e = 0; e < hd; e++) y[e] += p * vj[e];
+        const size_t vj = (size_t)j * hd;
+        for (int e = 0; e < hd; e++) y[e] += p * tt_kv_at(V, vj + e, f16);
     }
 }
 
@@ -246,17 +274,21 @@ static void tt_attn_head(const void *arg, int job) {
     const int H = d->n_heads, r = job / H, h = job % H;
     const int hd = d->hd, n = A->pos[r] + 1, nqkv = (H + 2 * d->kv_heads) * hd;
     const int kvh = h / (H / d->kv_heads);
-    const size_t slot_off = (size_t)A->slots[r] * d->kv_heads * d->max_len * hd;
+    const size_t off = ((size_t)A->slots[r] * d->kv_heads + (size_t)kvh) * d->max_len * hd; /* elements */
+    const size_t esz = d->kv16 ? sizeof(uint16_t) : sizeof(float);
     const float *q = d->qkv + (size_t)r * nqkv + (size_t)h * hd;
-    const float *K = A->kc + slot_off + (size_t)kvh * d->max_len * hd;
-    const float *V = A->vc + slot_off + (size_t)kvh * d->max_len * hd;
+    const void *K = (const char *)A->kc + off * esz;
+    const void *V = (const char *)A->vc + off * esz;
     float *sc = d->scores + (size_t)job * d->max_len;
     float *y = d->att + (size_t)r * H * hd + (size_t)h * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 #if TT_X86
-    if (d->isa && hd % 8 == 0) { tt_attend_avx2(q, K, V, n, hd, scale, sc, y); return; }
+    if (d->isa && hd % 8 == 0) {
+        (d->kv16 ? tt_attend_avx2_f16 : tt_attend_avx2_f32)(q, K, V, n, hd, scale, sc, y);
+        return;
+    }
 #endif
-    tt_attend_portable(q, K, V, n, hd, scale, sc, y);
+    tt_attend_portable(q, K, V, n, hd, scale, sc, y, d->kv16);
 }
 
 /* optional per-head RMSNorm, then RoPE at position pos, of `nh` heads starting at x */
@@ -322,8 +354,14 @@ static void tt_rows_task(const void *arg, int chunk) {
             const size_t slot_off = (size_t)R->slots[r] * KV * d->max_len * hd;
             for (int g = 0; g < KV; g++) {
                 const size_t at = slot_off + ((size_t)g * d->max_len + R->pos[r]) * hd;
-                memcpy(L->kc + at, row + nq + (size_t)g * hd, sizeof(float) * hd);
-                memcpy(L->vc + at, row + nq + nkv + (size_t)g * hd, sizeof(float) * hd);
+                const float *k = row + nq + (size_t)g * hd, *v = row + nq + nkv + (size_t)g * hd;
+                if (d->kv16) {
+                    tt_to_half(k, (uint16_t *)L->kc + at, hd, d->isa);
+                    tt_to_half(v, (uint16_t *)L->vc + at, hd, d->isa);
+                } else {
+                    memcpy((float *)L->kc + at, k, sizeof(float) * hd);
+                    memcpy((float *)L->vc + at, v, sizeof(float) * hd);
+                }
             }
             break;
         }

@@ -9,6 +9,9 @@
  *
  * out[t, r] = sum_k float(w[r, k]) * x[t, k]; rows are split into chunks that the pool's threads
  * claim; up to 4 tokens share each load of a weight row.
+ *
+ * Also here: float <-> half conversions, which the decode step's fp16 KV cache (tritlm_decode.c,
+ * included after this file) uses.
  */
 
 #define TT_F16_ROWS_PER_CHUNK 256
@@ -46,6 +49,57 @@ static inline float tt_half_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+/* float -> IEEE half, round to nearest even (what torch's Tensor.half() and F16C's vcvtps2ph with
+ * imm 0 give); a NaN becomes the quiet NaN 0x7e00 with the sign. The multiplications by powers of
+ * two let the FPU do the rounding: the scheme of FP16 (Maratyszcza) that torch's c10::Half uses. */
+static inline uint16_t tt_float_to_half(float f) {
+    uint32_t w;
+    memcpy(&w, &f, sizeof w);
+    const uint32_t shl1 = w + w, sign = w & 0x80000000u;
+    if (shl1 > 0xff000000u) return (uint16_t)((sign >> 16) | 0x7e00u);
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f; /* overflows to inf where the half would */
+    uint32_t bias = shl1 & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    const uint32_t b = (bias >> 1) + 0x07800000u;
+    float fb;
+    memcpy(&fb, &b, sizeof fb);
+    base = fb + base;
+    uint32_t bits;
+    memcpy(&bits, &base, sizeof bits);
+    return (uint16_t)((sign >> 16) | (((bits >> 13) & 0x7c00u) + (bits & 0x0fffu)));
+}
+
+/* n floats -> halves; isa 1: F16C where the CPU has it */
+#if TT_X86
+TT_F16C_FN static void tt_to_half_f16c(const float *x, uint16_t *h, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) h[i] = tt_float_to_half(x[i]);
+}
+#endif
+
+static void tt_to_half(const float *x, uint16_t *h, long n, int isa) {
+#if TT_X86
+    if (isa) { tt_to_half_f16c(x, h, n); return; }
+#endif
+    (void)isa;
+    for (long i = 0; i < n; i++) h[i] = tt_float_to_half(x[i]);
+}
+
+/* test entry points: the conversions of the decode step's fp16 KV cache (isa 0: portable) */
+int tt_f32_to_f16(const float *x, uint16_t *h, long n, int isa) {
+    if (!x || !h || n < 0) return -1;
+    tt_to_half(x, h, n, isa && tt_cpu_has_f16c());
+    return 0;
+}
+
+int tt_f16_to_f32(const uint16_t *h, float *x, long n) {
+    if (!x || !h || n < 0) return -1;
+    for (long i = 0; i < n; i++) x[i] = tt_half_to_float(h[i]);
+    return 0;
 }
 
 typedef struct {

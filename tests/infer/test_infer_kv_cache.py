@@ -1,0 +1,160 @@
+"""The fp16 KV cache of the CPU runtime: the C conversions against torch's, the keys/values the
+fused step stores against the float32 cache's rounded, and what the rounding costs a trained model."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model  # noqa: E402  (tests/infer helper)
+
+from tritlm.data.corpus import default_corpus_path, read_corpus
+from tritlm.data.tokenizer import CharTokenizer
+from tritlm.formats.packed import from_transformer
+from tritlm.infer.engine import Engine
+from tritlm.kernels.cpu import build
+from tritlm.model.config import ModelConfig
+from tritlm.model.transformer import Transformer
+
+lib = build.load_library()
+pytestmark = pytest.mark.skipif(lib is None, reason="no C compiler: no compiled kernels")
+
+
+def _floats() -> np.ndarray:
+    """Every class a float -> half conversion must get right: random magnitudes over the whole
+    half range and beyond, exact ties (round half to even), the subnormal halves, the overflow
+    edge (65504 is the largest half, 65520 the first float that rounds to inf), zeros, inf."""
+    rng = np.random.default_rng(0)
+    mags = np.exp2(rng.uniform(-30, 20, 200_000)) * rng.choice([-1, 1], 200_000)
+    h = rng.integers(0, 0x7C00, 20_000, dtype=np.uint16).view(np.float16).astype(np.float32)
+    nxt = np.nextafter(h, np.float32(np.inf))
+    ties = (h + (nxt - h) / 2).astype(np.float32)  # not quite ties: float32 spacing; add exact ones
+    half_ulp = np.float32(2.0) ** (np.floor(np.log2(np.maximum(np.abs(h), 2.0 ** -14))) - 11)
+    exact_ties = (h + half_ulp).astype(np.float32)
+    edge = np.array([0.0, -0.0, 65504.0, 65519.996, 65520.0, -65520.0, 1e30, -np.inf, np.inf, 2.0 ** -24,
+                     2.0 ** -25, 2.0 ** -25 * 1.0000001, 2.0 ** -26, 3 * 2.0 ** -25, 2.0 ** -14, 1e-45],
+                    dtype=np.float32)
+    return np.concatenate([mags.astype(np.float32), h, ties, exact_ties, edge, -exact_ties])
+
+
+@pytest.mark.parametrize("isa", [1, 0], ids=["f16c", "portable"])
+def test_float_to_half_is_torchs_rounding(isa):
+    x = np.ascontiguousarray(_floats())
+    out = np.empty(x.size, dtype=np.uint16)
+    assert lib.tt_f32_to_f16(x.ctypes.data, out.ctypes.data, x.size, isa) == 0
+    want = torch.from_numpy(x).half().view(torch.int16).numpy().view(np.uint16)
+    bad = np.flatnonzero(out != want)
+    assert bad.size == 0, f"{bad.size} differ, first {x[bad[:3]]}: {out[bad[:3]]} vs {want[bad[:3]]}"
+    nan = np.array([np.nan, -np.nan], dtype=np.float32)
+    got = np.empty(2, dtype=np.uint16)
+    lib.tt_f32_to_f16(nan.ctypes.data, got.ctypes.data, 2, isa)
+    assert np.isnan(got.view(np.float16)).all()
+
+
+def test_half_to_float_every_half():
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(h.size, dtype=np.float32)
+    assert lib.tt_f16_to_f32(h.ctypes.data, out.ctypes.data, h.size) == 0
+    want = torch.from_numpy(h.view(np.int16)).view(torch.float16).float().numpy()
+    nan = np.isnan(want)
+    assert (np.isnan(out) == nan).all()
+    assert (out[~nan].view(np.uint32) == want[~nan].view(np.uint32)).all()  # -0.0 included
+
+
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+def test_fp16_cache_holds_the_float32_keys_rounded(kernel, monkeypatch):
+    """Layer 0's keys / values depend on the token embeddings only, so the fp16 engine's must be
+    exactly the float32 engine's rounded to half: after a C prefill and after C decode steps (one
+    sequence and a batch), the store's rounding is torch's."""
+    monkeypatch.setenv("TRITLM_KERNEL", kernel)
+    pm = from_transformer(tiny_model(n_kv_heads=2, qk_norm=True), fp_dtype="fp32")
+    e16, e32 = Engine(pm, slots=2, kv_dtype="f16"), Engine(pm, slots=2, kv_dtype="f32")
+    assert e16.fused is not None and e16.k_cache[0].dtype == torch.float16 and e32.k_cache[0].dtype == torch.float32
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    for e in (e16, e32):
+        e.prefill(ids[:20], slot=1)
+        e.prefill(ids[:5], slot=0)
+        for t in ids[20:25]:
+            e.forward_seq([t], slot=1)
+        for t in ids[25:]:
+            e.decode_batch([t, t], [0, 1])
+    for cache16, cache32 in ((e16.k_cache[0], e32.k_cache[0]), (e16.v_cache[0], e32.v_cache[0])):
+        assert torch.equal(cache16[1, :, :30], cache32[1, :, :30].half())
+        assert torch.equal(cache16[0, :, :10], cache32[0, :, :10].half())
+        assert cache16[0, :, 10:].abs().max() == 0 and cache16[1, :, 30:].abs().max() == 0
+    # deeper layers see the rounded attention of layer 0: close, not equal
+    assert float((e16.k_cache[1].float() - e32.k_cache[1]).abs().max()) < 1e-2 * float(e32.k_cache[1].abs().max())
+
+
+@pytest.fixture(scope="module")
+def trained_packed():
+    """A tiny ternary char model trained briefly on Tiny Shakespeare, packed (so that what the fp16
+    cache costs is measured on a model whose predictions mean something), and held-out text."""
+    text = read_corpus(default_corpus_path())
+    tok = CharTokenizer.from_text(text)
+    ids = torch.tensor(tok.encode(text[:200_000]))
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, ffn_dim=172,
+                                max_seq_len=256))
+    opt = torch.optim.AdamW(m.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for _ in range(80):
+            ix = torch.randint(0, ids.numel() - 129, (16,), generator=g)
+            x = torch.stack([ids[i:i + 129] for i in ix])
+            _, loss = m(x[:, :-1], x[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return from_transformer(m.eval(), fp_dtype="fp32"), tok.encode(text[-2_000:])
+
+
+def _nll(eng: Engine, ids: list[int]) -> float:
+    """Mean negative log-likelihood (float64) of 256-token windows of ``ids``."""
+    tot, n = 0.0, 0
+    for s in range(0, len(ids) - 256, 256):
+        w = ids[s:s + 256]
+        lp = torch.log_softmax(eng.logits(w).double(), -1)
+        tot -= float(lp[:-1].gather(1, torch.tensor(w[1:]).view(-1, 1)).sum())
+        n += len(w) - 1
+    return tot / n
+
+
+def test_fp16_cache_costs_a_trained_model_almost_nothing(trained_packed):
+    pm, held = trained_packed
+    e16, e32 = Engine(pm, kv_dtype="f16"), Engine(pm, kv_dtype="f32")
+    nll16, nll32 = _nll(e16, held), _nll(e32, held)
+    assert nll32 < 3.0  # it learned something (uniform over the ~65 characters: 4.17)
+    assert abs(nll16 - nll32) < 1e-4 * nll32, (nll16, nll32)
+    from tritlm.infer.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    e16.reset(), e32.reset()
+    a = list(e16.generate(held[:40], 60, greedy))
+    b = list(e32.generate(held[:40], 60, greedy))
+    assert sum(x == y for x, y in zip(a, b)) >= 55  # a near-tie may break the other way once
+
+
+def test_kv_dtype_is_checked_and_auto_resolves():
+    pm = from_transformer(tiny_model(), fp_dtype="fp32")
+    assert Engine(pm).kv_dtype == "f16" and Engine(pm, backend="dense").kv_dtype == "f32"
+    assert Engine(pm, kv_dtype="f32").fused is not None
+    with pytest.raises(ValueError, match="kv_dtype"):
+        Engine(pm, kv_dtype="bf16")
+    # the prefix cache counts an fp16 entry at 2 bytes per element
+    from tritlm.infer.prefix_cache import PrefixCache
+
+    eng = Engine(pm)
+    assert PrefixCache(eng)._entry_bytes(10) == 2 * 2 * 4 * 10 * 32 * 2
+
+
+def test_c_entry_points_reject_bad_arguments():
+    buf = (ctypes.c_uint16 * 4)()
+    assert lib.tt_f32_to_f16(None, ctypes.addressof(buf), 4, 1) == -1
+    assert lib.tt_f16_to_f32(ctypes.addressof(buf), None, 4) == -1

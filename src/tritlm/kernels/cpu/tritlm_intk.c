@@ -137,24 +137,33 @@ TT_AVX2_INLINE float tt_lb_hsum_ps(__m256 v) {
 /* Register tiles: R rows (row pointers w[r]) x T tokens (x + t * ldx); R, T are constants at each
  * call site (the loops unroll fully and the accumulators stay in registers). */
 
+/* a weight line ahead: non-temporal for one token (read once), kept in the cache for the token
+ * tiles of a GEMM panel that read the rows again */
+#define TT_LB_PF(P, T)                                                   \
+    do {                                                                 \
+        if ((T) == 1) _mm_prefetch((const char *)(P), _MM_HINT_NTA);     \
+        else _mm_prefetch((const char *)(P), _MM_HINT_T0);               \
+    } while (0)
+
 /* int8: exact int32 dots over nv vectors of 32 weights */
 TT_AVX2_INLINE void tt_i8_tile(const uint8_t *const *w, const int8_t *x, size_t ldx, int nv, int R, int T,
-                               int32_t res[4][4]) {
+                               int32_t res[4][4], int pf) {
     const __m256i one16 = _mm256_set1_epi16(1);
     __m256i acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
-    /* one token (GEMV): the next tile's rows (R rows further on) are fetched while this one runs;
-     * the hardware prefetcher alone kept the 4-row stream at ~10 GB/s */
-    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
+    /* pf (one token, or a GEMM panel's first token tile): the next tile's rows (R rows further on)
+     * are fetched while this one runs; the hardware prefetcher alone kept the 4-row stream at ~10
+     * GB/s. Later token tiles of a panel find the rows in the cache. */
+    const size_t ahead = pf ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
     for (int v = 0; v < nv; v++) {
         const size_t o = (size_t)v * 32;
         __m256i wv[4];
         if (ahead && (v & 1) == 0)
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + o + ahead), _MM_HINT_NTA);
+            for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + o + ahead), T);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w[r] + o));
 #pragma GCC unroll 4
@@ -183,23 +192,23 @@ TT_AVX2_INLINE void tt_i8_tile(const uint8_t *const *w, const int8_t *x, size_t 
  * iteration: G = 32 -> two groups (low / high nibbles), G = 64 -> one, G = 128 -> half a group
  * (each half is converted and scaled on its own: the same sum, no nested group loop). */
 TT_AVX2_INLINE void tt_i4_tile(const uint8_t *const *w, const float *const *gs, const int8_t *x, size_t ldx, int nb,
-                               int G, int R, int T, float res[4][4]) {
+                               int G, int R, int T, float res[4][4], int pf) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8), one16 = _mm256_set1_epi16(1);
     __m256 acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
-    /* one token: prefetch the next tile's rows as the int8 tile does (a tile's rows are short
-     * streams the hardware prefetcher does not pick up in time) */
-    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
+    /* pf: prefetch the next tile's rows as the int8 tile does (a tile's rows are short streams the
+     * hardware prefetcher does not pick up in time) */
+    const size_t ahead = pf ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
     for (int b = 0; b < nb; b++) {
         const size_t wo = (size_t)b * 32, xo = (size_t)b * 64;
         __m256i lo[4], hi[4];
         __m256 s0[4], s1[4];
         if (ahead && (b & 1) == 0)
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + wo + ahead), _MM_HINT_NTA);
+            for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + wo + ahead), T);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(w[r] + wo));
@@ -239,7 +248,7 @@ TT_AVX2_INLINE void tt_i4_tile(const uint8_t *const *w, const float *const *gs, 
 
 /* binary: exact int32 sums of the activations whose bit is set, over nb blocks of 128 weights */
 TT_AVX2_INLINE void tt_b1_tile(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int R, int T,
-                               int32_t res[4][4]) {
+                               int32_t res[4][4], int pf) {
     const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
     const __m256i sh = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     __m256i acc[4][4];
@@ -247,7 +256,7 @@ TT_AVX2_INLINE void tt_b1_tile(const uint8_t *const *w, const int8_t *x, size_t 
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
-    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0; /* as tt_i4_tile */
+    const size_t ahead = pf ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0; /* as tt_i4_tile */
     for (int b0 = 0; b0 < nb; b0 += 16) { /* int16 lanes: |sum| <= 16 blocks * 4 * 2 * 128 = 16384 */
         const int b1 = b0 + 16 < nb ? b0 + 16 : nb;
         __m256i s16[4][4];
@@ -259,7 +268,7 @@ TT_AVX2_INLINE void tt_b1_tile(const uint8_t *const *w, const int8_t *x, size_t 
             __m256i v[4];
             if (ahead && (b & 3) == 0)
 #pragma GCC unroll 4
-                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + (size_t)b * 16 + ahead), _MM_HINT_NTA);
+                for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + (size_t)b * 16 + ahead), T);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
                 v[r] = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w[r] + (size_t)b * 16))), sh);
@@ -317,14 +326,15 @@ TT_AVX2_INLINE void tt_lb_tile(const tt_job *J, int t0, int row, int r1, int R, 
     const tt_ctx *c = J->c;
     const int8_t *x = J->xq + (size_t)t0 * J->ldx;
     const uint8_t *w[4];
+    const int pf = T == 1 || t0 == 0; /* the first pass over a panel's rows reads them from DRAM */
     if (c->kind == TT_KIND_INT4) {
         const float *gs[4];
         float res[4][4];
         tt_lb_rows(c, row, r1, R, w, gs);
         switch (c->group) {
-            case 32: tt_i4_tile(w, gs, x, J->ldx, c->kp / 64, 32, R, T, res); break;
-            case 64: tt_i4_tile(w, gs, x, J->ldx, c->kp / 64, 64, R, T, res); break;
-            default: tt_i4_tile(w, gs, x, J->ldx, c->kp / 64, 128, R, T, res); break;
+            case 32: tt_i4_tile(w, gs, x, J->ldx, c->kp / 64, 32, R, T, res, pf); break;
+            case 64: tt_i4_tile(w, gs, x, J->ldx, c->kp / 64, 64, R, T, res, pf); break;
+            default: tt_i4_tile(w, gs, x, J->ldx, c->kp / 64, 128, R, T, res, pf); break;
         }
         for (int r = 0; r < R && row + r < r1; r++)
             for (int t = 0; t < T; t++) tt_lb_store_f(J, t0 + t, row + r, res[r][t]);
@@ -332,8 +342,8 @@ TT_AVX2_INLINE void tt_lb_tile(const tt_job *J, int t0, int row, int r1, int R, 
     }
     int32_t res[4][4];
     tt_lb_rows(c, row, r1, R, w, NULL);
-    if (c->kind == TT_KIND_INT8) tt_i8_tile(w, x, J->ldx, c->kp / 32, R, T, res);
-    else tt_b1_tile(w, x, J->ldx, c->kp / 128, R, T, res);
+    if (c->kind == TT_KIND_INT8) tt_i8_tile(w, x, J->ldx, c->kp / 32, R, T, res, pf);
+    else tt_b1_tile(w, x, J->ldx, c->kp / 128, R, T, res, pf);
     tt_lb_store_tile_int(J, t0, T, row, r1, R, res);
 }
 

@@ -29,14 +29,13 @@ def _floats() -> np.ndarray:
     rng = np.random.default_rng(0)
     mags = np.exp2(rng.uniform(-30, 20, 200_000)) * rng.choice([-1, 1], 200_000)
     h = rng.integers(0, 0x7C00, 20_000, dtype=np.uint16).view(np.float16).astype(np.float32)
-    nxt = np.nextafter(h, np.float32(np.inf))
-    ties = (h + (nxt - h) / 2).astype(np.float32)  # not quite ties: float32 spacing; add exact ones
     half_ulp = np.float32(2.0) ** (np.floor(np.log2(np.maximum(np.abs(h), 2.0 ** -14))) - 11)
-    exact_ties = (h + half_ulp).astype(np.float32)
+    ties = (h + half_ulp).astype(np.float32)  # exactly between two halves: to the even one
+    near = np.concatenate([np.nextafter(ties, np.float32(-np.inf)), np.nextafter(ties, np.float32(np.inf))])
     edge = np.array([0.0, -0.0, 65504.0, 65519.996, 65520.0, -65520.0, 1e30, -np.inf, np.inf, 2.0 ** -24,
                      2.0 ** -25, 2.0 ** -25 * 1.0000001, 2.0 ** -26, 3 * 2.0 ** -25, 2.0 ** -14, 1e-45],
                     dtype=np.float32)
-    return np.concatenate([mags.astype(np.float32), h, ties, exact_ties, edge, -exact_ties])
+    return np.concatenate([mags.astype(np.float32), h, ties, -ties, near, edge])
 
 
 @pytest.mark.parametrize("isa", [1, 0], ids=["f16c", "portable"])

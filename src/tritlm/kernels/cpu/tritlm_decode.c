@@ -140,7 +140,6 @@ TT_AVX2_INLINE __m256 tt_exp8(__m256 x) {
 
 /* 8 floats of a KV row at element i: float32, or halves widened by F16C (f16 is a constant at
  * every call: the compiler keeps one load) */
-#define TT_F16C_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 TT_F16C_INLINE __m256 tt_ld8(const void *p, size_t i, const int f16) {
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
                : _mm256_loadu_ps((const float *)p + i);

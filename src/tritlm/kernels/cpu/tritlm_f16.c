@@ -18,6 +18,7 @@
 
 #if TT_X86
 #define TT_F16C_FN __attribute__((target("avx2,fma,f16c")))
+#define TT_F16C_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 #endif
 
 static int tt_cpu_has_f16c(void) {

@@ -74,8 +74,9 @@ def _kernel_line() -> str:
     if k["library"] is None:
         return f"CPU kernels: {k['backend']} (the C library is not built: {k['error'] or 'no compiler'})"
     yn = {True: "yes", False: "no", None: "?"}
-    return (f"CPU kernels: {k['backend']} (this CPU: AVX-512 VNNI {yn[k['avx512_vnni']]}, AVX2 {yn[k['avx2']]}; "
-            f"TRITLM_KERNEL=avx512|avx2|portable|numpy picks one)")
+    return (f"CPU kernels: {k['backend']} (this CPU: AMX-INT8 {yn[k['amx']]}, AVX-512 VNNI {yn[k['avx512_vnni']]}, "
+            f"AVX2 {yn[k['avx2']]}; TRITLM_KERNEL=amx|avx512|avx2|portable|numpy picks one; amx: prompts of 16+ "
+            f"tokens on the tiles, ternary layers)")
 
 
 def _h(n: float) -> str:

@@ -27,6 +27,7 @@ from tritlm.eval.perplexity import (
     scored_positions,
     token_bytes_decoder,
 )
+from tritlm.infer.bench_llama_cpp import open_llama
 from tritlm.model.config import ModelConfig
 from tritlm.model.transformer import Transformer
 from tritlm.quant.config import TERNARY
@@ -174,7 +175,7 @@ def test_llama_cpp_protocol_scores_what_llama_perplexity_scores(n, ctx, bos):
 
 
 def test_llama_cpp_logits_on_our_gguf_agree():
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
     from tritlm.formats.gguf import export_gguf
 
@@ -190,7 +191,7 @@ def test_llama_cpp_logits_on_our_gguf_agree():
     with tempfile.TemporaryDirectory() as d:
         p = export_gguf(model, ByteTokenizer(), Path(d) / "m.gguf", qtype="TQ2_0")
         ours = tritlm.load(p)  # our forward over our GGUF
-        llm = llama_cpp.Llama(model_path=str(p), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+        llm = open_llama(p, n_ctx=128, logits_all=True, verbose=False, n_threads=2)
 
         def theirs(x):
             out = []

@@ -28,6 +28,7 @@ from tritlm.formats.gguf import (  # noqa: E402
 )
 from tritlm.formats.gguf_io import read_gguf  # noqa: E402
 from tritlm.formats.gguf_tools import inspect_gguf, repair_gguf, validate_gguf  # noqa: E402
+from tritlm.infer.bench_llama_cpp import open_llama
 from tritlm.model.config import ModelConfig, quant_overrides_from  # noqa: E402
 from tritlm.model.transformer import Transformer  # noqa: E402
 from tritlm.quant.config import BINARY, FP, TERNARY  # noqa: E402
@@ -277,7 +278,7 @@ def test_fuzz_loader(tmp_path):
 @pytest.mark.parametrize(("sub_norm", "qtype", "tie"), [(False, "TQ2_0", False), (False, "TQ1_0", True),
                                                        (True, "TQ2_0", True)])
 def test_llama_cpp_agrees_with_our_forward(tmp_path, sub_norm, qtype, tie):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     # llama arch (q/k permuted) and bitnet arch (SiLU-gated, SubLN, tied); embeddings scaled up from
     # the random init so that the next-token distribution is peaked and top-1 is meaningful.
     cfg = cfg_for(sub_norm, n_layers=2, max_seq_len=512, mlp="swiglu", tie_embeddings=tie)
@@ -289,7 +290,7 @@ def test_llama_cpp_agrees_with_our_forward(tmp_path, sub_norm, qtype, tie):
     p = export_gguf(model, ByteTokenizer(), tmp_path / "m.gguf", qtype=qtype)
     ref = reference_with_scales(model, fp16=True)
     ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = llama_cpp.Llama(model_path=str(p), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    llm = open_llama(p, n_ctx=512, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
     theirs = np.asarray(llm.scores[: len(ids)])
     ours = logits(ref, torch.tensor([ids])).numpy()
@@ -310,7 +311,7 @@ def test_relu2_subln_is_written_for_bitnet_cpp(tmp_path):
 
 def test_llama_cpp_tokenizes_like_us(tmp_path):
     """The vocabulary metadata: llama.cpp encodes and decodes exactly as our tokenizers do."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     bpe_text = "the cat sat on the mat, the dog sat on the log\n" * 40
     cases = [(ByteTokenizer(), "Hello, world!\n  h\u00e9llo x"),
              (CharTokenizer.from_text("Hello, world!\n xabc"), "Hello, world!\n xabc"),  # ASCII only (docs)
@@ -318,6 +319,6 @@ def test_llama_cpp_tokenizes_like_us(tmp_path):
     for tok, text in cases:
         m = make(cfg_for(False, vocab_size=max(tok.vocab_size, 64), n_layers=1))
         p = export_gguf(m, tok, tmp_path / f"{tok.kind}.gguf")
-        llm = llama_cpp.Llama(model_path=str(p), n_ctx=64, verbose=False, vocab_only=True)
+        llm = open_llama(p, n_ctx=64, verbose=False, vocab_only=True)
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), tok.kind
         assert llm.detokenize(tok.encode(text)).decode() == text, tok.kind

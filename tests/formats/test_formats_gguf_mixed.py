@@ -19,6 +19,7 @@ from tritlm.formats.common import block_linears, rel_error  # noqa: E402
 from tritlm.formats.gguf import _model_layers, export_gguf, gguf_name, import_gguf, pack_blocks  # noqa: E402
 from tritlm.formats.gguf_io import Q4_0, Q8_0, TQ1_0, TQ2_0, read_gguf, write_gguf  # noqa: E402
 from tritlm.formats.gguf_tools import inspect_gguf, validate_gguf  # noqa: E402
+from tritlm.infer.bench_llama_cpp import open_llama
 from tritlm.model.config import ModelConfig, quant_overrides_from  # noqa: E402
 from tritlm.model.transformer import Transformer  # noqa: E402
 from tritlm.quant.config import TERNARY  # noqa: E402
@@ -204,7 +205,7 @@ def test_hf_refuses_mixed_models(tmp_path):
 @pytest.mark.parametrize(("spec", "sub_norm"), [(SPEC, False), (MIXED, True)], ids=["llama-spec", "bitnet-every-kind"])
 def test_llama_cpp_agrees_on_mixed_model(tmp_path, spec, sub_norm):
     """llama.cpp runs a mixed file (TQ2_0 + Q8_0 + Q4_0 + F16 tensors) as our forward does."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     t0 = time.perf_counter()
     cfg = mixed_cfg(spec, sub_norm=sub_norm, tie_embeddings=sub_norm)
     model = make(cfg, peaked=True)
@@ -212,7 +213,7 @@ def test_llama_cpp_agrees_on_mixed_model(tmp_path, spec, sub_norm):
     types = {t.type_name for t in read_gguf(p).tensors}
     assert {"TQ2_0", "Q8_0", "Q4_0", "F16"} <= types
     ids = torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = llama_cpp.Llama(model_path=str(p), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm = open_llama(p, n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
     theirs = np.asarray(llm.scores[: len(ids)])
     back, _ = import_gguf(p)  # our forward over exactly the file's weights (scales rounded to fp16)

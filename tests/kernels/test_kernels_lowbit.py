@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
-from kernel_backends import BACKENDS, HAS_C, LIB
+from kernel_backends import HAS_C, LIB, LOWBIT_BACKENDS
 
 from tritlm.kernels.cpu import (
     BinaryLinearKernel,
@@ -84,7 +84,7 @@ def _close(y, ref, rtol=1e-5):
 
 
 # --------------------------------------------------------------------------- float outputs
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOWBIT_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_lowbit_matches_float64_reference(kind, backend):
     rng = np.random.default_rng(zlib.crc32(f"{kind}-{backend}".encode()))
@@ -104,7 +104,7 @@ def test_lowbit_matches_float64_reference(kind, backend):
                     _close(kern.matmul_int8(xq, xs), ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOWBIT_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_lowbit_realistic_shape_and_gemm_panels(kind, backend):
     rng = np.random.default_rng(1)
@@ -123,7 +123,7 @@ def test_lowbit_realistic_shape_and_gemm_panels(kind, backend):
 
 
 # --------------------------------------------------------------------------- exact integer dots
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOWBIT_BACKENDS)
 @pytest.mark.parametrize("kind", ["int8", "binary"])
 def test_exact_integer_dots(kind, backend):
     rng = np.random.default_rng(3)
@@ -139,7 +139,7 @@ def test_exact_integer_dots(kind, backend):
                     assert np.array_equal(kern.int_dots(xq), want), (k, n, m, th)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOWBIT_BACKENDS)
 @pytest.mark.parametrize("kind", ["int8", "binary", "int4g32", "int4g128"])
 def test_extreme_values(kind, backend):
     """x = -128 everywhere (the sign trick's edge case) and all-max weights: exact, no overflow."""
@@ -255,7 +255,7 @@ def test_concat_rows():
         concat_rows([pack_int8(w8[0]), pack_int8(rng.integers(-127, 128, size=(3, 100)))])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOWBIT_BACKENDS)
 def test_fused_qkv_kernel_equals_separate_kernels(backend):
     rng = np.random.default_rng(6)
     k, sizes = 257, (8, 5, 5)
@@ -268,7 +268,7 @@ def test_fused_qkv_kernel_equals_separate_kernels(backend):
 
 
 # --------------------------------------------------------------------------- interface
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOWBIT_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_interface_pickle_packed_input_and_torch(kind, backend):
     torch = pytest.importorskip("torch")

@@ -27,6 +27,34 @@ log = logging.getLogger(__name__)
 HEAD_TYPES = {"t4": "Q8_0", "q8": "Q8_0", "q4": "Q4_0", "f16": "F16", "fp32": "F32"}
 
 
+def open_llama(path, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)`` with ggml's load-time weight repacking off.
+
+    ggml converts Q4_0 / Q8_0 weights at load into layouts for its AMX and interleaved SIMD
+    kernels (the CPU "extra buffer types"); on an AMX CPU, llama-cpp-python 0.3.36 segfaults in
+    that path on small mixed-kind models (the Python process dies, no error to catch). The plain
+    CPU path reads the same file with the same numbers, and TQ2_0 tensors are never repacked, so
+    ternary timings are unchanged. llama-cpp-python has no argument for it, hence the patched
+    default parameters while the model loads.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    orig = low.llama_model_default_params
+
+    def params():
+        p = orig()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        low.llama_model_default_params = orig
+
+
 def llama_bench_binary() -> Path | None:
     """``$TRITLM_LLAMA_BENCH``, else the newest ``llama-bench`` that build_llama_tools.sh built
     under the cache folder (``$TRITLM_CACHE_DIR`` or ``~/.cache/tritlm``); None when there is none."""
@@ -52,10 +80,16 @@ def llama_bench(binary: Path, path: Path, threads: int, decode_tokens: int, prom
     cmd = [str(binary), "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens), "-n", str(decode_tokens),
            "-r", str(reps), "-o", "json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    repack = True
+    if r.returncode < 0:  # killed by a signal: ggml's repack path (see open_llama); once more without it
+        log.warning("llama-bench died (signal %d) with weight repacking on; running it with --repack 0",
+                    -r.returncode)
+        repack = False
+        r = subprocess.run([*cmd, "--repack", "0"], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({r.returncode}): {r.stderr.strip()[-300:]}")
     runs = json.loads(r.stdout)
-    out: dict = {}
+    out: dict = {"repack": repack}
     for e in runs:
         key = "prefill" if e.get("n_prompt", 0) > 0 and e.get("n_gen", 0) == 0 else "decode"
         out[key] = float(e["avg_ts"])
@@ -105,10 +139,8 @@ def gguf_for(pm, head: str) -> Path:
 
 def bench(path: Path, threads: int, decode_tokens: int, prompt_tokens: int, n_ctx: int) -> dict:
     """decode / prefill tok/s of llama.cpp on ``path`` (same prompts as our runtime's bench)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = open_llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+                     verbose=False)
     try:
         prompt = [1, 2, 3, 4, 5, 6, 7, 8]
 

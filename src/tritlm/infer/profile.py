@@ -287,6 +287,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         ours: dict[str, list[float]] = {"decode": [], "prefill": []}
         peer: dict[str, list[float]] = {"decode": [], "prefill": []}
         native: list[float] = []
+        repack = True  # llama-bench's weight repacking stayed on in every run
         # interleaved: a slow minute of a shared machine hits both sides, not one
         for _ in range(reps):
             ours["decode"].append(_time_decode(eng, decode_tokens, native))
@@ -295,6 +296,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
                 r = bench_llama_cpp.llama_bench(lb, gguf_path, th, decode_tokens, prompt_tokens)
                 peer["decode"].append(r["decode"])
                 peer["prefill"].append(r["prefill"])
+                repack = repack and r["repack"]
         row = {"impl": f"tritlm packed (head {head}, kv {kv_dtype})", "threads": th, **_median_spread(ours)}
         if eng.fused is not None:
             row["native_share"] = statistics.median(native)
@@ -303,7 +305,8 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         res["rows"].append(row)
         if peer["decode"]:
             res["rows"].append({"impl": f"llama-bench {'mixed GGUF' if mixed else 'TQ2_0'} "
-                                        f"(head {bench_llama_cpp.HEAD_TYPES[head]})",
+                                        f"(head {bench_llama_cpp.HEAD_TYPES[head]}"
+                                        f"{'' if repack else ', --repack 0'})",
                                 "threads": th, **_median_spread(peer)})
         del eng
         if gguf_path is not None and bench_llama_cpp.available():

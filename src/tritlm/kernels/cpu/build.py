@@ -30,11 +30,11 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 # files SOURCE #includes: part of the cache key, so editing any of them triggers a rebuild
 INCLUDED = tuple(Path(__file__).with_name(f)
-                 for f in ("tritlm_intk.c", "tritlm_decode.c", "tritlm_f16.c", "tritlm_avx512.c"))
+                 for f in ("tritlm_intk.c", "tritlm_decode.c", "tritlm_f16.c", "tritlm_avx512.c", "tritlm_amx.c"))
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-lm"]
 
@@ -129,6 +129,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_abi_version": (i32, []),
         "tt_has_avx2": (i32, []),
         "tt_has_avx512vnni": (i32, []),
+        "tt_has_amx": (i32, []),
         "tt_set_num_threads": (None, [i32]),
         "tt_get_num_threads": (i32, []),
         "tt_set_spin_us": (None, [i32]),
@@ -140,6 +141,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_ctx_get_kind": (i32, [vp]),
         "tt_ctx_free": (None, [vp]),
         "tt_ctx_set_isa": (i32, [vp, i32]),
+        "tt_ctx_set_amx_min_m": (None, [vp, i32]),
         "tt_ctx_get_isa": (i32, [vp]),
         "tt_ctx_set_params": (None, [vp, i32, i32, i32, i32, i32]),
         "tt_forward_f32": (i32, [vp, vp, i32, i64, vp, i32]),

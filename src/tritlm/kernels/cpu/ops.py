@@ -4,6 +4,9 @@ the settings of the thread pool and the parameter tuning loop (:func:`tune`).
 
 Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL``, else "auto"):
 
+* ``"amx"``      - the compiled C library, AMX-INT8 tiles for ternary prompts (calls of at least
+  ``amx_min_m`` tokens, default 16); everything else as ``"avx512"`` (CPUs with AMX-TILE / AMX-INT8,
+  an OS that enables the tile state and, on Linux, grants it to the process);
 * ``"avx512"``   - the compiled C library, AVX-512 VNNI ``vpdpbusd`` routes for every weight kind
   (CPUs with AVX512 F/BW/VL/VNNI and an OS that saves the ZMM state); the quantiser, the fused
   step's attention and the fp16 head use the AVX2 code there;
@@ -11,7 +14,7 @@ Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL
 * ``"portable"`` - the compiled C library, plain C loops (any CPU);
 * ``"numpy"``    - pure numpy (exact, slow, ~4 bytes of RAM per weight), used with a logged warning
   when the C library cannot be built;
-* ``"auto"``     - avx512 if the CPU has it, else avx2, else portable, else numpy (CPUID at run
+* ``"auto"``     - amx if the CPU has it, else avx512, else avx2, else portable, else numpy (CPUID at run
   time: one library runs on every x86-64 and never executes an instruction the CPU lacks).
 
 Per-call overhead is kept to a few microseconds: the C context (weight pointer, scales, int8
@@ -37,11 +40,12 @@ from . import build
 
 log = logging.getLogger("tritlm.kernels")
 
-BACKENDS = ("auto", "avx512", "avx2", "portable", "numpy")
+BACKENDS = ("auto", "amx", "avx512", "avx2", "portable", "numpy")
 # backends that run the AVX2 code where they have no route of their own
-AVX2_BACKENDS = ("avx2", "avx512")
-# tt_ctx_set_isa codes
-ISA_CODES = {"avx512": 2, "avx2": 1, "portable": 0}
+AVX2_BACKENDS = ("avx2", "avx512", "amx")
+# tt_ctx_set_isa codes, and the backend each code names
+ISA_CODES = {"amx": 3, "avx512": 2, "avx2": 1, "portable": 0}
+ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 # M buckets of the tuned parameters (same as the C side): 0: M == 1, 1: 2 <= M < 16, 2: M >= 16
 BUCKETS = ("1", "2-15", "16+")
 DEFAULT_PARAMS = {"prefetch": 2048, "panel_rows": 32, "chunks": 8, "nta": 1}
@@ -106,7 +110,12 @@ def resolve_backend(requested: str | None = None) -> str:
     has_avx2 = bool(lib.tt_has_avx2())
     if req == "portable":
         return "portable"
-    if req in ("auto", "avx512") and has_avx2 and lib.tt_has_avx512vnni():
+    if req in ("auto", "amx") and has_avx2 and lib.tt_has_amx():
+        return "amx"
+    if req == "amx":
+        log.warning("tritlm: AMX kernels requested but the CPU (or its OS) lacks AMX-INT8; using the "
+                    "next route")
+    if req in ("auto", "avx512", "amx") and has_avx2 and lib.tt_has_avx512vnni():
         return "avx512"
     if req == "avx512":
         log.warning("tritlm: AVX-512 VNNI kernels requested but the CPU (or its OS) lacks them; using %s",
@@ -123,6 +132,7 @@ def kernel_info() -> dict:
         "backend": resolve_backend(None),
         "avx2": bool(lib.tt_has_avx2()) if lib is not None else None,
         "avx512_vnni": bool(lib.tt_has_avx512vnni()) if lib is not None else None,
+        "amx": bool(lib.tt_has_amx()) if lib is not None else None,
         "library": str(build.library_path()) if lib is not None else None,
         "compiler": build.find_compiler(),
         "threads": get_num_threads(),
@@ -245,9 +255,9 @@ class LinearKernelBase:
             raise MemoryError(f"{type(self).__name__}: creating the C context failed")
         self._ctx = ctx
         self._finalizer = weakref.finalize(self, lib.tt_ctx_free, ctx)
-        isa = lib.tt_ctx_set_isa(ctx, ISA_CODES[self.backend])
-        if self.backend == "avx512" and isa != 2:  # e.g. an int8 context without its row sums: AVX2
-            self.backend = "avx2"
+        # the route that runs: AMX is ternary-only (the other kinds take VNNI), an int8 context
+        # without its row sums takes AVX2
+        self.backend = ISA_NAMES[lib.tt_ctx_set_isa(ctx, ISA_CODES[self.backend])]
         self._fwd = lib.tt_forward_f32
         self._fwd_i8 = lib.tt_forward_i8
         if params is None:
@@ -453,7 +463,8 @@ class TernaryLinearKernel(LinearKernelBase):
         w_scale: scalar (per tensor) or ``[N]`` (per output row); multiplies: W ~= wq * w_scale.
         bias: optional ``[N]``.
         threads: threads for this kernel (None: the global :func:`set_num_threads` value).
-        backend: "auto" | "avx512" | "avx2" | "portable" | "numpy" (None: ``$TRITLM_KERNEL`` or auto).
+        backend: "auto" | "amx" | "avx512" | "avx2" | "portable" | "numpy" (None: ``$TRITLM_KERNEL``
+            or auto).
         params: ``{bucket: {"prefetch": bytes, "panel_rows": rows}}`` overrides; by default the
             autotune cache (``autotune.json``) is consulted, then built-in defaults.
     """
@@ -476,6 +487,13 @@ class TernaryLinearKernel(LinearKernelBase):
         self._data = _aligned_copy(packed.data)
         self._attach(lib.tt_ctx_new(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale),
                                     _ptr(self.bias) if self.bias is not None else None), params)
+
+    def set_amx_min_m(self, m: int) -> None:
+        """Fewest tokens a call needs to take the AMX tiles (default 16; fewer take VNNI)."""
+        if int(m) < 1:
+            raise ValueError(f"amx_min_m must be >= 1, got {m}")
+        if self._ctx is not None:
+            self._lib.tt_ctx_set_amx_min_m(self._ctx, int(m))
 
     def _ctor_args(self) -> tuple:
         return (self.packed, self.w_scale)

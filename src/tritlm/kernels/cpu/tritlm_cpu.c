@@ -47,7 +47,7 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 13
+#define TT_ABI_VERSION 14
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
@@ -250,6 +250,9 @@ typedef struct {
     float *gscale;     /* int4: [n, ngk] group scales (groups past ceil(k / group) are 0) */
     size_t rowb;       /* kinds 1-3: bytes per packed row */
     int32_t *wsum;     /* int8 with AVX-512 VNNI: [n] sums of each row's levels (the offset correction) */
+    int8_t *xv;        /* AMX: the activations in tile B's order (tritlm_amx.c) */
+    size_t xv_cap;
+    int amx_min_m;     /* AMX: fewest tokens a call needs to take the tiles */
 } tt_ctx;
 
 static int tt_cpu_has_avx2(void) {
@@ -684,6 +687,8 @@ static void tt_task_avx2(const void *arg, int chunk) {
 
 /* the AVX-512 VNNI route (tt_ctx.isa == 2): tt_task_vnni, tt_cpu_has_avx512vnni */
 #include "tritlm_avx512.c"
+/* the AMX-INT8 route for prompts (tt_ctx.isa == 3): tt_amx_run, tt_cpu_has_amx */
+#include "tritlm_amx.c"
 
 static void tt_lb_run(tt_job *J, int nth); /* kinds 1-3: tritlm_intk.c */
 
@@ -712,7 +717,8 @@ static void tt_run(tt_job *J, int nth) {
     }
     const int nchunks = (c->ngroups + J->cg - 1) / J->cg;
 #if TT_X86
-    if (c->isa == 2) { tt_parallel(tt_task_vnni, J, nchunks, nth); return; }
+    if (c->isa == 3 && tt_amx_run(J, nth) == 0) return;
+    if (c->isa >= 2) { tt_parallel(tt_task_vnni, J, nchunks, nth); return; }
     if (c->isa) { tt_parallel(tt_task_avx2, J, nchunks, nth); return; }
 #endif
     tt_parallel(tt_task_portable, J, nchunks, nth);
@@ -722,6 +728,7 @@ static void tt_run(tt_job *J, int nth) {
 int tt_abi_version(void) { return TT_ABI_VERSION; }
 int tt_has_avx2(void) { return tt_cpu_has_avx2(); }
 int tt_has_avx512vnni(void) { return tt_cpu_has_avx512vnni(); }
+int tt_has_amx(void) { return tt_cpu_has_amx(); }
 
 void tt_set_num_threads(int n) {
     if (n < 1) n = 1;
@@ -750,24 +757,28 @@ tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, 
         memcpy(c->bias, bias, sizeof(float) * n);
     }
     c->isa = tt_cpu_has_avx2();
+    c->amx_min_m = 16;
     for (int i = 0; i < TT_NBUCKETS; i++) { c->params[i].pf = 2048; c->params[i].panel_rows = 32; c->params[i].chunks = 8; c->params[i].nta = 1; }
     return c;
 }
 
 void tt_ctx_free(tt_ctx *c) {
     if (!c) return;
-    free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c->gscale); free(c->wsum); free(c);
+    free(c->wscale); free(c->bias); free(c->xq); free(c->xs); free(c->sx); free(c->gscale); free(c->wsum); free(c->xv); free(c);
 }
 
 /* isa: 2 = AVX-512 VNNI (every kind; CPUs without it get AVX2), 1 = AVX2
  * (0 when the CPU lacks it), 0 = portable. Returns the isa in use. */
 int tt_ctx_set_isa(tt_ctx *c, int isa) {
     const int vnni_kind = c->kind != TT_KIND_INT8 || c->wsum; /* int8 needs its row sums */
+    if (isa == 3 && c->kind == TT_KIND_TERNARY && tt_cpu_has_amx()) return c->isa = 3;
+    if (isa == 3) isa = 2; /* the other kinds' widest route is VNNI */
     if (isa == 2 && vnni_kind && tt_cpu_has_avx512vnni()) return c->isa = 2;
     c->isa = (isa && tt_cpu_has_avx2()) ? 1 : 0;
     return c->isa;
 }
 int tt_ctx_get_isa(const tt_ctx *c) { return c->isa; }
+void tt_ctx_set_amx_min_m(tt_ctx *c, int m) { c->amx_min_m = m < 1 ? 1 : m; }
 void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows, int chunks, int nta) {
     if (bucket < 0 || bucket >= TT_NBUCKETS) return;
     c->params[bucket].nta = nta ? 1 : 0;

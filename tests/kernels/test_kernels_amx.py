@@ -1,0 +1,101 @@
+"""The AMX-INT8 route for ternary prompts: dispatch, and results bit-identical to the portable route.
+
+Runs where the CPU has AMX-INT8 and the OS grants the tile state (the rest skip with the reason).
+The references: int64 numpy dots of the unpacked weights, and the portable C route's float32
+outputs compared bit for bit (the AMX epilogue repeats its IEEE double operations). The shapes
+are awkward on purpose: rows not a multiple of the 32-row panel or the 4-row group, K not a
+multiple of the 128-weight block, token counts around the 16-token tile and the 32-token block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kernel_backends import HAS_AMX, HAS_C, LIB
+
+from tritlm.kernels import TernaryLinearKernel, quantize_act_ref, ternary_matmul_int_ref
+
+pytestmark = pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here (CPU, XCR0 or the OS's permission)")
+
+
+def test_dispatch_matches_the_cpu_flags():
+    if not HAS_C:
+        pytest.skip("no compiled kernels")
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert {"amx_tile", "amx_int8"} <= flags
+    k = TernaryLinearKernel(np.ones((8, 128), dtype=np.int8), backend="auto")
+    assert k.backend == "amx" and LIB.tt_ctx_get_isa(k._ctx) == 3
+
+
+def _pair(rng, n, k, bias: bool):
+    w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    ws = rng.uniform(0.1, 2.0, size=n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    amx = TernaryLinearKernel(w, ws, bias=b, backend="amx")
+    amx.set_amx_min_m(1)  # every call through the tiles, however few its tokens
+    ref = TernaryLinearKernel(w, ws, bias=b, backend="portable")
+    return w, amx, ref
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 127), (5, 129), (37, 300), (64, 128), (67, 640), (131, 1000)])
+def test_amx_is_bit_identical_to_portable(n, k):
+    rng = np.random.default_rng(n * 1000 + k)
+    w, amx, ref = _pair(rng, n, k, bias=n % 2 == 1)
+    for m in (1, 2, 15, 16, 17, 31, 32, 33, 64, 70):
+        x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10)).astype(np.float32)
+        xq, xs = quantize_act_ref(x)
+        for th in (1, 2, 3):
+            amx.threads = ref.threads = th
+            assert np.array_equal(amx.int_dots(xq), ternary_matmul_int_ref(xq, w)), (m, th)
+            assert np.array_equal(amx(x).view(np.int32), ref(x).view(np.int32)), (m, th)
+            assert np.array_equal(amx.matmul_int8(xq, xs).view(np.int32), ref.matmul_int8(xq, xs).view(np.int32))
+
+
+def test_amx_extreme_activations_and_long_rows():
+    rng = np.random.default_rng(1)
+    for k in (4096 + 5, 8192):
+        w = rng.integers(-1, 2, size=(40, k)).astype(np.int8)
+        w[:8] = 1
+        w[8:16] = -1
+        amx = TernaryLinearKernel(w, 1.0, backend="amx", threads=2)
+        for v in (-128, 127):
+            xq = np.full((20, k), v, dtype=np.int8)
+            assert np.array_equal(amx.int_dots(xq), ternary_matmul_int_ref(xq, w))
+        xq = rng.choice(np.array([-128, 127], dtype=np.int8), size=(33, k))
+        assert np.array_equal(amx.int_dots(xq), ternary_matmul_int_ref(xq, w))
+
+
+def test_below_the_threshold_the_vnni_route_runs_with_the_same_numbers():
+    rng = np.random.default_rng(2)
+    w = rng.integers(-1, 2, size=(70, 700)).astype(np.int8)
+    amx = TernaryLinearKernel(w, 0.5, backend="amx", threads=2)
+    vnni = TernaryLinearKernel(w, 0.5, backend="avx512", threads=2)
+    for m in (1, 4, 15, 16, 40):  # default threshold 16: VNNI below, tiles from 16 on
+        x = rng.standard_normal((m, 700)).astype(np.float32)
+        assert np.array_equal(amx(x).view(np.int32), vnni(x).view(np.int32)), m
+    with pytest.raises(ValueError, match="amx_min_m"):
+        amx.set_amx_min_m(0)
+
+
+def test_the_workspace_grows_and_shrinking_calls_reuse_it():
+    """A call with many tokens after few (and few after many) reads only its own tokens."""
+    rng = np.random.default_rng(3)
+    w, amx, ref = _pair(rng, 96, 384, bias=True)
+    for m in (17, 200, 18, 64, 1):
+        x = rng.standard_normal((m, 384)).astype(np.float32)
+        assert np.array_equal(amx(x).view(np.int32), ref(x).view(np.int32)), m
+
+
+def test_other_kinds_under_the_amx_backend_run_vnni():
+    import torch
+
+    from tritlm.kernels.cpu.lowbit import BinaryLinearKernel, Int8LinearKernel
+
+    i8 = Int8LinearKernel(torch.randint(-127, 128, (8, 64), dtype=torch.int8), 1.0, backend="amx")
+    b1 = BinaryLinearKernel(torch.randint(0, 2, (8, 128), dtype=torch.int8) * 2 - 1, 1.0, backend="amx")
+    for k in (i8, b1):
+        assert k.backend == "avx512" and LIB.tt_ctx_get_isa(k._ctx) == 2

@@ -250,7 +250,7 @@ typedef struct {
     float *gscale;     /* int4: [n, ngk] group scales (groups past ceil(k / group) are 0) */
     size_t rowb;       /* kinds 1-3: bytes per packed row */
     int32_t *wsum;     /* int8 with AVX-512 VNNI: [n] sums of each row's levels (the offset correction) */
-    int8_t *xv;        /* AMX: the activations in tile B's order (tritlm_amx.c) */
+    int8_t *xv;        /* AMX: a partial last 16-token block, zero-padded (tritlm_amx.c) */
     size_t xv_cap;
     int amx_min_m;     /* AMX: fewest tokens a call needs to take the tiles */
 } tt_ctx;

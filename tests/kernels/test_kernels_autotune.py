@@ -37,5 +37,8 @@ def test_tune_smoke_and_reuse(cache):
 def test_corrupt_cache_is_ignored(cache):
     (cache / "autotune.json").write_text("{not json")
     assert autotune.lookup(4, 4, 1, "avx2") is None
+    from tritlm.kernels.cpu.ops import DEFAULT_PARAMS, VNNI_DEFAULT_PARAMS
+
     kern = TernaryLinearKernel(np.zeros((4, 4), dtype=np.int8))
-    assert kern.params[0]["prefetch"] == 2048
+    want = VNNI_DEFAULT_PARAMS if kern.backend in ("avx512", "amx") else DEFAULT_PARAMS
+    assert kern.params[0] == want  # the route's built-in defaults

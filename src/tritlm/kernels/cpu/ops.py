@@ -49,6 +49,10 @@ ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 # M buckets of the tuned parameters (same as the C side): 0: M == 1, 1: 2 <= M < 16, 2: M >= 16
 BUCKETS = ("1", "2-15", "16+")
 DEFAULT_PARAMS = {"prefetch": 2048, "panel_rows": 32, "chunks": 8, "nta": 1}
+# the ternary VNNI GEMV (routes avx512 / amx): measured on a 2-core Sapphire Rapids VM, weights
+# streamed from DRAM, 2 threads: no prefetch 11.5-15.6 GB/s, 2 KiB non-temporal (the AVX2 default,
+# tuned on Zen3) 12.6-14.9, 6-8 KiB into all levels 16.8-22.7 of ~28
+VNNI_DEFAULT_PARAMS = {**DEFAULT_PARAMS, "prefetch": 8192, "nta": 0}
 
 _py_threads = None
 _threads_lock = threading.Lock()
@@ -258,6 +262,8 @@ class LinearKernelBase:
         # the route that runs: AMX is ternary-only (the other kinds take VNNI), an int8 context
         # without its row sums takes AVX2
         self.backend = ISA_NAMES[lib.tt_ctx_set_isa(ctx, ISA_CODES[self.backend])]
+        if self.backend in ("avx512", "amx"):
+            self.params = {b: dict(VNNI_DEFAULT_PARAMS) for b in range(len(BUCKETS))}
         self._fwd = lib.tt_forward_f32
         self._fwd_i8 = lib.tt_forward_i8
         if params is None:

@@ -11,7 +11,7 @@ from .ops import TernaryLinearKernel, get_num_threads, m_bucket, resolve_backend
 
 # candidates per M bucket: GEMV (bucket 0) prefetch distance / hint; GEMM (1, 2) rows per panel
 CANDIDATES = {
-    0: [{"prefetch": 0}, {"prefetch": 2048, "nta": 0}]
+    0: [{"prefetch": 0}] + [{"prefetch": p, "nta": 0} for p in (2048, 4096, 8192)]
     + [{"prefetch": p, "nta": 1} for p in (1024, 2048, 4096)],
     1: [{"panel_rows": r} for r in (8, 16, 32, 64)],
     2: [{"panel_rows": r} for r in (8, 16, 32, 64)],

@@ -51,10 +51,40 @@ typedef struct {
     uint64_t prof_ns[TT_DEC_NPROF];
 } tt_dec;
 
-static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *out) {
+#if TT_X86
+/* sum of squares in 32 float32 lanes: the one-accumulator loop waited on the add's latency (a
+ * 1536-wide norm ~6k cycles; prefill runs ~50 of them per token) */
+TT_AVX2_FN static float tt_sumsq_avx2(const float *x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+        const __m256 v2 = _mm256_loadu_ps(x + i + 16), v3 = _mm256_loadu_ps(x + i + 24);
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, v0));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, v1));
+        a2 = _mm256_add_ps(a2, _mm256_mul_ps(v2, v2));
+        a3 = _mm256_add_ps(a3, _mm256_mul_ps(v3, v3));
+    }
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float ss = _mm_cvtss_f32(h);
+    for (; i < n; i++) ss += x[i] * x[i];
+    return ss;
+}
+#endif
+
+/* isa: 1 = the AVX2 sum of squares (another summation order: within float32 rounding of the other) */
+static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *out, int isa) {
     /* torch.rms_norm on CPU accumulates the mean of squares in float32 too */
     float ss = 0.0f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+#if TT_X86
+    if (isa) ss = tt_sumsq_avx2(x, n);
+    else
+#endif
+        for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    (void)isa;
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
     if (w)
         for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
@@ -291,13 +321,31 @@ static void tt_attn_head(const void *arg, int job) {
 }
 
 /* optional per-head RMSNorm, then RoPE at position pos, of `nh` heads starting at x */
+#if TT_X86
+/* rotate_half of one head, 8 lanes at a time: the same multiplies and add per element as the
+ * scalar loops (bit-identical); half a multiple of 8 */
+TT_AVX2_FN static void tt_rope_avx2(float *v, const float *cs, const float *sn, int half) {
+    for (int e = 0; e < half; e += 8) {
+        const __m256 a = _mm256_loadu_ps(v + e), b = _mm256_loadu_ps(v + e + half);
+        const __m256 lo = _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(cs + e)), _mm256_mul_ps(b, _mm256_loadu_ps(sn + e)));
+        const __m256 hi = _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(cs + e + half)),
+                                        _mm256_mul_ps(a, _mm256_loadu_ps(sn + e + half)));
+        _mm256_storeu_ps(v + e, lo);
+        _mm256_storeu_ps(v + e + half, hi);
+    }
+}
+#endif
+
 static void tt_qk_prep(const tt_dec *d, float *x, int nh, const float *norm, int pos) {
     const int hd = d->hd, half = hd / 2;
     const float *cs = d->cos + (size_t)pos * hd, *sn = d->sin_signed + (size_t)pos * hd;
     float r[512];
     for (int h = 0; h < nh; h++) {
         float *v = x + (size_t)h * hd;
-        if (norm) tt_rmsnorm(v, hd, norm, d->eps, v);
+        if (norm) tt_rmsnorm(v, hd, norm, d->eps, v, d->isa);
+#if TT_X86
+        if (d->isa && half % 8 == 0) { tt_rope_avx2(v, cs, sn, half); continue; }
+#endif
         /* rotate_half (hd is even: tt_dec_new): e's partner is e + half, then e - half */
         for (int e = 0; e < half; e++) r[e] = v[e] * cs[e] + v[e + half] * sn[e];
         for (int e = half; e < hd; e++) r[e] = v[e] * cs[e] + v[e - half] * sn[e];
@@ -316,7 +364,7 @@ static void tt_residual(float *x, const float *y, int n, float rs) {
  * the kernel (one pass over the weights for all rows); out [m, n] */
 static int tt_dec_linear(const tt_dec *d, tt_ctx *c, float *in, int m, int ldx, float *out, int nth) {
     if (d->input_norm)
-        for (int r = 0; r < m; r++) tt_rmsnorm(in + (size_t)r * ldx, c->k, NULL, 1e-6f, in + (size_t)r * ldx);
+        for (int r = 0; r < m; r++) tt_rmsnorm(in + (size_t)r * ldx, c->k, NULL, 1e-6f, in + (size_t)r * ldx, d->isa);
     return tt_forward_f32_locked(c, in, m, ldx, out, nth);
 }
 
@@ -341,11 +389,11 @@ static void tt_rows_task(const void *arg, int chunk) {
     for (int r = chunk * R->per; r < r1; r++) {
         float *x = R->x + (size_t)r * D;
         switch (R->stage) {
-        case TT_ROW_LN1: tt_rmsnorm(x, D, L->ln1, d->eps, d->h + (size_t)r * D); break;
-        case TT_ROW_LN2: tt_rmsnorm(x, D, L->ln2, d->eps, d->h + (size_t)r * D); break;
-        case TT_ROW_FINAL: tt_rmsnorm(x, D, d->final_norm, d->eps, R->out + (size_t)r * D); break;
+        case TT_ROW_LN1: tt_rmsnorm(x, D, L->ln1, d->eps, d->h + (size_t)r * D, d->isa); break;
+        case TT_ROW_LN2: tt_rmsnorm(x, D, L->ln2, d->eps, d->h + (size_t)r * D, d->isa); break;
+        case TT_ROW_FINAL: tt_rmsnorm(x, D, d->final_norm, d->eps, R->out + (size_t)r * D, d->isa); break;
         case TT_ROW_RESID: tt_residual(x, d->tmp + (size_t)r * D, D, d->rs); break;
-        case TT_ROW_ATTN_SUB: tt_rmsnorm(d->att + (size_t)r * nq, nq, L->attn_sub, d->eps, d->att + (size_t)r * nq); break;
+        case TT_ROW_ATTN_SUB: tt_rmsnorm(d->att + (size_t)r * nq, nq, L->attn_sub, d->eps, d->att + (size_t)r * nq, d->isa); break;
         case TT_ROW_QKV: {
             float *row = d->qkv + (size_t)r * nqkv;
             tt_qk_prep(d, row, H, L->q_norm, R->pos[r]);
@@ -375,7 +423,7 @@ static void tt_rows_task(const void *arg, int chunk) {
 #endif
                     for (int e = 0; e < F; e++) g[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
             }
-            if (L->ffn_sub) tt_rmsnorm(g, F, L->ffn_sub, d->eps, g);
+            if (L->ffn_sub) tt_rmsnorm(g, F, L->ffn_sub, d->eps, g, d->isa);
             break;
         }
         }

@@ -327,3 +327,16 @@ def test_gemv_output_is_bit_exact_with_per_row_scales(backend):
     dots = ternary_matmul_int_ref(xq, w).astype(np.float64)
     want = (dots * ws.astype(np.float64) / xs.astype(np.float64)[:, None]).astype(np.float32)
     assert np.array_equal(kern(x), want)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no compiled kernels")
+def test_thread_pool_runs_every_chunk_exactly_once():
+    """Back-to-back jobs of 1-16 chunks with more threads than cores (workers preempted between
+    reading the job word and claiming): every chunk runs once before its job returns. A worker
+    that read a finished job's word once compared it with the next job's chunk count and ran a
+    chunk twice / after the caller had moved on (~40 of 300k jobs here; rare segfaults in decode)."""
+    lib = build.load_library()
+    for th in (3, 4):
+        for maxc in (3, 5, 16):
+            assert lib.tt_pool_selftest(300_000, maxc, th) == 0, (th, maxc)
+    assert lib.tt_pool_selftest(1, 65, 2) == -1

@@ -134,6 +134,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_get_num_threads": (i32, []),
         "tt_set_spin_us": (None, [i32]),
         "tt_set_min_chunk_blocks": (None, [i32]),
+        "tt_pool_selftest": (i32, [i32, i32, i32]),
         "tt_ctx_new": (vp, [vp, i32, i32, i32, vp, vp]),
         "tt_ctx_new_int8": (vp, [vp, i32, i32, i32, vp, vp]),
         "tt_ctx_new_int4": (vp, [vp, i32, i32, i32, i32, vp, vp]),

@@ -74,11 +74,18 @@ static inline uint64_t tt_now_ns(void) {
 
 /* ============================================================== thread pool */
 /* A job is `nchunks` independent chunks; every thread (the caller included) claims chunks with a
- * CAS on P.claim = (job id << 32 | next chunk) until none is left, and the caller returns once
- * all chunks are done. Nobody waits for a worker that is not running: on a busy machine the
- * caller simply does more chunks itself. A late worker can only claim a chunk of the job that is
- * live at the time of its CAS, and the fn/arg/nchunks it then reads belong to that job (they are
- * written before the job is published and not rewritten before all its chunks are done). */
+ * CAS on P.claim = (job id << 42 | nchunks << 21 | next chunk) until none is left, and the caller
+ * returns once all chunks are done. Nobody waits for a worker that is not running: on a busy
+ * machine the caller simply does more chunks itself. The chunk count travels in the claim word
+ * itself: a late worker that read the word of a finished job must not compare its next chunk with
+ * the count of the job being posted (it did, through a separate P.nchunks, and then claimed a
+ * chunk past the old job's end under the old word, ran the new job's function on it, and counted
+ * it done: the new job's caller could return while a chunk still ran on its stack; seen as rare
+ * segfaults in batched decode). A CAS on a stale word fails, so a worker can only claim a chunk
+ * of the job that is live at the time of its CAS, and the fn/arg it then reads belong to that job
+ * (they are written before the job is published and not rewritten before all its chunks are done). */
+#define TT_CLAIM_BITS 21
+#define TT_CLAIM_MASK ((1ull << TT_CLAIM_BITS) - 1)
 typedef void (*tt_chunk_fn)(const void *arg, int chunk);
 
 static struct {
@@ -90,9 +97,8 @@ static struct {
     int nworkers;              /* running worker threads (tid 1..nworkers) */
     int nthreads;              /* default thread count incl. the caller */
     _Atomic unsigned gen;      /* bumped to wake the workers */
-    _Atomic uint64_t claim;    /* job id << 32 | next chunk */
+    _Atomic uint64_t claim;    /* job id << 42 | nchunks << 21 | next chunk */
     _Atomic int done;          /* chunks finished in the live job */
-    _Atomic int nchunks;
     _Atomic(tt_chunk_fn) fn;
     _Atomic(const void *) arg;
     unsigned jobid;
@@ -116,10 +122,10 @@ static struct {
 static inline int tt_claim(void) {
     uint64_t v = atomic_load_explicit(&P.claim, memory_order_acquire);
     for (;;) {
-        const int idx = (int)(uint32_t)v;
-        if (idx >= atomic_load_explicit(&P.nchunks, memory_order_relaxed)) return -1;
+        const uint64_t idx = v & TT_CLAIM_MASK, n = (v >> TT_CLAIM_BITS) & TT_CLAIM_MASK;
+        if (idx >= n) return -1;
         if (atomic_compare_exchange_weak_explicit(&P.claim, &v, v + 1, memory_order_acq_rel, memory_order_acquire))
-            return idx;
+            return (int)idx;
     }
 }
 
@@ -208,7 +214,7 @@ static void tt_init_once(void) {
 /* run chunks 0..nchunks-1 of fn on up to nth threads (caller included); caller holds call_lock */
 static void tt_parallel(tt_chunk_fn fn, const void *arg, int nchunks, int nth) {
     if (nth > nchunks) nth = nchunks;
-    if (nth <= 1) {
+    if (nth <= 1 || (uint64_t)nchunks > TT_CLAIM_MASK) { /* 2M+ chunks: more than the word holds */
         for (int c = 0; c < nchunks; c++) fn(arg, c);
         return;
     }
@@ -216,10 +222,10 @@ static void tt_parallel(tt_chunk_fn fn, const void *arg, int nchunks, int nth) {
     P.jobid++;
     atomic_store_explicit(&P.fn, fn, memory_order_relaxed);
     atomic_store_explicit(&P.arg, arg, memory_order_relaxed);
-    atomic_store_explicit(&P.nchunks, nchunks, memory_order_relaxed);
     atomic_store_explicit(&P.done, 0, memory_order_relaxed);
     atomic_store_explicit(&P.nhelpers, nth - 1, memory_order_relaxed);
-    atomic_store_explicit(&P.claim, (uint64_t)P.jobid << 32, memory_order_release);
+    atomic_store_explicit(&P.claim, ((uint64_t)P.jobid << (2 * TT_CLAIM_BITS)) | ((uint64_t)nchunks << TT_CLAIM_BITS),
+                          memory_order_release);
     tt_wake();
     tt_work();
     int it = 0;
@@ -227,6 +233,33 @@ static void tt_parallel(tt_chunk_fn fn, const void *arg, int nchunks, int nth) {
         tt_relax();
         if (++it > 2048) { sched_yield(); it = 0; } /* a preempted worker holds a chunk */
     }
+}
+
+/* Test entry: `iters` back-to-back jobs of 1..maxc (<= 64) chunks on nth threads, each chunk
+ * counting its runs; returns the number of jobs in which some chunk had not run exactly once when
+ * the job returned (a chunk run twice, or still running after its caller moved on). */
+typedef struct { _Atomic int *runs; } tt_selftest_job;
+
+static void tt_selftest_task(const void *arg, int chunk) {
+    atomic_fetch_add(&((const tt_selftest_job *)arg)->runs[chunk], 1);
+}
+
+int tt_pool_selftest(int iters, int maxc, int nth) {
+    if (maxc < 1 || maxc > 64) return -1;
+    _Atomic int runs[64];
+    int bad = 0;
+    pthread_mutex_lock(&P.call_lock);
+    tt_init_once();
+    for (int i = 0; i < iters; i++) {
+        const int n = 1 + (int)((i * 7u) % (unsigned)maxc);
+        for (int c = 0; c < n; c++) atomic_store(&runs[c], 0);
+        tt_selftest_job J = {.runs = runs};
+        tt_parallel(tt_selftest_task, &J, n, nth);
+        for (int c = 0; c < n; c++)
+            if (atomic_load(&runs[c]) != 1) { bad++; break; }
+    }
+    pthread_mutex_unlock(&P.call_lock);
+    return bad;
 }
 
 /* ============================================================== context */

@@ -333,3 +333,33 @@ def test_request_joining_a_batch_runs_in_the_batch_forward():
         return [e.token for e in g1.run() if e.seq is s and e.token is not None]
 
     assert together == [alone(r) for r in reqs] and all(len(t) == 8 for t in together)
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_every_x86_route_gives_the_same_fused_forward(kv, monkeypatch):
+    """A ternary model's prompt (AMX for chunks of 16+ rows, VNNI below), batched and single decode
+    steps give the same logits bit for bit on the amx, avx512 and avx2 routes: the kernels are
+    exact integer dots with one epilogue, and the 16-lane SiLU repeats the 8-lane one's operations
+    per element. Routes this CPU lacks are skipped (a CPU without AVX2 has only portable)."""
+    from tritlm.infer import fused_decode
+    from tritlm.kernels.cpu import resolve_backend
+
+    routes = [r for r in ("amx", "avx512", "avx2") if resolve_backend(r) == r]
+    if len(routes) < 2:
+        pytest.skip(f"one x86 route here ({routes})")
+    monkeypatch.setattr(fused_decode, "PREFILL_ROWS", 24)
+    pm = from_transformer(tiny_model(max_len=96, ffn_dim=204, n_kv_heads=2), fp_dtype="fp32")
+    ids = torch.randint(0, 97, (61,), generator=torch.Generator().manual_seed(4)).tolist()
+    got = {}
+    for r in routes:
+        monkeypatch.setenv("TRITLM_KERNEL", r)
+        eng = Engine(pm, slots=3, threads=2, kv_dtype=kv)
+        assert eng.fused is not None
+        out = [eng.forward_seq(ids, slot=0, all_logits=True),  # chunks of 24, 24, 13 rows
+               eng.forward_seq(ids[:20], slot=1, all_logits=True)]
+        out.append(eng.decode_batch([5, 6], [0, 1]))
+        out.append(eng.forward_seq([7], slot=2))
+        got[r] = out
+    for r in routes[1:]:
+        for a, b in zip(got[routes[0]], got[r]):
+            assert torch.equal(a, b), (routes[0], r)

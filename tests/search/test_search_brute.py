@@ -9,8 +9,8 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import CTX
 
+from conftest import CTX
 from tritlm.formats.ptq import requantize
 from tritlm.quant.config import FP
 from tritlm.search.plan import Problem, choose, evaluate_pick

@@ -39,7 +39,7 @@ typedef struct {
 
 typedef struct {
     int n_layers, dim, n_heads, kv_heads, hd, ffn, max_len, slots, rows; /* rows: scratch capacity */
-    int isa; /* 1: AVX2 (+ F16C) attention / exp */
+    int isa; /* 1: AVX2 (+ F16C) attention / exp; 2: and the AVX-512 SiLU */
     int kv16; /* 1: the KV cache holds halves */
     float eps, rs;
     int relu2, input_norm;
@@ -138,7 +138,9 @@ int tt_dec_set_layer(tt_dec *d, int i, const float *ln1, const float *ln2, const
     if (!gu || gu->k != d->dim || gu->n != 2 * d->ffn) return -1;
     if (!down || down->k != d->ffn || down->n != d->dim) return -1;
     d->L[i] = (tt_dec_layer){ln1, ln2, q_norm, k_norm, attn_sub, ffn_sub, qkv, o, gu, down, kc, vc};
-    d->isa = d->isa && qkv->isa; /* TRITLM_KERNEL=portable reaches the attention too */
+    /* TRITLM_KERNEL=portable reaches the row work and attention too; the AVX-512 routes (avx512,
+     * amx) also take the 16-lane SiLU (2), the others the AVX2 code (1) */
+    d->isa = d->isa && qkv->isa ? (qkv->isa >= 2 ? 2 : 1) : 0;
     return 0;
 }
 
@@ -264,6 +266,38 @@ TT_AVX2_FN static void tt_silu_mul_avx2(float *g, const float *u, int n) {
         _mm256_storeu_ps(g + e, _mm256_mul_ps(_mm256_div_ps(v, den), _mm256_loadu_ps(u + e)));
     }
     for (; e < n; e++) g[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
+}
+
+#define TT_AVX512_ROW_FN __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+/* tt_exp8 on 16 lanes: the same operations per lane (bit-identical) */
+static inline __attribute__((always_inline, target("avx512f,avx512dq,avx512vl,avx2,fma"))) __m512 tt_exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.3762626647949f));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+/* tt_silu_mul_avx2 on 16 lanes (bit-identical): a 700M prompt's SiLU pass was bound by the
+ * polynomial and the division (~9 ms of a 128-token prefill) */
+TT_AVX512_ROW_FN static void tt_silu_mul_avx512(float *g, const float *u, int n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int e = 0;
+    for (; e + 16 <= n; e += 16) {
+        const __m512 v = _mm512_loadu_ps(g + e);
+        const __m512 den = _mm512_add_ps(one, tt_exp16(_mm512_sub_ps(_mm512_setzero_ps(), v)));
+        _mm512_storeu_ps(g + e, _mm512_mul_ps(_mm512_div_ps(v, den), _mm512_loadu_ps(u + e)));
+    }
+    if (e < n) tt_silu_mul_avx2(g + e, u + e, n - e);
 }
 #endif
 
@@ -418,7 +452,8 @@ static void tt_rows_task(const void *arg, int chunk) {
                 for (int e = 0; e < F; e++) { const float v = g[e] > 0.0f ? g[e] : 0.0f; g[e] = v * v * u[e]; }
             } else {
 #if TT_X86
-                if (d->isa) tt_silu_mul_avx2(g, u, F);
+                if (d->isa == 2) tt_silu_mul_avx512(g, u, F);
+                else if (d->isa) tt_silu_mul_avx2(g, u, F);
                 else
 #endif
                     for (int e = 0; e < F; e++) g[e] = g[e] / (1.0f + expf(-g[e])) * u[e];

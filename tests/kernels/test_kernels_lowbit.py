@@ -334,10 +334,13 @@ def test_tune_lowbit_smoke(tmp_path, monkeypatch):
         rng = np.random.default_rng(10)
         kern = Int8LinearKernel(rng.integers(-127, 128, size=(16, 256)), 1.0, threads=1)
         cands = {0: [{"chunks": 2}, {"chunks": 4}], 1: [{"panel_rows": 8}], 2: [{"panel_rows": 16}]}
+        default = kern.params[1]["panel_rows"]  # competes too: kept unless 8 is clearly faster
         best = kern.tune(ms=(1, 3), threads=1, candidates=cands, repeats=1, flush_bytes=0)
-        assert set(best) == {0, 1} and kern.params[1]["panel_rows"] == 8
+        assert set(best) == {0, 1} and best[1]["panel_rows"] in (8, default)
+        assert kern.params[1]["panel_rows"] == best[1]["panel_rows"]
         assert autotune.lookup(16, 256, 1, kern.backend, kind="int8") == best
         assert autotune.lookup(16, 256, 1, kern.backend) is None  # ternary entries are separate
-        assert Int8LinearKernel(np.zeros((16, 256)), 1.0, threads=1).params[1]["panel_rows"] == 8
+        again = Int8LinearKernel(np.zeros((16, 256)), 1.0, threads=1)
+        assert again.params[1]["panel_rows"] == best[1]["panel_rows"]
     finally:
         autotune.clear_memo()

@@ -53,7 +53,7 @@ class _Timed:
     """A stand-in kernel whose calls take a time set by its prefetch parameter."""
 
     k, n, backend, kind, _ctx, threads, effective_threads = 8, 8, "fake", "ternary", 1, None, 1
-    COST = {2048: 0.010, 0: 0.0097, 1024: 0.0101, 4096: 0.006}
+    COST = {2048: 0.040, 0: 0.0392, 1024: 0.0404, 4096: 0.024}  # long enough that sleep's jitter is ~1%
 
     def __init__(self):
         self.params = {b: {"prefetch": 2048, "nta": 1, "panel_rows": 32, "chunks": 8} for b in range(3)}
@@ -70,8 +70,8 @@ class _Timed:
 def test_tuning_keeps_the_default_unless_a_candidate_is_clearly_faster():
     from tritlm.kernels.cpu.tuning import MARGIN, tune_kernel
 
-    assert 0.031 < MARGIN < 0.4  # 3% faster is noise here, 40% is not
-    close = {0: [{"prefetch": 0}, {"prefetch": 1024}]}  # 3% faster, 1% slower: the default stays
+    assert 0.03 < MARGIN < 0.4  # 2% faster is noise here, 40% is not
+    close = {0: [{"prefetch": 0}, {"prefetch": 1024}]}  # 2% faster, 1% slower: the default stays
     assert tune_kernel(_Timed(), ms=(1,), save=False, candidates=close, repeats=3, flush_bytes=0) == {
         0: {"prefetch": 2048}}
     far = {0: [{"prefetch": 0}, {"prefetch": 4096}]}  # 40% faster: taken

@@ -86,12 +86,16 @@ TT_VNNI_INLINE void tt_vnni_gemv_g(const uint8_t *w, size_t gstride, int kb, con
 
 /* one group (4 rows) x T tokens (1..4): each block's codes are unpacked once for all T tokens */
 TT_VNNI_INLINE void tt_vnni_tile(const uint8_t *wg, int kb, const int8_t *x, size_t ldx, int T, int32_t *dots,
-                                 size_t ldd) {
+                                 size_t ldd, size_t pf) {
     const __m512i m3 = _mm512_set1_epi8(3);
     __m512i acc[4][2];
     for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_si512();
     for (int b = 0; b < kb; b++) {
         const uint8_t *wb = wg + (size_t)b * TT_GROUP_BYTES_PER_BLOCK;
+        if (pf) { /* the first token quad's pass reads the weights from DRAM: the stream pf bytes ahead */
+            _mm_prefetch((const char *)(wb + pf), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + pf + 64), _MM_HINT_T0);
+        }
         const __m512i v01 = _mm512_loadu_si512((const void *)wb);
         const __m512i v23 = _mm512_loadu_si512((const void *)(wb + 64));
         for (int q = 0; q < 4; q++) {
@@ -111,16 +115,16 @@ TT_VNNI_INLINE void tt_vnni_tile(const uint8_t *wg, int kb, const int8_t *x, siz
     }
 }
 
-TT_VNNI_FN static void tt_vnni_tile4(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd) { tt_vnni_tile(w, kb, x, ldx, 4, d, ldd); }
-TT_VNNI_FN static void tt_vnni_tile3(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd) { tt_vnni_tile(w, kb, x, ldx, 3, d, ldd); }
-TT_VNNI_FN static void tt_vnni_tile2(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd) { tt_vnni_tile(w, kb, x, ldx, 2, d, ldd); }
+TT_VNNI_FN static void tt_vnni_tile4(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd, size_t pf) { tt_vnni_tile(w, kb, x, ldx, 4, d, ldd, pf); }
+TT_VNNI_FN static void tt_vnni_tile3(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd, size_t pf) { tt_vnni_tile(w, kb, x, ldx, 3, d, ldd, pf); }
+TT_VNNI_FN static void tt_vnni_tile2(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd, size_t pf) { tt_vnni_tile(w, kb, x, ldx, 2, d, ldd, pf); }
 
 /* Raw dots sum_k q[row, k] * x[t, k] (q: the 2-bit codes 0..2, so the true dot is this minus
  * sum_k x[t, k]) of `ngroups` 4-row groups starting at w (i2s_r4, kb blocks per row) and T tokens
  * (x: T rows of kb * 128 int8, stride ldx) into dots[t * ldd + row]. A leaf function (no calls out
  * of this file, no globals): the emulator tests call it through tt_vnni_dots. */
 TT_VNNI_FN static void tt_vnni_dots_impl(const uint8_t *w, int kb, int ngroups, const int8_t *x, size_t ldx, int T,
-                                         int32_t *dots, size_t ldd) {
+                                         int32_t *dots, size_t ldd, size_t pf) {
     const size_t gstride = (size_t)kb * TT_GROUP_BYTES_PER_BLOCK;
     for (int t0 = 0; t0 < T; t0 += 4) {
         const int tn = T - t0 < 4 ? T - t0 : 4;
@@ -134,9 +138,10 @@ TT_VNNI_FN static void tt_vnni_dots_impl(const uint8_t *w, int kb, int ngroups, 
         }
         for (; g < ngroups; g++) {
             const uint8_t *wg = w + g * gstride;
-            if (tn == 4) tt_vnni_tile4(wg, kb, xt, ldx, dt + 4 * g, ldd);
-            else if (tn == 3) tt_vnni_tile3(wg, kb, xt, ldx, dt + 4 * g, ldd);
-            else tt_vnni_tile2(wg, kb, xt, ldx, dt + 4 * g, ldd);
+            const size_t p = t0 == 0 ? pf : 0; /* later quads find the weights in the cache */
+            if (tn == 4) tt_vnni_tile4(wg, kb, xt, ldx, dt + 4 * g, ldd, p);
+            else if (tn == 3) tt_vnni_tile3(wg, kb, xt, ldx, dt + 4 * g, ldd, p);
+            else tt_vnni_tile2(wg, kb, xt, ldx, dt + 4 * g, ldd, p);
         }
     }
 }
@@ -150,7 +155,7 @@ TT_VNNI_FN static void tt_vnni_gemv_pf(const uint8_t *w, size_t gstride, int kb,
 /* exported for the tests; the library calls the static one (no PLT hop, and none in the guest) */
 TT_VNNI_FN void tt_vnni_dots(const uint8_t *w, int kb, int ngroups, const int8_t *x, size_t ldx, int T, int32_t *dots,
                              size_t ldd) {
-    tt_vnni_dots_impl(w, kb, ngroups, x, ldx, T, dots, ldd);
+    tt_vnni_dots_impl(w, kb, ngroups, x, ldx, T, dots, ldd, 0);
 }
 
 /* groups of a chunk in batches of 8 (32 rows: their weights stay in L1/L2 while the token quads
@@ -175,7 +180,8 @@ static void tt_task_vnni(const void *arg, int chunk) {
         const int ge = gb + 8 < g1 ? gb + 8 : g1;
         for (int t0 = 0; t0 < J->m; t0 += 4) {
             const int T = J->m - t0 < 4 ? J->m - t0 : 4;
-            tt_vnni_dots_impl(c->w + (size_t)gb * gstride, c->kb, ge - gb, J->xq + (size_t)t0 * J->ldx, J->ldx, T, buf, 32);
+            tt_vnni_dots_impl(c->w + (size_t)gb * gstride, c->kb, ge - gb, J->xq + (size_t)t0 * J->ldx, J->ldx, T, buf, 32,
+                              t0 == 0 ? (size_t)J->p.pf : 0);
             for (int t = 0; t < T; t++)
                 for (int i = 0; i < 4 * (ge - gb); i++) tt_store(J, t0 + t, 4 * gb + i, buf[32 * t + i]);
         }
@@ -189,6 +195,7 @@ static void tt_run_serial(const tt_ctx *c, const int8_t *xq, size_t ldx, int m, 
     tt_job J;
     J.c = c; J.xq = xq; J.ldx = ldx; J.m = m; J.xs = xs; J.sx = sx; J.out = out; J.dots = dots;
     J.cg = cg < 1 ? 1 : cg;
+    J.p = (tt_params){0}; /* no prefetch: the emulator runs the routes, not their timing */
     for (int ch = 0; ch * J.cg < c->ngroups; ch++) task(&J, ch);
 }
 

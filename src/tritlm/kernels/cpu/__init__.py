@@ -1,4 +1,4 @@
-"""CPU kernels for ternary, int8, int4 and binary weights: C (AVX2 + portable loops) compiled on
+"""CPU kernels for ternary, int8, int4 and binary weights: C (AMX, AVX-512 VNNI, AVX2, portable) compiled on
 first use, numpy fallback."""
 
 from .build import build_library, cache_dir, find_compiler, load_library

@@ -75,8 +75,8 @@ def _kernel_line() -> str:
         return f"CPU kernels: {k['backend']} (the C library is not built: {k['error'] or 'no compiler'})"
     yn = {True: "yes", False: "no", None: "?"}
     return (f"CPU kernels: {k['backend']} (this CPU: AMX-INT8 {yn[k['amx']]}, AVX-512 VNNI {yn[k['avx512_vnni']]}, "
-            f"AVX2 {yn[k['avx2']]}; TRITLM_KERNEL=amx|avx512|avx2|portable|numpy picks one; amx: prompts of 16+ "
-            f"tokens on the tiles, ternary layers)")
+            f"AVX2 {yn[k['avx2']]}; TRITLM_KERNEL=amx|avx512|avx2|portable|numpy picks one; amx: ternary layers' calls "
+            f"of 2+ tokens on the tiles)")
 
 
 def _h(n: float) -> str:

@@ -31,21 +31,29 @@ def test_dispatch_matches_the_cpu_flags():
     assert k.backend == "amx" and LIB.tt_ctx_get_isa(k._ctx) == 3
 
 
-def _pair(rng, n, k, bias: bool):
+# route -> (amx_min_m, few_min_m): every call of 1+ tokens through the activations-as-A tiles,
+# or every call of 2+ tokens through the weights-as-A tiles (one pass up to 32, several beyond)
+ROUTES = {"activations_as_a": (1, None), "weights_as_a": (1 << 20, 2)}
+
+
+def _pair(rng, n, k, bias: bool, route: str = "activations_as_a"):
     w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
     ws = rng.uniform(0.1, 2.0, size=n).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32) if bias else None
     amx = TernaryLinearKernel(w, ws, bias=b, backend="amx")
-    amx.set_amx_min_m(1)  # every call through the tiles, however few its tokens
+    amx.set_amx_min_m(*ROUTES[route])
     ref = TernaryLinearKernel(w, ws, bias=b, backend="portable")
     return w, amx, ref
 
 
-@pytest.mark.parametrize("n,k", [(1, 1), (3, 127), (5, 129), (37, 300), (64, 128), (67, 640), (131, 1000)])
-def test_amx_is_bit_identical_to_portable(n, k):
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 127), (5, 129), (37, 300), (64, 128), (67, 640), (131, 1000), (260, 256)])
+def test_amx_is_bit_identical_to_portable(n, k, route):
+    """Rows not a multiple of the 32-row panel, panels of one group, K not a multiple of the
+    block, token counts around the tiles' 16 and the passes' 32."""
     rng = np.random.default_rng(n * 1000 + k)
-    w, amx, ref = _pair(rng, n, k, bias=n % 2 == 1)
-    for m in (1, 2, 15, 16, 17, 31, 32, 33, 64, 70):
+    w, amx, ref = _pair(rng, n, k, bias=n % 2 == 1, route=route)
+    for m in (1, 2, 3, 15, 16, 17, 31, 32, 33, 49, 70):
         x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10)).astype(np.float32)
         xq, xs = quantize_act_ref(x)
         for th in (1, 2, 3):
@@ -53,6 +61,12 @@ def test_amx_is_bit_identical_to_portable(n, k):
             assert np.array_equal(amx.int_dots(xq), ternary_matmul_int_ref(xq, w)), (m, th)
             assert np.array_equal(amx(x).view(np.int32), ref(x).view(np.int32)), (m, th)
             assert np.array_equal(amx.matmul_int8(xq, xs).view(np.int32), ref.matmul_int8(xq, xs).view(np.int32))
+
+
+def test_the_route_thresholds_are_checked():
+    amx = TernaryLinearKernel(np.ones((8, 128), dtype=np.int8), backend="amx")
+    with pytest.raises(ValueError, match="few_min_m"):
+        amx.set_amx_min_m(16, few_min_m=1)
 
 
 def test_amx_extreme_activations_and_long_rows():
@@ -69,12 +83,12 @@ def test_amx_extreme_activations_and_long_rows():
         assert np.array_equal(amx.int_dots(xq), ternary_matmul_int_ref(xq, w))
 
 
-def test_below_the_threshold_the_vnni_route_runs_with_the_same_numbers():
+def test_every_amx_route_gives_the_vnni_numbers():
     rng = np.random.default_rng(2)
     w = rng.integers(-1, 2, size=(70, 700)).astype(np.int8)
     amx = TernaryLinearKernel(w, 0.5, backend="amx", threads=2)
     vnni = TernaryLinearKernel(w, 0.5, backend="avx512", threads=2)
-    for m in (1, 4, 15, 16, 40):  # default threshold 16: VNNI below, tiles from 16 on
+    for m in (1, 4, 15, 16, 40):  # 1: the VNNI GEMV; 2-32: weights-as-A tiles; 33+: activations-as-A
         x = rng.standard_normal((m, 700)).astype(np.float32)
         assert np.array_equal(amx(x).view(np.int32), vnni(x).view(np.int32)), m
     with pytest.raises(ValueError, match="amx_min_m"):

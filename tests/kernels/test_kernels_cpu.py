@@ -20,7 +20,7 @@ from tritlm.kernels.cpu import build, ops
 
 KS = [1, 127, 129, 300]
 NS = [1, 3, 5, 67, 131]  # 131 rows: several 8-group blocks of the small-M GEMV, and a remainder
-MS = [1, 2, 3, 4, 7, 33]  # 2-3: the GEMV per token; 4 and up: the GEMM tile
+MS = [1, 2, 3, 4, 7, 8, 9, 33]  # 2 and up: the GEMM tiles (VNNI: runs of up to 8 tokens, 9 = 5 + 4)
 THREADS = [1, 2, 3]
 
 
@@ -314,18 +314,24 @@ def test_pool_stress_switching_threads_and_spin():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gemv_output_is_bit_exact_with_per_row_scales(backend):
-    """out = float32(float64(dot) * w_scale[row] / x_scale): the 4-row vector store of the GEMV
-    does the same IEEE double operations as the scalar one, so results are identical bits."""
-    rng = np.random.default_rng(7)
+@pytest.mark.parametrize("m", [1, 6, 9])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_output_is_bit_exact_with_per_row_scales(backend, m, with_bias):
+    """out = float32(float64(dot) * w_scale[row] / x_scale) (+ float32 bias): the vector
+    epilogues (4 rows in the AVX2 GEMV, 16 in the AVX-512 and AMX routes) do the same IEEE double
+    operations as the scalar one, so results are identical bits."""
+    rng = np.random.default_rng(7 + m)
     n, k = 67, 300
     w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
     ws = rng.uniform(0.01, 3.0, size=n).astype(np.float32)
-    kern = TernaryLinearKernel(w, ws, backend=backend)
-    x = rng.standard_normal((1, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    kern = TernaryLinearKernel(w, ws, bias, backend=backend)
+    x = rng.standard_normal((m, k)).astype(np.float32)
     xq, xs = quantize_act_ref(x)
     dots = ternary_matmul_int_ref(xq, w).astype(np.float64)
     want = (dots * ws.astype(np.float64) / xs.astype(np.float64)[:, None]).astype(np.float32)
+    if with_bias:
+        want = want + bias
     assert np.array_equal(kern(x), want)
 
 
@@ -340,3 +346,29 @@ def test_thread_pool_runs_every_chunk_exactly_once():
         for maxc in (3, 5, 16):
             assert lib.tt_pool_selftest(300_000, maxc, th) == 0, (th, maxc)
     assert lib.tt_pool_selftest(1, 65, 2) == -1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_epilogue_takes_the_division_at_float_ties(backend):
+    """The vector epilogue multiplies by 1 / scale and must fall back to the division where that
+    rounds differently. Row r has three weights of 1 and scale 11184809 * 2^-3r, the token 49 on
+    those inputs (dot 147) and scale 49: the double quotient is exactly 33554427 * 2^-3r, a float
+    midpoint that rounds up (ties to even), while the product with RN(1/49) lands just below it
+    and rounds down. Plus scales giving subnormal, huge and ordinary results."""
+    n, k = 40, 256
+    w = np.zeros((n, k), dtype=np.int8)
+    for r in range(n):
+        w[r, 3 * r:3 * r + 3] = 1
+    ws = np.ldexp(np.float32(11184809), -3 * np.arange(n)).astype(np.float32)
+    ws[-4:] = [1e-30, 3e30, 0.7, 1.0]
+    xq = np.zeros((9, k), dtype=np.int8)
+    xq[:, :3 * n] = 49
+    xs = np.array([49.0, 49.0, 98.0, 24.5, 49.0, 1e-3, 3e-38, 1e38, 11.0], dtype=np.float32)
+    amx = TernaryLinearKernel(w, ws, backend=backend)
+    if backend == "amx":
+        amx.set_amx_min_m(1 << 20, few_min_m=2)  # the weights-as-A tiles
+    ref = TernaryLinearKernel(w, ws, backend="portable")
+    got, want = amx.matmul_int8(xq, xs), ref.matmul_int8(xq, xs)
+    assert want[0, 0] == np.float32(33554428.0)  # the tie, rounded up by the reference's division
+    assert np.float32(np.float64(147 * 11184809) * (1 / np.float64(49))) == np.float32(33554426.0)
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))

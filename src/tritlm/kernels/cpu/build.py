@@ -30,7 +30,7 @@ from pathlib import Path
 
 log = logging.getLogger("tritlm.kernels")
 
-ABI_VERSION = 14
+ABI_VERSION = 15
 SOURCE = Path(__file__).with_name("tritlm_cpu.c")
 # files SOURCE #includes: part of the cache key, so editing any of them triggers a rebuild
 INCLUDED = tuple(Path(__file__).with_name(f)
@@ -143,6 +143,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_ctx_free": (None, [vp]),
         "tt_ctx_set_isa": (i32, [vp, i32]),
         "tt_ctx_set_amx_min_m": (None, [vp, i32]),
+        "tt_ctx_set_amxs_min_m": (None, [vp, i32]),
         "tt_ctx_get_isa": (i32, [vp]),
         "tt_ctx_set_params": (None, [vp, i32, i32, i32, i32, i32]),
         "tt_forward_f32": (i32, [vp, vp, i32, i64, vp, i32]),

@@ -4,8 +4,9 @@ the settings of the thread pool and the parameter tuning loop (:func:`tune`).
 
 Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL``, else "auto"):
 
-* ``"amx"``      - the compiled C library, AMX-INT8 tiles for ternary prompts (calls of at least
-  ``amx_min_m`` tokens, default 16); everything else as ``"avx512"`` (CPUs with AMX-TILE / AMX-INT8,
+* ``"amx"``      - the compiled C library, AMX-INT8 tiles for ternary calls of 2+ tokens (2-32:
+  weights as A, batched decode; from ``amx_min_m`` = 33 on: activations as A, prompts); single
+  tokens and the other kinds as ``"avx512"`` (CPUs with AMX-TILE / AMX-INT8,
   an OS that enables the tile state and, on Linux, grants it to the process);
 * ``"avx512"``   - the compiled C library, AVX-512 VNNI ``vpdpbusd`` routes for every weight kind
   (CPUs with AVX512 F/BW/VL/VNNI and an OS that saves the ZMM state); the quantiser, the fused
@@ -405,12 +406,18 @@ class TernaryLinearKernel(LinearKernelBase):
         self._attach(lib.tt_ctx_new(_ptr(self._data), self.n, self.k, self.k_padded, _ptr(self.w_scale),
                                     _ptr(self.bias) if self.bias is not None else None), params)
 
-    def set_amx_min_m(self, m: int) -> None:
-        """Fewest tokens a call needs to take the AMX tiles (default 16; fewer take VNNI)."""
+    def set_amx_min_m(self, m: int, few_min_m: int | None = None) -> None:
+        """Token counts of the two AMX routes: calls of at least ``m`` tokens take the
+        activations-as-A tiles; ``few_min_m`` .. ``m - 1`` tokens (default 2) the weights-as-A
+        tiles; a single token the VNNI GEMV."""
         if int(m) < 1:
             raise ValueError(f"amx_min_m must be >= 1, got {m}")
+        if few_min_m is not None and int(few_min_m) < 2:
+            raise ValueError(f"few_min_m must be >= 2, got {few_min_m}")
         if self._ctx is not None:
             self._lib.tt_ctx_set_amx_min_m(self._ctx, int(m))
+            if few_min_m is not None:
+                self._lib.tt_ctx_set_amxs_min_m(self._ctx, int(few_min_m))
 
     def _ctor_args(self) -> tuple:
         return (self.packed, self.w_scale)

@@ -1,7 +1,8 @@
 /*
- * AMX-INT8 route for ternary weights (tt_ctx.isa == 3), for prompts: a call with at least
- * amx_min_m tokens (default 16) runs here, fewer (decode, small batches) take the AVX-512 VNNI
- * route, which this route includes. TDPBSUD multiplies a 16 x 64 tile of signed bytes by a
+ * AMX-INT8 routes for ternary weights (tt_ctx.isa == 3). Prompts: a call with at least amx_min_m
+ * tokens (default 33) runs the tiles as below. Batched decode: calls of amxs_min_m (default 2) to
+ * amx_min_m - 1 tokens run the weights-as-A tiles (the second half of this file). One token takes
+ * the AVX-512 VNNI GEMV, which these routes include. TDPBSUD multiplies a 16 x 64 tile of signed bytes by a
  * 64 x 16 tile of unsigned bytes into 16 x 16 int32 sums: 16384 products per instruction.
  *
  * A = the activations: 16 tokens' int8 rows, read in place (a token count that is not a multiple
@@ -31,6 +32,7 @@
 
 #define TT_AMX_TARGET "amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma"
 #define TT_AMX_FN __attribute__((target(TT_AMX_TARGET)))
+#define TT_AMX_INLINE static inline __attribute__((always_inline, target(TT_AMX_TARGET)))
 #define TT_AMX_ROWS 32 /* rows per panel: two 16-row A tiles */
 #define TT_AMX_TOK 32  /* tokens per block: two 16-token B tiles */
 
@@ -106,41 +108,6 @@ TT_AMX_FN static void tt_amx_unpack(const uint8_t *w, int kb, int ngr, uint8_t *
     }
 }
 
-/* tt_store over a 32-token x 32-row block of raw sums acc[token][row] (32 wide): per token, 16 rows
- * at a time, the same double operations (bit-identical) */
-TT_AMX_FN static void tt_amx_store(const tt_job *J, const int32_t *acc, int row0, int t0, int nt) {
-    const tt_ctx *c = J->c;
-    const int nr = c->n - row0 < TT_AMX_ROWS ? c->n - row0 : TT_AMX_ROWS;
-    const size_t n = (size_t)c->n;
-    for (int h = 0; h < nr; h += 16) {
-        const int rows = nr - h < 16 ? nr - h : 16;
-        const __mmask16 mk = (__mmask16)(rows == 16 ? 0xFFFF : (1u << rows) - 1);
-        const __mmask8 mlo = (__mmask8)(mk & 0xFF), mhi = (__mmask8)(mk >> 8);
-        /* rows past n read scale 1 (their lanes are never stored) */
-        const __m512d ws0 = _mm512_cvtps_pd(_mm256_mask_loadu_ps(_mm256_set1_ps(1.0f), mlo, c->wscale + row0 + h));
-        const __m512d ws1 = _mm512_cvtps_pd(_mm256_mask_loadu_ps(_mm256_set1_ps(1.0f), mhi, c->wscale + row0 + h + 8));
-        __m512 bias = _mm512_setzero_ps();
-        if (c->bias) bias = _mm512_maskz_loadu_ps(mk, c->bias + row0 + h);
-        for (int t = 0; t < nt; t++) {
-            const int tg = t0 + t;
-            const __m512i s = _mm512_sub_epi32(_mm512_loadu_si512((const void *)(acc + (size_t)t * TT_AMX_ROWS + h)),
-                                               _mm512_set1_epi32(J->sx[tg]));
-            if (J->dots) {
-                _mm512_mask_storeu_epi32(J->dots + (size_t)tg * n + row0 + h, mk, s);
-                continue;
-            }
-            const __m512d xs = _mm512_set1_pd((double)J->xs[tg]);
-            const __m512d d0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(s));
-            const __m512d d1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s, 1));
-            const __m256 f0 = _mm512_cvtpd_ps(_mm512_div_pd(_mm512_mul_pd(d0, ws0), xs));
-            const __m256 f1 = _mm512_cvtpd_ps(_mm512_div_pd(_mm512_mul_pd(d1, ws1), xs));
-            __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(f0), f1, 1);
-            if (c->bias) v = _mm512_add_ps(v, bias);
-            _mm512_mask_storeu_ps(J->out + (size_t)tg * n + row0 + h, mk, v);
-        }
-    }
-}
-
 /* the 16-token block at t0: its rows in place, or (the last, partial one) the zero-padded copy */
 static inline const int8_t *tt_amx_xblock(const tt_job *J, int t0, size_t *ld) {
     if (t0 + 16 <= J->m) { *ld = J->ldx; return J->xq + (size_t)t0 * J->ldx; }
@@ -190,7 +157,7 @@ TT_AMX_FN static void tt_amx_panel(const tt_job *J, int g0, const uint8_t *wb) {
             _tile_stored(2, acc + 16 * TT_AMX_ROWS, TT_AMX_ROWS * 4);
             _tile_stored(3, acc + 16 * TT_AMX_ROWS + 16, TT_AMX_ROWS * 4);
         }
-        tt_amx_store(J, acc, 4 * g0, t0, nt);
+        tt_vnni_store_block(J, acc, TT_AMX_ROWS, 1, 4 * g0, TT_AMX_ROWS, t0, nt);
     }
 }
 
@@ -220,6 +187,167 @@ static void tt_task_amx(const void *arg, int chunk) {
     tt_amx_chunk(J, g0, g1, wb);
 }
 
+/* ------------------------------------------------------------------ weights as A
+ * Below amx_min_m tokens the roles swap: A = 16 weight rows x 64 inputs of 2-bit codes
+ * (unsigned), B = the activations (signed), transposed once per call so that a tile row holds 4
+ * consecutive inputs of every token, C = 16 rows x up to 16 tokens. A row of A is one row's
+ * 32-byte block slice broadcast to both halves of a vector, shifted by 0 | 2 (inputs 0..63 of the
+ * block) or 4 | 6 (64..127) and masked: no gathers, and each unpacked tile feeds one TDPBUSD for
+ * 16 tokens at once. A panel of 32 rows runs the tokens in passes of up to 32 (tiles 0, 1, 6, 7 =
+ * C for 2 row halves x 2 token halves, 2, 3 = A, 4, 5 = B), re-unpacking its weights each pass. */
+
+/* The activations of passes of up to 32 tokens: pass p (tokens t0 .. t0 + np - 1) at byte t0 * kp,
+ * its entry (q, t) = token t's inputs 4 q .. 4 q + 3 (one int32) at (q * np + t - t0) * 4 */
+static void tt_amxs_transpose(const tt_job *J, uint8_t *xt) {
+    const int m = J->m, nq = J->c->kp / 4;
+    for (int t0 = 0; t0 < m; t0 += 32) {
+        const int np = m - t0 < 32 ? m - t0 : 32;
+        int32_t *d = (int32_t *)(void *)(xt + (size_t)t0 * J->c->kp);
+        for (int t = 0; t < np; t++) {
+            const int8_t *x = J->xq + (size_t)(t0 + t) * J->ldx;
+            for (int q = 0; q < nq; q++) memcpy(d + (size_t)q * np + t, x + 4 * (size_t)q, 4);
+        }
+    }
+}
+
+/* block b of the panel's 32 rows (group bases gp[0..7]) into A tiles at a: [row half][input half]
+ * [16 rows x 64 codes]. Unrolled: with a loop the address arithmetic, not the vector work, was
+ * the bottleneck. */
+TT_AMX_INLINE void tt_amxs_unpack(const uint8_t *const gp[8], size_t off, uint8_t *a) {
+    const __m512i sh01 = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0), sh23 = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
+    const __m512i m3 = _mm512_set1_epi8(3);
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; g++) {
+        const uint8_t *src = gp[g] + off;
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            const int r = 4 * g + s;
+            const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(const void *)(src + 32 * s)));
+            uint8_t *d = a + (size_t)(r >> 4) * 2048 + (size_t)(r & 15) * 64;
+            _mm512_store_si512((void *)d, _mm512_and_si512(_mm512_srlv_epi64(v, sh01), m3));
+            _mm512_store_si512((void *)(d + 1024), _mm512_and_si512(_mm512_srlv_epi64(v, sh23), m3));
+        }
+    }
+}
+
+/* rows 4 g0 .. 4 g0 + 31 (ngr <= 8 groups; missing groups repeat the last one and are never
+ * stored) against one pass of np tokens from t0 (nt0 = min(np, 16) in the first token half, the
+ * rest in the second; B tiles of pass byte offset xp). ab = 3 x 4 KB of scratch: block b + 1 is
+ * unpacked before block b's tiles run, so a tile load never waits on the stores just issued (AMX
+ * loads do not forward from the store buffer), and the third buffer keeps those stores off the
+ * one still being read. The next panel is prefetched into L2 on the way, 1 KB a block. */
+TT_AMX_FN static void tt_amxs_panel(const tt_job *J, int g0, int ngr, int t0, int np, const uint8_t *xp, uint8_t *ab,
+                                    int prefetch) {
+    const tt_ctx *c = J->c;
+    const int kb = c->kb, nt0 = np < 16 ? np : 16, two = np > 16;
+    const size_t gstride = (size_t)kb * TT_GROUP_BYTES_PER_BLOCK;
+    const uint8_t *gp[8];
+    for (int g = 0; g < 8; g++) gp[g] = c->w + (size_t)(g0 + (g < ngr ? g : ngr - 1)) * gstride;
+    const size_t bstride = (size_t)16 * np * 4; /* bytes of 16 q-rows of the pass */
+    const size_t ldb = (size_t)4 * np;
+    const char *pf = (const char *)(c->w + (size_t)(g0 + 8) * gstride);
+    prefetch = prefetch && g0 + 8 < c->ngroups;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+        _tile_zero(6);
+        _tile_zero(7);
+    }
+    tt_amxs_unpack(gp, 0, ab);
+    for (int b = 0; b < kb; b++) {
+        if (b + 1 < kb) tt_amxs_unpack(gp, (size_t)(b + 1) * TT_GROUP_BYTES_PER_BLOCK, ab + (size_t)((b + 1) % 3) * 4096);
+        if (prefetch)
+            for (int l = 0; l < 16; l++) _mm_prefetch(pf + (size_t)b * 1024 + 64 * l, _MM_HINT_T1);
+        const uint8_t *a = ab + (size_t)(b % 3) * 4096;
+        for (int kk = 0; kk < 2; kk++) {
+            const uint8_t *x0 = xp + (size_t)(2 * b + kk) * bstride;
+            _tile_loadd(4, x0, ldb);
+            _tile_loadd(2, a + 1024 * kk, 64);
+            _tile_loadd(3, a + 2048 + 1024 * kk, 64);
+            _tile_dpbusd(0, 2, 4);
+            _tile_dpbusd(1, 3, 4);
+            if (two) {
+                _tile_loadd(5, x0 + 4 * nt0, ldb);
+                _tile_dpbusd(6, 2, 5);
+                _tile_dpbusd(7, 3, 5);
+            }
+        }
+    }
+    /* C row-major: row r's sums at cr + 16 r, gathered by the epilogue */
+    int32_t cr[32 * 16] __attribute__((aligned(64)));
+    _tile_stored(0, cr, 64);
+    _tile_stored(1, cr + 16 * 16, 64);
+    tt_vnni_store_block(J, cr, 1, 16, 4 * g0, 4 * ngr, t0, nt0);
+    if (two) {
+        _tile_stored(6, cr, 64);
+        _tile_stored(7, cr + 16 * 16, 64);
+        tt_vnni_store_block(J, cr, 1, 16, 4 * g0, 4 * ngr, t0 + 16, np - 16);
+    }
+}
+
+/* a chunk of groups: the token passes outer (a chunk's weights stay in L2 between passes), the
+ * tile shapes configured per pass */
+TT_AMX_FN static void tt_amxs_chunk(const tt_job *J, int g0, int g1, uint8_t *ab) {
+    const int m = J->m;
+    for (int t0 = 0; t0 < m; t0 += 32) {
+        const int np = m - t0 < 32 ? m - t0 : 32, nt0 = np < 16 ? np : 16, nt1 = np > 16 ? np - 16 : nt0;
+        tt_amx_cfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int i = 0; i < 8; i++) cfg.rows[i] = 16;
+        cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[4] = (uint16_t)(4 * nt0);
+        cfg.colsb[2] = cfg.colsb[3] = 64;
+        cfg.colsb[5] = cfg.colsb[6] = cfg.colsb[7] = (uint16_t)(4 * nt1);
+        _tile_loadconfig(&cfg);
+        const uint8_t *xp = (const uint8_t *)J->c->xv + (size_t)t0 * J->c->kp;
+        for (int p0 = g0; p0 < g1; p0 += 8) tt_amxs_panel(J, p0, g1 - p0 < 8 ? g1 - p0 : 8, t0, np, xp, ab, t0 == 0);
+    }
+    _tile_release();
+}
+
+static void tt_task_amxs(const void *arg, int chunk) {
+    const tt_job *J = (const tt_job *)arg;
+    int g0, g1;
+    tt_chunk_groups(J, chunk, &g0, &g1);
+    uint8_t *ab = tt_amx_scratch(3 * 4096);
+    if (!ab) { tt_task_vnni(arg, chunk); return; }
+    tt_amxs_chunk(J, g0, g1, ab);
+}
+
+/* the context's workspace (xv) for max(16, m) tokens of kp bytes, grown when needed; NULL when
+ * memory is short */
+static int8_t *tt_amx_xv(tt_ctx *c, int m) {
+    const size_t need = (size_t)(m > 16 ? m : 16) * c->kp;
+    if (need > c->xv_cap) {
+        int8_t *p = (int8_t *)tt_aligned_alloc(need);
+        if (!p) return NULL;
+        free(c->xv);
+        c->xv = p;
+        c->xv_cap = need;
+    }
+    return c->xv;
+}
+
+/* Run job J through the weights-as-A tiles when its token count is in [amxs_min_m, amx_min_m):
+ * the activations transposed into the context's workspace, then chunks over the pool: with one
+ * pass (up to 32 tokens) two chunks a thread, each a contiguous stream the panel prefetch runs
+ * ahead on; with more, chunks of 4 panels, whose weights the later passes find in L2. Returns 0
+ * when it ran, -1 to let the caller take another route. */
+static int tt_amxs_run(tt_job *J, int nth) {
+    tt_ctx *c = (tt_ctx *)J->c;
+    if (J->m < c->amxs_min_m || J->m >= c->amx_min_m) return -1;
+    if (!tt_amx_xv(c, J->m)) return -1;
+    tt_amxs_transpose(J, (uint8_t *)c->xv);
+    if (J->m <= 32) {
+        const int per = 2 * (nth > 0 ? nth : 1);
+        J->cg = ((c->ngroups + per - 1) / per + 7) / 8 * 8;
+    } else {
+        J->cg = 32;
+    }
+    tt_parallel(tt_task_amxs, J, (c->ngroups + J->cg - 1) / J->cg, nth);
+    return 0;
+}
+
 /* Run job J through AMX when it has enough tokens: copies a partial last 16-token block into the
  * context's zero-padded workspace (hence the cast: every context is a heap object of its owner)
  * and spreads the panels over the pool. Returns 0 when it ran, -1 to let the caller take another
@@ -229,14 +357,7 @@ static int tt_amx_run(tt_job *J, int nth) {
     if (J->m < c->amx_min_m) return -1;
     const int tail = J->m % 16;
     if (tail) {
-        const size_t need = (size_t)16 * c->kp;
-        if (need > c->xv_cap) {
-            int8_t *p = (int8_t *)tt_aligned_alloc(need);
-            if (!p) return -1;
-            free(c->xv);
-            c->xv = p;
-            c->xv_cap = need;
-        }
+        if (!tt_amx_xv(c, 16)) return -1;
         const int t0 = J->m - tail;
         for (int t = 0; t < tail; t++) memcpy(c->xv + (size_t)t * c->kp, J->xq + (size_t)(t0 + t) * J->ldx, (size_t)c->kp);
         memset(c->xv + (size_t)tail * c->kp, 0, (size_t)(16 - tail) * c->kp);

@@ -24,6 +24,9 @@
 #define TT_VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"
 #define TT_VNNI_FN __attribute__((target(TT_VNNI_TARGET)))
 #define TT_VNNI_INLINE static inline __attribute__((always_inline, target(TT_VNNI_TARGET)))
+/* the inner loops as functions of their own: inlined into the task, GCC spilled their
+ * accumulators to the stack */
+#define TT_VNNI_LEAF __attribute__((noinline, target(TT_VNNI_TARGET)))
 
 /* CPUID leaf 7 (AVX512 F, BW, VL, VNNI) and the OS's XCR0 (SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
  * state enabled): a CPU with the instructions but an OS that does not save the registers would
@@ -41,58 +44,148 @@ static int tt_cpu_has_avx512vnni(void) {
     return (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1) && (c >> 11 & 1);
 }
 
-/* sum of the 8 int32 lanes of each 256-bit half: two rows */
-TT_VNNI_INLINE void tt_vnni_rows2(__m512i acc, int32_t *r0, int32_t *r1) {
-    *r0 = tt_hsum1(_mm512_castsi512_si256(acc));
-    *r1 = tt_hsum1(_mm512_extracti64x4_epi64(acc, 1));
+/* The row sums of four accumulators, each holding two rows' 8 int32 lanes (row 2k in a_k's low
+ * 256 bits, row 2k+1 in its high half): rows 0..7 in order, in ~10 vector ops where one scalar
+ * horizontal sum per row took ~6 (the per-row sums and stores were a third of a K=1536 GEMV's
+ * instructions). */
+TT_VNNI_INLINE __m256i tt_vnni_rowsums8(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    /* per 128-bit lane L: [a0, a1, a2, a3]'s partial sums; lanes 0-1 are rows 2k, lanes 2-3 rows 2k+1 */
+    const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    const __m512i v = _mm512_add_epi32(u, _mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+    /* lane 0: rows 0 2 4 6, lane 2: rows 1 3 5 7 */
+    const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, v));
 }
 
-/* one token over G adjacent groups (4 G rows); even and odd quarters in separate accumulators
- * (8 chains for G = 2) so vpdpbusd's latency does not serialise the block loop */
-TT_VNNI_INLINE void tt_vnni_gemv_g(const uint8_t *w, size_t gstride, int kb, const int8_t *x, int G, int32_t *dots,
-                                   size_t pf, int nta) {
-    const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i acc[2][2][2];
-    for (int g = 0; g < G; g++)
-        for (int p = 0; p < 2; p++) acc[g][p][0] = acc[g][p][1] = _mm512_setzero_si512();
-    for (int b = 0; b < kb; b++) {
-        const int8_t *xb = x + (size_t)b * TT_BLOCK;
-        if (pf) { /* each group's stream, pf bytes ahead: the hardware prefetcher alone held ~6.5 GB/s a core */
-            for (int g = 0; g < G; g++) {
-                const char *p = (const char *)(w + (size_t)g * gstride + (size_t)b * TT_GROUP_BYTES_PER_BLOCK + pf);
-                if (nta) { _mm_prefetch(p, _MM_HINT_NTA); _mm_prefetch(p + 64, _MM_HINT_NTA); }
-                else { _mm_prefetch(p, _MM_HINT_T0); _mm_prefetch(p + 64, _MM_HINT_T0); }
+/* p / x in IEEE double, rounded to float, for p exact (an int32 dot times a float scale fits a
+ * double's 53 bits) and rx = 1 / x rounded: q = p * rx is within 2 ulps of the double quotient, so
+ * (float)q equals (float)(p / x) unless q lies near a float rounding boundary (a midpoint: the low
+ * 29 mantissa bits near 2^28) or outside float's normal range (subnormal, overflow, inf, NaN);
+ * those vectors, about one in 2^24, take the division. vdivpd's throughput (16 cycles per 8
+ * lanes) was a third of the few-token GEMMs' time. */
+TT_VNNI_INLINE __m256 tt_vnni_div_f32(__m512d p, __m512d rx, __m512d x) {
+    const __m512d q = _mm512_mul_pd(p, rx);
+    const __m512i b = _mm512_castpd_si512(q);
+    const __m512i mid = _mm512_sub_epi64(_mm512_and_si512(_mm512_add_epi64(b, _mm512_set1_epi64(8)),
+                                                          _mm512_set1_epi64(0x1FFFFFFF)),
+                                         _mm512_set1_epi64(0x10000000));
+    const __m512i a = _mm512_and_si512(b, _mm512_set1_epi64(0x7FFFFFFFFFFFFFFFLL));
+    /* |q| in [2^-126, 2^128): biased exponent 897 .. 1150 */
+    const __m512i e = _mm512_sub_epi64(a, _mm512_set1_epi64(897LL << 52));
+    __mmask8 bad = _mm512_cmplt_epu64_mask(mid, _mm512_set1_epi64(17));
+    bad |= (__mmask8)(_mm512_cmpge_epu64_mask(e, _mm512_set1_epi64(254LL << 52)) & ~_mm512_cmpeq_epi64_mask(a, _mm512_setzero_si512()));
+    if (__builtin_expect(bad != 0, 0)) return _mm512_cvtpd_ps(_mm512_div_pd(p, x));
+    return _mm512_cvtpd_ps(q);
+}
+
+/* tt_store over a block of raw sums acc[t * ld + r * ldr] (tokens t0 .. t0+nt-1, rows row0 ..
+ * row0+nrows-1, those past n skipped; ldr > 1 gathers, for sums stored row-major): 16 rows at a time, the same IEEE double operations' results
+ * (bit-identical; the division through tt_vnni_div_f32). The AMX routes' epilogue too. */
+TT_VNNI_INLINE void tt_vnni_store_block(const tt_job *J, const int32_t *acc, size_t ld, size_t ldr, int row0, int nrows,
+                                        int t0, int nt) {
+    const tt_ctx *c = J->c;
+    const int nr = c->n - row0 < nrows ? c->n - row0 : nrows;
+    const size_t n = (size_t)c->n;
+    const __m512i vr = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32((int)ldr));
+    double rx[32];
+    if (!J->dots)
+        for (int t = 0; t < nt && t < 32; t++) rx[t] = 1.0 / (double)J->xs[t0 + t];
+    for (int h = 0; h < nr; h += 16) {
+        const int rows = nr - h < 16 ? nr - h : 16;
+        const __mmask16 mk = (__mmask16)(rows == 16 ? 0xFFFF : (1u << rows) - 1);
+        const __mmask8 mlo = (__mmask8)(mk & 0xFF), mhi = (__mmask8)(mk >> 8);
+        /* rows past the block read scale 1 (their lanes are never stored) */
+        const __m512d ws0 = _mm512_cvtps_pd(_mm256_mask_loadu_ps(_mm256_set1_ps(1.0f), mlo, c->wscale + row0 + h));
+        const __m512d ws1 = _mm512_cvtps_pd(_mm256_mask_loadu_ps(_mm256_set1_ps(1.0f), mhi, c->wscale + row0 + h + 8));
+        __m512 bias = _mm512_setzero_ps();
+        if (c->bias) bias = _mm512_maskz_loadu_ps(mk, c->bias + row0 + h);
+        for (int t = 0; t < nt; t++) {
+            const int tg = t0 + t;
+            const int32_t *at = acc + (size_t)t * ld + (size_t)h * ldr;
+            const __m512i raw = ldr == 1 ? _mm512_maskz_loadu_epi32(mk, at)
+                                         : _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, vr, at, 4);
+            const __m512i s = _mm512_sub_epi32(raw, _mm512_set1_epi32(J->sx[tg]));
+            if (J->dots) {
+                _mm512_mask_storeu_epi32(J->dots + (size_t)tg * n + row0 + h, mk, s);
+                continue;
             }
-        }
-        const __m512i x0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xb));
-        const __m512i x1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 32)));
-        const __m512i x2 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 64)));
-        const __m512i x3 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 96)));
-        for (int g = 0; g < G; g++) {
-            const uint8_t *wb = w + (size_t)g * gstride + (size_t)b * TT_GROUP_BYTES_PER_BLOCK;
-            for (int p = 0; p < 2; p++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(wb + 64 * p));
-                acc[g][p][0] = _mm512_dpbusd_epi32(acc[g][p][0], _mm512_and_si512(v, m3), x0);
-                acc[g][p][1] = _mm512_dpbusd_epi32(acc[g][p][1], _mm512_and_si512(_mm512_srli_epi16(v, 2), m3), x1);
-                acc[g][p][0] = _mm512_dpbusd_epi32(acc[g][p][0], _mm512_and_si512(_mm512_srli_epi16(v, 4), m3), x2);
-                acc[g][p][1] = _mm512_dpbusd_epi32(acc[g][p][1], _mm512_and_si512(_mm512_srli_epi16(v, 6), m3), x3);
-            }
+            const __m512d xs = _mm512_set1_pd((double)J->xs[tg]);
+            const __m512d r = _mm512_set1_pd(t < 32 ? rx[t] : 1.0 / (double)J->xs[tg]);
+            const __m512d d0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(s));
+            const __m512d d1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s, 1));
+            const __m256 f0 = tt_vnni_div_f32(_mm512_mul_pd(d0, ws0), r, xs);
+            const __m256 f1 = tt_vnni_div_f32(_mm512_mul_pd(d1, ws1), r, xs);
+            __m512 v = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_castps_si256(f0)),
+                                                              _mm256_castps_si256(f1), 1));
+            if (c->bias) v = _mm512_add_ps(v, bias);
+            _mm512_mask_storeu_ps(J->out + (size_t)tg * n + row0 + h, mk, v);
         }
     }
-    for (int g = 0; g < G; g++)
-        for (int p = 0; p < 2; p++)
-            tt_vnni_rows2(_mm512_add_epi32(acc[g][p][0], acc[g][p][1]), dots + 4 * g + 2 * p, dots + 4 * g + 2 * p + 1);
 }
 
-/* one group (4 rows) x T tokens (1..4): each block's codes are unpacked once for all T tokens */
+/* one token over G adjacent groups (4 G rows). Quarter q's codes are masked in place (v & 3 << 2q:
+ * the code times 4^q) instead of shifted down and masked: 8 instead of 14 vector ALU ops per 512
+ * weights next to the 8 vpdpbusd, with one accumulator per quarter (16 for G = 2: also 16 chains
+ * for vpdpbusd's latency) scaled back by exact shifts at the end. Products reach 2 * 64 * 128, so
+ * a lane would overflow int32 after 2^14 blocks: K is taken in segments of at most 8192 blocks. */
+TT_VNNI_INLINE void tt_vnni_gemv_g(const uint8_t *w, size_t gstride, int kb, const int8_t *x, int G, int32_t *dots,
+                                   size_t pf, int nta) {
+    const __m512i mq[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30),
+                           _mm512_set1_epi8((char)0xC0)};
+    __m512i tot[2][2];
+    for (int g = 0; g < G; g++) tot[g][0] = tot[g][1] = _mm512_setzero_si512();
+    for (int b0 = 0; b0 < kb; b0 += 8192) {
+        const int b1 = kb - b0 > 8192 ? b0 + 8192 : kb;
+        __m512i acc[2][2][4];
+        for (int g = 0; g < G; g++)
+            for (int p = 0; p < 2; p++)
+                for (int q = 0; q < 4; q++) acc[g][p][q] = _mm512_setzero_si512();
+        for (int b = b0; b < b1; b++) {
+            const int8_t *xb = x + (size_t)b * TT_BLOCK;
+            if (pf) { /* each group's stream, pf bytes ahead: the hardware prefetcher alone held ~6.5 GB/s a core */
+                for (int g = 0; g < G; g++) {
+                    const char *pp = (const char *)(w + (size_t)g * gstride + (size_t)b * TT_GROUP_BYTES_PER_BLOCK + pf);
+                    if (nta) { _mm_prefetch(pp, _MM_HINT_NTA); _mm_prefetch(pp + 64, _MM_HINT_NTA); }
+                    else { _mm_prefetch(pp, _MM_HINT_T0); _mm_prefetch(pp + 64, _MM_HINT_T0); }
+                }
+            }
+            __m512i xv[4];
+            for (int q = 0; q < 4; q++) xv[q] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 32 * q)));
+            for (int g = 0; g < G; g++) {
+                const uint8_t *wb = w + (size_t)g * gstride + (size_t)b * TT_GROUP_BYTES_PER_BLOCK;
+                for (int p = 0; p < 2; p++) {
+                    const __m512i v = _mm512_loadu_si512((const void *)(wb + 64 * p));
+                    for (int q = 0; q < 4; q++)
+                        acc[g][p][q] = _mm512_dpbusd_epi32(acc[g][p][q], _mm512_and_si512(v, mq[q]), xv[q]);
+                }
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int p = 0; p < 2; p++) {
+                const __m512i s01 = _mm512_add_epi32(acc[g][p][0], _mm512_srai_epi32(acc[g][p][1], 2));
+                const __m512i s23 = _mm512_add_epi32(_mm512_srai_epi32(acc[g][p][2], 4), _mm512_srai_epi32(acc[g][p][3], 6));
+                tot[g][p] = _mm512_add_epi32(tot[g][p], _mm512_add_epi32(s01, s23));
+            }
+    }
+    const __m512i z = _mm512_setzero_si512();
+    const __m256i r = tt_vnni_rowsums8(tot[0][0], tot[0][1], G == 2 ? tot[1][0] : z, G == 2 ? tot[1][1] : z);
+    if (G == 2) _mm256_storeu_si256((__m256i *)dots, r);
+    else _mm_storeu_si128((__m128i *)dots, _mm256_castsi256_si128(r));
+}
+
+/* one group (4 rows) x T tokens (1..8): each block's codes are unpacked once for all T tokens (8:
+ * a batched decode step of 8 sequences unpacks its weights once) */
 TT_VNNI_INLINE void tt_vnni_tile(const uint8_t *wg, int kb, const int8_t *x, size_t ldx, int T, int32_t *dots,
                                  size_t ldd, size_t pf) {
     const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i acc[4][2];
+    __m512i acc[8][2];
     for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_si512();
     for (int b = 0; b < kb; b++) {
         const uint8_t *wb = wg + (size_t)b * TT_GROUP_BYTES_PER_BLOCK;
-        if (pf) { /* the first token quad's pass reads the weights from DRAM: the stream pf bytes ahead */
+        if (pf) { /* the first pass over a group reads its weights from DRAM: the stream pf bytes ahead */
             _mm_prefetch((const char *)(wb + pf), _MM_HINT_T0);
             _mm_prefetch((const char *)(wb + pf + 64), _MM_HINT_T0);
         }
@@ -109,15 +202,39 @@ TT_VNNI_INLINE void tt_vnni_tile(const uint8_t *wg, int kb, const int8_t *x, siz
             }
         }
     }
-    for (int t = 0; t < T; t++) {
-        tt_vnni_rows2(acc[t][0], dots + (size_t)t * ldd, dots + (size_t)t * ldd + 1);
-        tt_vnni_rows2(acc[t][1], dots + (size_t)t * ldd + 2, dots + (size_t)t * ldd + 3);
+    /* two tokens' 4 rows per reduction */
+    const __m512i z = _mm512_setzero_si512();
+    for (int t = 0; t < T; t += 2) {
+        const int two = t + 1 < T;
+        const __m256i r = tt_vnni_rowsums8(acc[t][0], acc[t][1], two ? acc[t + 1][0] : z, two ? acc[t + 1][1] : z);
+        _mm_storeu_si128((__m128i *)(dots + (size_t)t * ldd), _mm256_castsi256_si128(r));
+        if (two) _mm_storeu_si128((__m128i *)(dots + (size_t)(t + 1) * ldd), _mm256_extracti128_si256(r, 1));
     }
 }
 
-TT_VNNI_FN static void tt_vnni_tile4(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd, size_t pf) { tt_vnni_tile(w, kb, x, ldx, 4, d, ldd, pf); }
-TT_VNNI_FN static void tt_vnni_tile3(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd, size_t pf) { tt_vnni_tile(w, kb, x, ldx, 3, d, ldd, pf); }
-TT_VNNI_FN static void tt_vnni_tile2(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d, size_t ldd, size_t pf) { tt_vnni_tile(w, kb, x, ldx, 2, d, ldd, pf); }
+#define TT_VNNI_TILE(T)                                                                                              \
+    TT_VNNI_LEAF static void tt_vnni_tile##T(const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d,       \
+                                           size_t ldd, size_t pf) { tt_vnni_tile(w, kb, x, ldx, T, d, ldd, pf); }
+TT_VNNI_TILE(2)
+TT_VNNI_TILE(3)
+TT_VNNI_TILE(4)
+TT_VNNI_TILE(5)
+TT_VNNI_TILE(6)
+TT_VNNI_TILE(7)
+TT_VNNI_TILE(8)
+/* a switch, not a table of pointers: the emulator tests load this leaf code without relocations */
+TT_VNNI_INLINE void tt_vnni_tile_n(int T, const uint8_t *w, int kb, const int8_t *x, size_t ldx, int32_t *d,
+                                   size_t ldd, size_t pf) {
+    switch (T) {
+    case 2: tt_vnni_tile2(w, kb, x, ldx, d, ldd, pf); break;
+    case 3: tt_vnni_tile3(w, kb, x, ldx, d, ldd, pf); break;
+    case 4: tt_vnni_tile4(w, kb, x, ldx, d, ldd, pf); break;
+    case 5: tt_vnni_tile5(w, kb, x, ldx, d, ldd, pf); break;
+    case 6: tt_vnni_tile6(w, kb, x, ldx, d, ldd, pf); break;
+    case 7: tt_vnni_tile7(w, kb, x, ldx, d, ldd, pf); break;
+    default: tt_vnni_tile8(w, kb, x, ldx, d, ldd, pf); break;
+    }
+}
 
 /* Raw dots sum_k q[row, k] * x[t, k] (q: the 2-bit codes 0..2, so the true dot is this minus
  * sum_k x[t, k]) of `ngroups` 4-row groups starting at w (i2s_r4, kb blocks per row) and T tokens
@@ -126,27 +243,25 @@ TT_VNNI_FN static void tt_vnni_tile2(const uint8_t *w, int kb, const int8_t *x, 
 TT_VNNI_FN static void tt_vnni_dots_impl(const uint8_t *w, int kb, int ngroups, const int8_t *x, size_t ldx, int T,
                                          int32_t *dots, size_t ldd, size_t pf) {
     const size_t gstride = (size_t)kb * TT_GROUP_BYTES_PER_BLOCK;
-    for (int t0 = 0; t0 < T; t0 += 4) {
-        const int tn = T - t0 < 4 ? T - t0 : 4;
+    /* token runs of at most 8, as even as possible (9 tokens: 5 + 4, not 8 + a lone GEMV) */
+    const int runs = (T + 7) / 8;
+    for (int t0 = 0, r = 0; r < runs; r++) {
+        const int tn = (T - t0) / (runs - r) + ((T - t0) % (runs - r) != 0);
         const int8_t *xt = x + (size_t)t0 * ldx;
         int32_t *dt = dots + (size_t)t0 * ldd;
+        const size_t p = t0 == 0 ? pf : 0; /* later runs find the weights in the cache */
         int g = 0;
         if (tn == 1) {
             for (; g + 2 <= ngroups; g += 2) tt_vnni_gemv_g(w + g * gstride, gstride, kb, xt, 2, dt + 4 * g, 0, 0);
             if (g < ngroups) tt_vnni_gemv_g(w + g * gstride, gstride, kb, xt, 1, dt + 4 * g, 0, 0);
-            continue;
+        } else {
+            for (; g < ngroups; g++) tt_vnni_tile_n(tn, w + g * gstride, kb, xt, ldx, dt + 4 * g, ldd, p);
         }
-        for (; g < ngroups; g++) {
-            const uint8_t *wg = w + g * gstride;
-            const size_t p = t0 == 0 ? pf : 0; /* later quads find the weights in the cache */
-            if (tn == 4) tt_vnni_tile4(wg, kb, xt, ldx, dt + 4 * g, ldd, p);
-            else if (tn == 3) tt_vnni_tile3(wg, kb, xt, ldx, dt + 4 * g, ldd, p);
-            else tt_vnni_tile2(wg, kb, xt, ldx, dt + 4 * g, ldd, p);
-        }
+        t0 += tn;
     }
 }
 
-TT_VNNI_FN static void tt_vnni_gemv_pf(const uint8_t *w, size_t gstride, int kb, const int8_t *x, int G, int32_t *dots,
+TT_VNNI_LEAF static void tt_vnni_gemv_pf(const uint8_t *w, size_t gstride, int kb, const int8_t *x, int G, int32_t *dots,
                                        size_t pf, int nta) {
     if (G == 2) tt_vnni_gemv_g(w, gstride, kb, x, 2, dots, pf, nta);
     else tt_vnni_gemv_g(w, gstride, kb, x, 1, dots, pf, nta);
@@ -158,32 +273,34 @@ TT_VNNI_FN void tt_vnni_dots(const uint8_t *w, int kb, int ngroups, const int8_t
     tt_vnni_dots_impl(w, kb, ngroups, x, ldx, T, dots, ldd, 0);
 }
 
-/* groups of a chunk in batches of 8 (32 rows: their weights stay in L1/L2 while the token quads
- * pass over them), then the shared epilogue */
-static void tt_task_vnni(const void *arg, int chunk) {
+/* decode: the chunk's groups in pairs (one prefetched stream a group), 16 rows per epilogue; more
+ * tokens: groups in batches of 8 (32 rows: their weights stay in L1/L2 while a second run of
+ * tokens passes over them), then the shared epilogue */
+TT_VNNI_FN static void tt_task_vnni(const void *arg, int chunk) {
     const tt_job *J = (const tt_job *)arg;
     const tt_ctx *c = J->c;
     int g0, g1;
     tt_chunk_groups(J, chunk, &g0, &g1);
     const size_t gstride = (size_t)c->kb * TT_GROUP_BYTES_PER_BLOCK;
-    int32_t buf[4 * 32];
-    if (J->m == 1) { /* decode: the chunk's groups in pairs, one prefetched stream a group */
+    int32_t buf[16 * 32] __attribute__((aligned(64)));
+    if (J->m == 1) {
         const size_t pf = (size_t)J->p.pf;
-        for (int g = g0; g < g1; g += 2) {
-            const int G = g + 2 <= g1 ? 2 : 1;
-            tt_vnni_gemv_pf(c->w + (size_t)g * gstride, gstride, c->kb, J->xq, G, buf, pf, J->p.nta);
-            for (int i = 0; i < 4 * G; i++) tt_store(J, 0, 4 * g + i, buf[i]);
+        for (int gb = g0; gb < g1; gb += 4) {
+            const int ge = gb + 4 < g1 ? gb + 4 : g1;
+            for (int g = gb; g < ge; g += 2)
+                tt_vnni_gemv_pf(c->w + (size_t)g * gstride, gstride, c->kb, J->xq, g + 2 <= ge ? 2 : 1,
+                                buf + 4 * (g - gb), pf, J->p.nta);
+            tt_vnni_store_block(J, buf, 16, 1, 4 * gb, 4 * (ge - gb), 0, 1);
         }
         return;
     }
     for (int gb = g0; gb < g1; gb += 8) {
         const int ge = gb + 8 < g1 ? gb + 8 : g1;
-        for (int t0 = 0; t0 < J->m; t0 += 4) {
-            const int T = J->m - t0 < 4 ? J->m - t0 : 4;
+        for (int t0 = 0; t0 < J->m; t0 += 16) {
+            const int T = J->m - t0 < 16 ? J->m - t0 : 16;
             tt_vnni_dots_impl(c->w + (size_t)gb * gstride, c->kb, ge - gb, J->xq + (size_t)t0 * J->ldx, J->ldx, T, buf, 32,
                               t0 == 0 ? (size_t)J->p.pf : 0);
-            for (int t = 0; t < T; t++)
-                for (int i = 0; i < 4 * (ge - gb); i++) tt_store(J, t0 + t, 4 * gb + i, buf[32 * t + i]);
+            tt_vnni_store_block(J, buf, 32, 1, 4 * gb, 4 * (ge - gb), t0, T);
         }
     }
 }

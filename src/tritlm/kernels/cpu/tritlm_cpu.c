@@ -47,7 +47,7 @@
  * tree of temporaries (which spills the 2x4 tile to the stack) */
 #define TT_PIN(v) __asm__("" : "+x"(v))
 
-#define TT_ABI_VERSION 14
+#define TT_ABI_VERSION 15
 #define TT_MAX_THREADS 256
 #define TT_BLOCK 128
 #define TT_GROUP_BYTES_PER_BLOCK 128 /* 4 rows x 32 bytes */
@@ -283,9 +283,10 @@ typedef struct {
     float *gscale;     /* int4: [n, ngk] group scales (groups past ceil(k / group) are 0) */
     size_t rowb;       /* kinds 1-3: bytes per packed row */
     int32_t *wsum;     /* int8 with AVX-512 VNNI: [n] sums of each row's levels (the offset correction) */
-    int8_t *xv;        /* AMX: a partial last 16-token block, zero-padded (tritlm_amx.c) */
+    int8_t *xv;        /* AMX: a partial last 16-token block, zero-padded, or the transposed activations (tritlm_amx.c) */
     size_t xv_cap;
-    int amx_min_m;     /* AMX: fewest tokens a call needs to take the tiles */
+    int amx_min_m;     /* AMX: fewest tokens for the activations-as-A tiles (prompts) */
+    int amxs_min_m;    /* AMX: fewest tokens for the weights-as-A tiles (batched decode), up to amx_min_m - 1 */
 } tt_ctx;
 
 static int tt_cpu_has_avx2(void) {
@@ -720,7 +721,7 @@ static void tt_task_avx2(const void *arg, int chunk) {
 
 /* the AVX-512 VNNI route (tt_ctx.isa == 2): tt_task_vnni, tt_cpu_has_avx512vnni */
 #include "tritlm_avx512.c"
-/* the AMX-INT8 route for prompts (tt_ctx.isa == 3): tt_amx_run, tt_cpu_has_amx */
+/* the AMX-INT8 routes for 2+ tokens (tt_ctx.isa == 3): tt_amxs_run, tt_amx_run, tt_cpu_has_amx */
 #include "tritlm_amx.c"
 
 static void tt_lb_run(tt_job *J, int nth); /* kinds 1-3: tritlm_intk.c */
@@ -750,7 +751,7 @@ static void tt_run(tt_job *J, int nth) {
     }
     const int nchunks = (c->ngroups + J->cg - 1) / J->cg;
 #if TT_X86
-    if (c->isa == 3 && tt_amx_run(J, nth) == 0) return;
+    if (c->isa == 3 && (tt_amxs_run(J, nth) == 0 || tt_amx_run(J, nth) == 0)) return;
     if (c->isa >= 2) { tt_parallel(tt_task_vnni, J, nchunks, nth); return; }
     if (c->isa) { tt_parallel(tt_task_avx2, J, nchunks, nth); return; }
 #endif
@@ -790,7 +791,8 @@ tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, 
         memcpy(c->bias, bias, sizeof(float) * n);
     }
     c->isa = tt_cpu_has_avx2();
-    c->amx_min_m = 16;
+    c->amx_min_m = 33;
+    c->amxs_min_m = 2;
     for (int i = 0; i < TT_NBUCKETS; i++) { c->params[i].pf = 2048; c->params[i].panel_rows = 32; c->params[i].chunks = 8; c->params[i].nta = 1; }
     return c;
 }
@@ -812,6 +814,7 @@ int tt_ctx_set_isa(tt_ctx *c, int isa) {
 }
 int tt_ctx_get_isa(const tt_ctx *c) { return c->isa; }
 void tt_ctx_set_amx_min_m(tt_ctx *c, int m) { c->amx_min_m = m < 1 ? 1 : m; }
+void tt_ctx_set_amxs_min_m(tt_ctx *c, int m) { c->amxs_min_m = m < 2 ? 2 : m; }
 void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows, int chunks, int nta) {
     if (bucket < 0 || bucket >= TT_NBUCKETS) return;
     c->params[bucket].nta = nta ? 1 : 0;

@@ -2,8 +2,9 @@
  * AMX-INT8 routes for ternary weights (tt_ctx.isa == 3). Prompts: a call with at least amx_min_m
  * tokens (default 33) runs the tiles as below. Batched decode: calls of amxs_min_m (default 2) to
  * amx_min_m - 1 tokens run the weights-as-A tiles (the second half of this file). One token takes
- * the AVX-512 VNNI GEMV, which these routes include. TDPBSUD multiplies a 16 x 64 tile of signed bytes by a
- * 64 x 16 tile of unsigned bytes into 16 x 16 int32 sums: 16384 products per instruction.
+ * the AVX-512 VNNI GEMV, which these routes include. TDPBSUD multiplies a 16 x 64 tile of signed
+ * bytes by a 64 x 16 tile of unsigned bytes into 16 x 16 int32 sums: 16384 products per
+ * instruction.
  *
  * A = the activations: 16 tokens' int8 rows, read in place (a token count that is not a multiple
  * of 16 has its last rows copied into a zero-padded block). B = the weights: a panel of 32 rows

@@ -81,8 +81,9 @@ TT_VNNI_INLINE __m256 tt_vnni_div_f32(__m512d p, __m512d rx, __m512d x) {
 }
 
 /* tt_store over a block of raw sums acc[t * ld + r * ldr] (tokens t0 .. t0+nt-1, rows row0 ..
- * row0+nrows-1, those past n skipped; ldr > 1 gathers, for sums stored row-major): 16 rows at a time, the same IEEE double operations' results
- * (bit-identical; the division through tt_vnni_div_f32). The AMX routes' epilogue too. */
+ * row0+nrows-1, those past n skipped; ldr > 1 gathers, for sums stored row-major): 16 rows at a
+ * time, the same IEEE double operations' results (bit-identical; the division through
+ * tt_vnni_div_f32). The AMX routes' epilogue too. */
 TT_VNNI_INLINE void tt_vnni_store_block(const tt_job *J, const int32_t *acc, size_t ld, size_t ldr, int row0, int nrows,
                                         int t0, int nt) {
     const tt_ctx *c = J->c;
@@ -90,9 +91,6 @@ TT_VNNI_INLINE void tt_vnni_store_block(const tt_job *J, const int32_t *acc, siz
     const size_t n = (size_t)c->n;
     const __m512i vr = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32((int)ldr));
-    double rx[32];
-    if (!J->dots)
-        for (int t = 0; t < nt && t < 32; t++) rx[t] = 1.0 / (double)J->xs[t0 + t];
     for (int h = 0; h < nr; h += 16) {
         const int rows = nr - h < 16 ? nr - h : 16;
         const __mmask16 mk = (__mmask16)(rows == 16 ? 0xFFFF : (1u << rows) - 1);
@@ -113,7 +111,7 @@ TT_VNNI_INLINE void tt_vnni_store_block(const tt_job *J, const int32_t *acc, siz
                 continue;
             }
             const __m512d xs = _mm512_set1_pd((double)J->xs[tg]);
-            const __m512d r = _mm512_set1_pd(t < 32 ? rx[t] : 1.0 / (double)J->xs[tg]);
+            const __m512d r = _mm512_set1_pd(1.0 / (double)J->xs[tg]); /* one scalar division per 16 outputs */
             const __m512d d0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(s));
             const __m512d d1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s, 1));
             const __m256 f0 = tt_vnni_div_f32(_mm512_mul_pd(d0, ws0), r, xs);

@@ -21,7 +21,7 @@ import torch
 
 from tritlm.errors import ConfigError
 from tritlm.infer.runtimes import Runtime
-from tritlm.infer.sampling import Sampler, SamplingParams
+from tritlm.infer.sampling import Sampler, SamplingParams, sample_batch
 from tritlm.infer.text import IncrementalDetokenizer, StopStrings
 
 
@@ -272,8 +272,12 @@ class Generator:
             events.append(ev)
             if ev.finish:
                 self._release(seq)
-        for seq in [s for s in self.running if s.logits is not None]:
-            ev = seq.take(seq.sampler(seq.logits, torch.tensor(seq.history, dtype=torch.long)))
+        ready = [s for s in self.running if s.logits is not None]
+        plain = [s for s in ready if s.sampler.plain]
+        drawn = dict(zip(plain, sample_batch([s.sampler for s in plain], [s.logits for s in plain])))
+        for seq in ready:
+            tok = drawn[seq] if seq in drawn else seq.sampler(seq.logits, torch.tensor(seq.history, dtype=torch.long))
+            ev = seq.take(tok)
             events.append(ev)
             if ev.finish:
                 self._release(seq)

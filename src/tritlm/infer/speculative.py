@@ -23,7 +23,7 @@ import torch
 from tritlm.errors import ConfigError
 from tritlm.infer.engine import Engine
 from tritlm.infer.generator import Event, Request, Seq, seq_events
-from tritlm.infer.sampling import SamplingParams, process_logits
+from tritlm.infer.sampling import SamplingParams, draw, process_logits
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class _Dist:
         return lg.softmax(-1)
 
     def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+        return draw(probs, self.gen)
 
     def accept(self, p: torch.Tensor, q: torch.Tensor, t: int) -> bool:
         if float(p[t]) >= float(q[t]):  # includes the greedy case (both one-hot at t)

@@ -148,6 +148,9 @@ typedef struct {
     const tt_dec *d;
     const void *kc, *vc;    /* the layer's [slots, KV, max_len, hd] (float or half: d->kv16) */
     const int *slots, *pos; /* row r: slot slots[r], positions 0..pos[r] attended */
+    /* a thread's next job is about `ahead` jobs on (the pool's threads claim jobs in turn): its
+     * keys and values are prefetched while this one runs (0: none) */
+    int ahead, njobs;
 } tt_attn_job;
 
 #if TT_X86
@@ -204,11 +207,21 @@ TT_F16C_INLINE void tt_wsum_avx2(const float *sc, const void *V, int n, int hd, 
  * flight: 4 positions per pass for the scores and up to 12 value columns per pass for the weighted
  * sum, where one FMA chain per sum had left the loops waiting on FMA latency (~3x slower). */
 TT_F16C_INLINE void tt_attend_avx2(const float *q, const void *K, const void *V, int n, int hd, float scale,
-                                    float *sc, float *y, const int f16) {
+                                    float *sc, float *y, const int f16, const char *pk, const char *pv, size_t pn) {
     float mx = -INFINITY;
     int j0 = 0;
+    const size_t row = (size_t)hd * (f16 ? 2 : 4);
     for (; j0 + 4 <= n; j0 += 4) {
         const size_t k0 = (size_t)j0 * hd;
+        /* the next job's keys and values (pn bytes each) into L2, as fast as this job's keys are
+         * read: one job's few KB are too short a stream for the hardware prefetcher, and at 8
+         * sequences of ~60 positions (700M) attention was a quarter of the decode step, reading its
+         * cache at ~14 GB/s; this took it from ~5.0-5.4 to ~3.6 ms */
+        if (pk)
+            for (size_t o = (size_t)j0 * row; o < (size_t)(j0 + 4) * row && o < pn; o += 64) {
+                _mm_prefetch(pk + o, _MM_HINT_T1);
+                _mm_prefetch(pv + o, _MM_HINT_T1);
+            }
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int e = 0; e < hd; e += 8) {
             const __m256 qv = _mm256_loadu_ps(q + e);
@@ -251,9 +264,13 @@ TT_F16C_INLINE void tt_attend_avx2(const float *q, const void *K, const void *V,
 
 /* the two caches' routes, each compiled with its load */
 TT_F16C_FN static void tt_attend_avx2_f32(const float *q, const void *K, const void *V, int n, int hd, float scale,
-                                          float *sc, float *y) { tt_attend_avx2(q, K, V, n, hd, scale, sc, y, 0); }
+                                          float *sc, float *y, const char *pk, const char *pv, size_t pn) {
+    tt_attend_avx2(q, K, V, n, hd, scale, sc, y, 0, pk, pv, pn);
+}
 TT_F16C_FN static void tt_attend_avx2_f16(const float *q, const void *K, const void *V, int n, int hd, float scale,
-                                          float *sc, float *y) { tt_attend_avx2(q, K, V, n, hd, scale, sc, y, 1); }
+                                          float *sc, float *y, const char *pk, const char *pv, size_t pn) {
+    tt_attend_avx2(q, K, V, n, hd, scale, sc, y, 1, pk, pv, pn);
+}
 
 
 /* a = silu(g) * u over n floats */
@@ -347,7 +364,17 @@ static void tt_attn_head(const void *arg, int job) {
     const float scale = 1.0f / sqrtf((float)hd);
 #if TT_X86
     if (d->isa && hd % 8 == 0) {
-        (d->kv16 ? tt_attend_avx2_f16 : tt_attend_avx2_f32)(q, K, V, n, hd, scale, sc, y);
+        const char *pk = NULL, *pv = NULL;
+        size_t pn = 0;
+        const int nj = job + A->ahead;
+        if (A->ahead > 0 && nj < A->njobs) {
+            const int r2 = nj / H, h2 = nj % H;
+            const size_t o2 = ((size_t)A->slots[r2] * d->kv_heads + (size_t)(h2 / (H / d->kv_heads))) * d->max_len * hd;
+            pk = (const char *)A->kc + o2 * esz;
+            pv = (const char *)A->vc + o2 * esz;
+            pn = (size_t)(A->pos[r2] + 1) * hd * esz;
+        }
+        (d->kv16 ? tt_attend_avx2_f16 : tt_attend_avx2_f32)(q, K, V, n, hd, scale, sc, y, pk, pv, pn);
         return;
     }
 #endif
@@ -500,9 +527,11 @@ static int tt_dec_rows(tt_dec *d, float *x, int m, const int *slots, const int *
         TT_LAP(TT_PROF_QKV);
         tt_rows(d, L, TT_ROW_QKV, m, x, NULL, slots, pos, nth); /* every row's keys/values, then attention */
         TT_LAP(TT_PROF_ROWS);
-        tt_attn_job A = {.d = d, .kc = L->kc, .vc = L->vc, .slots = slots, .pos = pos};
         /* short contexts: the pool's wake-up costs more than the work */
-        tt_parallel(tt_attn_head, &A, m * H, work >= 16384 ? nth : 1);
+        const int ath = work >= 16384 ? nth : 1;
+        tt_attn_job A = {.d = d, .kc = L->kc, .vc = L->vc, .slots = slots, .pos = pos,
+                         .ahead = ath, .njobs = m * H};
+        tt_parallel(tt_attn_head, &A, m * H, ath);
         TT_LAP(TT_PROF_ATTN);
         if (L->attn_sub) tt_rows(d, L, TT_ROW_ATTN_SUB, m, x, NULL, slots, pos, nth);
         TT_LAP(TT_PROF_ROWS);

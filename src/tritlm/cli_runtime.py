@@ -37,7 +37,9 @@ def bench_lines(res: dict) -> list[str]:
             pre = "" if r["prefill"] is None else f"{r['prefill']:.1f}"
             note = ""
             if "read_GBps" in r:
-                note = f"{r['read_GBps']:.1f} GB/s read, {mres['bytes_per_decode_token'] / 1e6:.0f} MB/token"
+                lo, hi = r.get("read_GBps_range", (r["read_GBps"], r["read_GBps"]))
+                note = (f"{r['read_GBps']:.1f} GB/s read (median; {lo:.1f}-{hi:.1f}), "
+                        f"{mres['bytes_per_decode_token'] / 1e6:.0f} MB/token")
             elif "native_share" in r:
                 note = f"Python {100 * (1 - r['native_share']):.0f}% of a decode step (C step + head: the rest)"
             elif "kernel_share" in r:
@@ -51,8 +53,9 @@ def bench_lines(res: dict) -> list[str]:
                         + (f"; {note}" if note else ""))
             lines.append(f"{mres['model']:6} {r['impl']:36} {r['threads']:>3} {r['decode']:>12.1f} {pre:>13}  {note}")
         for q in mres["ratios"]:
+            pre = "" if q["prefill"] is None else f"{q['prefill']:.2f}x"
             lines.append(f"{mres['model']:6} tritlm / {q['vs']:<31} {q['threads']:>3} {q['decode']:>11.2f}x "
-                         f"{q['prefill']:>12.2f}x")
+                         f"{pre:>13}")
         lines.append(f"{mres['model']:6} llama.cpp: {mres['llama_cpp']}")
     return lines
 

@@ -180,6 +180,16 @@ def test_bench_json_rows_and_ratios(tmp_path, monkeypatch):
         assert r["decode"] > 0 and (r["prefill"] is None or r["prefill"] > 0)
     ours = m["rows"][1]
     assert 0 < ours["native_share"] <= 1
+    ceil = m["rows"][0]
+    assert ceil["read_GBps_range"][0] <= ceil["read_GBps"] <= ceil["read_GBps_range"][1]
+    assert ceil["decode"] == pytest.approx(ceil["read_GBps"] * 1e9 / m["bytes_per_decode_token"])
+    # each repetition's decode over its own ceiling: between the extremes of those ratios
+    share = next(q for q in m["ratios"] if q["vs"] == "bandwidth ceiling")
+    assert share["decode"] == ours["ceiling_share"] and share["prefill"] is None
+    lo, hi = ours["decode_range"]
+    bw_lo, bw_hi = ceil["read_GBps_range"]
+    per = m["bytes_per_decode_token"]
+    assert lo * per / (bw_hi * 1e9) * (1 - 1e-9) <= share["decode"] <= hi * per / (bw_lo * 1e9) * (1 + 1e-9)
     bf16 = next(r for r in m["rows"] if r["impl"] == "torch dense bf16")
     q = next(q for q in m["ratios"] if q["vs"] == "torch dense bf16")
     assert q["decode"] == pytest.approx(ours["decode"] / bf16["decode"])
@@ -188,3 +198,4 @@ def test_bench_json_rows_and_ratios(tmp_path, monkeypatch):
 
     lines = bench_lines(res)
     assert lines[0].startswith("# tritlm bench") and any("tritlm / torch dense bf16" in x for x in lines)
+    assert any("tritlm / bandwidth ceiling" in x for x in lines)

@@ -274,9 +274,6 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
             notes.append("llama-cpp-python not installed")
     res["llama_cpp"] = "; ".join(notes)
     for th in threads_list:
-        bw = read_bandwidth(th)
-        res["rows"].append({"impl": "bandwidth ceiling", "threads": th, "decode": bw / per_token,
-                            "prefill": None, "read_GBps": bw / 1e9})
         if tune:  # cached in autotune.json; the engine's kernels read it when they are built
             from tritlm.kernels.cpu.tuning import tune
 
@@ -287,9 +284,13 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         ours: dict[str, list[float]] = {"decode": [], "prefill": []}
         peer: dict[str, list[float]] = {"decode": [], "prefill": []}
         native: list[float] = []
+        bws: list[float] = []
         repack = True  # llama-bench's weight repacking stayed on in every run
-        # interleaved: a slow minute of a shared machine hits both sides, not one
+        # interleaved: a slow minute of a shared machine hits both sides, not one; the read
+        # bandwidth too (one probe had read 24.8 and 29.2 GB/s a minute apart), so each decode run
+        # is set against the ceiling measured just before it
         for _ in range(reps):
+            bws.append(read_bandwidth(th))
             ours["decode"].append(_time_decode(eng, decode_tokens, native))
             ours["prefill"].append(_time_prefill(eng, prompt_tokens))
             if gguf_path is not None and lb is not None:
@@ -297,7 +298,13 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
                 peer["decode"].append(r["decode"])
                 peer["prefill"].append(r["prefill"])
                 repack = repack and r["repack"]
-        row = {"impl": f"tritlm packed (head {head}, kv {kv_dtype})", "threads": th, **_median_spread(ours)}
+        res["rows"].append({"impl": "bandwidth ceiling", "threads": th,
+                            "decode": statistics.median(bws) / per_token, "prefill": None,
+                            "read_GBps": statistics.median(bws) / 1e9,
+                            "read_GBps_range": [min(bws) / 1e9, max(bws) / 1e9]})
+        row = {"impl": f"tritlm packed (head {head}, kv {kv_dtype})", "threads": th, **_median_spread(ours),
+               # decode over the ceiling of the same repetition, median over the repetitions
+               "ceiling_share": statistics.median(d * per_token / b for d, b in zip(ours["decode"], bws))}
         if eng.fused is not None:
             row["native_share"] = statistics.median(native)
         else:
@@ -339,13 +346,16 @@ def _median_spread(runs: dict[str, list[float]]) -> dict:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per thread count: our packed runtime over llama.cpp and over the dense bf16 path."""
+    """Per thread count: our packed runtime over the bandwidth ceiling (decode), llama.cpp and the
+    dense bf16 path."""
     out = []
     for th in sorted({r["threads"] for r in rows}):
         by = {r["impl"].split(" (")[0]: r for r in rows if r["threads"] == th}
         ours = by.get("tritlm packed")
         if ours is None:
             continue
+        if "ceiling_share" in ours:
+            out.append({"threads": th, "vs": "bandwidth ceiling", "decode": ours["ceiling_share"], "prefill": None})
         for peer in ("llama-bench TQ2_0", "llama-bench mixed GGUF", "llama-cpp-python TQ2_0",
                      "llama-cpp-python mixed GGUF", "torch dense bf16"):
             p = by.get(peer)

@@ -6,8 +6,9 @@ temperature and the truncation filters (top-k, locally typical, top-p, min-p).
 (:func:`draw_rows`: the one draw). :class:`Sampler` adds the per-generation state (seeded RNG,
 mirostat's ``mu``, must-include bookkeeping) and is what the one generation path
 (``infer/generator.py``) runs for every sequence; :func:`sample_batch` steps the samplers that
-need only the logits together, with the same tokens. :func:`contrastive_select` is the scoring step of contrastive search (the engine
-supplies the hidden states). Stop strings are text, not logits: ``infer/text.py``.
+need only the logits together, with the same tokens. :func:`contrastive_select` is the scoring
+step of contrastive search (the engine supplies the hidden states). Stop strings are text, not
+logits: ``infer/text.py``.
 """
 
 from __future__ import annotations

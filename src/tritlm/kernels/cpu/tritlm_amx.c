@@ -231,23 +231,28 @@ TT_AMX_INLINE void tt_amxs_unpack(const uint8_t *const gp[8], size_t off, uint8_
     }
 }
 
-/* rows 4 g0 .. 4 g0 + 31 (ngr <= 8 groups; missing groups repeat the last one and are never
- * stored) against one pass of np tokens from t0 (nt0 = min(np, 16) in the first token half, the
- * rest in the second; B tiles of pass byte offset xp). ab = 3 x 4 KB of scratch: block b + 1 is
- * unpacked before block b's tiles run, so a tile load never waits on the stores just issued (AMX
- * loads do not forward from the store buffer), and the third buffer keeps those stores off the
- * one still being read. The next panel is prefetched into L2 on the way, 1 KB a block. */
-TT_AMX_FN static void tt_amxs_panel(const tt_job *J, int g0, int ngr, int t0, int np, const uint8_t *xp, uint8_t *ab,
-                                    int prefetch) {
+/* two 16-row halves: groups ga .. ga + na - 1 (na <= 4) in A tile 2, gb .. gb + nb - 1 (nb <= 4)
+ * in A tile 3 (missing groups repeat the last one and are never stored), against one pass of np
+ * tokens from t0 (nt0 = min(np, 16) in the first token half, the rest in the second; B tiles of
+ * pass byte offset xp). The halves come from the two halves of the chunk (tt_amxs_chunk): 4
+ * adjacent groups are one stream, 4 KB pages apart from the other half's (see tt_task_vnni on
+ * streams sharing a page). ab = 3 x 4 KB of scratch: block b + 1 is unpacked before block b's
+ * tiles run, so a tile load never waits on the stores just issued (AMX loads do not forward from
+ * the store buffer), and the third buffer keeps those stores off the one still being read. Each
+ * half's next 4 groups are prefetched into L2 on the way, 512 bytes a block each. */
+TT_AMX_FN static void tt_amxs_panel(const tt_job *J, int ga, int na, int gb, int nb, int t0, int np, const uint8_t *xp,
+                                    uint8_t *ab, int prefetch) {
     const tt_ctx *c = J->c;
     const int kb = c->kb, nt0 = np < 16 ? np : 16, two = np > 16;
     const size_t gstride = (size_t)kb * TT_GROUP_BYTES_PER_BLOCK;
     const uint8_t *gp[8];
-    for (int g = 0; g < 8; g++) gp[g] = c->w + (size_t)(g0 + (g < ngr ? g : ngr - 1)) * gstride;
+    for (int g = 0; g < 4; g++) gp[g] = c->w + (size_t)(ga + (g < na ? g : na - 1)) * gstride;
+    for (int g = 0; g < 4; g++) gp[4 + g] = nb > 0 ? c->w + (size_t)(gb + (g < nb ? g : nb - 1)) * gstride : gp[3];
     const size_t bstride = (size_t)16 * np * 4; /* bytes of 16 q-rows of the pass */
     const size_t ldb = (size_t)4 * np;
-    const char *pf = (const char *)(c->w + (size_t)(g0 + 8) * gstride);
-    prefetch = prefetch && g0 + 8 < c->ngroups;
+    const int pfa = prefetch && ga + 8 <= c->ngroups, pfb = prefetch && nb > 0 && gb + 8 <= c->ngroups;
+    const char *pa = (const char *)(c->w + (size_t)(ga + 4) * gstride);
+    const char *pb = (const char *)(c->w + (size_t)(gb + 4) * gstride);
     _tile_zero(0);
     _tile_zero(1);
     if (two) {
@@ -257,8 +262,10 @@ TT_AMX_FN static void tt_amxs_panel(const tt_job *J, int g0, int ngr, int t0, in
     tt_amxs_unpack(gp, 0, ab);
     for (int b = 0; b < kb; b++) {
         if (b + 1 < kb) tt_amxs_unpack(gp, (size_t)(b + 1) * TT_GROUP_BYTES_PER_BLOCK, ab + (size_t)((b + 1) % 3) * 4096);
-        if (prefetch)
-            for (int l = 0; l < 16; l++) _mm_prefetch(pf + (size_t)b * 1024 + 64 * l, _MM_HINT_T1);
+        if (pfa)
+            for (int l = 0; l < 8; l++) _mm_prefetch(pa + (size_t)b * 512 + 64 * l, _MM_HINT_T1);
+        if (pfb)
+            for (int l = 0; l < 8; l++) _mm_prefetch(pb + (size_t)b * 512 + 64 * l, _MM_HINT_T1);
         const uint8_t *a = ab + (size_t)(b % 3) * 4096;
         for (int kk = 0; kk < 2; kk++) {
             const uint8_t *x0 = xp + (size_t)(2 * b + kk) * bstride;
@@ -274,22 +281,27 @@ TT_AMX_FN static void tt_amxs_panel(const tt_job *J, int g0, int ngr, int t0, in
             }
         }
     }
-    /* C row-major: row r's sums at cr + 16 r, gathered by the epilogue */
+    /* C row-major: row r's sums at cr + 16 r, gathered by the epilogue; rows 16-31 are the
+     * second half's */
     int32_t cr[32 * 16] __attribute__((aligned(64)));
     _tile_stored(0, cr, 64);
     _tile_stored(1, cr + 16 * 16, 64);
-    tt_vnni_store_block(J, cr, 1, 16, 4 * g0, 4 * ngr, t0, nt0);
+    tt_vnni_store_block(J, cr, 1, 16, 4 * ga, 4 * na, t0, nt0);
+    if (nb > 0) tt_vnni_store_block(J, cr + 16 * 16, 1, 16, 4 * gb, 4 * nb, t0, nt0);
     if (two) {
         _tile_stored(6, cr, 64);
         _tile_stored(7, cr + 16 * 16, 64);
-        tt_vnni_store_block(J, cr, 1, 16, 4 * g0, 4 * ngr, t0 + 16, np - 16);
+        tt_vnni_store_block(J, cr, 1, 16, 4 * ga, 4 * na, t0 + 16, np - 16);
+        if (nb > 0) tt_vnni_store_block(J, cr + 16 * 16, 1, 16, 4 * gb, 4 * nb, t0 + 16, np - 16);
     }
 }
 
-/* a chunk of groups: the token passes outer (a chunk's weights stay in L2 between passes), the
- * tile shapes configured per pass */
+/* a chunk of groups, split in two halves read side by side (panel i: groups 4 i .. 4 i + 3 of
+ * each half); the token passes outer (a chunk's weights stay in L2 between passes), the tile
+ * shapes configured per pass */
 TT_AMX_FN static void tt_amxs_chunk(const tt_job *J, int g0, int g1, uint8_t *ab) {
     const int m = J->m;
+    const int h = ((g1 - g0 + 1) / 2 + 3) / 4 * 4; /* first half: a multiple of 4 groups */
     for (int t0 = 0; t0 < m; t0 += 32) {
         const int np = m - t0 < 32 ? m - t0 : 32, nt0 = np < 16 ? np : 16, nt1 = np > 16 ? np - 16 : nt0;
         tt_amx_cfg cfg;
@@ -301,7 +313,11 @@ TT_AMX_FN static void tt_amxs_chunk(const tt_job *J, int g0, int g1, uint8_t *ab
         cfg.colsb[5] = cfg.colsb[6] = cfg.colsb[7] = (uint16_t)(4 * nt1);
         _tile_loadconfig(&cfg);
         const uint8_t *xp = (const uint8_t *)J->c->xv + (size_t)t0 * J->c->kp;
-        for (int p0 = g0; p0 < g1; p0 += 8) tt_amxs_panel(J, p0, g1 - p0 < 8 ? g1 - p0 : 8, t0, np, xp, ab, t0 == 0);
+        for (int i = 0; i < h && g0 + i < g1; i += 4) {
+            const int ga = g0 + i, na = (g0 + h < g1 ? g0 + h : g1) - ga < 4 ? (g0 + h < g1 ? g0 + h : g1) - ga : 4;
+            const int gb = g0 + h + i, nb = g1 - gb < 4 ? (g1 - gb > 0 ? g1 - gb : 0) : 4;
+            tt_amxs_panel(J, ga, na, gb, nb, t0, np, xp, ab, t0 == 0);
+        }
     }
     _tile_release();
 }

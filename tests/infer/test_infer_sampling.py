@@ -216,6 +216,8 @@ def test_sample_batch_matches_each_sampler_alone():
             rows[0, 3], rows[2, 5], rows[4, 6] = float("nan"), float("inf"), float("-inf")
             rows[5, :] = float("-inf")
             rows[5, 9] = 0.5
+        if step % 5 == 2:  # a greedy row whose top is +inf (nan_to_num makes it float32's max)
+            rows[0, 9], rows[0, 20] = float("inf"), torch.finfo(torch.float32).max
         want = [s(r.clone(), history) for s, r in zip(alone, rows)]
         # every subset order too: the batch must not couple rows (the greedy ones leave it early)
         order = list(range(len(batched))) if step % 2 else list(range(len(batched)))[::-1]

@@ -400,16 +400,20 @@ def sample_batch(samplers: Sequence[Sampler], logits: Sequence[torch.Tensor]) ->
             if math.isfinite(a[j]):
                 out[i] = j
                 fast.append(i)
-    if fast:
-        for i in fast:
-            samplers[i].steps += 1
-        if len(fast) == len(samplers):
-            return out
-        done = set(fast)
-        rest = [i for i in range(len(samplers)) if i not in done]  # none of them takes this path again
-        for i, t in zip(rest, sample_batch([samplers[i] for i in rest], [logits[i] for i in rest])):
-            out[i] = t
-        return out
+    for i in fast:
+        samplers[i].steps += 1
+    done = set(fast)
+    rest = [i for i in range(len(samplers)) if i not in done]
+    for i, t in zip(rest, _sample_chain([samplers[i] for i in rest], [logits[i] for i in rest])):
+        out[i] = t
+    return out
+
+
+def _sample_chain(samplers: Sequence[Sampler], logits: Sequence[torch.Tensor]) -> list[int]:
+    """:func:`sample_batch` through the torch chain of :func:`process_logits`, batched."""
+    if not samplers:
+        return []
+    out = [0] * len(samplers)
     x = torch.stack([row.float() for row in logits])
     vocab = x.shape[1]
     if any(s.params.logit_bias for s in samplers):

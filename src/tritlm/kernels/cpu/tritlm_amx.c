@@ -313,9 +313,10 @@ TT_AMX_FN static void tt_amxs_chunk(const tt_job *J, int g0, int g1, uint8_t *ab
         cfg.colsb[5] = cfg.colsb[6] = cfg.colsb[7] = (uint16_t)(4 * nt1);
         _tile_loadconfig(&cfg);
         const uint8_t *xp = (const uint8_t *)J->c->xv + (size_t)t0 * J->c->kp;
-        for (int i = 0; i < h && g0 + i < g1; i += 4) {
-            const int ga = g0 + i, na = (g0 + h < g1 ? g0 + h : g1) - ga < 4 ? (g0 + h < g1 ? g0 + h : g1) - ga : 4;
-            const int gb = g0 + h + i, nb = g1 - gb < 4 ? (g1 - gb > 0 ? g1 - gb : 0) : 4;
+        const int ha = g0 + h < g1 ? g0 + h : g1; /* end of the first half */
+        for (int ga = g0; ga < ha; ga += 4) {
+            const int gb = ga + h, na = ha - ga < 4 ? ha - ga : 4;
+            const int nb = g1 - gb >= 4 ? 4 : (g1 > gb ? g1 - gb : 0);
             tt_amxs_panel(J, ga, na, gb, nb, t0, np, xp, ab, t0 == 0);
         }
     }

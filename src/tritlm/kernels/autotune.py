@@ -26,7 +26,9 @@ from .cpu.build import cache_dir
 
 __all__ = ["FORMAT_VERSION", "cache_path", "clear_memo", "key", "lookup", "save"]
 
-FORMAT_VERSION = 1
+# 2: caches of version 1 may hold the non-temporal GEMV hint that the tuner no longer offers
+# (kernels/cpu/tuning.py CANDIDATES); they are ignored, so an old cache cannot keep it
+FORMAT_VERSION = 2
 PARAM_NAMES = ("prefetch", "panel_rows", "chunks", "nta")
 _BUCKETS = ("1", "2-15", "16+")
 _memo: dict = {"path": None, "mtime": None, "data": None}

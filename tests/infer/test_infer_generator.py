@@ -116,3 +116,32 @@ def test_torch_runtime_decodes_a_batch_in_one_forward():
     for s, t in enumerate([4, 5, 6]):
         assert torch.allclose(batch[s], alone.decode([t], [s])[0], atol=1e-5)
     assert [rt.filled(s) for s in range(3)] == [len(p) + 1 for p in PROMPTS]
+
+
+def test_packed_runtime_samples_with_the_engines_torch_threads(monkeypatch):
+    """Sampling's small torch ops run on the engine's torch threads (1), not on torch's OpenMP
+    pool, whose spin-wait after each op took a core from the next C step; the torch runtime's
+    steps leave torch as it is."""
+    import tritlm.infer.generator as gen_mod
+
+    seen: list[int] = []
+    real = gen_mod.sample_batch
+
+    def spy(samplers, logits):
+        seen.append(torch.get_num_threads())
+        return real(samplers, logits)
+
+    monkeypatch.setattr(gen_mod, "sample_batch", spy)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch_rt, packed_rt = _runtimes()
+        reqs = [Request(p, 3, SamplingParams(temperature=1.0, seed=1)) for p in PROMPTS[:2]]
+        _tokens(packed_rt, reqs)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # restored after each step
+        seen.clear()
+        _tokens(torch_rt, reqs)
+        assert seen and set(seen) == {2}
+    finally:
+        torch.set_num_threads(old)

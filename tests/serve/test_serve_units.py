@@ -4,6 +4,7 @@ scheduler's admission / batching / cancellation over a scripted runtime."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -162,6 +163,9 @@ class ScriptedRuntime:
 
     def release(self, slot: int) -> None:
         self.released.append(slot)
+
+    def step_scope(self):
+        return contextlib.nullcontext()
 
 
 def _engine(rt: ScriptedRuntime, **kw) -> Engine:

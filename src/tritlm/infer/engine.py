@@ -196,7 +196,9 @@ class Engine:
         return out
 
     @contextlib.contextmanager
-    def _torch_threads(self):
+    def torch_threads_scope(self):
+        """torch's intra-op threads set to ``torch_threads`` inside (the engine's forwards; the
+        packed runtime runs whole generator steps, sampling included, in it)."""
         if self.torch_threads is None or torch.get_num_threads() == self.torch_threads:
             yield
             return
@@ -264,7 +266,7 @@ class Engine:
         self._check_ids(ids)
         end = start + t
         t0 = time.perf_counter()
-        with self._torch_threads():
+        with self.torch_threads_scope():
             out = None
             if t == 1 and self.fused is not None and self.tracer is None and self.timer is None:
                 out = self._fused_step([int(ids[0])], [slot], [start])
@@ -306,7 +308,7 @@ class Engine:
             raise ValueError("each sequence of a batch needs its own slot")
         b = len(slots)
         t0 = time.perf_counter()
-        with self._torch_threads():
+        with self.torch_threads_scope():
             out = None
             if self.fused is not None and self.tracer is None and self.timer is None:
                 out = self._fused_step([int(t) for t in tokens], slots, [self.pos[s] for s in slots])
@@ -406,7 +408,7 @@ class Engine:
             pos += range(start, start + len(ids))
             last.append(len(toks) - 1)
         t0 = time.perf_counter()
-        with self._torch_threads():
+        with self.torch_threads_scope():
             x = self.model.embed_tokens.w[torch.as_tensor(toks, dtype=torch.long)].float().contiguous()
             h = torch.empty_like(x)
             self.fused.forward_rows(x, slots, pos, h, self.threads or 0)

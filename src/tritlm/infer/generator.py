@@ -261,6 +261,10 @@ class Generator:
         The decode forward of the tokens sampled here runs at the start of the next step, so
         that the tokens reach the caller (a server streaming them) one forward sooner, and a new
         request's first token does not wait for the batch's forward."""
+        with self.rt.step_scope():
+            return self._step()
+
+    def _step(self) -> list[Event]:
         pending, self._pending = self._pending, []
         events = self._admit([s for s in pending if s.slot is not None and s in self.running])
         cont: list[Seq] = []

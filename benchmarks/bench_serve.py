@@ -11,7 +11,8 @@ and errors, once per ``--max-batch`` setting. Every loop is bounded in count and
 ``--sweep 1,2,4,8,16`` instead measures one server at each count of concurrent streaming clients
 (aggregate generated tok/s, p50 / p95 time to first token), and, with ``--llama-server``, llama.cpp's
 own ``llama-server --parallel 8`` (continuous batching) on the same weights exported as TQ2_0 GGUF,
-driven by the same client, interleaved with ours:
+driven by the same client, interleaved with ours. The sweep's client is ``stream_load.py``
+(aiohttp) unless ``--client openai``: the load generator shares the 2 cores with the server.
 
     bash benchmarks/build_llama_tools.sh          # once: llama-server, llama-bench, llama-perplexity
     .venv/bin/python benchmarks/bench_serve.py --preset 700M --sweep 1,2,4,8,16 --max-tokens 32 \
@@ -34,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stream_load import run_stream_load, summary
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--fp", "--preset", "tiny", "--max-steps", "30", "--threads", "1", "--quiet", "--set", "model.dim=32", "--set",
         "model.n_layers=1", "--set", "model.ffn_dim=64", "--set", "eval_batches=2", "--set", "tensorboard=false"]
@@ -51,14 +54,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def pct(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
 
 
 def start_server(model: str, max_batch: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
@@ -187,10 +182,7 @@ async def run_load(url: str, clients: int, per_client: int, max_tokens: int, str
     finally:
         for client in pool:
             await client.close()
-    return {"n": clients * per_client, "ok": len(lat), "errors": errors, "wall_s": wall,
-            "p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99), "mean": statistics.fmean(lat) if lat else 0,
-            "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "tokens": tokens,
-            "req_s": len(lat) / wall, "tok_s": tokens / wall}
+    return summary(clients * per_client, lat, ttft, errors, tokens, wall)
 
 
 def random_packed_model(name: str, out: str) -> None:
@@ -226,6 +218,9 @@ def main() -> int:
                                            "what benchmarks/build_llama_tools.sh built) on the same weights")
     ap.add_argument("--parallel", type=int, default=8, help="llama-server --parallel (default 8)")
     ap.add_argument("--rounds", type=int, default=1, help="--sweep: interleaved rounds of both servers")
+    ap.add_argument("--client", choices=("aiohttp", "openai"), default="aiohttp",
+                    help="--sweep: the load generator driving both servers (aiohttp: benchmarks/stream_load.py, "
+                         "~0.08 ms of CPU a streamed token here; openai: the openai package's AsyncOpenAI, ~0.36)")
     a = ap.parse_args()
     if a.sweep:
         return sweep(a)
@@ -317,6 +312,12 @@ def sweep(a: argparse.Namespace) -> int:
 
             servers.append(("llama-server", (binary, str(gguf_for(load_packed(model), "f16")))))
     max_batch = int(a.max_batch.split(",")[-1])
+
+    def load(url: str, clients: int, per_client: int, max_tokens: int):
+        if a.client == "openai":
+            return run_load(url, clients, per_client, max_tokens, True, a.timeout, chat_every=0, body=body)
+        return run_stream_load(url, clients, per_client, max_tokens, a.timeout, prompt, body)
+
     rows = []
     for rnd in range(a.rounds):
         for name, peer in servers:
@@ -325,10 +326,9 @@ def sweep(a: argparse.Namespace) -> int:
             else:
                 proc, url = start_llama_server(peer[0], peer[1], a.parallel, threads, ctx_per_slot=512)
             try:
-                asyncio.run(run_load(url, 2, 1, 4, True, a.timeout, chat_every=0, body=body))  # warm-up
+                asyncio.run(load(url, 2, 1, 4))  # warm-up
                 for c in counts:
-                    r = asyncio.run(run_load(url, c, a.requests_per_client, a.max_tokens, True, a.timeout,
-                                             chat_every=0, body=body))
+                    r = asyncio.run(load(url, c, a.requests_per_client, a.max_tokens))
                     r.update(server=name, clients=c, round=rnd)
                     rows.append(r)
                     print(f"round {rnd} {name:12} clients {c:>2}: {r['ok']}/{r['n']} ok, {r['tok_s']:7.1f} tok/s "
@@ -361,7 +361,7 @@ def sweep(a: argparse.Namespace) -> int:
                     f"{max_batch}" + (f", llama-server --parallel {a.parallel} --cont-batching on the TQ2_0 GGUF"
                                       if len(servers) > 1 else "")
                     + f"; streaming completions, max_tokens {a.max_tokens}, {a.requests_per_client} requests per "
-                      f"client, {a.rounds} interleaved round(s)\n\n")
+                      f"client, {a.rounds} interleaved round(s), client {a.client}\n\n")
             f.write("\n".join(lines) + "\n")
         print(f"appended to {out}")
     tmp.cleanup()

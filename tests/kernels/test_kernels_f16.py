@@ -18,12 +18,18 @@ def _check(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
     assert ((got - ref).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("backend", ["avx2", "portable"])
-@pytest.mark.parametrize(("n", "k", "m"), [(1, 1, 1), (257, 100, 1), (300, 1536, 3), (1000, 17, 5), (513, 64, 9)])
+# avx512: pairs of rows from the two halves of each 256-row chunk (odd chunks end on a single
+# row), up to 8 tokens a pass (m 9: a second pass of one), K past the last 32 in scalar steps
+@pytest.mark.parametrize("backend", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize(("n", "k", "m"), [(1, 1, 1), (257, 100, 1), (300, 1536, 3), (1000, 17, 5), (513, 64, 9),
+                                           (771, 1000, 8)])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_f16_matmul_matches_float64(backend, n, k, m, threads):
-    if backend == "avx2" and not build.load_library().tt_has_f16c():
+    lib = build.load_library()
+    if backend != "portable" and not lib.tt_has_f16c():
         pytest.skip("CPU without AVX2/F16C")
+    if backend == "avx512" and not lib.tt_has_avx512vnni():
+        pytest.skip("CPU without AVX-512 (VNNI)")
     g = torch.Generator().manual_seed(n * 31 + k * 7 + m)
     w = torch.randn(n, k, generator=g).half()
     x = torch.randn(m, k, generator=g) * 3

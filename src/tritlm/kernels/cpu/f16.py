@@ -33,7 +33,8 @@ class F16MatMul:
         self.threads = threads
         be = resolve_backend(backend)
         self._lib = build.load_library() if be != "numpy" else None
-        self._isa = int(be in AVX2_BACKENDS)
+        # 2: the AVX-512 rows (avx512 and amx routes; the C side falls back to AVX2 on CPUs without)
+        self._isa = 2 if be in ("avx512", "amx") else int(be in AVX2_BACKENDS)
         self._w32 = None if self._lib is not None else self.w.float()
         self._ptr = self.w.data_ptr()
 

@@ -137,13 +137,12 @@ TT_AVX2_INLINE float tt_lb_hsum_ps(__m256 v) {
 /* Register tiles: R rows (row pointers w[r]) x T tokens (x + t * ldx); R, T are constants at each
  * call site (the loops unroll fully and the accumulators stay in registers). */
 
-/* a weight line ahead: non-temporal for one token (read once), kept in the cache for the token
- * tiles of a GEMM panel that read the rows again */
-#define TT_LB_PF(P, T)                                                   \
-    do {                                                                 \
-        if ((T) == 1) _mm_prefetch((const char *)(P), _MM_HINT_NTA);     \
-        else _mm_prefetch((const char *)(P), _MM_HINT_T0);               \
-    } while (0)
+/* a weight line ahead, into every cache level. Single tokens had the non-temporal hint (the
+ * weights are read once); on the Xeon of session 12 it slowed every GEMV that had it (2 threads,
+ * weights from memory, share of the read floor before -> after: AVX-512 int4 44-51% -> 60-68%,
+ * binary 29-33% -> 36-44%, int8 unchanged; the AVX2 route's int8 40-42% -> 85-94%, int4 41-46% ->
+ * 65-68%), as it did the ternary and fp16 ones. Not measured on an AVX2-only CPU. */
+#define TT_LB_PF(P) _mm_prefetch((const char *)(P), _MM_HINT_T0)
 
 /* int8: exact int32 dots over nv vectors of 32 weights */
 TT_AVX2_INLINE void tt_i8_tile(const uint8_t *const *w, const int8_t *x, size_t ldx, int nv, int R, int T,
@@ -163,7 +162,7 @@ TT_AVX2_INLINE void tt_i8_tile(const uint8_t *const *w, const int8_t *x, size_t 
         __m256i wv[4];
         if (ahead && (v & 1) == 0)
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + o + ahead), T);
+            for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + o + ahead));
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w[r] + o));
 #pragma GCC unroll 4
@@ -208,7 +207,7 @@ TT_AVX2_INLINE void tt_i4_tile(const uint8_t *const *w, const float *const *gs, 
         __m256 s0[4], s1[4];
         if (ahead && (b & 1) == 0)
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + wo + ahead), T);
+            for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + wo + ahead));
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(w[r] + wo));
@@ -268,7 +267,7 @@ TT_AVX2_INLINE void tt_b1_tile(const uint8_t *const *w, const int8_t *x, size_t 
             __m256i v[4];
             if (ahead && (b & 3) == 0)
 #pragma GCC unroll 4
-                for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + (size_t)b * 16 + ahead), T);
+                for (int r = 0; r < R; r++) TT_LB_PF((const char *)(w[r] + (size_t)b * 16 + ahead));
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
                 v[r] = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w[r] + (size_t)b * 16))), sh);
@@ -494,7 +493,7 @@ TT_VNNI_INLINE void tt_vnni_i4_tile(const uint8_t *const *w, const float *const 
         __m512i u[4];
         __m512 s[4];
         if (ahead && (b & 1) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + (size_t)b * 32 + ahead), _MM_HINT_NTA);
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + (size_t)b * 32 + ahead), _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(w[r] + (size_t)b * 32));
             u[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
@@ -572,7 +571,7 @@ TT_VNNI_INLINE void tt_vnni_b1_tile(const uint8_t *const *w, const int8_t *x, si
     for (int b = 0; b < nb; b++) {
         __m512i lo[4], hi[4];
         if (ahead && (b & 3) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + (size_t)b * 16 + ahead), _MM_HINT_NTA);
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + (size_t)b * 16 + ahead), _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
             const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(w[r] + (size_t)b * 16)));
             lo[r] = _mm512_and_si512(_mm512_srlv_epi64(v, sh0), one8);

@@ -32,8 +32,10 @@ def test_dispatch_matches_the_cpu_flags():
 
 
 # route -> (amx_min_m, few_min_m): every call of 1+ tokens through the activations-as-A tiles,
-# or every call of 2+ tokens through the weights-as-A tiles (one pass up to 32, several beyond)
-ROUTES = {"activations_as_a": (1, None), "weights_as_a": (1 << 20, 2)}
+# or every call of 2+ tokens through the weights-as-A tiles (one pass up to 32, several beyond),
+# or the defaults (2-3 tokens: the VNNI few-token GEMV, 4-32 the weights-as-A tiles, 33+ the
+# activations-as-A ones)
+ROUTES = {"activations_as_a": (1, None), "weights_as_a": (1 << 20, 2), "default": (33, 4)}
 
 
 def _pair(rng, n, k, bias: bool, route: str = "activations_as_a"):

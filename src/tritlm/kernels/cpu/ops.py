@@ -408,8 +408,9 @@ class TernaryLinearKernel(LinearKernelBase):
 
     def set_amx_min_m(self, m: int, few_min_m: int | None = None) -> None:
         """Token counts of the two AMX routes: calls of at least ``m`` tokens take the
-        activations-as-A tiles; ``few_min_m`` .. ``m - 1`` tokens (default 2) the weights-as-A
-        tiles; a single token the VNNI GEMV."""
+        activations-as-A tiles; ``few_min_m`` .. ``m - 1`` tokens (default 4) the weights-as-A
+        tiles; a single token the VNNI GEMV, 2-3 tokens below ``few_min_m`` its few-token form,
+        4 .. ``few_min_m - 1`` the VNNI GEMM."""
         if int(m) < 1:
             raise ValueError(f"amx_min_m must be >= 1, got {m}")
         if few_min_m is not None and int(few_min_m) < 2:

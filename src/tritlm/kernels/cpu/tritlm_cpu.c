@@ -735,7 +735,15 @@ static void tt_run(tt_job *J, int nth) {
     J->p = c->params[tt_bucket(J->m)];
     if (nth <= 0) nth = P.nthreads;
     if (nth > TT_MAX_THREADS) nth = TT_MAX_THREADS;
-    int gemm = J->m > 1 && c->isa;
+#if TT_X86
+    /* 2-3 tokens on the VNNI routes (below the AMX route's weights-as-A tiles): the streaming GEMV's
+     * chunking, tt_vnni_gemv_tg per group pair */
+    const int few = c->isa >= 2 && J->m >= 2 && J->m <= TT_VNNI_FEW_M && (c->isa == 2 || J->m < c->amxs_min_m);
+#else
+    const int few = 0;
+#endif
+    int gemm = J->m > 1 && c->isa && !few;
+    if (few) J->p.pf = c->params[0].pf; /* a stream as the one-token GEMV's: its prefetch distance */
     if (gemm) {
         J->cg = J->p.panel_rows / 4 > 0 ? J->p.panel_rows / 4 : 1;
     } else if (nth <= 1) {
@@ -751,7 +759,7 @@ static void tt_run(tt_job *J, int nth) {
     }
     const int nchunks = (c->ngroups + J->cg - 1) / J->cg;
 #if TT_X86
-    if (c->isa == 3 && (tt_amxs_run(J, nth) == 0 || tt_amx_run(J, nth) == 0)) return;
+    if (c->isa == 3 && !few && (tt_amxs_run(J, nth) == 0 || tt_amx_run(J, nth) == 0)) return;
     if (c->isa >= 2) { tt_parallel(tt_task_vnni, J, nchunks, nth); return; }
     if (c->isa) { tt_parallel(tt_task_avx2, J, nchunks, nth); return; }
 #endif
@@ -792,7 +800,7 @@ tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, 
     }
     c->isa = tt_cpu_has_avx2();
     c->amx_min_m = 33;
-    c->amxs_min_m = 2;
+    c->amxs_min_m = 4; /* 2-3 tokens: the VNNI streaming GEMV (tt_vnni_gemv_tg) */
     for (int i = 0; i < TT_NBUCKETS; i++) { c->params[i].pf = 2048; c->params[i].panel_rows = 32; c->params[i].chunks = 8; c->params[i].nta = 1; }
     return c;
 }

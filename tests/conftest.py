@@ -1,7 +1,9 @@
 """Test-session set-up shared by every test file."""
 
+import gc
 import os
 
+import pytest
 import torch
 
 # Triton decides at @triton.jit time whether to compile for CUDA or interpret: without a GPU, the
@@ -9,3 +11,12 @@ import torch
 # module imports a kernel.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_the_heap():
+    """`tritlm generate` / `chat` run in process freeze the heap (tritlm.heap): thaw it after each
+    test, so one test's objects are not kept out of later collections."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()

@@ -161,6 +161,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
+    from tritlm.heap import freeze_startup_heap
 
     kw = sampling_kwargs(a)
     sampling_params(**kw)  # checked before the model loads: a bad flag fails at once
@@ -168,6 +169,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     m = tritlm.load(a.model, a.device)
     require_tokenizer(m, "generate")
     draft = tritlm.load(a.draft, a.device) if a.draft else None
+    freeze_startup_heap()  # no full collection pausing the stream
     if not m.tokenizer.encode(a.prompt):
         raise TritlmError("the prompt encodes to no tokens")
     sys.stdout.write(a.prompt)

@@ -115,6 +115,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     require_int("--max-tokens", a.max_tokens, 1)
     import tritlm
+    from tritlm.heap import freeze_startup_heap
     from tritlm.infer.chat import ChatSession, chat_repl
     from tritlm.infer.chat_template import load_chat_template
 
@@ -135,6 +136,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     sampling_params(**kw)  # checked before the model loads
     m = tritlm.load(a.model, a.device)
     require_tokenizer(m, "chat")
+    freeze_startup_heap()  # no full collection pausing a reply
     tmpl = load_chat_template(m.tokenizer, m.path, a.chat_template)
     chat = KeepGoing(m, m.sampling(**kw), a.max_tokens, a.system, template=tmpl)
     chat_repl(chat, sys.stdin, sys.stdout,

@@ -12,7 +12,6 @@ OpenAI-style 400 with the offending field in ``param``, instead of FastAPI's own
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import json
 import logging
@@ -31,6 +30,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tritlm.errors import TritlmError
+from tritlm.heap import freeze_startup_heap
 from tritlm.infer.chat_template import ChatTemplate, DefaultChatTemplate, TemplateError, load_chat_template
 from tritlm.infer.generator import Request as GenRequest
 from tritlm.infer.sampling import SamplingParams
@@ -484,12 +484,9 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_l
     except ImportError:
         raise TritlmError("serving needs the serve extra: pip install 'tritlm[serve]'") from None
     app = build_app_for_model(model, **kwargs)
-    # Everything loaded so far (torch, the model, the modules) lives as long as the server: out of
-    # the garbage collector's sight, it is not walked again. The first full collection after start
-    # had otherwise come during the first burst of requests and held the GIL ~180 ms, the 8
-    # first streams' first tokens waiting on it (125M, 8 clients: TTFT 180-230 -> 53-57 ms).
-    gc.collect()
-    gc.freeze()
+    # the first full collection had come during the first burst of requests and held the GIL ~180
+    # ms (125M, 8 clients: first-wave TTFT 180-230 -> 53-57 ms with the heap frozen)
+    freeze_startup_heap()
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the server is reachable from the network%s", host,
                     "" if kwargs.get("api_key") else " and has no API key (--api-key)")

@@ -482,13 +482,12 @@ static void tt_lb_task_vnni_i8(const void *arg, int chunk) {
  * in another order, so int4 results agree to rounding, and exactly where every sum is an integer
  * below 2^24). R rows x T tokens, group G (32 / 64 / 128) a constant at the call sites. */
 TT_VNNI_INLINE void tt_vnni_i4_tile(const uint8_t *const *w, const float *const *gs, const int8_t *x, size_t ldx, int nb,
-                                    int G, int R, int T, float res[4][4]) {
+                                    int G, int R, int T, size_t ahead, float res[4][4]) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m512i ones = _mm512_set1_epi8(1);
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
     for (int b = 0; b < nb; b++) {
         __m512i u[4];
         __m512 s[4];
@@ -516,7 +515,9 @@ TT_VNNI_INLINE void tt_vnni_i4_tile(const uint8_t *const *w, const float *const 
 
 #define TT_VNNI_I4(NAME, G, R, T)                                                                             \
     TT_VNNI_FN static void NAME(const uint8_t *const *w, const float *const *gs, const int8_t *x, size_t ldx, \
-                                int nb, float res[4][4]) { tt_vnni_i4_tile(w, gs, x, ldx, nb, G, R, T, res); }
+                                int nb, size_t ahead, float res[4][4]) {                                      \
+        tt_vnni_i4_tile(w, gs, x, ldx, nb, G, R, T, ahead, res);                                              \
+    }
 TT_VNNI_I4(tt_vnni_i4_g32_4x1, 32, 4, 1)
 TT_VNNI_I4(tt_vnni_i4_g64_4x1, 64, 4, 1)
 TT_VNNI_I4(tt_vnni_i4_g128_4x1, 128, 4, 1)
@@ -525,14 +526,49 @@ TT_VNNI_I4(tt_vnni_i4_g64_4x2, 64, 4, 2)
 TT_VNNI_I4(tt_vnni_i4_g128_4x2, 128, 4, 2)
 #undef TT_VNNI_I4
 
+/* One token: the chunk's rows as 4-row tiles of two adjacent rows from each half (rows a, a + 1,
+ * a + h, a + h + 1): the tile's streams are then two pairs half a chunk apart, not four rows in one
+ * 4 KB page (768-byte int4 rows at K = 1536; see tt_task_vnni on streams sharing a page). Rows
+ * past their half or the chunk repeat a valid one (computed, not stored). rows[4] -> -1 where not
+ * stored; returns the next row of each stream (the prefetch distance, in rows). */
+static inline int tt_lb_pair_rows(const tt_ctx *c, int a, int r0, int r1, const uint8_t *w[4], const float *gs[4],
+                                  int rows[4]) {
+    const int h = (((r1 - r0) + 1) / 2 + 1) & ~1; /* first half: an even count, at least half */
+    const int cand[4] = {a, a + 1, a + h, a + h + 1};
+    for (int i = 0; i < 4; i++) {
+        const int ok = cand[i] < r1 && (i >= 2 || cand[i] < r0 + h);
+        rows[i] = ok ? cand[i] : -1;
+        const int rr = ok ? cand[i] : a; /* a is always a valid row */
+        w[i] = c->w + (size_t)rr * c->rowb;
+        if (gs) gs[i] = c->gscale + (size_t)rr * c->ngk;
+    }
+    return 2;
+}
+
 /* rows of a chunk 4 at a time (the last tile repeats its last row: computed, not stored), tokens in
- * pairs (one token: the GEMV tile), then the int4 epilogue */
+ * pairs (one token: the GEMV tile, rows paired across the chunk's halves), then the int4 epilogue */
 static void tt_lb_task_vnni_i4(const void *arg, int chunk) {
     const tt_job *J = (const tt_job *)arg;
     const tt_ctx *c = J->c;
     int g0, g1;
     tt_chunk_groups(J, chunk, &g0, &g1);
     const int r0 = 4 * g0, r1 = 4 * g1 < c->n ? 4 * g1 : c->n, nb = c->kp / 64;
+    if (J->m == 1) {
+        const int h = (((r1 - r0) + 1) / 2 + 1) & ~1;
+        for (int a = r0; a < r0 + h && a < r1; a += 2) {
+            const uint8_t *w[4];
+            const float *gs[4];
+            float res[4][4];
+            int rows[4];
+            const size_t ahead = (size_t)tt_lb_pair_rows(c, a, r0, r1, w, gs, rows) * c->rowb;
+            if (c->group == 32) tt_vnni_i4_g32_4x1(w, gs, J->xq, J->ldx, nb, ahead, res);
+            else if (c->group == 64) tt_vnni_i4_g64_4x1(w, gs, J->xq, J->ldx, nb, ahead, res);
+            else tt_vnni_i4_g128_4x1(w, gs, J->xq, J->ldx, nb, ahead, res);
+            for (int i = 0; i < 4; i++)
+                if (rows[i] >= 0) tt_lb_store_f(J, 0, rows[i], res[i][0]);
+        }
+        return;
+    }
     for (int t0 = 0; t0 < J->m; t0 += 2) {
         const int T = J->m - t0 == 1 ? 1 : 2;
         for (int row = r0; row < r1; row += 4) {
@@ -541,14 +577,14 @@ static void tt_lb_task_vnni_i4(const void *arg, int chunk) {
             float res[4][4];
             tt_lb_rows(c, row, r1, 4, w, gs);
             const int8_t *x = J->xq + (size_t)t0 * J->ldx;
-            if (T == 1) {
-                if (c->group == 32) tt_vnni_i4_g32_4x1(w, gs, x, J->ldx, nb, res);
-                else if (c->group == 64) tt_vnni_i4_g64_4x1(w, gs, x, J->ldx, nb, res);
-                else tt_vnni_i4_g128_4x1(w, gs, x, J->ldx, nb, res);
+            if (T == 1) { /* an odd last token of a GEMM: its rows are in the cache */
+                if (c->group == 32) tt_vnni_i4_g32_4x1(w, gs, x, J->ldx, nb, 0, res);
+                else if (c->group == 64) tt_vnni_i4_g64_4x1(w, gs, x, J->ldx, nb, 0, res);
+                else tt_vnni_i4_g128_4x1(w, gs, x, J->ldx, nb, 0, res);
             } else {
-                if (c->group == 32) tt_vnni_i4_g32_4x2(w, gs, x, J->ldx, nb, res);
-                else if (c->group == 64) tt_vnni_i4_g64_4x2(w, gs, x, J->ldx, nb, res);
-                else tt_vnni_i4_g128_4x2(w, gs, x, J->ldx, nb, res);
+                if (c->group == 32) tt_vnni_i4_g32_4x2(w, gs, x, J->ldx, nb, 0, res);
+                else if (c->group == 64) tt_vnni_i4_g64_4x2(w, gs, x, J->ldx, nb, 0, res);
+                else tt_vnni_i4_g128_4x2(w, gs, x, J->ldx, nb, 0, res);
             }
             for (int r = 0; r < 4 && row + r < r1; r++)
                 for (int t = 0; t < T; t++) tt_lb_store_f(J, t0 + t, row + r, res[r][t]);
@@ -561,13 +597,12 @@ static void tt_lb_task_vnni_i4(const void *arg, int chunk) {
  * gives the 0/1 bytes of weights 0..63 (64..127) in x's order: vpdpbusd(bits, x) sums the
  * activations whose bit is set, exactly. R rows x T tokens over nb blocks. */
 TT_VNNI_INLINE void tt_vnni_b1_tile(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int R, int T,
-                                    int32_t res[4][4]) {
+                                    size_t ahead, int32_t res[4][4]) {
     const __m512i one8 = _mm512_set1_epi8(1);
     const __m512i sh0 = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0), sh1 = _mm512_add_epi64(sh0, _mm512_set1_epi64(4));
     __m512i acc[4][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
-    const size_t ahead = T == 1 ? (size_t)(w[R - 1] - w[0]) / (R > 1 ? R - 1 : 1) * R : 0;
     for (int b = 0; b < nb; b++) {
         __m512i lo[4], hi[4];
         if (ahead && (b & 3) == 0)
@@ -588,24 +623,39 @@ TT_VNNI_INLINE void tt_vnni_b1_tile(const uint8_t *const *w, const int8_t *x, si
         for (int t = 0; t < T; t++) res[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
 }
 
-TT_VNNI_FN static void tt_vnni_b1_4x1(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int32_t res[4][4]) {
-    tt_vnni_b1_tile(w, x, ldx, nb, 4, 1, res);
+TT_VNNI_FN static void tt_vnni_b1_4x1(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, size_t ahead,
+                                      int32_t res[4][4]) {
+    tt_vnni_b1_tile(w, x, ldx, nb, 4, 1, ahead, res);
 }
 TT_VNNI_FN static void tt_vnni_b1_4x4(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int32_t res[4][4]) {
-    tt_vnni_b1_tile(w, x, ldx, nb, 4, 4, res);
+    tt_vnni_b1_tile(w, x, ldx, nb, 4, 4, 0, res);
 }
 TT_VNNI_FN static void tt_vnni_b1_4xT(const uint8_t *const *w, const int8_t *x, size_t ldx, int nb, int T,
                                       int32_t res[4][4]) {
-    tt_vnni_b1_tile(w, x, ldx, nb, 4, T, res);
+    tt_vnni_b1_tile(w, x, ldx, nb, 4, T, 0, res);
 }
 
-/* rows of a chunk 4 at a time, token quads, then the binary epilogue (2 S - sum x) */
+/* rows of a chunk 4 at a time (one token: paired across the chunk's halves, tt_lb_pair_rows),
+ * token quads, then the binary epilogue (2 S - sum x) */
 static void tt_lb_task_vnni_b1(const void *arg, int chunk) {
     const tt_job *J = (const tt_job *)arg;
     const tt_ctx *c = J->c;
     int g0, g1;
     tt_chunk_groups(J, chunk, &g0, &g1);
     const int r0 = 4 * g0, r1 = 4 * g1 < c->n ? 4 * g1 : c->n, nb = c->kp / 128;
+    if (J->m == 1) {
+        const int h = (((r1 - r0) + 1) / 2 + 1) & ~1;
+        for (int a = r0; a < r0 + h && a < r1; a += 2) {
+            const uint8_t *w[4];
+            int32_t res[4][4];
+            int rows[4];
+            const size_t ahead = (size_t)tt_lb_pair_rows(c, a, r0, r1, w, NULL, rows) * c->rowb;
+            tt_vnni_b1_4x1(w, J->xq, J->ldx, nb, ahead, res);
+            for (int i = 0; i < 4; i++)
+                if (rows[i] >= 0) tt_lb_store_int(J, 0, rows[i], 2 * res[i][0] - J->sx[0]);
+        }
+        return;
+    }
     for (int t0 = 0; t0 < J->m; t0 += 4) {
         const int T = J->m - t0 < 4 ? J->m - t0 : 4;
         for (int row = r0; row < r1; row += 4) {
@@ -613,7 +663,7 @@ static void tt_lb_task_vnni_b1(const void *arg, int chunk) {
             int32_t res[4][4];
             tt_lb_rows(c, row, r1, 4, w, NULL);
             const int8_t *x = J->xq + (size_t)t0 * J->ldx;
-            if (T == 1) tt_vnni_b1_4x1(w, x, J->ldx, nb, res);
+            if (T == 1) tt_vnni_b1_4x1(w, x, J->ldx, nb, 0, res);
             else if (T == 4) tt_vnni_b1_4x4(w, x, J->ldx, nb, res);
             else tt_vnni_b1_4xT(w, x, J->ldx, nb, T, res);
             tt_lb_store_tile_int(J, t0, T, row, r1, 4, res);

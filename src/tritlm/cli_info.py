@@ -76,7 +76,7 @@ def _kernel_line() -> str:
     yn = {True: "yes", False: "no", None: "?"}
     return (f"CPU kernels: {k['backend']} (this CPU: AMX-INT8 {yn[k['amx']]}, AVX-512 VNNI {yn[k['avx512_vnni']]}, "
             f"AVX2 {yn[k['avx2']]}; TRITLM_KERNEL=amx|avx512|avx2|portable|numpy picks one; amx: ternary layers' calls "
-            f"of 2+ tokens on the tiles)")
+            f"of 4+ tokens on the tiles)")
 
 
 def _h(n: float) -> str:

@@ -736,9 +736,10 @@ static void tt_run(tt_job *J, int nth) {
     if (nth <= 0) nth = P.nthreads;
     if (nth > TT_MAX_THREADS) nth = TT_MAX_THREADS;
 #if TT_X86
-    /* 2-3 tokens on the VNNI routes (below the AMX route's weights-as-A tiles): the streaming GEMV's
-     * chunking, tt_vnni_gemv_tg per group pair */
-    const int few = c->isa >= 2 && J->m >= 2 && J->m <= TT_VNNI_FEW_M && (c->isa == 2 || J->m < c->amxs_min_m);
+    /* 2-3 tokens on the VNNI routes (on the AMX route, below both tile routes' thresholds): the
+     * streaming GEMV's chunking, tt_vnni_gemv_tg per group pair */
+    const int few = c->isa >= 2 && J->m >= 2 && J->m <= TT_VNNI_FEW_M &&
+                    (c->isa == 2 || (J->m < c->amxs_min_m && J->m < c->amx_min_m));
 #else
     const int few = 0;
 #endif

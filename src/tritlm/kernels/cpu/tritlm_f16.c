@@ -167,36 +167,10 @@ TT_F16C_FN static void tt_f16_row_avx2(const tt_f16_job *J, int r, int t0, int T
  * 700M head at one token) */
 #define TT_F16_PF 1024
 
-/* row r for tokens [t0, t0 + T), T <= 8: 32 weights widened per step (two zmm), two accumulators
- * per token; every token of the pass shares each load of the row (at 8 tokens the AVX2 route
- * read each row twice, in quads) */
-TT_F16_AVX512_FN static void tt_f16_row_avx512(const tt_f16_job *J, int r, int t0, int T) {
-    const int k = J->k, k32 = k & ~31;
-    const float *x0 = J->x + (size_t)t0 * J->ldx;
-    const uint16_t *w = J->w + (size_t)r * k;
-    __m512 a[8], b[8];
-    for (int t = 0; t < 8; t++) a[t] = b[t] = _mm512_setzero_ps();
-    for (int i = 0; i < k32; i += 32) {
-        _mm_prefetch((const char *)(w + i) + TT_F16_PF, _MM_HINT_T0);
-        const __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(w + i)));
-        const __m512 w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(w + i + 16)));
-        for (int t = 0; t < T; t++) {
-            const float *x = x0 + (size_t)t * J->ldx + i;
-            a[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), a[t]);
-            b[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), b[t]);
-        }
-    }
-    for (int t = 0; t < T; t++) {
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(a[t], b[t]));
-        const float *x = x0 + (size_t)t * J->ldx;
-        for (int i = k32; i < k; i++) s += tt_half_to_float(w[i]) * x[i];
-        J->out[(size_t)(t0 + t) * J->n + r] = s;
-    }
-}
-
-/* rows r and r2 for tokens [t0, t0 + T), T <= 8: the two rows are two streams, apart in memory
- * (separate 4 KB pages; see tt_task_vnni on streams sharing a page), one accumulator per row and
- * token */
+/* rows r and r2 for tokens [t0, t0 + T), T <= 8: 32 weights widened per step, every token of the
+ * pass sharing each load (at 8 tokens the AVX2 route read each row twice, in quads); the two rows
+ * are two streams apart in memory (separate 4 KB pages; see tt_task_vnni on streams sharing a
+ * page), one accumulator per row and token. r2 == r: one row (computed twice, the same sums). */
 TT_F16_AVX512_FN static void tt_f16_row2_avx512(const tt_f16_job *J, int r, int r2, int t0, int T) {
     const int k = J->k, k32 = k & ~31;
     const float *x0 = J->x + (size_t)t0 * J->ldx;
@@ -243,8 +217,7 @@ static void tt_f16_task(const void *arg, int chunk) {
         for (int r = r0; r < r0 + h; r++)
             for (int t0 = 0; t0 < J->m; t0 += 8) {
                 const int T = J->m - t0 < 8 ? J->m - t0 : 8;
-                if (r + h < r1) tt_f16_row2_avx512(J, r, r + h, t0, T);
-                else tt_f16_row_avx512(J, r, t0, T);
+                tt_f16_row2_avx512(J, r, r + h < r1 ? r + h : r, t0, T);
             }
         return;
     }

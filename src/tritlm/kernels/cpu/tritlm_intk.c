@@ -526,23 +526,23 @@ TT_VNNI_I4(tt_vnni_i4_g64_4x2, 64, 4, 2)
 TT_VNNI_I4(tt_vnni_i4_g128_4x2, 128, 4, 2)
 #undef TT_VNNI_I4
 
-/* One token: the chunk's rows as 4-row tiles of two adjacent rows from each half (rows a, a + 1,
- * a + h, a + h + 1): the tile's streams are then two pairs half a chunk apart, not four rows in one
- * 4 KB page (768-byte int4 rows at K = 1536; see tt_task_vnni on streams sharing a page). Rows
- * past their half or the chunk repeat a valid one (computed, not stored). rows[4] -> -1 where not
- * stored; returns the next row of each stream (the prefetch distance, in rows). */
-static inline int tt_lb_pair_rows(const tt_ctx *c, int a, int r0, int r1, const uint8_t *w[4], const float *gs[4],
-                                  int rows[4]) {
-    const int h = (((r1 - r0) + 1) / 2 + 1) & ~1; /* first half: an even count, at least half */
+/* One token: the chunk's rows [r0, r1) as 4-row tiles of two adjacent rows from each half (rows a,
+ * a + 1, a + h, a + h + 1; h = tt_lb_half): the tile's streams are then two pairs half a chunk
+ * apart, not four rows in one 4 KB page (768-byte int4 rows at K = 1536; see tt_task_vnni on
+ * streams sharing a page), and each stream's next row is 2 rows on. Rows past their half or the
+ * chunk repeat row a (computed, not stored): rows[i] = -1. */
+static inline int tt_lb_half(int r0, int r1) { return (((r1 - r0) + 1) / 2 + 1) & ~1; /* even, >= half */ }
+
+static inline void tt_lb_pair_rows(const tt_ctx *c, int a, int h, int r0, int r1, const uint8_t *w[4],
+                                   const float *gs[4], int rows[4]) {
     const int cand[4] = {a, a + 1, a + h, a + h + 1};
     for (int i = 0; i < 4; i++) {
         const int ok = cand[i] < r1 && (i >= 2 || cand[i] < r0 + h);
         rows[i] = ok ? cand[i] : -1;
-        const int rr = ok ? cand[i] : a; /* a is always a valid row */
+        const int rr = ok ? cand[i] : a;
         w[i] = c->w + (size_t)rr * c->rowb;
         if (gs) gs[i] = c->gscale + (size_t)rr * c->ngk;
     }
-    return 2;
 }
 
 /* rows of a chunk 4 at a time (the last tile repeats its last row: computed, not stored), tokens in
@@ -554,13 +554,14 @@ static void tt_lb_task_vnni_i4(const void *arg, int chunk) {
     tt_chunk_groups(J, chunk, &g0, &g1);
     const int r0 = 4 * g0, r1 = 4 * g1 < c->n ? 4 * g1 : c->n, nb = c->kp / 64;
     if (J->m == 1) {
-        const int h = (((r1 - r0) + 1) / 2 + 1) & ~1;
+        const int h = tt_lb_half(r0, r1);
+        const size_t ahead = 2 * c->rowb;
         for (int a = r0; a < r0 + h && a < r1; a += 2) {
             const uint8_t *w[4];
             const float *gs[4];
             float res[4][4];
             int rows[4];
-            const size_t ahead = (size_t)tt_lb_pair_rows(c, a, r0, r1, w, gs, rows) * c->rowb;
+            tt_lb_pair_rows(c, a, h, r0, r1, w, gs, rows);
             if (c->group == 32) tt_vnni_i4_g32_4x1(w, gs, J->xq, J->ldx, nb, ahead, res);
             else if (c->group == 64) tt_vnni_i4_g64_4x1(w, gs, J->xq, J->ldx, nb, ahead, res);
             else tt_vnni_i4_g128_4x1(w, gs, J->xq, J->ldx, nb, ahead, res);
@@ -644,12 +645,13 @@ static void tt_lb_task_vnni_b1(const void *arg, int chunk) {
     tt_chunk_groups(J, chunk, &g0, &g1);
     const int r0 = 4 * g0, r1 = 4 * g1 < c->n ? 4 * g1 : c->n, nb = c->kp / 128;
     if (J->m == 1) {
-        const int h = (((r1 - r0) + 1) / 2 + 1) & ~1;
+        const int h = tt_lb_half(r0, r1);
+        const size_t ahead = 2 * c->rowb;
         for (int a = r0; a < r0 + h && a < r1; a += 2) {
             const uint8_t *w[4];
             int32_t res[4][4];
             int rows[4];
-            const size_t ahead = (size_t)tt_lb_pair_rows(c, a, r0, r1, w, NULL, rows) * c->rowb;
+            tt_lb_pair_rows(c, a, h, r0, r1, w, NULL, rows);
             tt_vnni_b1_4x1(w, J->xq, J->ldx, nb, ahead, res);
             for (int i = 0; i < 4; i++)
                 if (rows[i] >= 0) tt_lb_store_int(J, 0, rows[i], 2 * res[i][0] - J->sx[0]);

@@ -56,25 +56,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, max_queue: int, threads: int | None, kv_dtype: str = "auto"
+                 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
         env["TRITLM_NUM_THREADS"] = str(threads)  # the packed kernels' threads
     cmd = [sys.executable, "-m", "tritlm", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
-           "--max-queue", str(max_queue), "--model-name", "bench"]
+           "--max-queue", str(max_queue), "--model-name", "bench", "--kv-dtype", kv_dtype]
     return _wait_healthy(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
                          port)
 
 
-def start_llama_server(binary: str, gguf: str, parallel: int, threads: int, ctx_per_slot: int
-                       ) -> tuple[subprocess.Popen, str]:
-    """llama.cpp's own server with continuous batching over ``parallel`` slots."""
+def start_llama_server(binary: str, gguf: str, parallel: int, threads: int, ctx_per_slot: int,
+                       kv_dtype: str = "f16") -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own server with continuous batching over ``parallel`` slots; ``kv_dtype`` q8
+    gives it the q8_0 cache for keys and values (which needs its flash attention on)."""
     port = free_port()
     cmd = [binary, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "--parallel", str(parallel),
            "--cont-batching", "-t", str(threads), "-tb", str(threads), "-c", str(ctx_per_slot * parallel),
            "--no-webui", "-a", "bench"]
+    if kv_dtype == "q8":
+        cmd += ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return _wait_healthy(proc, port, timeout=180)
 
@@ -218,6 +222,9 @@ def main() -> int:
                                            "what benchmarks/build_llama_tools.sh built) on the same weights")
     ap.add_argument("--parallel", type=int, default=8, help="llama-server --parallel (default 8)")
     ap.add_argument("--rounds", type=int, default=1, help="--sweep: interleaved rounds of both servers")
+    ap.add_argument("--kv-dtype", choices=("f16", "q8"), default="f16",
+                    help="--sweep: both servers' KV cache (q8: tritlm serve --kv-dtype q8, llama-server -ctk / "
+                         "-ctv q8_0 with flash attention)")
     ap.add_argument("--client", choices=("aiohttp", "openai"), default="aiohttp",
                     help="--sweep: the load generator driving both servers (aiohttp: benchmarks/stream_load.py, "
                          "~0.08 ms of CPU a streamed token here; openai: the openai package's AsyncOpenAI, ~0.36)")
@@ -322,9 +329,11 @@ def sweep(a: argparse.Namespace) -> int:
     for rnd in range(a.rounds):
         for name, peer in servers:
             if peer is None:
-                proc, url = start_server(model, max_batch, max_queue=max(counts) * 2, threads=threads)
+                proc, url = start_server(model, max_batch, max_queue=max(counts) * 2, threads=threads,
+                                         kv_dtype=a.kv_dtype)
             else:
-                proc, url = start_llama_server(peer[0], peer[1], a.parallel, threads, ctx_per_slot=512)
+                proc, url = start_llama_server(peer[0], peer[1], a.parallel, threads, ctx_per_slot=512,
+                                               kv_dtype=a.kv_dtype)
             try:
                 asyncio.run(load(url, 2, 1, 4))  # warm-up
                 for c in counts:
@@ -360,8 +369,9 @@ def sweep(a: argparse.Namespace) -> int:
             f.write(f"model `{a.model or f'random packed {a.preset} (byte vocab)'}`; tritlm serve --max-batch "
                     f"{max_batch}" + (f", llama-server --parallel {a.parallel} --cont-batching on the TQ2_0 GGUF"
                                       if len(servers) > 1 else "")
-                    + f"; streaming completions, max_tokens {a.max_tokens}, {a.requests_per_client} requests per "
-                      f"client, {a.rounds} interleaved round(s), client {a.client}\n\n")
+                    + f"; KV cache {a.kv_dtype} on both; streaming completions, max_tokens {a.max_tokens}, "
+                      f"{a.requests_per_client} requests per client, {a.rounds} interleaved round(s), client "
+                      f"{a.client}\n\n")
             f.write("\n".join(lines) + "\n")
         print(f"appended to {out}")
     tmp.cleanup()

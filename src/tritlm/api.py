@@ -181,7 +181,8 @@ def load(path: str | Path, device: str = "cpu", kv_dtype: str = "auto") -> Loade
     ``device``: see :func:`resolve_device`. A packed model on CUDA runs the GPU runtime (the
     Triton kernels, ``Engine(backend="triton")``); any other model moves there as it is.
     ``kv_dtype``: a packed model's KV cache (``Engine``: "auto" is fp16 on the CPU runtime, as
-    llama.cpp's; "f32" keeps keys and values exact, as scoring does).
+    llama.cpp's; "q8" int8 rows with a scale each, half fp16's bytes, on the CPU; "f32" keeps keys
+    and values exact, as scoring does).
     """
     from tritlm.formats.native import is_native, load_native
     from tritlm.registry import resolve_path
@@ -202,6 +203,9 @@ def load(path: str | Path, device: str = "cpu", kv_dtype: str = "auto") -> Loade
             eng = load_engine(p, kv_dtype=kv_dtype)
         else:
             from tritlm.kernels.triton import require
+
+            if kv_dtype == "q8":
+                raise ConfigError("the q8 KV cache is the CPU runtime's; use --kv-dtype f16 or f32 on the GPU")
 
             require(dev.type)
             eng = load_engine(p, backend="triton", device=dev, kv_dtype=kv_dtype)

@@ -370,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft", metavar="MODEL", help="speculative decoding with this smaller packed model (same "
                                                      "vocabulary); requests then run one at a time, not batched")
     s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
-    s.add_argument("--kv-dtype", choices=["auto", "f16", "f32"], default="auto",
+    s.add_argument("--kv-dtype", choices=["auto", "f16", "q8", "f32"], default="auto",
                    help="packed models' KV cache (auto: f16 on the CPU, half the memory of f32 and faster "
-                        "attention; f32: keys and values exact)")
+                        "attention; q8: int8 with a scale per head row, half f16's bytes again, CPU only, "
+                        "as llama.cpp's q8_0 cache; f32: keys and values exact)")
     add_device_arg(s)
     s.set_defaults(fn=cmd_serve)
     from tritlm.cli_runtime import add_runtime_commands  # pack, bench, chat, profile, models

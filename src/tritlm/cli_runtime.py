@@ -240,8 +240,9 @@ def add_runtime_commands(sub) -> None:
     s.add_argument("--head", choices=["t4", "q8", "q4", "f16", "fp32"], default="t4",
                    help="LM head of the packed runtime (t4: 8 bits/weight, q8: int8 per row, q4: int4 per 32 "
                         "weights, approximate; f16, fp32: exact); llama.cpp gets Q8_0, Q8_0, Q4_0, F16, F32")
-    s.add_argument("--kv-dtype", choices=["f16", "f32"], default="f16",
-                   help="KV cache of the packed runtime (f16: the runtime's default and llama-bench's)")
+    s.add_argument("--kv-dtype", choices=["f16", "q8", "f32"], default="f16",
+                   help="KV cache of the packed runtime (f16: the runtime's default and llama-bench's; q8: "
+                        "int8 with a scale per head row)")
     s.add_argument("--tune", action="store_true",
                    help="autotune the kernel parameters of every shape first (cached for later runs)")
     s.add_argument("--reps", type=int, default=3,

@@ -335,7 +335,7 @@ def test_request_joining_a_batch_runs_in_the_batch_forward():
     assert together == [alone(r) for r in reqs] and all(len(t) == 8 for t in together)
 
 
-@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("kv", ["f32", "f16", "q8"])
 def test_every_x86_route_gives_the_same_fused_forward(kv, monkeypatch):
     """A ternary model's prompt (AMX for chunks of 16+ rows, VNNI below), batched and single decode
     steps give the same logits bit for bit on the amx, avx512 and avx2 routes: the kernels are

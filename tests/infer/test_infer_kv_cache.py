@@ -1,5 +1,6 @@
-"""The fp16 KV cache of the CPU runtime: the C conversions against torch's, the keys/values the
-fused step stores against the float32 cache's rounded, and what the rounding costs a trained model."""
+"""The fp16 and q8 KV caches of the CPU runtime: the C conversions against torch's (and numpy's for
+q8), the keys/values the fused step stores against the float32 cache's rounded or quantised, and
+what the rounding costs a trained model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tritlm.formats.packed import from_transformer
 from tritlm.infer.engine import Engine
 from tritlm.kernels.cpu import build
 from tritlm.model.config import ModelConfig
+from tritlm.model.kv_cache import dequantize_q8, quantize_q8
 from tritlm.model.transformer import Transformer
 
 lib = build.load_library()
@@ -140,6 +142,104 @@ def test_fp16_cache_costs_a_trained_model_almost_nothing(trained_packed):
     assert sum(x == y for x, y in zip(a, b)) >= 55  # a near-tie may break the other way once
 
 
+def _q8_rows() -> np.ndarray:
+    """Rows that test the q8 rounding: random magnitudes from 1e-30 to 1e30, an all-zero row,
+    exact ties (x = (k + 0.5) * scale: half to even), values at +-absmax, one non-zero value."""
+    rng = np.random.default_rng(1)
+    hd = 96
+    rows = (rng.standard_normal((300, hd)) * np.exp2(rng.uniform(-100, 100, (300, 1)))).astype(np.float32)
+    ties = np.zeros((4, hd), dtype=np.float32)
+    s = np.float32(127.0) / np.float32(127.0)  # absmax 127: scale exactly 1
+    ties[:, 0] = 127.0
+    ties[:, 1:] = (rng.integers(-126, 126, (4, hd - 1)) + 0.5).astype(np.float32) * s
+    one = np.zeros((2, hd), dtype=np.float32)
+    one[0, 5], one[1, 7] = -3e-20, 7.5
+    return np.concatenate([rows, ties, np.zeros((1, hd), dtype=np.float32), one, -rows[:10]])
+
+
+def _q8_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The q8 definition in numpy float32: scale = absmax / 127, levels = rint(x / scale)."""
+    s = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s[:, None] > 0, np.rint(x / s[:, None]), 0)
+    return np.clip(q, -127, 127).astype(np.int8), s
+
+
+def test_q8_rows_are_numpys_quantisation():
+    """torch (quantize_q8) and the C store (portable and AVX2) write the bytes numpy's float32
+    arithmetic gives, ties to even included; reading back is within half a step of the row's
+    scale of the float64 values."""
+    x = np.ascontiguousarray(_q8_rows())
+    q, s = _q8_numpy(x)
+    want = np.concatenate([q, s.view(np.int8).reshape(-1, 4)], axis=1)
+    got = quantize_q8(torch.from_numpy(x)).numpy()
+    assert np.array_equal(got, want)
+    assert (q[300:304, 1:] % 2 == 0).all()  # the ties went to even levels
+    for isa in (0, 1):
+        out = np.empty_like(want)
+        assert lib.tt_f32_to_q8_rows(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], isa) == 0
+        bad = np.flatnonzero((out != want).any(axis=1))
+        assert bad.size == 0, f"isa {isa}: rows {bad[:5]} differ"
+    back = dequantize_q8(torch.from_numpy(got)).double().numpy()
+    assert (np.abs(back - x.astype(np.float64)) <= 0.5 * s[:, None].astype(np.float64) * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+def test_q8_cache_holds_the_float32_keys_quantised(kernel, monkeypatch):
+    """Layer 0's keys / values in the q8 engine are the float32 engine's quantised by
+    quantize_q8, byte for byte, after a C prefill and C decode steps (one sequence and a batch);
+    the q8 engine's logits stay close to the float32 engine's."""
+    monkeypatch.setenv("TRITLM_KERNEL", kernel)
+    pm = from_transformer(tiny_model(n_kv_heads=2, qk_norm=True), fp_dtype="fp32")
+    e8, e32 = Engine(pm, slots=2, kv_dtype="q8"), Engine(pm, slots=2, kv_dtype="f32")
+    assert e8.fused is not None and e8.k_cache[0].dtype == torch.int8 and e8.k_cache[0].shape[-1] == e8.hd + 4
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = {}
+    for name, e in (("q8", e8), ("f32", e32)):
+        e.prefill(ids[:20], slot=1)
+        e.prefill(ids[:5], slot=0)
+        for t in ids[20:25]:
+            e.forward_seq([t], slot=1)
+        logits[name] = [e.decode_batch([t, t], [0, 1]) for t in ids[25:]]
+    for c8, c32 in ((e8.k_cache[0], e32.k_cache[0]), (e8.v_cache[0], e32.v_cache[0])):
+        assert torch.equal(c8[1, :, :30], quantize_q8(c32[1, :, :30]))
+        assert torch.equal(c8[0, :, :10], quantize_q8(c32[0, :, :10]))
+        assert c8[0, :, 10:].abs().max() == 0 and c8[1, :, 30:].abs().max() == 0
+    for a, b in zip(logits["q8"], logits["f32"]):
+        assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+
+
+def test_q8_fused_step_matches_the_torch_forward():
+    """The C step's q8 attention (levels dotted, then the row's scale) against the torch forward
+    over a q8 cache (dequantised rows): close logits. Not float32-close: the two paths' keys differ
+    in their last bits (summation order), and a value that close to a rounding edge of its row's
+    127 steps lands one level apart (~2.5e-3 of the largest logit here; 2e-7 with the fp16 cache)."""
+    pm = from_transformer(tiny_model(n_kv_heads=2), fp_dtype="fp32")
+    ef, et = Engine(pm, slots=2, kv_dtype="q8"), Engine(pm, slots=2, kv_dtype="q8", fused=False)
+    assert ef.fused is not None and et.fused is None
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    for e in (ef, et):
+        e.prefill(ids[:30], slot=0)
+        e.prefill(ids[:7], slot=1)
+    for t in ids[30:]:
+        a, b = ef.decode_batch([t, t], [0, 1]), et.decode_batch([t, t], [0, 1])
+        assert float((a - b).abs().max()) < 1e-2 * float(b.abs().max())
+
+
+def test_q8_cache_costs_a_trained_model_little(trained_packed):
+    pm, held = trained_packed
+    e8, e32 = Engine(pm, kv_dtype="q8"), Engine(pm, kv_dtype="f32")
+    nll8, nll32 = _nll(e8, held), _nll(e32, held)
+    assert abs(nll8 - nll32) < 1e-3 * nll32, (nll8, nll32)  # 5e-5 here
+    from tritlm.infer.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    e8.reset(), e32.reset()
+    a = list(e8.generate(held[:40], 60, greedy))
+    b = list(e32.generate(held[:40], 60, greedy))
+    assert sum(x == y for x, y in zip(a, b)) >= 50
+
+
 def test_kv_dtype_is_checked_and_auto_resolves():
     pm = from_transformer(tiny_model(), fp_dtype="fp32")
     assert Engine(pm).kv_dtype == "f16" and Engine(pm, backend="dense").kv_dtype == "f32"
@@ -151,9 +251,18 @@ def test_kv_dtype_is_checked_and_auto_resolves():
 
     eng = Engine(pm)
     assert PrefixCache(eng)._entry_bytes(10) == 2 * 2 * 4 * 10 * 32 * 2
+    # and a q8 one at its row of head_dim levels and a 4-byte scale
+    assert PrefixCache(Engine(pm, kv_dtype="q8"))._entry_bytes(10) == 2 * 2 * 4 * 10 * (32 + 4)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        odd = Transformer(ModelConfig(vocab_size=97, dim=24, n_layers=1, n_heads=4, ffn_dim=64))  # head size 6
+        Engine(from_transformer(odd.eval(), fp_dtype="fp32"), kv_dtype="q8")
 
 
 def test_c_entry_points_reject_bad_arguments():
     buf = (ctypes.c_uint16 * 4)()
     assert lib.tt_f32_to_f16(None, ctypes.addressof(buf), 4, 1) == -1
     assert lib.tt_f16_to_f32(ctypes.addressof(buf), None, 4) == -1
+    x, q = (ctypes.c_float * 12)(), (ctypes.c_int8 * 32)()
+    assert lib.tt_f32_to_q8_rows(None, ctypes.addressof(q), 1, 12, 1) == -1
+    assert lib.tt_f32_to_q8_rows(ctypes.addressof(x), ctypes.addressof(q), 1, 6, 1) == -1  # 6 % 4
+    assert lib.tt_f32_to_q8_rows(ctypes.addressof(x), ctypes.addressof(q), -1, 12, 1) == -1

@@ -217,12 +217,12 @@ def test_server_with_a_draft_decodes_speculatively(paths, tmp_path):
 
 
 def test_server_kv_dtype_reaches_the_engine(paths):
-    """`serve --kv-dtype`: the packed engine's cache is fp16 by default and f32 when asked, the
-    fused C step runs on either and serves a request; a bad value is a one-line error."""
+    """`serve --kv-dtype`: the packed engine's cache is fp16 by default, f32 or q8 (int8) when
+    asked, the fused C step runs on each and serves a request; a bad value is a one-line error."""
     from tritlm.errors import TritlmError
     from tritlm.serve.app import build_app_for_model
 
-    for kv, want in (("auto", torch.float16), ("f32", torch.float32)):
+    for kv, want in (("auto", torch.float16), ("f32", torch.float32), ("q8", torch.int8)):
         app = build_app_for_model(paths["packed"], model_name="m", kv_dtype=kv, max_batch=2)
         eng = app.state.engine.backend.runtime.engine
         assert eng.k_cache[0].dtype == want and eng.fused is not None

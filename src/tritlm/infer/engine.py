@@ -14,7 +14,10 @@ Design choices (each measured on 2-core Zen3 boxes, see benchmarks/RESULTS.md "C
   row per sequence, each at its own position. The packed runtime's cache holds fp16 by default,
   as llama.cpp's does: half the memory, and attention (bound by reading the cache) 1.4-1.7x
   faster at 1000 positions; the math stays float32, and every path rounds keys / values to fp16
-  the same way (``kv_dtype="f32"`` keeps them exact).
+  the same way (``kv_dtype="f32"`` keeps them exact). ``kv_dtype="q8"`` (CPU) stores int8 levels
+  with a float32 scale per head row (``model/kv_cache.quantize_q8``; llama.cpp's q8_0 cache
+  is the same idea): half the bytes of fp16 again, which is what batched decode spends its
+  attention time on.
 * Decode runs the whole layer stack in one C call (``infer/fused_decode.py``: the torch glue
   around M = 1 kernels cost as much as the kernels on 2 cores), for one sequence or a batch of
   them as rows (each kernel then reads the weights once for all); the torch forward is its
@@ -42,7 +45,7 @@ from tritlm.formats.packed import PackedModel
 from tritlm.infer.fused_decode import FusedDecoder
 from tritlm.infer.sampling import SamplingParams
 from tritlm.kernels.cpu import set_num_threads
-from tritlm.model.kv_cache import SlotCache
+from tritlm.model.kv_cache import SlotCache, kv_row_width
 from tritlm.model.transformer import Transformer
 from tritlm.nn.packed_linear import BACKENDS
 from tritlm.nn.runtime import HEADS, build_runtime_model
@@ -51,7 +54,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HEADS", "KV_DTYPES", "Engine", "EngineStats", "SlotCache", "load_engine"]
 
-KV_DTYPES = ("auto", "f16", "f32")
+KV_DTYPES = ("auto", "f16", "q8", "f32")
 
 
 @dataclass
@@ -84,7 +87,8 @@ class Engine:
         device: where weights and KV cache live ("cpu"; "cuda" with the triton or dense backend).
             Logits come back to the CPU, where the generator samples.
         kv_dtype: "auto" ("f16" for the packed backend, "f32" otherwise: the dense baseline and the
-            GPU runtime keep float32), "f16" (keys/values rounded to fp16 as stored) or "f32".
+            GPU runtime keep float32), "f16" (keys/values rounded to fp16 as stored), "q8" (int8
+            with a scale per head row; the CPU only) or "f32".
         cuda_graphs: on CUDA, replay decode steps from CUDA graphs (``infer/graph_decode.py``).
     """
 
@@ -103,6 +107,8 @@ class Engine:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         if kv_dtype == "auto":
             kv_dtype = "f16" if backend == "packed" else "f32"
+        if kv_dtype == "q8" and self.device.type != "cpu":
+            raise ValueError("the q8 KV cache is the CPU runtime's; use f16 or f32 on the GPU")
         self.kv_dtype = kv_dtype
         self.pm = pm
         self.cfg = c = pm.config
@@ -119,8 +125,11 @@ class Engine:
         self.head_kind = self.model.lm_head.kind
         self.H, self.KV, self.hd = c.n_heads, c.kv_heads, c.head_dim
         self.slots = slots
-        shape = (slots, self.KV, self.max_len, self.hd)
-        kvt = torch.float16 if kv_dtype == "f16" else torch.float32
+        kvt = {"f16": torch.float16, "q8": torch.int8}.get(kv_dtype, torch.float32)
+        if kvt == torch.int8 and self.hd % 4:
+            raise ValueError(f"the q8 KV cache needs a head size divisible by 4 (its rows end in a "
+                             f"float32 scale), this model's is {self.hd}")
+        shape = (slots, self.KV, self.max_len, kv_row_width(kvt, self.hd))
         self.k_cache = [torch.zeros(shape, dtype=kvt, device=self.device) for _ in range(c.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=kvt, device=self.device) for _ in range(c.n_layers)]
         self.cache = SlotCache(self.k_cache, self.v_cache)

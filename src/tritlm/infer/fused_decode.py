@@ -29,6 +29,8 @@ from tritlm.kernels.cpu import build
 # 1078 at 128; pp512 655 / 711 / 811 at 64 / 128 / 256); scratch grows with it (attention
 # scores: rows x heads x max_len floats, 32 MiB at 128 rows for 16 heads of a 4096 context).
 PREFILL_ROWS = 128
+# the C side's cache kinds (tritlm_decode.c TT_KV_*) by the cache tensors' dtype
+KV_MODES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 
 
 class FusedDecoder:
@@ -59,15 +61,15 @@ class FusedDecoder:
         keep: list = [eng.cos, eng.sin_signed, final_norm]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in keep):
             return None
-        kv16 = eng.k_cache[0].dtype == torch.float16
-        if not all(t.dtype in (torch.float16, torch.float32) and t.dtype == eng.k_cache[0].dtype and t.is_contiguous()
-                   for t in (*eng.k_cache, *eng.v_cache)):
+        kv = KV_MODES.get(eng.k_cache[0].dtype)
+        if kv is None or not all(t.dtype == eng.k_cache[0].dtype and t.is_contiguous()
+                                 for t in (*eng.k_cache, *eng.v_cache)):
             return None
         rows = max(eng.slots, min(PREFILL_ROWS, eng.max_len))
         h = lib.tt_dec_new(c.n_layers, c.dim, eng.H, eng.KV, eng.hd, c.ffn_dim, eng.max_len, eng.slots, rows,
                            float(c.norm_eps), float(c.residual_scale), int(c.mlp == "relu2"),
                            int(bool(c.quant.input_norm)), eng.cos.data_ptr(), eng.sin_signed.data_ptr(),
-                           final_norm.data_ptr(), int(kv16))
+                           final_norm.data_ptr(), kv)
         if not h:
             return None
         dec = cls(lib, h, keep, rows)

@@ -34,7 +34,7 @@ class PrefixCache:
 
     def _entry_bytes(self, n: int) -> int:
         e = self.engine
-        return 2 * e.cfg.n_layers * e.KV * n * e.hd * e.k_cache[0].element_size()
+        return 2 * e.cfg.n_layers * e.KV * n * e.k_cache[0].shape[-1] * e.k_cache[0].element_size()
 
     def longest(self, ids: Sequence[int]) -> tuple[tuple[int, ...] | None, int]:
         """The stored prefix sharing the most leading tokens with ``ids`` and that count."""

@@ -50,9 +50,44 @@ class KVCache:
         self.pos = 0
 
 
+# An int8 ("q8") cache row: head_dim int8 levels, then the row's float32 scale in its 4 bytes.
+Q8_EXTRA = 4
+
+
+def kv_row_width(kv_dtype: torch.dtype, head_dim: int) -> int:
+    """Last dimension of a cache tensor of ``kv_dtype`` holding ``head_dim`` values a row."""
+    return head_dim + Q8_EXTRA if kv_dtype == torch.int8 else head_dim
+
+
+def quantize_q8(x: torch.Tensor) -> torch.Tensor:
+    """Rows ``[..., hd]`` as q8 cache rows ``[..., hd + 4]`` int8: scale = absmax / 127 in float32,
+    levels round(x / scale) (half to even), the scale's bytes after them; an all-zero row has scale
+    0. The C step writes the same bytes (tritlm_decode.c tt_to_q8): one IEEE division and rounding
+    per value. Like llama.cpp's q8_0 cache, but one scale per head row instead of per 32 values."""
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(s > 0, xf / s, torch.zeros((), dtype=xf.dtype, device=xf.device)).round_().clamp_(-127, 127)
+    return torch.cat([q.to(torch.int8), s.contiguous().view(torch.int8)], dim=-1)
+
+
+def dequantize_q8(c: torch.Tensor) -> torch.Tensor:
+    """q8 cache rows ``[..., hd + 4]`` back to float32 ``[..., hd]``: level times the row's scale."""
+    hd = c.shape[-1] - Q8_EXTRA
+    s = c[..., hd:].contiguous().view(torch.float32)
+    return c[..., :hd].float() * s
+
+
+def _store(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """New keys/values in the cache's form (fp16 rounding happens in the assignment)."""
+    return quantize_q8(x) if cache_dtype == torch.int8 else x
+
+
 def _widen(cached: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The cache's keys/values in the compute dtype: an fp16 cache is read back as float32 (the new
-    tokens' own keys/values too, as stored, so every position is the rounded one: the C step's math)."""
+    """The cache's keys/values in the compute dtype: an fp16 or q8 cache is read back as float32
+    (the new tokens' own keys/values too, as stored, so every position is the rounded one: the C
+    step's math)."""
+    if cached.dtype == torch.int8:
+        return dequantize_q8(cached).to(like.dtype)
     return cached if cached.dtype == like.dtype else cached.to(like.dtype)
 
 
@@ -61,7 +96,8 @@ class SlotCache:
     ``advance``): one call's rows are sequences in cache slots, each at its own start position.
 
     Keys/values live in ``k[layer]`` / ``v[layer]``, ``[slots, kv_heads, max_len, head_dim]``, in
-    the compute dtype or fp16 (rounded when written, widened when read).
+    the compute dtype or fp16 (rounded when written, widened when read), or int8 q8 rows
+    ``[..., head_dim + 4]`` (:func:`quantize_q8` when written, dequantised when read).
     """
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
@@ -92,16 +128,16 @@ class SlotCache:
         if len(self.slots) == 1:
             slot, start, t = self.slots[0], self._start0, k.shape[2]
             end = start + t
-            kc[slot, :, start:end] = k[0]
-            vc[slot, :, start:end] = v[0]
+            kc[slot, :, start:end] = _store(k[0], kc.dtype)
+            vc[slot, :, start:end] = _store(v[0], vc.dtype)
             mask = None
             if start and t > 1:  # new tokens see the cache plus the causal part of themselves
                 mask = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
             return _widen(kc[slot:slot + 1, :, :end], k), _widen(vc[slot:slot + 1, :, :end], v), mask
         sl, pos = self.slots, self.starts
         idx = torch.tensor(sl, device=self.device)
-        kc[idx, :, pos] = k[:, :, 0].to(kc.dtype)
-        vc[idx, :, pos] = v[:, :, 0].to(vc.dtype)
+        kc[idx, :, pos] = _store(k[:, :, 0], kc.dtype).to(kc.dtype)
+        vc[idx, :, pos] = _store(v[:, :, 0], vc.dtype).to(vc.dtype)
         lmax = int(pos.max()) + 1
         b = len(sl)
         if sl == list(range(sl[0], sl[0] + b)):

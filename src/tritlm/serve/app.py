@@ -429,7 +429,8 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
     models; 0 = off). ``device``: see :func:`tritlm.api.resolve_device`. ``draft``: a smaller
     packed model with the same vocabulary: requests are decoded speculatively (``draft_k``
     proposals a round), one at a time instead of batched. ``kv_dtype``: a packed model's KV cache
-    ("auto": fp16 on the CPU runtime, half the memory of "f32"; see :class:`~tritlm.infer.engine.Engine`).
+    ("auto": fp16 on the CPU runtime, half the memory of "f32"; "q8": int8 rows with a scale each,
+    half fp16's bytes, the CPU only; see :class:`~tritlm.infer.engine.Engine`).
     """
     import torch
 
@@ -447,8 +448,8 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
         torch.set_num_threads(n_threads)
     if draft_k < 1:
         raise TritlmError(f"--draft-k must be >= 1, got {draft_k}")
-    if kv_dtype not in ("auto", "f16", "f32"):
-        raise TritlmError(f"--kv-dtype must be auto, f16 or f32, got {kv_dtype!r}")
+    if kv_dtype not in ("auto", "f16", "q8", "f32"):
+        raise TritlmError(f"--kv-dtype must be auto, f16, q8 or f32, got {kv_dtype!r}")
     m = tritlm.load(model, device, kv_dtype)
     speculative = None
     if draft is not None:

@@ -161,6 +161,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_f16_matmul": (i32, [vp, i32, i32, vp, i32, i64, vp, i32, i32]),
         "tt_f32_to_f16": (i32, [vp, vp, i64, i32]),
         "tt_f16_to_f32": (i32, [vp, vp, i64]),
+        "tt_f32_to_q8_rows": (i32, [vp, vp, i64, i32, i32]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)

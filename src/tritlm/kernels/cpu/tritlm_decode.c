@@ -22,10 +22,13 @@
  * The Python side owns every buffer (weights, norms, KV cache, RoPE tables); this file only keeps
  * pointers to them and its own scratch space.
  *
- * The KV cache holds float32 or IEEE half (kv16, the engine's default, as llama.cpp's f16 cache):
- * keys and values are rounded to half when written (round to nearest even, as torch's .half()) and
- * widened when read, so attention reads half the bytes; the math stays float32.
+ * The KV cache holds float32, IEEE half (the engine's default, as llama.cpp's f16 cache) or q8
+ * rows (d->kv): halves are rounded when written (round to nearest even, as torch's .half()) and
+ * widened when read, so attention reads half the bytes; a q8 row is hd int8 levels and the row's
+ * float32 scale (model/kv_cache.py quantize_q8, byte for byte: tt_to_q8), a quarter of float32's
+ * bytes. The math stays float32.
  */
+enum { TT_KV_F32, TT_KV_F16, TT_KV_Q8 };
 
 /* profile sections (ns summed over calls): the four Linears of every layer, attention, the row
  * work between them (norms, RoPE, cache writes, residuals, activation), and the step count */
@@ -34,13 +37,13 @@ enum { TT_PROF_QKV, TT_PROF_O, TT_PROF_GU, TT_PROF_DOWN, TT_PROF_ATTN, TT_PROF_R
 typedef struct {
     const float *ln1, *ln2, *q_norm, *k_norm, *attn_sub, *ffn_sub; /* optional ones may be NULL */
     tt_ctx *qkv, *o, *gu, *down;
-    void *kc, *vc; /* [slots, KV, max_len, hd] of float (kv16 0) or IEEE half (kv16 1) */
+    void *kc, *vc; /* [slots, KV, max_len, row] of float, IEEE half or q8 rows (tt_dec.kv) */
 } tt_dec_layer;
 
 typedef struct {
     int n_layers, dim, n_heads, kv_heads, hd, ffn, max_len, slots, rows; /* rows: scratch capacity */
     int isa; /* 1: AVX2 (+ F16C) attention / exp; 2: and the AVX-512 SiLU */
-    int kv16; /* 1: the KV cache holds halves */
+    int kv; /* TT_KV_F32 / TT_KV_F16 / TT_KV_Q8: what the KV cache holds */
     float eps, rs;
     int relu2, input_norm;
     const float *cos, *sin_signed; /* [max_len, hd]; sin with its first half negated */
@@ -50,6 +53,81 @@ typedef struct {
     int prof;                                  /* 1: accumulate prof_ns (tt_dec_set_profile) */
     uint64_t prof_ns[TT_DEC_NPROF];
 } tt_dec;
+
+/* bytes of one cached key or value row (one position of one KV head) */
+static inline size_t tt_kv_row(const tt_dec *d) {
+    return d->kv == TT_KV_Q8 ? (size_t)d->hd + 4 : (size_t)d->hd * (d->kv == TT_KV_F16 ? 2 : 4);
+}
+
+/* a q8 cache row from hd floats: scale = absmax / 127, levels = round(x / scale) to nearest even
+ * (nearbyintf in the default rounding mode, as torch.round), clamped to +-127; an all-zero row has
+ * scale 0. The same IEEE operations per value as kv_cache.quantize_q8, so the same bytes. */
+static void tt_to_q8(const float *x, int hd, int8_t *dst) {
+    float mx = 0.0f;
+    for (int e = 0; e < hd; e++) {
+        const float a = fabsf(x[e]);
+        mx = a > mx ? a : mx;
+    }
+    const float s = mx / 127.0f;
+    for (int e = 0; e < hd; e++) {
+        float q = s > 0.0f ? nearbyintf(x[e] / s) : 0.0f;
+        q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+        dst[e] = (int8_t)q;
+    }
+    memcpy(dst + hd, &s, sizeof s);
+}
+
+#if TT_X86
+/* tt_to_q8 8 values at a time (hd a multiple of 8): the same IEEE division and round-to-nearest-even
+ * per value, so the same bytes; the scalar loop's nearbyintf was ~1 ms of a 700M step at 8 rows */
+TT_AVX2_FN static void tt_to_q8_avx2(const float *x, int hd, int8_t *dst) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vm = _mm256_setzero_ps();
+    for (int e = 0; e < hd; e += 8) vm = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + e)), vm);
+    float m8[8], mx = 0.0f;
+    _mm256_storeu_ps(m8, vm);
+    for (int i = 0; i < 8; i++) mx = m8[i] > mx ? m8[i] : mx;
+    const float s = mx / 127.0f;
+    if (s > 0.0f) {
+        const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+        for (int e = 0; e < hd; e += 8) {
+            __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + e), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q = _mm256_max_ps(_mm256_min_ps(q, hi), lo);
+            const __m256i i = _mm256_cvtps_epi32(q);
+            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+            _mm_storel_epi64((__m128i *)(void *)(dst + e), _mm_packs_epi16(w, w));
+        }
+    } else {
+        memset(dst, 0, (size_t)hd);
+    }
+    memcpy(dst + hd, &s, sizeof s);
+}
+#endif
+
+static void tt_to_q8_row(const float *x, int hd, int8_t *dst, int isa) {
+#if TT_X86
+    if (isa && hd % 8 == 0) { tt_to_q8_avx2(x, hd, dst); return; }
+#endif
+    (void)isa;
+    tt_to_q8(x, hd, dst);
+}
+
+/* test entry: n rows of hd floats into q8 rows of hd + 4 bytes (isa 0: portable, 1: AVX2 when the
+ * CPU has it); -1 on bad arguments */
+int tt_f32_to_q8_rows(const float *x, int8_t *dst, long n, int hd, int isa) {
+    if (!x || !dst || n < 0 || hd <= 0 || hd % 4) return -1;
+#if TT_X86
+    isa = isa && tt_cpu_has_avx2();
+#endif
+    for (long r = 0; r < n; r++) tt_to_q8_row(x + (size_t)r * hd, hd, dst + (size_t)r * ((size_t)hd + 4), isa);
+    return 0;
+}
+
+static inline float tt_q8_scale(const int8_t *row, int hd) {
+    float s;
+    memcpy(&s, row + hd, sizeof s);
+    return s;
+}
 
 #if TT_X86
 /* sum of squares in 32 float32 lanes: the one-accumulator loop waited on the add's latency (a
@@ -95,14 +173,14 @@ static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *
 /* rows: how many rows one call may carry (>= slots; prefill chunks up to it) */
 tt_dec *tt_dec_new(int n_layers, int dim, int n_heads, int kv_heads, int hd, int ffn, int max_len, int slots,
                    int rows, float eps, float rs, int relu2, int input_norm, const float *cos,
-                   const float *sin_signed, const float *final_norm, int kv16) {
-    if (n_layers <= 0 || dim <= 0 || n_heads <= 0 || kv_heads <= 0 || n_heads % kv_heads || hd <= 0 || hd % 2 ||
+                   const float *sin_signed, const float *final_norm, int kv) {
+    if (kv < TT_KV_F32 || kv > TT_KV_Q8 || (kv == TT_KV_Q8 && hd % 4) ||n_layers <= 0 || dim <= 0 || n_heads <= 0 || kv_heads <= 0 || n_heads % kv_heads || hd <= 0 || hd % 2 ||
         ffn <= 0 || max_len <= 0 || slots <= 0 || rows < slots || rows > 1024)
         return NULL;
     tt_dec *d = (tt_dec *)calloc(1, sizeof(tt_dec));
     if (!d) return NULL;
     *d = (tt_dec){.n_layers = n_layers, .dim = dim, .n_heads = n_heads, .kv_heads = kv_heads, .hd = hd,
-                  .ffn = ffn, .max_len = max_len, .slots = slots, .rows = rows, .isa = tt_cpu_has_f16c(), .kv16 = kv16 ? 1 : 0, .eps = eps, .rs = rs, .relu2 = relu2,
+                  .ffn = ffn, .max_len = max_len, .slots = slots, .rows = rows, .isa = tt_cpu_has_f16c(), .kv = kv, .eps = eps, .rs = rs, .relu2 = relu2,
                   .input_norm = input_norm, .cos = cos, .sin_signed = sin_signed, .final_norm = final_norm};
     const int nq = n_heads * hd, nqkv = (n_heads + 2 * kv_heads) * hd;
     int wide = dim > nq ? dim : nq;
@@ -146,7 +224,7 @@ int tt_dec_set_layer(tt_dec *d, int i, const float *ln1, const float *ln2, const
 
 typedef struct {
     const tt_dec *d;
-    const void *kc, *vc;    /* the layer's [slots, KV, max_len, hd] (float or half: d->kv16) */
+    const void *kc, *vc;    /* the layer's [slots, KV, max_len, row] (d->kv) */
     const int *slots, *pos; /* row r: slot slots[r], positions 0..pos[r] attended */
     /* a thread's next job is about `ahead` jobs on (the pool's threads claim jobs in turn): its
      * keys and values are prefetched while this one runs (0: none) */
@@ -202,6 +280,21 @@ TT_F16C_INLINE void tt_wsum_avx2(const float *sc, const void *V, int n, int hd, 
     for (int c = 0; c < NC; c++) _mm256_storeu_ps(y + e0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
 }
 
+/* sc[j] = exp(sc[j] - mx) over n scores (mx their maximum); returns 1 / their sum */
+TT_AVX2_INLINE float tt_softmax_avx2(float *sc, int n, float mx) {
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 p = tt_exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
+        _mm256_storeu_ps(sc + j, p);
+        vsum = _mm256_add_ps(vsum, p);
+    }
+    float sum = tt_hsum8(vsum);
+    for (; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+    return 1.0f / sum;
+}
+
 /* attention of one query row over n cached positions, hd a multiple of 8. Every sum keeps the
  * order of the one-chain loops (bit-identical to them); what changed is the number of chains in
  * flight: 4 positions per pass for the scores and up to 12 value columns per pass for the weighted
@@ -243,23 +336,79 @@ TT_F16C_INLINE void tt_attend_avx2(const float *q, const void *K, const void *V,
         sc[j] = s;
         mx = s > mx ? s : mx;
     }
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 vsum = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const __m256 p = tt_exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
-        _mm256_storeu_ps(sc + j, p);
-        vsum = _mm256_add_ps(vsum, p);
-    }
-    float sum = tt_hsum8(vsum);
-    for (; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
-    const float inv = 1.0f / sum;
+    const float inv = tt_softmax_avx2(sc, n, mx);
     int e0 = 0;
     for (; e0 + 96 <= hd; e0 += 96) tt_wsum_avx2(sc, V, n, hd, e0, 12, inv, y, f16);
     if (e0 + 64 <= hd) { tt_wsum_avx2(sc, V, n, hd, e0, 8, inv, y, f16); e0 += 64; }
     if (e0 + 32 <= hd) { tt_wsum_avx2(sc, V, n, hd, e0, 4, inv, y, f16); e0 += 32; }
     if (e0 + 16 <= hd) { tt_wsum_avx2(sc, V, n, hd, e0, 2, inv, y, f16); e0 += 16; }
     if (e0 < hd) tt_wsum_avx2(sc, V, n, hd, e0, 1, inv, y, f16);
+}
+
+/* 8 levels of a q8 row widened to float */
+TT_AVX2_INLINE __m256 tt_ld8_q8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
+}
+
+/* y[e0 .. e0 + 8 NC) = inv * sum_j sc[j] s_j V[j, .] over q8 rows (s_j: row j's scale) */
+TT_AVX2_INLINE void tt_wsum_q8_avx2(const float *sc, const int8_t *V, int n, int hd, int e0, int NC, float inv, float *y) {
+    const size_t row = (size_t)hd + 4;
+    __m256 acc[12];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const int8_t *vj = V + (size_t)j * row;
+        const __m256 p = _mm256_set1_ps(sc[j] * tt_q8_scale(vj, hd));
+        for (int c = 0; c < NC; c++) acc[c] = _mm256_fmadd_ps(p, tt_ld8_q8(vj + e0 + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < NC; c++) _mm256_storeu_ps(y + e0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}
+
+/* tt_attend_avx2 over q8 rows: a key's dot with the query runs on its levels and takes the row's
+ * scale once; a value's scale folds into its softmax weight. Half the bytes of the fp16 cache,
+ * which 8 sequences' attention spends most of its time reading (700M, ~50 positions: ~3.3 ->
+ * ~2.3 ms a step when the cache comes from memory). */
+TT_AVX2_FN static void tt_attend_avx2_q8(const float *q, const int8_t *K, const int8_t *V, int n, int hd, float scale,
+                                         float *sc, float *y, const char *pk, const char *pv, size_t pn) {
+    const size_t row = (size_t)hd + 4;
+    float mx = -INFINITY;
+    int j0 = 0;
+    for (; j0 + 4 <= n; j0 += 4) {
+        if (pk) /* the next job's rows into L2, as tt_attend_avx2 */
+            for (size_t o = (size_t)j0 * row; o < (size_t)(j0 + 4) * row && o < pn; o += 64) {
+                _mm_prefetch(pk + o, _MM_HINT_T1);
+                _mm_prefetch(pv + o, _MM_HINT_T1);
+            }
+        const int8_t *k0 = K + (size_t)j0 * row;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int e = 0; e < hd; e += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + e);
+            a0 = _mm256_fmadd_ps(qv, tt_ld8_q8(k0 + e), a0);
+            a1 = _mm256_fmadd_ps(qv, tt_ld8_q8(k0 + row + e), a1);
+            a2 = _mm256_fmadd_ps(qv, tt_ld8_q8(k0 + 2 * row + e), a2);
+            a3 = _mm256_fmadd_ps(qv, tt_ld8_q8(k0 + 3 * row + e), a3);
+        }
+        const float s0 = tt_hsum8(a0) * tt_q8_scale(k0, hd) * scale;
+        const float s1 = tt_hsum8(a1) * tt_q8_scale(k0 + row, hd) * scale;
+        const float s2 = tt_hsum8(a2) * tt_q8_scale(k0 + 2 * row, hd) * scale;
+        const float s3 = tt_hsum8(a3) * tt_q8_scale(k0 + 3 * row, hd) * scale;
+        sc[j0] = s0; sc[j0 + 1] = s1; sc[j0 + 2] = s2; sc[j0 + 3] = s3;
+        mx = s0 > mx ? s0 : mx; mx = s1 > mx ? s1 : mx; mx = s2 > mx ? s2 : mx; mx = s3 > mx ? s3 : mx;
+    }
+    for (int j = j0; j < n; j++) {
+        const int8_t *kj = K + (size_t)j * row;
+        __m256 a = _mm256_setzero_ps();
+        for (int e = 0; e < hd; e += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), tt_ld8_q8(kj + e), a);
+        const float s = tt_hsum8(a) * tt_q8_scale(kj, hd) * scale;
+        sc[j] = s;
+        mx = s > mx ? s : mx;
+    }
+    const float inv = tt_softmax_avx2(sc, n, mx);
+    int e0 = 0;
+    for (; e0 + 96 <= hd; e0 += 96) tt_wsum_q8_avx2(sc, V, n, hd, e0, 12, inv, y);
+    if (e0 + 64 <= hd) { tt_wsum_q8_avx2(sc, V, n, hd, e0, 8, inv, y); e0 += 64; }
+    if (e0 + 32 <= hd) { tt_wsum_q8_avx2(sc, V, n, hd, e0, 4, inv, y); e0 += 32; }
+    if (e0 + 16 <= hd) { tt_wsum_q8_avx2(sc, V, n, hd, e0, 2, inv, y); e0 += 16; }
+    if (e0 < hd) tt_wsum_q8_avx2(sc, V, n, hd, e0, 1, inv, y);
 }
 
 /* the two caches' routes, each compiled with its load */
@@ -318,17 +467,22 @@ TT_AVX512_ROW_FN static void tt_silu_mul_avx512(float *g, const float *u, int n)
 }
 #endif
 
-static inline float tt_kv_at(const void *p, size_t i, int f16) {
-    return f16 ? tt_half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+/* element e of cached row j (hd values a row): float, half, or a q8 level times its row's scale */
+static inline float tt_kv_at(const void *p, size_t j, int e, int hd, int kv) {
+    if (kv == TT_KV_Q8) {
+        const int8_t *r = (const int8_t *)p + j * ((size_t)hd + 4);
+        return (float)r[e] * tt_q8_scale(r, hd);
+    }
+    const size_t i = j * (size_t)hd + (size_t)e;
+    return kv == TT_KV_F16 ? tt_half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static void tt_attend_portable(const float *q, const void *K, const void *V, int n, int hd, float scale,
-                               float *sc, float *y, int f16) {
+                               float *sc, float *y, int kv) {
     float mx = -INFINITY;
     for (int j = 0; j < n; j++) {
-        const size_t kj = (size_t)j * hd;
         float s = 0.0f;
-        for (int e = 0; e < hd; e++) s += q[e] * tt_kv_at(K, kj + e, f16);
+        for (int e = 0; e < hd; e++) s += q[e] * tt_kv_at(K, (size_t)j, e, hd, kv);
         s *= scale;
         sc[j] = s;
         mx = s > mx ? s : mx;
@@ -342,8 +496,7 @@ static void tt_attend_portable(const float *q, const void *K, const void *V, int
     for (int e = 0; e < hd; e++) y[e] = 0.0f;
     for (int j = 0; j < n; j++) {
         const float p = sc[j] * inv;
-        const size_t vj = (size_t)j * hd;
-        for (int e = 0; e < hd; e++) y[e] += p * tt_kv_at(V, vj + e, f16);
+        for (int e = 0; e < hd; e++) y[e] += p * tt_kv_at(V, (size_t)j, e, hd, kv);
     }
 }
 
@@ -354,11 +507,11 @@ static void tt_attn_head(const void *arg, int job) {
     const int H = d->n_heads, r = job / H, h = job % H;
     const int hd = d->hd, n = A->pos[r] + 1, nqkv = (H + 2 * d->kv_heads) * hd;
     const int kvh = h / (H / d->kv_heads);
-    const size_t off = ((size_t)A->slots[r] * d->kv_heads + (size_t)kvh) * d->max_len * hd; /* elements */
-    const size_t esz = d->kv16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t row = tt_kv_row(d);
+    const size_t off = ((size_t)A->slots[r] * d->kv_heads + (size_t)kvh) * d->max_len * row; /* bytes */
     const float *q = d->qkv + (size_t)r * nqkv + (size_t)h * hd;
-    const void *K = (const char *)A->kc + off * esz;
-    const void *V = (const char *)A->vc + off * esz;
+    const void *K = (const char *)A->kc + off;
+    const void *V = (const char *)A->vc + off;
     float *sc = d->scores + (size_t)job * d->max_len;
     float *y = d->att + (size_t)r * H * hd + (size_t)h * hd;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -369,16 +522,17 @@ static void tt_attn_head(const void *arg, int job) {
         const int nj = job + A->ahead;
         if (A->ahead > 0 && nj < A->njobs) {
             const int r2 = nj / H, h2 = nj % H;
-            const size_t o2 = ((size_t)A->slots[r2] * d->kv_heads + (size_t)(h2 / (H / d->kv_heads))) * d->max_len * hd;
-            pk = (const char *)A->kc + o2 * esz;
-            pv = (const char *)A->vc + o2 * esz;
-            pn = (size_t)(A->pos[r2] + 1) * hd * esz;
+            const size_t o2 = ((size_t)A->slots[r2] * d->kv_heads + (size_t)(h2 / (H / d->kv_heads))) * d->max_len * row;
+            pk = (const char *)A->kc + o2;
+            pv = (const char *)A->vc + o2;
+            pn = (size_t)(A->pos[r2] + 1) * row;
         }
-        (d->kv16 ? tt_attend_avx2_f16 : tt_attend_avx2_f32)(q, K, V, n, hd, scale, sc, y, pk, pv, pn);
+        if (d->kv == TT_KV_Q8) tt_attend_avx2_q8(q, (const int8_t *)K, (const int8_t *)V, n, hd, scale, sc, y, pk, pv, pn);
+        else (d->kv == TT_KV_F16 ? tt_attend_avx2_f16 : tt_attend_avx2_f32)(q, K, V, n, hd, scale, sc, y, pk, pv, pn);
         return;
     }
 #endif
-    tt_attend_portable(q, K, V, n, hd, scale, sc, y, d->kv16);
+    tt_attend_portable(q, K, V, n, hd, scale, sc, y, d->kv);
 }
 
 /* optional per-head RMSNorm, then RoPE at position pos, of `nh` heads starting at x */
@@ -459,16 +613,20 @@ static void tt_rows_task(const void *arg, int chunk) {
             float *row = d->qkv + (size_t)r * nqkv;
             tt_qk_prep(d, row, H, L->q_norm, R->pos[r]);
             tt_qk_prep(d, row + nq, KV, L->k_norm, R->pos[r]);
-            const size_t slot_off = (size_t)R->slots[r] * KV * d->max_len * hd;
+            const size_t kvrow = tt_kv_row(d), slot_off = (size_t)R->slots[r] * KV * d->max_len * kvrow;
             for (int g = 0; g < KV; g++) {
-                const size_t at = slot_off + ((size_t)g * d->max_len + R->pos[r]) * hd;
+                const size_t at = slot_off + ((size_t)g * d->max_len + R->pos[r]) * kvrow; /* bytes */
                 const float *k = row + nq + (size_t)g * hd, *v = row + nq + nkv + (size_t)g * hd;
-                if (d->kv16) {
-                    tt_to_half(k, (uint16_t *)L->kc + at, hd, d->isa);
-                    tt_to_half(v, (uint16_t *)L->vc + at, hd, d->isa);
+                char *kd = (char *)L->kc + at, *vd = (char *)L->vc + at;
+                if (d->kv == TT_KV_F16) {
+                    tt_to_half(k, (uint16_t *)(void *)kd, hd, d->isa);
+                    tt_to_half(v, (uint16_t *)(void *)vd, hd, d->isa);
+                } else if (d->kv == TT_KV_Q8) {
+                    tt_to_q8_row(k, hd, (int8_t *)kd, d->isa);
+                    tt_to_q8_row(v, hd, (int8_t *)vd, d->isa);
                 } else {
-                    memcpy((float *)L->kc + at, k, sizeof(float) * hd);
-                    memcpy((float *)L->vc + at, v, sizeof(float) * hd);
+                    memcpy(kd, k, sizeof(float) * hd);
+                    memcpy(vd, v, sizeof(float) * hd);
                 }
             }
             break;

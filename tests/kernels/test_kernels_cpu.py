@@ -317,9 +317,9 @@ def test_pool_stress_switching_threads_and_spin():
 @pytest.mark.parametrize("m", [1, 6, 9])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_output_is_bit_exact_with_per_row_scales(backend, m, with_bias):
-    """out = float32(float64(dot) * w_scale[row] / x_scale) (+ float32 bias): the vector
+    """out = float32(float64(dot) * w_scale[row] * (1 / x_scale)) (+ float32 bias): the vector
     epilogues (4 rows in the AVX2 GEMV, 16 in the AVX-512 and AMX routes) do the same IEEE double
-    operations as the scalar one, so results are identical bits."""
+    operations as the scalar one and numpy here, so results are identical bits."""
     rng = np.random.default_rng(7 + m)
     n, k = 67, 300
     w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
@@ -329,7 +329,7 @@ def test_output_is_bit_exact_with_per_row_scales(backend, m, with_bias):
     x = rng.standard_normal((m, k)).astype(np.float32)
     xq, xs = quantize_act_ref(x)
     dots = ternary_matmul_int_ref(xq, w).astype(np.float64)
-    want = (dots * ws.astype(np.float64) / xs.astype(np.float64)[:, None]).astype(np.float32)
+    want = (dots * ws.astype(np.float64) * (1.0 / xs.astype(np.float64))[:, None]).astype(np.float32)
     if with_bias:
         want = want + bias
     assert np.array_equal(kern(x), want)
@@ -349,12 +349,12 @@ def test_thread_pool_runs_every_chunk_exactly_once():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_epilogue_takes_the_division_at_float_ties(backend):
-    """The vector epilogue multiplies by 1 / scale and must fall back to the division where that
-    rounds differently. Row r has three weights of 1 and scale 11184809 * 2^-3r, the token 49 on
-    those inputs (dot 147) and scale 49: the double quotient is exactly 33554427 * 2^-3r, a float
-    midpoint that rounds up (ties to even), while the product with RN(1/49) lands just below it
-    and rounds down. Plus scales giving subnormal, huge and ordinary results."""
+def test_the_epilogue_multiplies_by_the_reciprocal_on_every_route(backend):
+    """No route divides: out = float32(float64(dot) * w_scale * RN(1 / x_scale)). Row r has three
+    weights of 1 and scale 11184809 * 2^-3r, the token 49 on those inputs (dot 147) and scale 49:
+    the double quotient is exactly 33554427 * 2^-3r, a float midpoint that a division would round
+    up (ties to even), while the product with RN(1/49) lands just below it and rounds down; every
+    route gives the product's float. Plus scales giving subnormal, huge and ordinary results."""
     n, k = 40, 256
     w = np.zeros((n, k), dtype=np.int8)
     for r in range(n):
@@ -364,11 +364,12 @@ def test_the_epilogue_takes_the_division_at_float_ties(backend):
     xq = np.zeros((9, k), dtype=np.int8)
     xq[:, :3 * n] = 49
     xs = np.array([49.0, 49.0, 98.0, 24.5, 49.0, 1e-3, 3e-38, 1e38, 11.0], dtype=np.float32)
-    amx = TernaryLinearKernel(w, ws, backend=backend)
+    kern = TernaryLinearKernel(w, ws, backend=backend)
     if backend == "amx":
-        amx.set_amx_min_m(1 << 20, few_min_m=2)  # the weights-as-A tiles
-    ref = TernaryLinearKernel(w, ws, backend="portable")
-    got, want = amx.matmul_int8(xq, xs), ref.matmul_int8(xq, xs)
-    assert want[0, 0] == np.float32(33554428.0)  # the tie, rounded up by the reference's division
-    assert np.float32(np.float64(147 * 11184809) * (1 / np.float64(49))) == np.float32(33554426.0)
+        kern.set_amx_min_m(1 << 20, few_min_m=2)  # the weights-as-A tiles
+    dots = ternary_matmul_int_ref(xq, w).astype(np.float64)
+    want = (dots * ws.astype(np.float64) * (1.0 / xs.astype(np.float64))[:, None]).astype(np.float32)
+    assert want[0, 0] == np.float32(33554426.0)  # the product's rounding, not the quotient's 33554428
+    assert np.float32(np.float64(147 * 11184809) / np.float64(49)) == np.float32(33554428.0)
+    got = kern.matmul_int8(xq, xs)
     assert np.array_equal(got.view(np.int32), want.view(np.int32))

@@ -187,4 +187,4 @@ class Int4LinearKernel(_LowBitKernel):
         if self._dense is None:  # dequantised W^T in float64
             scale = np.repeat(self.group_scales.astype(np.float64), self.group_size, axis=1)[:, : self.k]
             self._dense = np.ascontiguousarray((self.packed.unpack() * scale).T)
-        return (xq.astype(np.float64) @ self._dense) / xs.astype(np.float64)[:, None]
+        return (xq.astype(np.float64) @ self._dense) * (1.0 / xs.astype(np.float64))[:, None]

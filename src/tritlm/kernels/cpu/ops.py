@@ -310,7 +310,7 @@ class LinearKernelBase:
     def matmul_int8(self, xq, x_scale, out: np.ndarray | None = None) -> np.ndarray:
         """Low-level path: int8 ``[M, K]`` activations with per-token scales ``[M]`` (x ~= xq / s).
 
-        Writes ``(xq @ wq^T) * w_scale / x_scale[:, None] (+ bias)`` (for int4: the group-scaled
+        Writes ``(xq @ wq^T) * w_scale * (1 / x_scale[:, None]) (+ bias)`` (for int4: the group-scaled
         sum) into ``out`` (float32 ``[M, N]``, C-contiguous, preallocated by the caller for zero
         allocation) and returns it.
         """
@@ -357,9 +357,10 @@ class LinearKernelBase:
         return np.rint(xq.astype(self._dense.dtype) @ self._dense).astype(np.int64)
 
     def _numpy_out(self, xq: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """float64 ``[M, N]`` results before the bias: dots * per-row scale / x_scale."""
+        """float64 ``[M, N]`` results before the bias: dots * per-row scale * (1 / x_scale), the C
+        epilogue's operations."""
         dots = self._numpy_dots(xq).astype(np.float64)
-        return dots * self.w_scale.astype(np.float64) / xs.astype(np.float64)[:, None]
+        return dots * self.w_scale.astype(np.float64) * (1.0 / xs.astype(np.float64))[:, None]
 
     def _numpy_forward(self, x: np.ndarray) -> np.ndarray:
         xq, xs = quantize_act_ref(x)

@@ -59,31 +59,9 @@ TT_VNNI_INLINE __m256i tt_vnni_rowsums8(__m512i a0, __m512i a1, __m512i a2, __m5
     return _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, v));
 }
 
-/* p / x in IEEE double, rounded to float, for p exact (an int32 dot times a float scale fits a
- * double's 53 bits) and rx = 1 / x rounded: q = p * rx is within 2 ulps of the double quotient, so
- * (float)q equals (float)(p / x) unless q lies near a float rounding boundary (a midpoint: the low
- * 29 mantissa bits near 2^28) or outside float's normal range (subnormal, overflow, inf, NaN);
- * those vectors, about one in 2^24, take the division. vdivpd's throughput (16 cycles per 8
- * lanes) was a third of the few-token GEMMs' time. */
-TT_VNNI_INLINE __m256 tt_vnni_div_f32(__m512d p, __m512d rx, __m512d x) {
-    const __m512d q = _mm512_mul_pd(p, rx);
-    const __m512i b = _mm512_castpd_si512(q);
-    const __m512i mid = _mm512_sub_epi64(_mm512_and_si512(_mm512_add_epi64(b, _mm512_set1_epi64(8)),
-                                                          _mm512_set1_epi64(0x1FFFFFFF)),
-                                         _mm512_set1_epi64(0x10000000));
-    const __m512i a = _mm512_and_si512(b, _mm512_set1_epi64(0x7FFFFFFFFFFFFFFFLL));
-    /* |q| in [2^-126, 2^128): biased exponent 897 .. 1150 */
-    const __m512i e = _mm512_sub_epi64(a, _mm512_set1_epi64(897LL << 52));
-    __mmask8 bad = _mm512_cmplt_epu64_mask(mid, _mm512_set1_epi64(17));
-    bad |= (__mmask8)(_mm512_cmpge_epu64_mask(e, _mm512_set1_epi64(254LL << 52)) & ~_mm512_cmpeq_epi64_mask(a, _mm512_setzero_si512()));
-    if (__builtin_expect(bad != 0, 0)) return _mm512_cvtpd_ps(_mm512_div_pd(p, x));
-    return _mm512_cvtpd_ps(q);
-}
-
 /* tt_store over a block of raw sums acc[t * ld + r * ldr] (tokens t0 .. t0+nt-1, rows row0 ..
  * row0+nrows-1, those past n skipped; ldr > 1 gathers, for sums stored row-major): 16 rows at a
- * time, the same IEEE double operations' results (bit-identical; the division through
- * tt_vnni_div_f32). The AMX routes' epilogue too. */
+ * time, the same IEEE double operations (bit-identical). The AMX routes' epilogue too. */
 TT_VNNI_INLINE void tt_vnni_store_block(const tt_job *J, const int32_t *acc, size_t ld, size_t ldr, int row0, int nrows,
                                         int t0, int nt) {
     const tt_ctx *c = J->c;
@@ -110,12 +88,11 @@ TT_VNNI_INLINE void tt_vnni_store_block(const tt_job *J, const int32_t *acc, siz
                 _mm512_mask_storeu_epi32(J->dots + (size_t)tg * n + row0 + h, mk, s);
                 continue;
             }
-            const __m512d xs = _mm512_set1_pd((double)J->xs[tg]);
-            const __m512d r = _mm512_set1_pd(1.0 / (double)J->xs[tg]); /* one scalar division per 16 outputs */
+            const __m512d r = _mm512_set1_pd(1.0 / (double)J->xs[tg]);
             const __m512d d0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(s));
             const __m512d d1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s, 1));
-            const __m256 f0 = tt_vnni_div_f32(_mm512_mul_pd(d0, ws0), r, xs);
-            const __m256 f1 = tt_vnni_div_f32(_mm512_mul_pd(d1, ws1), r, xs);
+            const __m256 f0 = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(d0, ws0), r));
+            const __m256 f1 = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(d1, ws1), r));
             __m512 v = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_castps_si256(f0)),
                                                               _mm256_castps_si256(f1), 1));
             if (c->bias) v = _mm512_add_ps(v, bias);

@@ -7,7 +7,12 @@
  * of a group interleaved: row 4g+r, block b at byte ((g*KB + b)*4 + r)*32.
  *
  * Math: dot = sum_k q_k x_k - sum_k x_k  (= sum_k w_k x_k, exact in int32);
- *       out = (float)((double)dot * w_scale[n] / x_scale[t]) (+ bias[n]).
+ *       out = (float)((double)dot * w_scale[n] * (1.0 / x_scale[t])) (+ bias[n]), in IEEE double:
+ *       dot * w_scale is exact, so the one rounding before float's is the reciprocal's and the
+ *       product's. Every route (portable, AVX2, AVX-512, AMX) does these operations, so their
+ *       outputs are the same bits; a multiply, not a division, because the vector epilogue of a
+ *       division (exact through a reciprocal with a rounding check) cost a fifth of a batched
+ *       GEMM's time.
  * AVX2 route: _mm256_maddubs_epi16(codes 0..2 unsigned, x int8 signed) -> int16 pair sums,
  * accumulated in int16 over <= 16 blocks (|sum| <= 16*4*2*2*128 = 32768 -> fits: the only value
  * reaching 2^15 is -32768, i.e. every x = -128), then widened with madd(acc, 1) into int32.
@@ -444,7 +449,7 @@ static inline void tt_store(const tt_job *J, int t, int row, int32_t acc) {
     int32_t d = acc - J->sx[t];
     size_t o = (size_t)t * c->n + row;
     if (J->dots) { J->dots[o] = d; return; }
-    float v = (float)((double)d * (double)c->wscale[row] / (double)J->xs[t]);
+    float v = (float)((double)d * (double)c->wscale[row] * (1.0 / (double)J->xs[t]));
     if (c->bias) v += c->bias[row];
     J->out[o] = v;
 }
@@ -548,11 +553,10 @@ TT_AVX2_FN static void tt_gemv_avx2(const tt_job *J, int t, int g0, int g1) {
         }
         const __m128i d4 = tt_hsum4(s0, s1, s2, s3);
         if (!J->dots && !c->bias && 4 * g + 3 < c->n) {
-            /* tt_store for 4 rows at once, the same IEEE double ops (bit-identical results):
-             * one vdivpd instead of four scalar divisions per group of rows */
+            /* tt_store for 4 rows at once, the same IEEE double ops (bit-identical results) */
             const __m256d dd = _mm256_cvtepi32_pd(_mm_sub_epi32(d4, _mm_set1_epi32(J->sx[t])));
             const __m256d ws = _mm256_cvtps_pd(_mm_loadu_ps(c->wscale + 4 * g));
-            const __m256d v = _mm256_div_pd(_mm256_mul_pd(dd, ws), _mm256_set1_pd((double)J->xs[t]));
+            const __m256d v = _mm256_mul_pd(_mm256_mul_pd(dd, ws), _mm256_set1_pd(1.0 / (double)J->xs[t]));
             _mm_storeu_ps(J->out + (size_t)t * c->n + 4 * g, _mm256_cvtpd_ps(v));
         } else {
             int32_t r4[4];
@@ -639,12 +643,12 @@ TT_AVX2_FN static void tt_tile_2x1(const uint8_t *wp, const int8_t *x, size_t ld
 TT_AVX2_INLINE void tt_store_2x4(const tt_job *J, int t0, int row, int32_t res[2][4]) {
     const tt_ctx *c = J->c;
     const __m128i sx = _mm_loadu_si128((const __m128i *)(J->sx + t0));
-    const __m256d xs = _mm256_cvtps_pd(_mm_loadu_ps(J->xs + t0));
+    const __m256d rx = _mm256_div_pd(_mm256_set1_pd(1.0), _mm256_cvtps_pd(_mm_loadu_ps(J->xs + t0)));
     __m128 v[2];
     for (int r = 0; r < 2; r++) {
         const __m256d dd = _mm256_cvtepi32_pd(_mm_sub_epi32(_mm_loadu_si128((const __m128i *)res[r]), sx));
         const __m256d ws = _mm256_set1_pd((double)c->wscale[row + r]);
-        v[r] = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_mul_pd(dd, ws), xs));
+        v[r] = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(dd, ws), rx));
         if (c->bias) v[r] = _mm_add_ps(v[r], _mm_set1_ps(c->bias[row + r]));
     }
     const __m128 lo = _mm_unpacklo_ps(v[0], v[1]); /* r0t0 r1t0 r0t1 r1t1 */

@@ -17,11 +17,11 @@
  *
  * Math (x: the per-token absmax int8 of tt_quant_rows, padded to kp with zeros; xs its scale):
  *   int8:   d = sum_k q_k x_k, exact in int32 (|d| <= k * 127 * 128, k <= 2^17);
- *           out = (float)((double)d * wscale[n] / xs) (+ bias)
+ *           out = (float)((double)d * wscale[n] * (1.0 / xs)) (+ bias)
  *   binary: d = sum_k w_k x_k = 2 * (sum of x_k where the bit is set) - sum_k x_k, exact;
  *           out as int8
  *   int4:   acc = sum_g gscale[n, g] * d_g in float32 (d_g: the exact int dot of group g);
- *           out = (float)((double)acc / xs) (+ bias)
+ *           out = (float)((double)acc * (1.0 / xs)) (+ bias)  (IEEE double, as the ternary kind)
  *
  * AVX2 routes (chosen at run time like the ternary ones):
  *   int8 / int4: the sign trick maddubs(|x|, sign(w, x)) - |x| <= 128 fits the unsigned operand
@@ -50,14 +50,14 @@ static inline void tt_lb_store_int(const tt_job *J, int t, int row, int32_t d) {
     const tt_ctx *c = J->c;
     const size_t o = (size_t)t * c->n + row;
     if (J->dots) { J->dots[o] = d; return; }
-    float v = (float)((double)d * (double)c->wscale[row] / (double)J->xs[t]);
+    float v = (float)((double)d * (double)c->wscale[row] * (1.0 / (double)J->xs[t]));
     if (c->bias) v += c->bias[row];
     J->out[o] = v;
 }
 
 static inline void tt_lb_store_f(const tt_job *J, int t, int row, float acc) {
     const tt_ctx *c = J->c;
-    float v = (float)((double)acc / (double)J->xs[t]);
+    float v = (float)((double)acc * (1.0 / (double)J->xs[t]));
     if (c->bias) v += c->bias[row];
     J->out[(size_t)t * c->n + row] = v;
 }

@@ -94,8 +94,12 @@ async def _read_json(request: Any, limit: int) -> Any:
     return data
 
 
+# one encoder for every event: json.dumps with these options builds a new JSONEncoder a call
+_SSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_SSE_JSON.encode(obj)}\n\n"
 
 
 def _usage(f: Finish) -> dict[str, int]:

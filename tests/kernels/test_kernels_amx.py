@@ -53,12 +53,13 @@ def _pair(rng, n, k, bias: bool, route: str = "activations_as_a"):
                                  (1100, 300)])
 def test_amx_is_bit_identical_to_portable(n, k, route):
     """Rows not a multiple of the 32-row panel, panels of one group, K not a multiple of the
-    block, token counts around the tiles' 16 and the passes' 32; 1100 rows (275 groups): the
+    block, token counts around the tiles' 16 and the passes' 32 (and passes of 8, which have
+    their own activation transpose); 1100 rows (275 groups): the
     single-token GEMV's spans of 128 groups paired half a span apart, an odd last span, and
     tile chunks whose halves end mid-panel."""
     rng = np.random.default_rng(n * 1000 + k)
     w, amx, ref = _pair(rng, n, k, bias=n % 2 == 1, route=route)
-    for m in (1, 2, 3, 15, 16, 17, 31, 32, 33, 49, 70):
+    for m in (1, 2, 3, 8, 15, 16, 17, 31, 32, 33, 40, 49, 70):  # 8, 40 = 32 + 8: the 8-token transpose
         x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10)).astype(np.float32)
         xq, xs = quantize_act_ref(x)
         for th in (1, 2, 3):

@@ -17,7 +17,7 @@ from tritlm.formats.packed import from_transformer
 from tritlm.infer.engine import Engine
 from tritlm.kernels.cpu import build
 from tritlm.model.config import ModelConfig
-from tritlm.model.kv_cache import dequantize_q8, quantize_q8
+from tritlm.model.kv_cache import cache_zeros, dequantize_q8, quantize_q8
 from tritlm.model.transformer import Transformer
 
 lib = build.load_library()
@@ -256,6 +256,31 @@ def test_kv_dtype_is_checked_and_auto_resolves():
     with pytest.raises(ValueError, match="divisible by 4"):
         odd = Transformer(ModelConfig(vocab_size=97, dim=24, n_layers=1, n_heads=4, ffn_dim=64))  # head size 6
         Engine(from_transformer(odd.eval(), fp_dtype="fp32"), kv_dtype="q8")
+
+
+def test_cache_tensors_sit_on_huge_page_boundaries():
+    """cache_zeros: zeroed, contiguous, the dtype and shape asked; 2 MiB or more on a Linux CPU
+    starts on a 2 MiB boundary (what transparent huge pages need), less is a plain tensor. An
+    engine's caches come from it, also when ensure_slots grows them (contents kept)."""
+    import sys
+
+    big = cache_zeros((3, 4, 1024, 260), torch.int8)  # 3.0 MiB
+    small = cache_zeros((2, 4, 8, 16), torch.float16)
+    for t, shape, dt in ((big, (3, 4, 1024, 260), torch.int8), (small, (2, 4, 8, 16), torch.float16)):
+        assert t.shape == shape and t.dtype == dt and t.is_contiguous() and int(t.abs().max()) == 0
+    if sys.platform.startswith("linux"):
+        assert big.data_ptr() % (2 << 20) == 0
+    pm = from_transformer(tiny_model(max_len=4096), fp_dtype="fp32")
+    e = Engine(pm, slots=2, kv_dtype="f16")  # 2 x 4 heads x 4096 x 32 halves = 2 MiB a layer
+    ids = list(range(1, 30))
+    want = e.prefill(ids, slot=1)
+    if sys.platform.startswith("linux"):
+        assert all(t.data_ptr() % (2 << 20) == 0 for t in (*e.k_cache, *e.v_cache))
+    e.ensure_slots(5)
+    assert e.k_cache[0].shape[0] == 5 and e.fused is not None
+    e.reset(1)
+    assert torch.equal(e.prefill(ids, slot=1), want)
+    assert e.k_cache[0][2:].abs().max() == 0
 
 
 def test_c_entry_points_reject_bad_arguments():

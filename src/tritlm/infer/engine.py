@@ -45,7 +45,7 @@ from tritlm.formats.packed import PackedModel
 from tritlm.infer.fused_decode import FusedDecoder
 from tritlm.infer.sampling import SamplingParams
 from tritlm.kernels.cpu import set_num_threads
-from tritlm.model.kv_cache import SlotCache, kv_row_width
+from tritlm.model.kv_cache import SlotCache, cache_zeros, kv_row_width
 from tritlm.model.transformer import Transformer
 from tritlm.nn.packed_linear import BACKENDS
 from tritlm.nn.runtime import HEADS, build_runtime_model
@@ -130,8 +130,8 @@ class Engine:
             raise ValueError(f"the q8 KV cache needs a head size divisible by 4 (its rows end in a "
                              f"float32 scale), this model's is {self.hd}")
         shape = (slots, self.KV, self.max_len, kv_row_width(kvt, self.hd))
-        self.k_cache = [torch.zeros(shape, dtype=kvt, device=self.device) for _ in range(c.n_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=kvt, device=self.device) for _ in range(c.n_layers)]
+        self.k_cache = [cache_zeros(shape, kvt, self.device) for _ in range(c.n_layers)]
+        self.v_cache = [cache_zeros(shape, kvt, self.device) for _ in range(c.n_layers)]
         self.cache = SlotCache(self.k_cache, self.v_cache)
         self.pos = [0] * slots  # filled positions per slot
         self.tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
@@ -441,7 +441,7 @@ class Engine:
         with self.lock:
             for cache in (self.k_cache, self.v_cache):
                 for i, old in enumerate(cache):  # in place: the SlotCache and a PrefixCache share these lists
-                    new = torch.zeros((n, *old.shape[1:]), dtype=old.dtype, device=old.device)
+                    new = cache_zeros((n, *old.shape[1:]), old.dtype, old.device)
                     new[:self.slots] = old
                     cache[i] = new
             self.pos += [0] * (n - self.slots)

@@ -22,6 +22,13 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
                         "runs the Triton kernels)")
 
 
+def add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-dtype", choices=["auto", "f16", "q8", "f32"], default="auto",
+                   help="packed models' KV cache (auto: f16 on the CPU, half the memory of f32 and faster "
+                        "attention; q8: int8 with a scale per head row, half f16's bytes again, CPU only, "
+                        "as llama.cpp's q8_0 cache; f32: keys and values exact)")
+
+
 def require_int(flag: str, v: int | None, lo: int, hi: int | None = None, note: str = "") -> None:
     """A command-line integer out of range is a one-line :class:`ConfigError` naming the flag."""
     if v is None or (v >= lo and (hi is None or v <= hi)):
@@ -166,9 +173,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     kw = sampling_kwargs(a)
     sampling_params(**kw)  # checked before the model loads: a bad flag fails at once
     require_int("--draft-k", a.draft_k, 1)
-    m = tritlm.load(a.model, a.device)
+    m = tritlm.load(a.model, a.device, a.kv_dtype)
     require_tokenizer(m, "generate")
-    draft = tritlm.load(a.draft, a.device) if a.draft else None
+    draft = tritlm.load(a.draft, a.device, a.kv_dtype) if a.draft else None
     freeze_startup_heap()  # no full collection pausing the stream
     if not m.tokenizer.encode(a.prompt):
         raise TritlmError("the prompt encodes to no tokens")
@@ -342,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--penalty-alpha", type=float, default=0.0,
                    help="> 0: contrastive search over the --top-k most likely tokens instead of sampling "
                         "(packed models; e.g. --penalty-alpha 0.6 --top-k 4)")
+    add_kv_dtype_arg(s)
     add_device_arg(s)
     add_sampling_args(s)
     s.set_defaults(fn=cmd_generate)
@@ -370,10 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft", metavar="MODEL", help="speculative decoding with this smaller packed model (same "
                                                      "vocabulary); requests then run one at a time, not batched")
     s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
-    s.add_argument("--kv-dtype", choices=["auto", "f16", "q8", "f32"], default="auto",
-                   help="packed models' KV cache (auto: f16 on the CPU, half the memory of f32 and faster "
-                        "attention; q8: int8 with a scale per head row, half f16's bytes again, CPU only, "
-                        "as llama.cpp's q8_0 cache; f32: keys and values exact)")
+    add_kv_dtype_arg(s)
     add_device_arg(s)
     s.set_defaults(fn=cmd_serve)
     from tritlm.cli_runtime import add_runtime_commands  # pack, bench, chat, profile, models

@@ -134,7 +134,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     kw = sampling_kwargs(a)
     sampling_params(**kw)  # checked before the model loads
-    m = tritlm.load(a.model, a.device)
+    m = tritlm.load(a.model, a.device, a.kv_dtype)
     require_tokenizer(m, "chat")
     freeze_startup_heap()  # no full collection pausing a reply
     tmpl = load_chat_template(m.tokenizer, m.path, a.chat_template)
@@ -258,9 +258,10 @@ def add_runtime_commands(sub) -> None:
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else plain text)")
-    from tritlm.cli import add_device_arg
+    from tritlm.cli import add_device_arg, add_kv_dtype_arg
     from tritlm.cli_sampling import add_sampling_args
 
+    add_kv_dtype_arg(s)
     add_device_arg(s)
     add_sampling_args(s, temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.1)
     s.set_defaults(fn=cmd_chat)

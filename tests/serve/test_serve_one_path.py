@@ -216,6 +216,20 @@ def test_server_with_a_draft_decodes_speculatively(paths, tmp_path):
         build_app_for_model(paths["packed"], draft=paths["checkpoint"])
 
 
+def test_generate_kv_dtype_q8_is_the_apis(paths, capsys):
+    """`tritlm generate --kv-dtype q8` and `tritlm.load(..., kv_dtype="q8").generate` give the
+    same text for the same request (the q8 cache in both), and the engine holds int8 rows."""
+    import tritlm
+    from tritlm.cli import main
+
+    m = tritlm.load(paths["packed"], kv_dtype="q8")
+    assert m.engine.k_cache[0].dtype == torch.int8
+    want = m.generate(PROMPT, 24, temperature=0.8, top_k=20, seed=3)
+    assert main(["generate", str(paths["packed"]), "--prompt", PROMPT, "--max-tokens", "24", "--temperature",
+                 "0.8", "--top-k", "20", "--seed", "3", "--kv-dtype", "q8"]) == 0
+    assert capsys.readouterr().out == PROMPT + want + "\n"
+
+
 def test_server_kv_dtype_reaches_the_engine(paths):
     """`serve --kv-dtype`: the packed engine's cache is fp16 by default, f32 or q8 (int8) when
     asked, the fused C step runs on each and serves a request; a bad value is a one-line error."""

@@ -36,7 +36,7 @@ from tritlm.infer.generator import Request as GenRequest
 from tritlm.infer.sampling import SamplingParams
 from tritlm.serve.engine import DEFAULT_MAX_BATCH, Backend, Delta, Engine, Finish, Job, QueueFull, backend_for
 from tritlm.serve.listen import ServerThread, bind_socket, socket_url  # noqa: F401 - ServerThread: re-exported
-from tritlm.serve.metrics import CONTENT_TYPE, Metrics
+from tritlm.serve.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from tritlm.serve.schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_BODY_BYTES = 8 * 2**20
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
@@ -107,39 +106,6 @@ def _usage(f: Finish) -> dict[str, int]:
             "total_tokens": f.prompt_tokens + f.completion_tokens}
 
 
-class _MetricsMiddleware:
-    """Counts requests by endpoint and status and times them until their last byte (streams too).
-
-    A plain ASGI middleware, not ``BaseHTTPMiddleware``, which would buffer streaming bodies and
-    interfere with disconnect detection.
-    """
-
-    def __init__(self, app: Any, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/")
-                                                   else "other")
-        status = 500
-        t0 = time.perf_counter()
-
-        async def send_wrapper(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.observe_request(endpoint, status, time.perf_counter() - t0)
-
-
 # ---- the app ----------------------------------------------------------------------------------------
 def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_batch: int = DEFAULT_MAX_BATCH,
                max_queue: int = 64, metrics: Metrics | None = None, speculative=None):
@@ -172,7 +138,7 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.settings = s
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     # ---- errors: always the OpenAI shape, never a traceback ----
     @app.exception_handler(ApiError)

@@ -8,9 +8,12 @@ they can never drift from the truth.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 # Request latency spans 5 ms (a health check) to minutes (a long generation on a big model).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -154,3 +157,36 @@ def parse_metrics(text: str) -> dict[str, float]:
         key, _, v = line.rpartition(" ")
         vals[key] = float(v)
     return vals
+
+
+class MetricsMiddleware:
+    """Counts requests by endpoint and status and times them until their last byte (streams too).
+
+    A plain ASGI middleware, not ``BaseHTTPMiddleware``, which would buffer streaming bodies and
+    interfere with disconnect detection.
+    """
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/")
+                                                   else "other")
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - t0)

@@ -204,9 +204,6 @@ def load(path: str | Path, device: str = "cpu", kv_dtype: str = "auto") -> Loade
         else:
             from tritlm.kernels.triton import require
 
-            if kv_dtype == "q8":
-                raise ConfigError("the q8 KV cache is the CPU runtime's; use --kv-dtype f16 or f32 on the GPU")
-
             require(dev.type)
             eng = load_engine(p, backend="triton", device=dev, kv_dtype=kv_dtype)
         return LoadedModel(eng.model, eng.tokenizer, p, "packed", engine=eng)

@@ -253,7 +253,11 @@ def test_kv_dtype_is_checked_and_auto_resolves():
     assert PrefixCache(eng)._entry_bytes(10) == 2 * 2 * 4 * 10 * 32 * 2
     # and a q8 one at its row of head_dim levels and a 4-byte scale
     assert PrefixCache(Engine(pm, kv_dtype="q8"))._entry_bytes(10) == 2 * 2 * 4 * 10 * (32 + 4)
-    with pytest.raises(ValueError, match="divisible by 4"):
+    from tritlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="CPU runtime"):  # refused before anything is placed there
+        Engine(pm, kv_dtype="q8", device="meta")
+    with pytest.raises(ConfigError, match="divisible by 4"):
         odd = Transformer(ModelConfig(vocab_size=97, dim=24, n_layers=1, n_heads=4, ffn_dim=64))  # head size 6
         Engine(from_transformer(odd.eval(), fp_dtype="fp32"), kv_dtype="q8")
 

@@ -216,18 +216,26 @@ def test_server_with_a_draft_decodes_speculatively(paths, tmp_path):
         build_app_for_model(paths["packed"], draft=paths["checkpoint"])
 
 
-def test_generate_kv_dtype_q8_is_the_apis(paths, capsys):
-    """`tritlm generate --kv-dtype q8` and `tritlm.load(..., kv_dtype="q8").generate` give the
-    same text for the same request (the q8 cache in both), and the engine holds int8 rows."""
+def test_generate_kv_dtype_q8_is_the_apis(paths, capsys, monkeypatch):
+    """`tritlm generate --kv-dtype q8` loads the model with the q8 cache (int8 rows in its engine)
+    and gives `tritlm.load(..., kv_dtype="q8").generate`'s text for the same request."""
     import tritlm
     from tritlm.cli import main
 
     m = tritlm.load(paths["packed"], kv_dtype="q8")
-    assert m.engine.k_cache[0].dtype == torch.int8
     want = m.generate(PROMPT, 24, temperature=0.8, top_k=20, seed=3)
+    loaded = []
+    real = tritlm.load
+
+    def spy(*a, **k):
+        loaded.append(real(*a, **k))
+        return loaded[-1]
+
+    monkeypatch.setattr(tritlm, "load", spy)
     assert main(["generate", str(paths["packed"]), "--prompt", PROMPT, "--max-tokens", "24", "--temperature",
                  "0.8", "--top-k", "20", "--seed", "3", "--kv-dtype", "q8"]) == 0
     assert capsys.readouterr().out == PROMPT + want + "\n"
+    assert [x.engine.k_cache[0].dtype for x in loaded] == [torch.int8]
 
 
 def test_server_kv_dtype_reaches_the_engine(paths):

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tritlm.errors import ConfigError
 from tritlm.formats.packed import PackedModel
 from tritlm.infer.fused_decode import FusedDecoder
 from tritlm.infer.sampling import SamplingParams
@@ -108,7 +109,7 @@ class Engine:
         if kv_dtype == "auto":
             kv_dtype = "f16" if backend == "packed" else "f32"
         if kv_dtype == "q8" and self.device.type != "cpu":
-            raise ValueError("the q8 KV cache is the CPU runtime's; use f16 or f32 on the GPU")
+            raise ConfigError("the q8 KV cache is the CPU runtime's; use kv_dtype (--kv-dtype) f16 or f32 on the GPU")
         self.kv_dtype = kv_dtype
         self.pm = pm
         self.cfg = c = pm.config
@@ -127,7 +128,7 @@ class Engine:
         self.slots = slots
         kvt = {"f16": torch.float16, "q8": torch.int8}.get(kv_dtype, torch.float32)
         if kvt == torch.int8 and self.hd % 4:
-            raise ValueError(f"the q8 KV cache needs a head size divisible by 4 (its rows end in a "
+            raise ConfigError(f"the q8 KV cache needs a head size divisible by 4 (its rows end in a "
                              f"float32 scale), this model's is {self.hd}")
         shape = (slots, self.KV, self.max_len, kv_row_width(kvt, self.hd))
         self.k_cache = [cache_zeros(shape, kvt, self.device) for _ in range(c.n_layers)]

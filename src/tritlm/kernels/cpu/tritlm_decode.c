@@ -174,8 +174,9 @@ static void tt_rmsnorm(const float *x, int n, const float *w, float eps, float *
 tt_dec *tt_dec_new(int n_layers, int dim, int n_heads, int kv_heads, int hd, int ffn, int max_len, int slots,
                    int rows, float eps, float rs, int relu2, int input_norm, const float *cos,
                    const float *sin_signed, const float *final_norm, int kv) {
-    if (kv < TT_KV_F32 || kv > TT_KV_Q8 || (kv == TT_KV_Q8 && hd % 4) ||n_layers <= 0 || dim <= 0 || n_heads <= 0 || kv_heads <= 0 || n_heads % kv_heads || hd <= 0 || hd % 2 ||
-        ffn <= 0 || max_len <= 0 || slots <= 0 || rows < slots || rows > 1024)
+    if (kv < TT_KV_F32 || kv > TT_KV_Q8 || (kv == TT_KV_Q8 && hd % 4) || n_layers <= 0 || dim <= 0 || n_heads <= 0 ||
+        kv_heads <= 0 || n_heads % kv_heads || hd <= 0 || hd % 2 || ffn <= 0 || max_len <= 0 || slots <= 0 ||
+        rows < slots || rows > 1024)
         return NULL;
     tt_dec *d = (tt_dec *)calloc(1, sizeof(tt_dec));
     if (!d) return NULL;

@@ -200,29 +200,67 @@ BATCH_SETTINGS = [
     SamplingParams(temperature=1e-300, seed=6),
     SamplingParams(temperature=0, logit_bias={11: 50.0}),
     SamplingParams(temperature=2.0, seed=7, logit_bias={0: -100.0, 1: -100.0}),
+    SamplingParams(temperature=1.0, seed=8, logit_bias={5: 3.0}),  # OpenAI's default temperature
+    SamplingParams(temperature=1.0, seed=9),
 ]
 
 
-def test_sample_batch_matches_each_sampler_alone():
+@pytest.mark.parametrize("grouping", ["all", "one", "same-temperature"])
+def test_sample_batch_matches_each_sampler_alone(grouping, monkeypatch):
+    """The whole batch, each row as a batch of one (its temperature a scalar), and the rows that
+    share a temperature together (1.0: the chain skips the float64 division) each give the
+    tokens and RNG states of the rows' own Samplers, and draw from the same probabilities bit
+    for bit (a token rarely shows a last-bit difference; the probabilities do)."""
+    import tritlm.infer.sampling as sampling_mod
+
+    drawn: list[torch.Tensor] = []  # every probability row handed to the one draw, in call order
+    real_draw_rows = sampling_mod.draw_rows
+
+    def recording_draw_rows(probs, generators):
+        drawn.extend(probs.clone().unbind(0))
+        return real_draw_rows(probs, generators)
+
+    monkeypatch.setattr(sampling_mod, "draw_rows", recording_draw_rows)
     vocab = 64
     gen = torch.Generator().manual_seed(0)
     alone = [Sampler(p, prompt_len=2) for p in BATCH_SETTINGS]
     batched = [Sampler(p, prompt_len=2) for p in BATCH_SETTINGS]
     assert all(s.plain for s in batched)
+    n = len(BATCH_SETTINGS)
+    if grouping == "all":
+        groups = [list(range(n))]
+    elif grouping == "one":
+        groups = [[i] for i in range(n)]
+    else:
+        temps = sorted({p.temperature for p in BATCH_SETTINGS})
+        groups = [[i for i, p in enumerate(BATCH_SETTINGS) if p.temperature == t] for t in temps]
+        assert any(len(g) > 1 for g in groups)
     history = torch.tensor([1, 2])
     for step in range(40):
-        rows = torch.randn(len(BATCH_SETTINGS), vocab, generator=gen) * (1 + step % 4)
+        rows = torch.randn(n, vocab, generator=gen) * (1 + step % 4)
         if step % 5 == 0:  # the values the chain cleans up: nan, +-inf, a row with one finite logit
             rows[0, 3], rows[2, 5], rows[4, 6] = float("nan"), float("inf"), float("-inf")
             rows[5, :] = float("-inf")
             rows[5, 9] = 0.5
+            rows[9, :] = float("-inf")  # a temperature-1 row whose one finite logit is the biased one
+            rows[9, 5] = -2.0
         if step % 5 == 2:  # a greedy row whose top is +inf (nan_to_num makes it float32's max)
             rows[0, 9], rows[0, 20] = float("inf"), torch.finfo(torch.float32).max
+            rows[10, 7] = float("inf")
+        drawn.clear()
         want = [s(r.clone(), history) for s, r in zip(alone, rows)]
-        # every subset order too: the batch must not couple rows (the greedy ones leave it early)
-        order = list(range(len(batched))) if step % 2 else list(range(len(batched)))[::-1]
-        got = sample_batch([batched[i] for i in order], [rows[i] for i in order])
-        assert dict(zip(order, got)) == dict(enumerate(want)), step
+        hot = [i for i, p in enumerate(BATCH_SETTINGS) if not p.greedy]
+        want_probs, drawn[:] = dict(zip(hot, drawn)), []
+        got = {}
+        for group in groups:
+            # every subset order too: the batch must not couple rows (the greedy ones leave it early)
+            order = group if step % 2 else group[::-1]
+            got.update(zip(order, sample_batch([batched[i] for i in order], [rows[i] for i in order])))
+        assert got == dict(enumerate(want)), step
+        got_probs = dict(zip([i for g in groups for i in (g if step % 2 else g[::-1]) if i in want_probs], drawn))
+        assert got_probs.keys() == want_probs.keys()
+        for i, p in want_probs.items():
+            assert torch.equal(got_probs[i], p), (step, i)
     for a, b in zip(alone, batched):  # the RNGs moved alike: the next draws agree too
         assert a.steps == b.steps
         if a.gen is not None:

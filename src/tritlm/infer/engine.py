@@ -223,8 +223,7 @@ class Engine:
     def _fused_step(self, toks: Sequence[int], slots: Sequence[int], pos: Sequence[int]) -> torch.Tensor:
         """Tokens through the C decode step (the forward pass's math), one row per sequence; logits [M, V]."""
         m = len(toks)
-        x = torch.empty(m, self.cfg.dim)
-        x.copy_(self.model.embed_tokens.w[torch.as_tensor(list(toks), dtype=torch.long)])
+        x = self._embed(toks)
         h = torch.empty(m, self.cfg.dim)
         t = time.perf_counter()
         self.fused.step(x, list(slots), list(pos), h, self.threads or 0)
@@ -236,13 +235,18 @@ class Engine:
     def _fused_prefill(self, ids: Sequence[int], slot: int, start: int, all_logits: bool) -> torch.Tensor:
         """A prompt through the C layers (one sequence, its tokens as the rows); logits of every
         position (``all_logits``) or of the last, as the torch path returns them."""
-        x = self.model.embed_tokens.w[torch.as_tensor(list(ids), dtype=torch.long)].float().contiguous()
+        x = self._embed(ids)
         h = torch.empty_like(x)
         self.fused.prefill(x, slot, start, h, self.threads or 0)
         rows = h if all_logits else h[-1:]
         out = self.head(rows, torch.empty(rows.shape[0], self.cfg.vocab_size))
         self.last_hidden = h
         return out
+
+    def _embed(self, ids: Sequence[int]) -> torch.Tensor:
+        """The fused path's input rows: float32 [len(ids), dim] embeddings of ``ids`` (a new tensor,
+        which the C layers overwrite)."""
+        return self.model.embed_tokens.w[torch.as_tensor(list(ids), dtype=torch.long)].float().contiguous()
 
     def _host(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits where the generator samples: float32 on the CPU."""
@@ -297,7 +301,8 @@ class Engine:
             self.stats.prefill_tokens += t
             self.stats.prefill_s += dt
         self.pos[slot] = end
-        self.tokens[slot] = self.tokens[slot][:start] + list(ids)
+        del self.tokens[slot][start:]
+        self.tokens[slot].extend(int(i) for i in ids)
         return out
 
     @torch.no_grad()
@@ -331,7 +336,8 @@ class Engine:
         self.stats.decode_tokens += b
         self.stats.decode_s += time.perf_counter() - t0
         for s, tok in zip(slots, tokens):
-            self.tokens[s] = self.tokens[s][:self.pos[s]] + [int(tok)]
+            del self.tokens[s][self.pos[s]:]  # in place: a copy of the whole history per token was O(context)
+            self.tokens[s].append(int(tok))
             self.pos[s] += 1
         return out
 
@@ -419,7 +425,7 @@ class Engine:
             last.append(len(toks) - 1)
         t0 = time.perf_counter()
         with self.torch_threads_scope():
-            x = self.model.embed_tokens.w[torch.as_tensor(toks, dtype=torch.long)].float().contiguous()
+            x = self._embed(toks)
             h = torch.empty_like(x)
             self.fused.forward_rows(x, slots, pos, h, self.threads or 0)
             h = h[last].contiguous()

@@ -18,8 +18,9 @@ def _check(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
     assert ((got - ref).abs() <= bound).all()
 
 
-# avx512: pairs of rows from the two halves of each 256-row chunk (odd chunks end on a single
-# row), up to 8 tokens a pass (m 9: a second pass of one), K past the last 32 in scalar steps
+# avx512: pairs of rows from the two halves of each chunk (two chunks a thread, 16 to 256 rows:
+# 257 rows on 3 threads are 6 chunks of 43, odd chunks end on a single row), up to 8 tokens a pass
+# (m 9: a second pass of one), K past the last 32 in scalar steps
 @pytest.mark.parametrize("backend", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize(("n", "k", "m"), [(1, 1, 1), (257, 100, 1), (300, 1536, 3), (1000, 17, 5), (513, 64, 9),
                                            (771, 1000, 8)])

@@ -31,7 +31,7 @@
 /* CPUID leaf 7 (AVX512 F, BW, VL, VNNI) and the OS's XCR0 (SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
  * state enabled): a CPU with the instructions but an OS that does not save the registers would
  * fault on the first one. Plain cpuid/xgetbv, no libgcc state, so it also runs in the emulator. */
-static int tt_cpu_has_avx512vnni(void) {
+static int tt_cpu_detect_avx512vnni(void) {
     unsigned a, b, c, d;
     if (__get_cpuid_max(0, NULL) < 7) return 0;
     __cpuid(1, a, b, c, d);
@@ -42,6 +42,20 @@ static int tt_cpu_has_avx512vnni(void) {
     if ((lo & 0xE6u) != 0xE6u) return 0;
     __cpuid_count(7, 0, a, b, c, d);
     return (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1) && (c >> 11 & 1);
+}
+
+/* tt_cpu_detect_avx512vnni, asked once per process: CPUID traps to the hypervisor in a VM (~7 us
+ * each on the KVM guest here), and the fp16 head asked on every call (three of them, ~20 us of a
+ * 125M model's ~1.2 ms token). The answer is the machine's, so a racing first call stores the same
+ * value. */
+static int tt_cpu_has_avx512vnni(void) {
+    static _Atomic int known = -1;
+    int v = atomic_load_explicit(&known, memory_order_relaxed);
+    if (v < 0) {
+        v = tt_cpu_detect_avx512vnni();
+        atomic_store_explicit(&known, v, memory_order_relaxed);
+    }
+    return v;
 }
 
 /* The row sums of four accumulators, each holding two rows' 8 int32 lanes (row 2k in a_k's low

@@ -14,7 +14,7 @@
  * included after this file) uses.
  */
 
-#define TT_F16_ROWS_PER_CHUNK 256
+#define TT_F16_ROWS_PER_CHUNK 256 /* at most: a small head (a byte vocabulary) is cut finer, so every thread reads */
 
 #if TT_X86
 #define TT_F16C_FN __attribute__((target("avx2,fma,f16c")))
@@ -110,6 +110,7 @@ typedef struct {
     long ldx;
     int m;
     float *out; /* [m, n] */
+    int rows;   /* per chunk */
     int isa;
 } tt_f16_job;
 
@@ -206,8 +207,8 @@ TT_F16_AVX512_FN static void tt_f16_row2_avx512(const tt_f16_job *J, int r, int 
 
 static void tt_f16_task(const void *arg, int chunk) {
     const tt_f16_job *J = (const tt_f16_job *)arg;
-    const int r0 = chunk * TT_F16_ROWS_PER_CHUNK;
-    const int r1 = r0 + TT_F16_ROWS_PER_CHUNK < J->n ? r0 + TT_F16_ROWS_PER_CHUNK : J->n;
+    const int r0 = chunk * J->rows;
+    const int r1 = r0 + J->rows < J->n ? r0 + J->rows : J->n;
 #if TT_X86
     if (J->isa == 2) {
         /* a chunk's rows in pairs from its two halves: one stream a row, the streams in separate
@@ -243,7 +244,11 @@ int tt_f16_matmul(const uint16_t *w, int n, int k, const float *x, int m, long l
     pthread_mutex_lock(&P.call_lock);
     tt_init_once();
     if (nth <= 0) nth = P.nthreads;
-    tt_parallel(tt_f16_task, &J, (n + TT_F16_ROWS_PER_CHUNK - 1) / TT_F16_ROWS_PER_CHUNK, nth);
+    /* two chunks a thread, 16 to 256 rows each: a 259-row head had been one 256-row chunk and a
+     * 3-row one, so one thread read it all */
+    const int per = (n + 2 * nth - 1) / (2 * nth);
+    J.rows = per < 16 ? 16 : (per > TT_F16_ROWS_PER_CHUNK ? TT_F16_ROWS_PER_CHUNK : per);
+    tt_parallel(tt_f16_task, &J, (n + J.rows - 1) / J.rows, nth);
     pthread_mutex_unlock(&P.call_lock);
     return 0;
 }

@@ -33,9 +33,10 @@ def test_dispatch_matches_the_cpu_flags():
 
 # route -> (amx_min_m, few_min_m): every call of 1+ tokens through the activations-as-A tiles,
 # or every call of 2+ tokens through the weights-as-A tiles (one pass up to 32, several beyond),
-# or the defaults (2-3 tokens: the VNNI few-token GEMV, 4-32 the weights-as-A tiles, 33+ the
-# activations-as-A ones)
-ROUTES = {"activations_as_a": (1, None), "weights_as_a": (1 << 20, 2), "default": (33, 4)}
+# or the defaults (2-3 tokens: the VNNI few-token GEMV, then the weights-as-A tiles up to 95 tokens
+# at K <= 1536 (32 above), the activations-as-A ones from there: K 1000 and 300 at 70 tokens take
+# the first, K 4096 + 5 at 33 tokens the second)
+ROUTES = {"activations_as_a": (1, None), "weights_as_a": (1 << 20, 2), "default": None}
 
 
 def _pair(rng, n, k, bias: bool, route: str = "activations_as_a"):
@@ -43,7 +44,8 @@ def _pair(rng, n, k, bias: bool, route: str = "activations_as_a"):
     ws = rng.uniform(0.1, 2.0, size=n).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32) if bias else None
     amx = TernaryLinearKernel(w, ws, bias=b, backend="amx")
-    amx.set_amx_min_m(*ROUTES[route])
+    if ROUTES[route] is not None:
+        amx.set_amx_min_m(*ROUTES[route])
     ref = TernaryLinearKernel(w, ws, bias=b, backend="portable")
     return w, amx, ref
 
@@ -94,7 +96,7 @@ def test_every_amx_route_gives_the_vnni_numbers():
     w = rng.integers(-1, 2, size=(70, 700)).astype(np.int8)
     amx = TernaryLinearKernel(w, 0.5, backend="amx", threads=2)
     vnni = TernaryLinearKernel(w, 0.5, backend="avx512", threads=2)
-    for m in (1, 4, 15, 16, 40):  # 1: the VNNI GEMV; 2-32: weights-as-A tiles; 33+: activations-as-A
+    for m in (1, 4, 15, 16, 40, 100):  # 1: the VNNI GEMV; 4-95 at this K: weights-as-A tiles; 96+: activations-as-A
         x = rng.standard_normal((m, 700)).astype(np.float32)
         assert np.array_equal(amx(x).view(np.int32), vnni(x).view(np.int32)), m
     with pytest.raises(ValueError, match="amx_min_m"):

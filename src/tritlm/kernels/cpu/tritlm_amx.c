@@ -1,6 +1,6 @@
 /*
  * AMX-INT8 routes for ternary weights (tt_ctx.isa == 3). Prompts: a call with at least amx_min_m
- * tokens (default 33) runs the tiles as below. Batched decode: calls of amxs_min_m (default 4) to
+ * tokens (default 96 at K <= 1536, else 33: tt_ctx_new) runs the tiles as below. Batched decode: calls of amxs_min_m (default 4) to
  * amx_min_m - 1 tokens run the weights-as-A tiles (the second half of this file). One token takes
  * the AVX-512 VNNI GEMV, which these routes include, and 2-3 tokens below amxs_min_m its
  * few-token form (tt_vnni_gemv_tg). TDPBSUD multiplies a 16 x 64 tile of signed

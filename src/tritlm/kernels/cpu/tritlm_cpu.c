@@ -804,7 +804,11 @@ tt_ctx *tt_ctx_new(const uint8_t *w, int n, int k, int kp, const float *wscale, 
         memcpy(c->bias, bias, sizeof(float) * n);
     }
     c->isa = tt_cpu_has_avx2();
-    c->amx_min_m = 33;
+    /* the weights-as-A tiles up to here: they re-unpack the weights for every 32 tokens but
+     * without the activations-as-A route's gathers, which cost more below ~100 tokens at K <= 1536
+     * and above ~35 at K >= 2048 (2 threads, weights from memory; 4608 x 1536 at 64 tokens 435
+     * against 517 us, 8192 x 1536 740 / 928, 1536 x 1536 170 / 185, 1536 x 4096 431 / 322) */
+    c->amx_min_m = c->kp <= 1536 ? 96 : 33;
     c->amxs_min_m = 4; /* 2-3 tokens: the VNNI streaming GEMV (tt_vnni_gemv_tg) */
     for (int i = 0; i < TT_NBUCKETS; i++) { c->params[i].pf = 2048; c->params[i].panel_rows = 32; c->params[i].chunks = 8; c->params[i].nta = 1; }
     return c;

@@ -30,6 +30,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 TOL = {"f32": 2e-3, "f16": 3e-3}
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fp16_cache_rows_are_the_float32_rows_rounded(threads):
+    """Layer 0's keys / values come before any attention, so an fp16-cache engine and a float32 one
+    compute the same floats there: the halves the C step wrote (streamed past the caches when a
+    row is 32-byte aligned) must be those floats rounded to nearest, bit for bit, for the prompt's
+    rows and every decoded token's, and nothing past them."""
+    pm = from_transformer(_model(n_kv_heads=2), fp_dtype="fp32")
+    e16 = Engine(pm, slots=2, threads=threads, kv_dtype="f16")
+    e32 = Engine(pm, slots=2, threads=threads, kv_dtype="f32")
+    assert e16.fused is not None and e32.fused is not None
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    for e in (e16, e32):
+        e.prefill(ids[:9], slot=1)
+        e.prefill(ids[:5], slot=0)
+        for t in ids[9:20]:  # one sequence a step, then two
+            e.forward_seq([t], slot=1)
+        for t in ids[20:]:
+            e.decode_batch([t, t], [1, 0])
+    for c16, c32 in ((e16.k_cache[0], e32.k_cache[0]), (e16.v_cache[0], e32.v_cache[0])):
+        for slot, n in ((1, 30), (0, 15)):
+            assert torch.equal(c16[slot, :, :n].view(torch.int16), c32[slot, :, :n].half().view(torch.int16))
+            assert c16[slot, :, n:].abs().max() == 0
+
+
 @pytest.mark.parametrize("kw", [
     {},
     {"n_kv_heads": 2, "qk_norm": True},

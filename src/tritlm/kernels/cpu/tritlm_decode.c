@@ -595,6 +595,19 @@ typedef struct {
     const int *slots, *pos;
 } tt_rows_job;
 
+#if TT_X86
+/* tt_to_half_f16c with non-temporal stores (n a multiple of 16, h 32-byte aligned): a step's new
+ * key / value rows land in cache lines nobody has read since the slot was cleared, and write-
+ * allocating them (a read from memory per line) had made the row stage wait on memory */
+TT_F16C_FN static void tt_to_half_stream(const float *x, uint16_t *h, int n) {
+    for (int i = 0; i < n; i += 16) {
+        const __m128i lo = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m128i hi = _mm256_cvtps_ph(_mm256_loadu_ps(x + i + 8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_stream_si256((__m256i *)(void *)(h + i), _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+    }
+}
+#endif
+
 static void tt_rows_task(const void *arg, int chunk) {
     const tt_rows_job *R = (const tt_rows_job *)arg;
     const tt_dec *d = R->d;
@@ -620,6 +633,13 @@ static void tt_rows_task(const void *arg, int chunk) {
                 const float *k = row + nq + (size_t)g * hd, *v = row + nq + nkv + (size_t)g * hd;
                 char *kd = (char *)L->kc + at, *vd = (char *)L->vc + at;
                 if (d->kv == TT_KV_F16) {
+#if TT_X86
+                    if (d->isa && hd % 16 == 0 && ((uintptr_t)kd | (uintptr_t)vd) % 32 == 0) {
+                        tt_to_half_stream(k, (uint16_t *)(void *)kd, hd);
+                        tt_to_half_stream(v, (uint16_t *)(void *)vd, hd);
+                        continue;
+                    }
+#endif
                     tt_to_half(k, (uint16_t *)(void *)kd, hd, d->isa);
                     tt_to_half(v, (uint16_t *)(void *)vd, hd, d->isa);
                 } else if (d->kv == TT_KV_Q8) {
@@ -649,6 +669,11 @@ static void tt_rows_task(const void *arg, int chunk) {
         }
         }
     }
+#if TT_X86
+    /* the streamed cache rows are weakly ordered: visible to the attention's threads before the
+     * pool's job counter says this chunk is done */
+    if (R->stage == TT_ROW_QKV) _mm_sfence();
+#endif
 }
 
 static void tt_rows(const tt_dec *d, const tt_dec_layer *L, int stage, int m, float *x, float *out,

@@ -4,9 +4,9 @@ the settings of the thread pool and the parameter tuning loop (:func:`tune`).
 
 Backends (picked per kernel object; ``backend=`` argument, else ``$TRITLM_KERNEL``, else "auto"):
 
-* ``"amx"``      - the compiled C library, AMX-INT8 tiles for ternary calls of 4+ tokens (4-32:
-  weights as A, batched decode and short prompts; from ``amx_min_m`` on, 96 tokens at K <= 1536
-  and 33 above: activations as A, prompts); 1-3
+* ``"amx"``      - the compiled C library, AMX-INT8 tiles for ternary calls of 4+ tokens (weights
+  as A: batched decode and short prompts; from ``amx_min_m`` on, 96 tokens at K <= 1536 and 33
+  above: activations as A, longer prompts); 1-3
   tokens and the other kinds as ``"avx512"`` (CPUs with AMX-TILE / AMX-INT8,
   an OS that enables the tile state and, on Linux, grants it to the process);
 * ``"avx512"``   - the compiled C library, AVX-512 VNNI ``vpdpbusd`` routes for every weight kind

@@ -597,8 +597,8 @@ typedef struct {
 
 #if TT_X86
 /* tt_to_half_f16c with non-temporal stores (n a multiple of 16, h 32-byte aligned): a step's new
- * key / value rows land in cache lines nobody has read since the slot was cleared, and write-
- * allocating them (a read from memory per line) had made the row stage wait on memory */
+ * key / value rows go to positions this step has not read, and write-allocating their lines (a
+ * read from memory per line) had made the row stage wait on memory */
 TT_F16C_FN static void tt_to_half_stream(const float *x, uint16_t *h, int n) {
     for (int i = 0; i < n; i += 16) {
         const __m128i lo = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

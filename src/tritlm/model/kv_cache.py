@@ -4,34 +4,23 @@ level) and :class:`SlotCache` (sequence slots, each at its own position: what th
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 
 import torch
 
-_HUGE = 2 << 20  # a transparent huge page on x86-64 / arm64 Linux
-_MADV_HUGEPAGE = 14
+from tritlm.hugepages import huge_empty
 
 
 def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A zeroed cache tensor. On a Linux CPU, one of 2 MiB or more sits on 2 MiB boundaries and is
-    marked for transparent huge pages (madvise) before it is first touched: every (slot, head) of
-    the cache is its own run of positions, so a decode step's key / value writes and its attention
-    reads land in as many 4 KiB pages as it has rows, each a TLB miss (700M, 8 sequences: ~20 ->
-    ~13 us a layer for the writes; at 250 positions attention ~8.1 -> ~7.5 ms a step). Where the
-    kernel declines, the pages are ordinary ones; nothing else changes."""
-    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux") or n < _HUGE:
+    """A zeroed cache tensor; on a Linux CPU, on transparent huge pages (``tritlm/hugepages.py``):
+    every (slot, head) of the cache is its own run of positions, so a decode step's key / value
+    writes and its attention reads land in as many 4 KiB pages as it has rows, each a TLB miss
+    (700M, 8 sequences: ~20 -> ~13 us a layer for the writes; at 250 positions attention ~8.1 ->
+    ~7.5 ms a step)."""
+    if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    raw = torch.empty(n + _HUGE, dtype=torch.uint8)  # not touched yet: the advice applies to every page
-    off = -raw.data_ptr() % _HUGE
-    try:
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(raw.data_ptr() + off),
-                                                  ctypes.c_size_t(n // _HUGE * _HUGE), _MADV_HUGEPAGE)
-    except (OSError, AttributeError):  # no libc symbol: ordinary pages
-        pass
-    return raw[off:off + n].view(dtype).view(shape).zero_()
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return huge_empty(n).view(dtype).view(shape).zero_()
 
 
 class KVCache:

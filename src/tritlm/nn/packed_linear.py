@@ -368,6 +368,36 @@ class TritonLinear:
 BACKENDS = ("packed", "dense", "triton")
 
 
+def streamed_weights(runner) -> list:
+    """The objects under ``runner`` whose weights a C kernel streams every call (each with
+    ``weight_nbytes``, ``weight_ptr`` and ``move_weights``); dense and Triton runners have none."""
+    if isinstance(runner, KernelLinear):
+        return [runner.kernel] if runner._fast else []
+    if isinstance(runner, F16Linear):
+        return [runner.mm]
+    if isinstance(runner, TritPlaneHead):
+        return streamed_weights(runner.lin)
+    if isinstance(runner, SplitLinear):
+        return [h for p in runner.parts for h in streamed_weights(p)]
+    return []
+
+
+def move_to_huge_pages(runners: list, keep: frozenset[int] = frozenset()) -> int:
+    """Copy the streamed weights of ``runners`` into one huge-page arena (``tritlm/hugepages.py``:
+    fewer TLB misses per step); weights at an address in ``keep`` stay (storage shared with
+    something else, e.g. a tied embedding: moving would keep two copies). Returns the bytes moved."""
+    from tritlm.hugepages import HUGE, Arena
+
+    holders = [h for r in runners for h in streamed_weights(r) if h.weight_nbytes and h.weight_ptr not in keep]
+    sizes = [h.weight_nbytes for h in holders]
+    if sum(sizes) < HUGE:  # under one huge page: nothing to gain
+        return 0
+    arena = Arena(sizes)
+    for h, n in zip(holders, sizes):
+        h.move_weights(arena.take(n))
+    return sum(sizes)
+
+
 def runner_for(parts: list[PackedLinear], backend: str = "packed", dense_dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu"):
     """The runner of one or more layers that share an input (fused when they share a kind).

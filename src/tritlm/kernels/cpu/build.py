@@ -143,6 +143,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tt_ctx_free": (None, [vp]),
         "tt_ctx_set_isa": (i32, [vp, i32]),
         "tt_ctx_set_amx_min_m": (None, [vp, i32]),
+        "tt_ctx_set_weights": (None, [vp, vp]),
         "tt_ctx_set_amxs_min_m": (None, [vp, i32]),
         "tt_ctx_get_isa": (i32, [vp]),
         "tt_ctx_set_params": (None, [vp, i32, i32, i32, i32, i32]),

@@ -56,5 +56,25 @@ class F16MatMul:
         return out
 
     @property
+    def weight_nbytes(self) -> int:
+        """Bytes the C GEMV reads (0 on the torch fallback: nothing to move)."""
+        return self.w.numel() * 2 if self._lib is not None else 0
+
+    @property
+    def weight_ptr(self) -> int:
+        return self._ptr
+
+    def move_weights(self, dest: torch.Tensor) -> None:
+        """Copy the fp16 weight into ``dest`` (a uint8 tensor of :attr:`weight_nbytes`, e.g. a
+        piece of a huge-page :class:`~tritlm.hugepages.Arena`) and read it from there."""
+        if self._lib is None:
+            return
+        if dest.dtype != torch.uint8 or dest.numel() != self.weight_nbytes:
+            raise ValueError(f"move_weights needs {self.weight_nbytes} bytes (uint8), got {dest.numel()}")
+        w = dest.view(torch.float16).view(self.w.shape)
+        w.copy_(self.w)
+        self.w, self._ptr = w, w.data_ptr()
+
+    @property
     def nbytes(self) -> int:
         return int(np.prod(self.w.shape)) * 2

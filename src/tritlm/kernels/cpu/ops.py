@@ -187,6 +187,31 @@ class LinearKernelBase:
                 params = None
         self.set_params(params or {})
 
+    # ---------------------------------------------------------------- weight placement
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the packed weights the C context reads (0 without a context: nothing to move)."""
+        return self._data.nbytes if self._ctx is not None else 0
+
+    @property
+    def weight_ptr(self) -> int:
+        return _ptr(self._data) if self._ctx is not None else 0
+
+    def move_weights(self, dest) -> None:
+        """Copy the packed weights into ``dest`` (a 64-byte aligned uint8 tensor or array of
+        :attr:`weight_nbytes`, e.g. a piece of a huge-page :class:`~tritlm.hugepages.Arena`) and
+        read them from there from now on."""
+        if self._ctx is None:
+            return
+        dest = dest.numpy() if _is_torch(dest) else dest
+        if dest.dtype != np.uint8 or dest.nbytes != self._data.nbytes or _ptr(dest) % 64:
+            raise ValueError(f"move_weights needs {self._data.nbytes} 64-byte aligned bytes, got {dest.nbytes} "
+                             f"at offset {_ptr(dest) % 64} from a cache line")
+        view = dest.view(self._data.dtype).reshape(self._data.shape)
+        view[...] = self._data
+        self._lib.tt_ctx_set_weights(self._ctx, _ptr(view))
+        self._data = view
+
     # ---------------------------------------------------------------- configuration
     @property
     def effective_threads(self) -> int:

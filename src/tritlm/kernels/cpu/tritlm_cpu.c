@@ -831,6 +831,13 @@ int tt_ctx_set_isa(tt_ctx *c, int isa) {
 }
 int tt_ctx_get_isa(const tt_ctx *c) { return c->isa; }
 void tt_ctx_set_amx_min_m(tt_ctx *c, int m) { c->amx_min_m = m < 1 ? 1 : m; }
+/* point the context at another copy of the same packed bytes (the caller moved them, e.g. onto
+ * huge pages); under call_lock, so no call is reading the old copy when the caller frees it */
+void tt_ctx_set_weights(tt_ctx *c, const uint8_t *w) {
+    pthread_mutex_lock(&P.call_lock);
+    c->w = w;
+    pthread_mutex_unlock(&P.call_lock);
+}
 void tt_ctx_set_amxs_min_m(tt_ctx *c, int m) { c->amxs_min_m = m < 2 ? 2 : m; }
 void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows, int chunks, int nta) {
     if (bucket < 0 || bucket >= TT_NBUCKETS) return;

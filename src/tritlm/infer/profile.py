@@ -92,11 +92,15 @@ class LayerTracer:
 
 # --------------------------------------------------------------------------- bandwidth
 def read_bandwidth(threads: int, mib: int = 512) -> float:
-    """Measured DRAM read bandwidth in bytes/s (torch sum over a buffer much larger than the caches)."""
+    """Measured DRAM read bandwidth in bytes/s (torch sum over a buffer much larger than the caches),
+    on huge pages as the packed runtime's weights are: on 4 KiB pages the TLB misses of a virtual
+    machine had put this "ceiling" below what the runtime reads (session 15: 21.5 GB/s, exceeded)."""
+    from tritlm.hugepages import huge_empty
+
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.ones(mib * (1 << 20) // 4)
+        a = huge_empty(mib * (1 << 20)).view(torch.float32).fill_(1.0)
         a.sum()
         best = 0.0
         for _ in range(5):

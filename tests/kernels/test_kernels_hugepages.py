@@ -86,9 +86,10 @@ def test_move_weights_refuses_a_wrong_destination():
 @pytest.mark.skipif(not HAS_C, reason="no compiled kernels")
 @pytest.mark.parametrize("tied", [False, True])
 def test_engine_weights_share_one_arena_and_give_the_same_logits(monkeypatch, tied):
-    """4 layers of dim 512 (~2.6 MB of ternary weights): one 2 MiB-aligned arena holds every
-    Linear's weights (and the fp16 head unless it is the tied embedding itself); the logits are
-    bit-identical to an engine whose weights were not moved."""
+    """4 layers of dim 512 (~2.6 MB of ternary weights) and an fp16 head: one 2 MiB-aligned arena
+    holds every Linear's weights and the head, which the packed model's own tensor (the
+    embedding, when tied) now reads too (one copy, same values); the logits are bit-identical to
+    an engine whose weights were not moved."""
     from tritlm.formats.packed import from_transformer
     from tritlm.infer import engine as engine_mod
     from tritlm.model.config import ModelConfig
@@ -99,21 +100,25 @@ def test_engine_weights_share_one_arena_and_give_the_same_logits(monkeypatch, ti
     cfg = ModelConfig(vocab_size=97, dim=512, n_layers=4, n_heads=8, ffn_dim=1024, max_seq_len=64,
                       tie_embeddings=tied)
     pm = from_transformer(Transformer(cfg).eval(), fp_dtype="fp16")
-    e = engine_mod.Engine(pm, head="f16")
-    held = [h for m in e.linear_modules() for h in streamed_weights(m.runner)]
-    head = streamed_weights(e.head)
-    ptrs = [h.weight_ptr for h in held]
-    assert ptrs == sorted(ptrs) and ptrs[-1] + held[-1].weight_nbytes - ptrs[0] < 4 * HUGE
-    if LINUX:
-        assert ptrs[0] % HUGE == 0
-    emb = e.model.embed_tokens.w.data_ptr()
-    assert (head[0].weight_ptr == emb) == tied  # a tied fp16 head stays the embedding's storage
+    name = "embed_tokens.weight" if tied else "lm_head.weight"
+    before = pm.fp[name].clone()
     ids = list(range(1, 20))
-    got = [e.prefill(ids), e.decode_batch([5])]
-
     monkeypatch.setattr(engine_mod, "move_to_huge_pages", lambda *a, **k: 0)
     ref = engine_mod.Engine(pm, head="f16")
-    assert [h.weight_ptr for m in ref.linear_modules() for h in streamed_weights(m.runner)] != ptrs
+    unmoved = [h.weight_ptr for m in ref.linear_modules() for h in streamed_weights(m.runner)]
     want = [ref.prefill(ids), ref.decode_batch([5])]
+    monkeypatch.undo()
+
+    e = engine_mod.Engine(pm, head="f16")
+    held = [h for m in e.linear_modules() for h in streamed_weights(m.runner)] + streamed_weights(e.head)
+    ptrs = [h.weight_ptr for h in held]
+    assert ptrs == sorted(ptrs) and ptrs[-1] + held[-1].weight_nbytes - ptrs[0] < 4 * HUGE
+    assert not set(ptrs) & set(unmoved)
+    if LINUX:
+        assert ptrs[0] % HUGE == 0
+    assert pm.fp[name].data_ptr() == ptrs[-1] and torch.equal(pm.fp[name], before)
+    if tied:
+        assert e.model.embed_tokens.w.data_ptr() == ptrs[-1]
+    got = [e.prefill(ids), e.decode_batch([5])]
     for g, w in zip(got, want):
         assert torch.equal(g, w)

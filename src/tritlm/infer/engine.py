@@ -125,10 +125,12 @@ class Engine:
                                          device=self.device)
         self.head_kind = self.model.lm_head.kind
         if backend == "packed" and self.device.type == "cpu":
-            # every step streams these: on huge pages, a TLB miss per 2 MiB instead of per 4 KiB
-            emb = getattr(self.model.embed_tokens, "w", None)
+            # every step streams these: on huge pages, a TLB miss per 2 MiB instead of per 4 KiB.
+            # An fp16 head or layer is read in place from the packed model's own tensor: that
+            # tensor moves along (one copy)
+            shared = [*pm.fp.values(), *(p.weights for p in pm.linears.values())]
             move_to_huge_pages([m.runner for m in self.linear_modules()] + [self.model.lm_head.runner],
-                               keep=frozenset() if emb is None else frozenset({emb.data_ptr()}))
+                               [t for t in shared if isinstance(t, torch.Tensor) and t.device.type == "cpu"])
         self.H, self.KV, self.hd = c.n_heads, c.kv_heads, c.head_dim
         self.slots = slots
         kvt = {"f16": torch.float16, "q8": torch.int8}.get(kv_dtype, torch.float32)

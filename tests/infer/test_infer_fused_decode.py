@@ -121,6 +121,32 @@ def test_fused_batch_step_matches_torch_batch(kw, kv):
         fused.decode_batch([1, 2], [0, 0])
 
 
+@pytest.mark.parametrize("kv", ["f16", "q8"])
+def test_batch_of_eight_is_each_sequence_alone(kv):
+    """8 sequences in one step on 2 threads (attention claims a row's heads at a time there): each
+    row's hidden state (the C layers' output; the float32 head is torch's matmul, whose blocking
+    differs by row count) and cached keys / values are bit for bit its sequence's stepped alone."""
+    pm = from_transformer(_model(), fp_dtype="fp32")
+    batch = Engine(pm, slots=8, threads=2, kv_dtype=kv)
+    alone = Engine(pm, slots=8, threads=2, kv_dtype=kv)
+    prompts = {s: torch.randint(0, 97, (12 + 3 * s,), generator=torch.Generator().manual_seed(s)).tolist()
+               for s in range(8)}
+    for e in (batch, alone):
+        for s, ids in prompts.items():
+            e.prefill(ids, slot=s)
+    slots = [5, 0, 7, 2, 1, 6, 3, 4]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        toks = torch.randint(0, 97, (8,), generator=g).tolist()
+        batch.decode_batch(toks, slots)
+        got = batch.last_hidden.clone()
+        for i, (s, t) in enumerate(zip(slots, toks)):
+            alone.decode_batch([t], [s])
+            assert torch.equal(got[i], alone.last_hidden[0]), (i, s)
+    for i in range(pm.config.n_layers):
+        assert torch.equal(batch.k_cache[i], alone.k_cache[i]) and torch.equal(batch.v_cache[i], alone.v_cache[i])
+
+
 def test_fused_long_context_parallel_attention():
     """Past ~128 positions the heads are spread over the thread pool."""
     pm = from_transformer(_model(max_len=300, n_kv_heads=2), fp_dtype="fp32")

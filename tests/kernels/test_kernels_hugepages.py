@@ -94,7 +94,7 @@ def test_engine_weights_share_one_arena_and_give_the_same_logits(monkeypatch, ti
     from tritlm.infer import engine as engine_mod
     from tritlm.model.config import ModelConfig
     from tritlm.model.transformer import Transformer
-    from tritlm.nn.packed_linear import streamed_weights
+    from tritlm.nn.placement import streamed_weights
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=97, dim=512, n_layers=4, n_heads=8, ffn_dim=1024, max_seq_len=64,
@@ -103,7 +103,7 @@ def test_engine_weights_share_one_arena_and_give_the_same_logits(monkeypatch, ti
     name = "embed_tokens.weight" if tied else "lm_head.weight"
     before = pm.fp[name].clone()
     ids = list(range(1, 20))
-    monkeypatch.setattr(engine_mod, "move_to_huge_pages", lambda *a, **k: 0)
+    monkeypatch.setattr(engine_mod, "place_packed_weights", lambda *a, **k: 0)
     ref = engine_mod.Engine(pm, head="f16")
     unmoved = [h.weight_ptr for m in ref.linear_modules() for h in streamed_weights(m.runner)]
     want = [ref.prefill(ids), ref.decode_batch([5])]

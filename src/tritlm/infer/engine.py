@@ -48,7 +48,8 @@ from tritlm.infer.sampling import SamplingParams
 from tritlm.kernels.cpu import set_num_threads
 from tritlm.model.kv_cache import SlotCache, cache_zeros, kv_row_width
 from tritlm.model.transformer import Transformer
-from tritlm.nn.packed_linear import BACKENDS, move_to_huge_pages
+from tritlm.nn.packed_linear import BACKENDS
+from tritlm.nn.placement import place_packed_weights
 from tritlm.nn.runtime import HEADS, build_runtime_model
 
 log = logging.getLogger(__name__)
@@ -124,13 +125,7 @@ class Engine:
                                          dense_dtype=dense_dtype, head=head, max_len=self.max_len,
                                          device=self.device)
         self.head_kind = self.model.lm_head.kind
-        if backend == "packed" and self.device.type == "cpu":
-            # every step streams these: on huge pages, a TLB miss per 2 MiB instead of per 4 KiB.
-            # An fp16 head or layer is read in place from the packed model's own tensor: that
-            # tensor moves along (one copy)
-            shared = [*pm.fp.values(), *(p.weights for p in pm.linears.values())]
-            move_to_huge_pages([m.runner for m in self.linear_modules()] + [self.model.lm_head.runner],
-                               [t for t in shared if isinstance(t, torch.Tensor) and t.device.type == "cpu"])
+        place_packed_weights([m.runner for m in self.linear_modules()] + [self.head], pm)  # on huge pages
         self.H, self.KV, self.hd = c.n_heads, c.kv_heads, c.head_dim
         self.slots = slots
         kvt = {"f16": torch.float16, "q8": torch.int8}.get(kv_dtype, torch.float32)

@@ -339,6 +339,14 @@ class Sampler:
         self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.mu = 2 * params.mirostat_tau
         self.steps = 0
+        self._bias: torch.Tensor | None = None
+
+    def dense_bias(self, vocab: int) -> torch.Tensor:
+        """``params.logit_bias`` as a [vocab] row to add (zeros without one): built once per
+        sequence, as a batched step adds it at every token."""
+        if self._bias is None or self._bias.shape[0] != vocab:
+            self._bias = apply_logit_bias(torch.zeros(vocab), self.params.logit_bias)
+        return self._bias
 
     @property
     def plain(self) -> bool:
@@ -372,9 +380,6 @@ class Sampler:
         return draw(logits.softmax(-1), self.gen)
 
 
-@functools.lru_cache(maxsize=64)
-def _dense_bias(bias: tuple[tuple[int, float], ...], vocab: int) -> torch.Tensor:
-    return apply_logit_bias(torch.zeros(vocab), bias)
 
 
 def sample_batch(samplers: Sequence[Sampler], logits: Sequence[torch.Tensor]) -> list[int]:
@@ -423,9 +428,7 @@ def _sample_chain(samplers: Sequence[Sampler], logits: Sequence[torch.Tensor]) -
     vocab = x.shape[1]
     if any(s.params.logit_bias for s in samplers):
         # a zero bias adds exactly nothing (x + 0.0 == x): one add for the whole batch
-        x = x + (_dense_bias(samplers[0].params.logit_bias, vocab) if n == 1 else
-                 torch.stack([_dense_bias(s.params.logit_bias, vocab) if s.params.logit_bias else
-                              torch.zeros(vocab) for s in samplers]))
+        x = x + (samplers[0].dense_bias(vocab) if n == 1 else torch.stack([s.dense_bias(vocab) for s in samplers]))
     x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))
     hot = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if len(hot) < n:
@@ -440,7 +443,7 @@ def _sample_chain(samplers: Sequence[Sampler], logits: Sequence[torch.Tensor]) -
     if len(hot) < n:
         x = x[hot]
     # an all -inf row keeps its logits unshifted (x - 0 == x), as process_logits does
-    top = torch.nan_to_num(x.max(-1, keepdim=True).values, nan=0.0, posinf=0.0, neginf=0.0)
+    top = torch.nan_to_num(x.amax(-1, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
     temps = [samplers[i].params.temperature for i in hot]
     t: float | torch.Tensor = (temps[0] if len(set(temps)) == 1 else
                                torch.tensor([[v] for v in temps], dtype=torch.float64))

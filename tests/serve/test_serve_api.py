@@ -244,6 +244,9 @@ BAD = [
     ("/v1/completions", {"prompt": [99999]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "<|im_start|>"}, 400, "prompt"),  # not in the char vocabulary
     ("/v1/completions", {"prompt": "KING " * 40}, 400, "prompt"),  # 200 tokens > context of 64
+    # longer than app.INLINE_TOKENIZE_CHARS: tokenised on a worker thread, the same checks
+    ("/v1/completions", {"prompt": "KING " * 500}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "KING " * 500 + "<|im_start|>"}, 400, "prompt"),
     ("/v1/completions", {"prompt": "KING", "model": "gpt-4"}, 404, "model"),
     ("/v1/completions", {"prompt": "x" * 70_000}, 413, None),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),

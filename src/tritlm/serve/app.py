@@ -93,6 +93,8 @@ async def _read_json(request: Any, limit: int) -> Any:
     return data
 
 
+INLINE_TOKENIZE_CHARS = 2048  # prompts up to this long are tokenised on the event loop itself
+
 # one encoder for every event: json.dumps with these options builds a new JSONEncoder a call
 _SSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -194,8 +196,10 @@ def create_app(backend: Backend, settings: ServeSettings | None = None, *, max_b
     async def encode(text: str, param: str) -> list[int]:
         tok = backend.tokenizer
         try:
-            # Off the event loop: a long prompt takes a while to tokenise.
-            ids = await asyncio.to_thread(tok.encode, text)
+            # A long prompt off the event loop (it takes a while to tokenise); a short one inline: the
+            # hop to a worker thread and back cost more than its tokenising, and at a batch's turn-over
+            # every client's next request pays it while the event loop is busiest
+            ids = tok.encode(text) if len(text) <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(tok.encode, text)
         except TritlmError as e:  # e.g. a character outside a char tokenizer's vocabulary
             raise ApiError(400, f"the prompt cannot be tokenised: {e}", param=param,
                            code="invalid_prompt") from None

@@ -172,16 +172,44 @@ def test_fused_greedy_tokens_identical():
 def test_fused_rejects_out_of_range_position():
     pm = from_transformer(_model(), fp_dtype="fp32")
     eng = Engine(pm)
-    x, out = torch.zeros(2, 128), torch.empty(2, 128)
+    out = torch.empty(2, 128)
     with pytest.raises(ValueError, match="position"):
-        eng.fused.step(x[:1], [0], [64], out)
+        eng.fused.step([1], [0], [64], out)
     with pytest.raises(ValueError, match="slot"):
-        eng.fused.step(x[:1], [1], [0], out)
+        eng.fused.step([1], [1], [0], out)
     with pytest.raises(ValueError, match="slot"):  # more rows than the engine has slots
-        eng.fused.step(x, [0, 0], [0, 1], out)
+        eng.fused.step([1, 2], [0, 0], [0, 1], out)
     big = Engine(pm, slots=2)
     with pytest.raises(ValueError, match="slot"):  # two rows writing one slot
-        big.fused.step(x, [1, 1], [0, 1], out)
+        big.fused.step([1, 2], [1, 1], [0, 1], out)
+    for bad in (-1, 97, 2**31 - 1):  # the vocabulary is 97 tokens
+        with pytest.raises(ValueError, match="vocabulary"):
+            big.fused.step([1, bad], [0, 1], [0, 0], out)
+        with pytest.raises(ValueError, match="vocabulary"):
+            big.fused.prefill([bad, 1], 0, 0, out)
+    assert all(not c.any() for c in big.k_cache + big.v_cache)  # refused before any row was written
+
+
+@pytest.mark.parametrize("fp", ["fp32", "fp16", "bf16"])
+def test_fused_step_gathers_the_embedding_rows_torch_does(fp):
+    """The C step by token ids reads the embedding table itself (float32, half or bfloat16): the
+    same hidden states, bit for bit, as the step given torch's embedding rows (``w[ids].float()``)."""
+    import ctypes
+
+    pm = from_transformer(_model(n_kv_heads=2), fp_dtype=fp)
+    by_ids, by_rows = Engine(pm, slots=3, threads=2), Engine(pm, slots=3, threads=2)
+    w = by_ids.model.embed_tokens.w
+    assert w.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[fp]
+    g = torch.Generator().manual_seed(5)
+    for step in range(3):
+        toks = torch.randint(0, 97, (3,), generator=g).tolist()
+        a, b = torch.empty(3, 128), torch.empty(3, 128)
+        by_ids.fused.step(toks, [0, 1, 2], [step] * 3, a)
+        x = w[torch.tensor(toks)].float().contiguous()
+        arr = (ctypes.c_int * 3)
+        rc = by_rows.fused._lib.tt_dec_step_batch(by_rows.fused._h, x.data_ptr(), 3, arr(0, 1, 2), arr(*[step] * 3),
+                                                  b.data_ptr(), 2)
+        assert rc == 0 and torch.equal(a, b), step
 
 
 def test_engine_without_compiled_kernels_uses_the_torch_path(monkeypatch):
@@ -271,11 +299,11 @@ def test_fused_prefill_matches_torch_path(kw, kernel, kv, monkeypatch):
 def test_fused_prefill_rejects_bad_positions():
     pm = from_transformer(_model(), fp_dtype="fp32")
     eng = Engine(pm)
-    x, out = torch.zeros(8, 128), torch.empty(8, 128)
+    ids, out = list(range(1, 9)), torch.empty(8, 128)
     with pytest.raises(ValueError, match="positions"):
-        eng.fused.prefill(x, 0, 60, out)  # 60..67 past the cache of 64
+        eng.fused.prefill(ids, 0, 60, out)  # 60..67 past the cache of 64
     with pytest.raises(ValueError, match="slot"):
-        eng.fused.prefill(x, 1, 0, out)
+        eng.fused.prefill(ids, 1, 0, out)
 
 
 def test_prefill_many_is_each_prompt_prefilled_alone(monkeypatch):

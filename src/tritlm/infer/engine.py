@@ -225,10 +225,9 @@ class Engine:
     def _fused_step(self, toks: Sequence[int], slots: Sequence[int], pos: Sequence[int]) -> torch.Tensor:
         """Tokens through the C decode step (the forward pass's math), one row per sequence; logits [M, V]."""
         m = len(toks)
-        x = self._embed(toks)
         h = torch.empty(m, self.cfg.dim)
         t = time.perf_counter()
-        self.fused.step(x, list(slots), list(pos), h, self.threads or 0)
+        self.fused.step(list(toks), list(slots), list(pos), h, self.threads or 0)
         out = self.head(h, torch.empty(m, self.cfg.vocab_size))
         self.stats.native_s += time.perf_counter() - t
         self.last_hidden = h
@@ -237,18 +236,12 @@ class Engine:
     def _fused_prefill(self, ids: Sequence[int], slot: int, start: int, all_logits: bool) -> torch.Tensor:
         """A prompt through the C layers (one sequence, its tokens as the rows); logits of every
         position (``all_logits``) or of the last, as the torch path returns them."""
-        x = self._embed(ids)
-        h = torch.empty_like(x)
-        self.fused.prefill(x, slot, start, h, self.threads or 0)
+        h = torch.empty(len(ids), self.cfg.dim)
+        self.fused.prefill([int(i) for i in ids], slot, start, h, self.threads or 0)
         rows = h if all_logits else h[-1:]
         out = self.head(rows, torch.empty(rows.shape[0], self.cfg.vocab_size))
         self.last_hidden = h
         return out
-
-    def _embed(self, ids: Sequence[int]) -> torch.Tensor:
-        """The fused path's input rows: float32 [len(ids), dim] embeddings of ``ids`` (a new tensor,
-        which the C layers overwrite)."""
-        return self.model.embed_tokens.w[torch.as_tensor(list(ids), dtype=torch.long)].float().contiguous()
 
     def _host(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits where the generator samples: float32 on the CPU."""
@@ -427,9 +420,8 @@ class Engine:
             last.append(len(toks) - 1)
         t0 = time.perf_counter()
         with self.torch_threads_scope():
-            x = self._embed(toks)
-            h = torch.empty_like(x)
-            self.fused.forward_rows(x, slots, pos, h, self.threads or 0)
+            h = torch.empty(len(toks), self.cfg.dim)
+            self.fused.forward_rows([int(t) for t in toks], slots, pos, h, self.threads or 0)
             h = h[last].contiguous()
             out = self.head(h, torch.empty(len(items), self.cfg.vocab_size))
         dt = time.perf_counter() - t0

@@ -4,7 +4,8 @@ The engine's torch forward runs ~25 small ops per layer; at M = 1 on a 2-core CP
 cost about as much as the ternary GEMVs themselves (measured on the 700M shape: ~12 ms of glue
 next to ~12 ms of kernels per token). :class:`FusedDecoder` hands the C side pointers to the
 engine's own buffers (packed weights via the kernel contexts, norms, KV cache, RoPE tables) once,
-so a decode step is: copy the embedding rows, one C call, the LM head, sampling. Several sequences
+so a decode step is: one C call (from token ids: the C side gathers their embedding rows), the LM
+head, sampling. Several sequences
 (continuous batching) go through the same call as rows: each Linear kernel runs once over all of
 them, so a step reads the weights once whatever the batch. A prompt is the same call with its
 tokens as the rows (one slot, consecutive positions: every row's keys/values are written before
@@ -31,6 +32,8 @@ from tritlm.kernels.cpu import build
 PREFILL_ROWS = 128
 # the C side's cache kinds (tritlm_decode.c TT_KV_*) by the cache tensors' dtype
 KV_MODES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
+# the embedding tables it reads (TT_EMB_*)
+EMB_MODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 class FusedDecoder:
@@ -61,6 +64,9 @@ class FusedDecoder:
         keep: list = [eng.cos, eng.sin_signed, final_norm]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in keep):
             return None
+        emb = m.embed_tokens.w
+        if emb.dtype not in EMB_MODES or not emb.is_contiguous() or emb.shape != (c.vocab_size, c.dim):
+            return None
         kv = KV_MODES.get(eng.k_cache[0].dtype)
         if kv is None or not all(t.dtype == eng.k_cache[0].dtype and t.is_contiguous()
                                  for t in (*eng.k_cache, *eng.v_cache)):
@@ -73,6 +79,9 @@ class FusedDecoder:
         if not h:
             return None
         dec = cls(lib, h, keep, rows)
+        if lib.tt_dec_set_embed(h, emb.data_ptr(), EMB_MODES[emb.dtype], c.vocab_size) != 0:
+            return None
+        keep.append(emb)
 
         def ptr(norm) -> int | None:
             if norm is None:
@@ -92,43 +101,46 @@ class FusedDecoder:
             keep += [*lins, eng.k_cache[i], eng.v_cache[i]]
         return dec
 
-    def step(self, x: torch.Tensor, slots: list[int], pos: list[int], out: torch.Tensor,
-             threads: int = 0) -> torch.Tensor:
-        """One token for each of ``len(slots)`` sequences (distinct slots), every Linear once over
-        all rows. ``x``: float32 [M, dim] embeddings (overwritten); writes the final-normed hidden
-        states to ``out`` [M, dim]."""
-        m = len(slots)
-        sl = (ctypes.c_int * m)(*slots)
-        ps = (ctypes.c_int * m)(*pos)
-        rc = self._lib.tt_dec_step_batch(self._h, x.data_ptr(), m, sl, ps, out.data_ptr(), threads)
+    def _check(self, rc: int, what: str) -> None:
         if rc == -1:
             raise MemoryError("tritlm kernel: workspace allocation failed")
+        if rc == -3:
+            raise ValueError(f"fused forward: a token id outside the vocabulary ({what})")
         if rc != 0:
-            raise ValueError(f"fused decode step rejected slots {slots} / positions {pos}")
+            raise ValueError(f"fused forward rejected {what}")
+
+    def step(self, tokens: list[int], slots: list[int], pos: list[int], out: torch.Tensor,
+             threads: int = 0) -> torch.Tensor:
+        """One token for each of ``len(slots)`` sequences (distinct slots), every Linear once over
+        all rows: ``tokens[r]`` at position ``pos[r]`` of slot ``slots[r]``. Writes the
+        final-normed hidden states to ``out`` [M, dim]."""
+        m = len(slots)
+        ids = (ctypes.c_int * m)(*tokens)
+        sl = (ctypes.c_int * m)(*slots)
+        ps = (ctypes.c_int * m)(*pos)
+        rc = self._lib.tt_dec_step_ids(self._h, ids, m, sl, ps, out.data_ptr(), threads)
+        self._check(rc, f"slots {slots} / positions {pos}")
         return out
 
-    def forward_rows(self, x: torch.Tensor, slots: list[int], pos: list[int], out: torch.Tensor,
+    def forward_rows(self, tokens: list[int], slots: list[int], pos: list[int], out: torch.Tensor,
                      threads: int = 0) -> torch.Tensor:
-        """Row ``r`` is the token at position ``pos[r]`` of slot ``slots[r]`` (no two rows share
-        both): one prompt (a slot's consecutive positions: causal, as every row's keys/values are
-        written before any row attends) or several, in chunks of :attr:`rows` rows, a slot's
-        earlier positions in earlier rows. ``x``: float32 [M, dim] embeddings (overwritten);
-        ``out`` [M, dim] the final-normed hidden states."""
+        """Row ``r`` is the token ``tokens[r]`` at position ``pos[r]`` of slot ``slots[r]`` (no two
+        rows share both): one prompt (a slot's consecutive positions: causal, as every row's
+        keys/values are written before any row attends) or several, in chunks of :attr:`rows` rows,
+        a slot's earlier positions in earlier rows. ``out`` [M, dim] the final-normed hidden states."""
         for a in range(0, len(slots), self.rows):
             b = min(a + self.rows, len(slots))
+            ids = (ctypes.c_int * (b - a))(*tokens[a:b])
             sl = (ctypes.c_int * (b - a))(*slots[a:b])
             ps = (ctypes.c_int * (b - a))(*pos[a:b])
-            rc = self._lib.tt_dec_forward_rows(self._h, x[a:b].data_ptr(), b - a, sl, ps, out[a:b].data_ptr(), threads)
-            if rc == -1:
-                raise MemoryError("tritlm kernel: workspace allocation failed")
-            if rc != 0:
-                raise ValueError(f"fused forward rejected rows {a}..{b - 1}: slots {slots[a:b]} / positions {pos[a:b]}")
+            rc = self._lib.tt_dec_forward_rows_ids(self._h, ids, b - a, sl, ps, out[a:b].data_ptr(), threads)
+            self._check(rc, f"rows {a}..{b - 1}: slots {slots[a:b]} / positions {pos[a:b]}")
         return out
 
-    def prefill(self, x: torch.Tensor, slot: int, start: int, out: torch.Tensor, threads: int = 0) -> torch.Tensor:
-        """``len(x)`` tokens of one sequence at positions ``start..`` of ``slot`` (see :meth:`forward_rows`)."""
-        t = x.shape[0]
-        return self.forward_rows(x, [slot] * t, list(range(start, start + t)), out, threads)
+    def prefill(self, tokens: list[int], slot: int, start: int, out: torch.Tensor, threads: int = 0) -> torch.Tensor:
+        """``len(tokens)`` tokens of one sequence at positions ``start..`` of ``slot`` (see :meth:`forward_rows`)."""
+        t = len(tokens)
+        return self.forward_rows(tokens, [slot] * t, list(range(start, start + t)), out, threads)
 
     # the C side's profile sections, in its order (tritlm_decode.c TT_PROF_*)
     SECTIONS = ("qkv", "o", "gate_up", "down", "attention", "norms+rope+act")

@@ -19,8 +19,9 @@
  *   x += rs * down(a)
  *   out = rmsnorm(x, final_norm)   (the LM head stays in Python: fp32 BLAS or the t4 kernel)
  *
- * The Python side owns every buffer (weights, norms, KV cache, RoPE tables); this file only keeps
- * pointers to them and its own scratch space.
+ * The Python side owns every buffer (weights, norms, KV cache, RoPE tables, the embedding table);
+ * this file only keeps pointers to them and its own scratch space. The engine calls by token ids
+ * (tt_dec_step_ids, tt_dec_forward_rows_ids): the rows' embeddings are gathered here.
  *
  * The KV cache holds float32, IEEE half (the engine's default, as llama.cpp's f16 cache) or q8
  * rows (d->kv): halves are rounded when written (round to nearest even, as torch's .half()) and
@@ -29,6 +30,8 @@
  * bytes. The math stays float32.
  */
 enum { TT_KV_F32, TT_KV_F16, TT_KV_Q8 };
+/* what the embedding table holds (tt_dec_set_embed) */
+enum { TT_EMB_F32, TT_EMB_F16, TT_EMB_BF16 };
 
 /* profile sections (ns summed over calls): the four Linears of every layer, attention, the row
  * work between them (norms, RoPE, cache writes, residuals, activation), and the step count */
@@ -50,6 +53,12 @@ typedef struct {
     const float *final_norm;
     tt_dec_layer *L;
     float *h, *qkv, *att, *gu, *tmp, *scores; /* scratch, `rows` rows */
+    /* the token embedding table [vocab, dim] (tt_dec_set_embed), and the rows a call by token ids
+     * gathers from it into x (scratch, `rows` rows) */
+    const void *emb;
+    int emb_dtype; /* TT_EMB_* */
+    long vocab;
+    float *x;
     int prof;                                  /* 1: accumulate prof_ns (tt_dec_set_profile) */
     uint64_t prof_ns[TT_DEC_NPROF];
 } tt_dec;
@@ -203,7 +212,57 @@ tt_dec *tt_dec_new(int n_layers, int dim, int n_heads, int kv_heads, int hd, int
 
 void tt_dec_free(tt_dec *d) {
     if (!d) return;
-    free(d->L); free(d->h); free(d->qkv); free(d->att); free(d->gu); free(d->tmp); free(d->scores); free(d);
+    free(d->L); free(d->h); free(d->qkv); free(d->att); free(d->gu); free(d->tmp); free(d->scores); free(d->x);
+    free(d);
+}
+
+/* the token embedding table [vocab, dim], row-major, in float32, IEEE half or bfloat16 (dtype
+ * TT_EMB_*), for the calls by token ids; the caller keeps it alive. 0, or -1 (bad arguments, or no
+ * memory for the rows' scratch) */
+int tt_dec_set_embed(tt_dec *d, const void *table, int dtype, long vocab) {
+    if (!d || !table || dtype < TT_EMB_F32 || dtype > TT_EMB_BF16 || vocab <= 0) return -1;
+    if (!d->x && !(d->x = (float *)tt_aligned_alloc(sizeof(float) * (size_t)d->rows * (size_t)d->dim))) return -1;
+    d->emb = table;
+    d->emb_dtype = dtype;
+    d->vocab = vocab;
+    return 0;
+}
+
+#if TT_X86
+TT_F16C_FN static void tt_half_row_f16c(const uint16_t *h, float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(h + i))));
+    for (; i < n; i++) x[i] = tt_half_to_float(h[i]);
+}
+#endif
+
+/* x [m, dim] = float32 rows ids[0..m) of the embedding table (every conversion exact, as torch's
+ * .float()): the step's input without a torch gather, cast and copy before every call (~0.1 ms of
+ * cold torch ops after a step has streamed the weights through the caches) */
+static void tt_embed_rows(const tt_dec *d, const int *ids, int m, float *x) {
+    const int D = d->dim;
+    for (int r = 0; r < m; r++) {
+        const size_t at = (size_t)ids[r] * (size_t)D;
+        float *row = x + (size_t)r * D;
+        if (d->emb_dtype == TT_EMB_F32) {
+            memcpy(row, (const float *)d->emb + at, sizeof(float) * (size_t)D);
+        } else if (d->emb_dtype == TT_EMB_F16) {
+            const uint16_t *h = (const uint16_t *)d->emb + at;
+#if TT_X86
+            if (d->isa) {
+                tt_half_row_f16c(h, row, D);
+                continue;
+            }
+#endif
+            for (int e = 0; e < D; e++) row[e] = tt_half_to_float(h[e]);
+        } else {
+            const uint16_t *b = (const uint16_t *)d->emb + at;
+            for (int e = 0; e < D; e++) {
+                const uint32_t bits = (uint32_t)b[e] << 16;
+                memcpy(row + e, &bits, sizeof(float));
+            }
+        }
+    }
 }
 
 /* returns 0, or -1 when a matrix does not have the shape the model needs */
@@ -783,21 +842,50 @@ static int tt_dec_ready(const tt_dec *d) {
     return 1;
 }
 
-/* x [m, dim] (the tokens' embeddings, float32) -> out [m, dim] = final-normed hidden states; row r
- * writes its keys/values at pos[r] of slot slots[r] (distinct slots). x is overwritten with the
- * residual streams. */
-int tt_dec_step_batch(tt_dec *d, float *x, int m, const int *slots, const int *pos, float *out, int nth) {
-    if (!d || m <= 0 || m > d->slots || !slots || !pos || !tt_dec_ready(d)) return -2;
+/* the rows a call may carry: m of at most max_m; every slot and position in range; seq_rows (a
+ * decode step): each row its own slot, else no two rows at the same (slot, position). 0 or -2 */
+static int tt_dec_check(const tt_dec *d, int m, int max_m, const int *slots, const int *pos, int seq_rows) {
+    if (!d || m <= 0 || m > max_m || !slots || !pos || !tt_dec_ready(d)) return -2;
     for (int r = 0; r < m; r++) {
         if (slots[r] < 0 || slots[r] >= d->slots || pos[r] < 0 || pos[r] >= d->max_len) return -2;
         for (int t = 0; t < r; t++)
-            if (slots[t] == slots[r]) return -2;
+            if (slots[t] == slots[r] && (seq_rows || pos[t] == pos[r])) return -2;
+    }
+    return 0;
+}
+
+/* the layers over x (NULL: the embedding rows of ids, gathered under the lock into d->x) */
+static int tt_dec_call(tt_dec *d, float *x, const int *ids, int m, const int *slots, const int *pos, float *out,
+                       int nth, int seq_rows) {
+    const int rc0 = tt_dec_check(d, m, seq_rows ? d->slots : d->rows, slots, pos, seq_rows);
+    if (rc0) return rc0;
+    if (!x) {
+        if (!ids || !d->emb) return -2;
+        for (int r = 0; r < m; r++)
+            if (ids[r] < 0 || ids[r] >= d->vocab) return -3;
     }
     pthread_mutex_lock(&P.call_lock);
     tt_init_once();
-    const int rc = tt_dec_rows(d, x, m, slots, pos, out, nth, 1);
+    if (!x) {
+        tt_embed_rows(d, ids, m, d->x);
+        x = d->x;
+    }
+    const int rc = tt_dec_rows(d, x, m, slots, pos, out, nth, seq_rows);
     pthread_mutex_unlock(&P.call_lock);
     return rc;
+}
+
+/* x [m, dim] (the tokens' embeddings, float32) -> out [m, dim] = final-normed hidden states; row r
+ * writes its keys/values at pos[r] of slot slots[r] (distinct slots). x is overwritten with the
+ * residual streams. 0, -1 (no memory), -2 (bad rows) */
+int tt_dec_step_batch(tt_dec *d, float *x, int m, const int *slots, const int *pos, float *out, int nth) {
+    return x ? tt_dec_call(d, x, NULL, m, slots, pos, out, nth, 1) : -2;
+}
+
+/* tt_dec_step_batch on the embedding rows of token ids[0..m) (tt_dec_set_embed); -3: an id outside
+ * the vocabulary */
+int tt_dec_step_ids(tt_dec *d, const int *ids, int m, const int *slots, const int *pos, float *out, int nth) {
+    return tt_dec_call(d, NULL, ids, m, slots, pos, out, nth, 1);
 }
 
 /* one sequence: x [dim] -> out [dim] (see tt_dec_step_batch) */
@@ -811,15 +899,10 @@ int tt_dec_step(tt_dec *d, float *x, int slot, int pos, float *out, int nth) {
  * decode steps of other slots) go through in one call. Positions of a slot before its rows must
  * hold its keys/values. x [m, dim] embeddings (overwritten) -> out [m, dim]. */
 int tt_dec_forward_rows(tt_dec *d, float *x, int m, const int *slots, const int *pos, float *out, int nth) {
-    if (!d || m <= 0 || m > d->rows || !slots || !pos || !tt_dec_ready(d)) return -2;
-    for (int r = 0; r < m; r++) {
-        if (slots[r] < 0 || slots[r] >= d->slots || pos[r] < 0 || pos[r] >= d->max_len) return -2;
-        for (int t = 0; t < r; t++)
-            if (slots[t] == slots[r] && pos[t] == pos[r]) return -2;
-    }
-    pthread_mutex_lock(&P.call_lock);
-    tt_init_once();
-    const int rc = tt_dec_rows(d, x, m, slots, pos, out, nth, 0);
-    pthread_mutex_unlock(&P.call_lock);
-    return rc;
+    return x ? tt_dec_call(d, x, NULL, m, slots, pos, out, nth, 0) : -2;
+}
+
+/* tt_dec_forward_rows on the embedding rows of token ids[0..m) (see tt_dec_step_ids) */
+int tt_dec_forward_rows_ids(tt_dec *d, const int *ids, int m, const int *slots, const int *pos, float *out, int nth) {
+    return tt_dec_call(d, NULL, ids, m, slots, pos, out, nth, 0);
 }

@@ -275,7 +275,7 @@ def test_cache_tensors_sit_on_huge_page_boundaries():
     if sys.platform.startswith("linux"):
         assert big.data_ptr() % (2 << 20) == 0
     pm = from_transformer(tiny_model(max_len=4096), fp_dtype="fp32")
-    e = Engine(pm, slots=2, kv_dtype="f16")  # 2 x 4 heads x 4096 x 32 halves = 2 MiB a layer
+    e = Engine(pm, slots=2, kv_dtype="f16", cache_len=4096)  # 2 x 4 heads x 4096 x 32 halves = 2 MiB a layer
     ids = list(range(1, 30))
     want = e.prefill(ids, slot=1)
     if sys.platform.startswith("linux"):
@@ -295,3 +295,44 @@ def test_c_entry_points_reject_bad_arguments():
     assert lib.tt_f32_to_q8_rows(None, ctypes.addressof(q), 1, 12, 1) == -1
     assert lib.tt_f32_to_q8_rows(ctypes.addressof(x), ctypes.addressof(q), 1, 6, 1) == -1  # 6 % 4
     assert lib.tt_f32_to_q8_rows(ctypes.addressof(x), ctypes.addressof(q), -1, 12, 1) == -1
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cache_grows_with_the_longest_sequence(fused):
+    """A slot's cache starts at cache_len positions and doubles (capped at the context) when a
+    sequence needs more, keeping what every slot holds: the logits of an engine that grew 16 ->
+    32 -> 64 -> 128 -> 150 are those of one that had all 150 positions from the start, bit for
+    bit, through prompts, batched decode and a prefix restored from the prefix cache."""
+    from tritlm.infer.prefix_cache import PrefixCache
+
+    pm = from_transformer(tiny_model(max_len=150), fp_dtype="fp32")
+    grown, whole = (Engine(pm, slots=3, fused=fused, cache_len=n) for n in (16, 150))
+    assert grown.k_cache[0].shape[2] == 16 and whole.k_cache[0].shape[2] == 150
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (10, 40, 5)]
+    for e in (grown, whole):
+        e.prefill(prompts[0], slot=0)
+    assert grown.k_cache[0].shape[2] == 16
+    a = [grown.prefill(p, slot=s) for s, p in enumerate(prompts[1:], 1)]
+    assert grown.k_cache[0].shape[2] == 64 and (grown.fused is not None) == fused
+    b = [whole.prefill(p, slot=s) for s, p in enumerate(prompts[1:], 1)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for step in range(105):  # slot 1 reaches 145 positions
+        toks = torch.randint(0, 97, (3,), generator=g).tolist()
+        slots = [0, 1, 2] if step < 60 else [1]
+        x, y = grown.decode_batch(toks[:len(slots)], slots), whole.decode_batch(toks[:len(slots)], slots)
+        assert torch.equal(x, y), step
+    assert grown.k_cache[0].shape[2] == 150 and grown.v_cache[-1].shape[2] == 150  # capped at the context
+    with pytest.raises(ValueError, match="exceed"):
+        grown.forward_seq([1] * 6, slot=1)
+    # a cached prefix restored into a small cache grows it first
+    pc = PrefixCache(whole, max_bytes=1 << 30)
+    long_prompt = torch.randint(0, 97, (70,), generator=g).tolist()
+    pc.prefill_many([(long_prompt, 0)])
+    got = []
+    for n in (8, 150):  # each restores the 70-token entry, then prefills 2 tokens
+        one = PrefixCache(Engine(pm, slots=1, fused=fused, cache_len=n), max_bytes=1 << 30)
+        one.entries = pc.entries.copy()
+        got.append(one.prefill_many([(long_prompt + [5, 6], 0)]))
+        assert one.hits == 1 and one.engine.k_cache[0].shape[2] == (128 if n == 8 else 150)
+    assert all(torch.equal(x, y) for x, y in zip(*got))

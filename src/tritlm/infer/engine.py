@@ -9,8 +9,12 @@ Design choices (each measured on 2-core Zen3 boxes, see benchmarks/RESULTS.md "C
   *one* module over the row-concatenated packed weights when they share a kind (4 kernel calls
   per layer instead of 7), part by part when they do not. Prefill, batched decode, tracing and
   the dense baseline all run ``Transformer.forward``.
-* The KV cache is preallocated ``[slots, kv_heads, max_len, head_dim]`` per layer; a slot is one
-  sequence (:class:`SlotCache`). Decode of several sequences (batching) is one forward with a
+* The KV cache is ``[slots, kv_heads, cache_len, head_dim]`` per layer; a slot is one sequence
+  (:class:`SlotCache`). ``cache_len`` starts at :data:`CACHE_LEN` positions and doubles when a
+  sequence needs more, up to the context: every (slot, head) is its own run of positions, so
+  the stride between them, and the pages a batched step's key / value writes and reads land in,
+  grow with it (700M, 8 sequences at ~45 positions: a decode step 15.8 ms with 2048 positions
+  allocated, 14.4 ms with 256). Decode of several sequences (batching) is one forward with a
   row per sequence, each at its own position. The packed runtime's cache holds fp16 by default,
   as llama.cpp's does: half the memory, and attention (bound by reading the cache) 1.4-1.7x
   faster at 1000 positions; the math stays float32, and every path rounds keys / values to fp16
@@ -44,9 +48,10 @@ import torch
 from tritlm.errors import ConfigError
 from tritlm.formats.packed import PackedModel
 from tritlm.infer.fused_decode import FusedDecoder
+from tritlm.infer.hooks import install_hooks
 from tritlm.infer.sampling import SamplingParams
 from tritlm.kernels.cpu import set_num_threads
-from tritlm.model.kv_cache import SlotCache, cache_zeros, kv_row_width
+from tritlm.model.kv_cache import SlotCache, cache_zeros, kv_row_width, regrow
 from tritlm.model.transformer import Transformer
 from tritlm.nn.packed_linear import BACKENDS
 from tritlm.nn.placement import place_packed_weights
@@ -57,6 +62,7 @@ log = logging.getLogger(__name__)
 __all__ = ["HEADS", "KV_DTYPES", "Engine", "EngineStats", "SlotCache", "load_engine"]
 
 KV_DTYPES = ("auto", "f16", "q8", "f32")
+CACHE_LEN = 256  # positions a slot's KV cache holds at first (see the module docstring)
 
 
 @dataclass
@@ -81,7 +87,9 @@ class Engine:
             (fp16 weights, C GEMV), "fp32" (float32 matmul) or "t4" (4 ternary digit planes,
             approximate, 8 bits per weight).
         slots: how many sequences the KV cache holds (batch size).
-        max_len: cache length (default: the model's context).
+        max_len: positions a slot may hold (default: the model's context).
+        cache_len: positions allocated per slot at first (default :data:`CACHE_LEN`, at most
+            ``max_len``); the cache doubles as sequences need more (``ensure_len``).
         torch_threads: intra-op threads of torch while the engine runs (None: leave as is); 1
             keeps torch's OpenMP workers from spinning against the kernel threads on small ops.
         fused: decode single tokens with one C call for all layers (``infer/fused_decode.py``)
@@ -97,7 +105,8 @@ class Engine:
     def __init__(self, pm: PackedModel, *, threads: int | None = None, backend: str = "packed",
                  dense_dtype: torch.dtype = torch.float32, head: str = "auto", slots: int = 1,
                  max_len: int | None = None, torch_threads: int | None = 1, fused: bool = True,
-                 device: torch.device | str = "cpu", cuda_graphs: bool = True, kv_dtype: str = "auto"):
+                 device: torch.device | str = "cpu", cuda_graphs: bool = True, kv_dtype: str = "auto",
+                 cache_len: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.device = torch.device(device)
@@ -132,7 +141,10 @@ class Engine:
         if kvt == torch.int8 and self.hd % 4:
             raise ConfigError(f"the q8 KV cache needs a head size divisible by 4 (its rows end in a "
                              f"float32 scale), this model's is {self.hd}")
-        shape = (slots, self.KV, self.max_len, kv_row_width(kvt, self.hd))
+        self.cache_len = min(self.max_len, cache_len or CACHE_LEN)
+        if self.cache_len < 1:
+            raise ValueError(f"cache_len must be >= 1, got {cache_len}")
+        shape = (slots, self.KV, self.cache_len, kv_row_width(kvt, self.hd))
         self.k_cache = [cache_zeros(shape, kvt, self.device) for _ in range(c.n_layers)]
         self.v_cache = [cache_zeros(shape, kvt, self.device) for _ in range(c.n_layers)]
         self.cache = SlotCache(self.k_cache, self.v_cache)
@@ -142,7 +154,7 @@ class Engine:
         self.tracer: Callable[[str, int, torch.Tensor], None] | None = None  # see infer.profile
         self.timer: Callable[[str], contextlib.AbstractContextManager] | None = None
         self.last_hidden: torch.Tensor | None = None  # [rows, D] after the final norm
-        self._install_hooks()
+        install_hooks(self)
         # One cache, one caller at a time: servers share a LoadedModel across request threads.
         self.lock = threading.RLock()
         half = self.hd // 2
@@ -156,44 +168,6 @@ class Engine:
             from tritlm.infer.graph_decode import GraphDecoder
 
             self.graphs = GraphDecoder(self)
-
-    # ---------------------------------------------------------------- hooks
-    def _install_hooks(self) -> None:
-        """Per-layer tracing (``tracer``) and timing (``timer``) as module hooks on the one forward."""
-        m, stack = self.model, []
-
-        def trace(name: str, layer: int):
-            def hook(_mod, _inp, out):
-                if self.tracer is not None:
-                    self.tracer(name, layer, out.reshape(-1, out.shape[-1]))
-            return hook
-
-        def timed(name: str, mod: torch.nn.Module) -> None:
-            def pre(_mod, _inp):
-                if self.timer is not None:
-                    cm = self.timer(name)
-                    cm.__enter__()
-                    stack.append(cm)
-
-            def post(_mod, _inp, _out):
-                if self.timer is not None and stack:
-                    stack.pop().__exit__(None, None, None)
-            mod.register_forward_pre_hook(pre)
-            mod.register_forward_hook(post)
-
-        def hidden(_mod, _inp, out):
-            self.last_hidden = out.reshape(-1, out.shape[-1])
-
-        m.embed_tokens.register_forward_hook(trace("embed", -1))
-        for i, blk in enumerate(m.layers):
-            blk.self_attn.register_forward_hook(trace("attn_out", i))
-            blk.mlp.register_forward_hook(trace("mlp_out", i))
-            blk.register_forward_hook(trace("resid", i))
-            timed(f"layer{i}.attn", blk.self_attn)
-            timed(f"layer{i}.mlp", blk.mlp)
-        m.norm.register_forward_hook(hidden)
-        timed("head", m.lm_head)
-        m.lm_head.register_forward_hook(trace("logits", self.cfg.n_layers))
 
     @property
     def head(self):
@@ -258,6 +232,7 @@ class Engine:
             raise ValueError(f"slot {slot} out of range (engine has {self.slots})")
         if start + t > self.max_len:
             raise ValueError(f"{start + t} positions exceed the cache length {self.max_len}")
+        self.ensure_len(start + t)
 
     @torch.no_grad()
     def forward_seq(self, ids: Sequence[int], slot: int = 0, start: int | None = None,
@@ -437,17 +412,26 @@ class Engine:
 
     def ensure_slots(self, n: int) -> None:
         """Grow the KV cache to hold at least ``n`` sequences (what the slots hold is kept)."""
-        if n <= self.slots:
-            return
+        if n > self.slots:
+            self._regrow(n, self.cache_len)
+            self.pos += [0] * (n - len(self.pos))
+            self.tokens += [[] for _ in range(n - len(self.tokens))]
+
+    def ensure_len(self, n: int) -> None:
+        """Grow the KV cache so that each slot holds ``n`` positions (``n <= max_len``): doubled
+        at least, so a long generation reallocates a few times, not every token."""
+        if n > self.cache_len:
+            length = self.cache_len
+            while length < n:
+                length *= 2
+            self._regrow(self.slots, min(length, self.max_len))
+
+    def _regrow(self, slots: int, length: int) -> None:
         with self.lock:
-            for cache in (self.k_cache, self.v_cache):
-                for i, old in enumerate(cache):  # in place: the SlotCache and a PrefixCache share these lists
-                    new = cache_zeros((n, *old.shape[1:]), old.dtype, old.device)
-                    new[:self.slots] = old
-                    cache[i] = new
-            self.pos += [0] * (n - self.slots)
-            self.tokens += [[] for _ in range(n - self.slots)]
-            self.slots = n
+            log.info("KV cache: %d slots x %d positions -> %d x %d", self.slots, self.cache_len, slots, length)
+            regrow(self.k_cache, slots, length)
+            regrow(self.v_cache, slots, length)
+            self.slots, self.cache_len = slots, length
             if self.fused is not None:  # the C context points into the old cache buffers
                 self.fused = FusedDecoder.create(self)
             if self.graphs is not None:  # so do the recorded graphs

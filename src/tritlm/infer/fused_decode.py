@@ -71,8 +71,8 @@ class FusedDecoder:
         if kv is None or not all(t.dtype == eng.k_cache[0].dtype and t.is_contiguous()
                                  for t in (*eng.k_cache, *eng.v_cache)):
             return None
-        rows = max(eng.slots, min(PREFILL_ROWS, eng.max_len))
-        h = lib.tt_dec_new(c.n_layers, c.dim, eng.H, eng.KV, eng.hd, c.ffn_dim, eng.max_len, eng.slots, rows,
+        rows = max(eng.slots, min(PREFILL_ROWS, eng.cache_len))
+        h = lib.tt_dec_new(c.n_layers, c.dim, eng.H, eng.KV, eng.hd, c.ffn_dim, eng.cache_len, eng.slots, rows,
                            float(c.norm_eps), float(c.residual_scale), int(c.mlp == "relu2"),
                            int(bool(c.quant.input_norm)), eng.cos.data_ptr(), eng.sin_signed.data_ptr(),
                            final_norm.data_ptr(), kv)

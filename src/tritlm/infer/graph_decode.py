@@ -116,7 +116,7 @@ class GraphDecoder:
         if not self.usable(slots):
             return None
         e = self.engine
-        length = min(e.max_len, (max(pos) // self.bucket + 1) * self.bucket)
+        length = min(e.cache_len, (max(pos) // self.bucket + 1) * self.bucket)
         key = (len(slots), slots[0], length)
         st = self.steps.get(key)
         if st is None:
@@ -134,5 +134,5 @@ class GraphDecoder:
             return None
 
     def reset(self) -> None:
-        """Drop every recorded graph (the cache tensors were replaced: ``Engine.ensure_slots``)."""
+        """Drop every recorded graph (the cache tensors were replaced: ``Engine._regrow``)."""
         self.steps.clear()

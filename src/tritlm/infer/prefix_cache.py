@@ -77,6 +77,7 @@ class PrefixCache:
         if key is not None and n >= self.min_tokens and n > own:
             ks, vs = self.entries[key]
             self.entries.move_to_end(key)
+            e.ensure_len(n)
             for i in range(e.cfg.n_layers):
                 e.k_cache[i][slot, :, :n] = ks[i][:, :n]
                 e.v_cache[i][slot, :, :n] = vs[i][:, :n]

@@ -23,6 +23,16 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return huge_empty(n).view(dtype).view(shape).zero_()
 
 
+def regrow(cache: list[torch.Tensor], slots: int, length: int) -> None:
+    """Replace each ``[slots0, kv_heads, length0, row]`` tensor of ``cache`` by a zeroed ``[slots,
+    kv_heads, length, row]`` one (at least as large) holding its contents: in place in the list,
+    which the engine's :class:`SlotCache` and a prefix cache share."""
+    for i, old in enumerate(cache):
+        new = cache_zeros((slots, old.shape[1], length, *old.shape[3:]), old.dtype, old.device)
+        new[:old.shape[0], :, :old.shape[2]] = old
+        cache[i] = new
+
+
 class KVCache:
     """Keys and values of every layer for a batch of sequences, preallocated to ``max_len``.
 

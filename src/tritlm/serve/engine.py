@@ -159,8 +159,9 @@ class Engine:
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         self.backend = backend
-        # every slot's K/V up front: growing the cache while requests run stalls the batch (a
-        # 700M model's cache grows by 2.4 GB from 4 to 8 slots: seconds of allocation and copy)
+        # every slot up front: growing the cache while requests run stalls the batch (allocation
+        # and copy). Its length still grows with the longest sequence (Engine.ensure_len): a
+        # stall the first time a sequence passes 256, 512, ... positions
         backend.runtime.reserve(max_batch)
         eos = backend.tokenizer.eos_id
         self.gen = Generator(backend.runtime, backend.tokenizer, () if eos is None else (eos,), max_batch,

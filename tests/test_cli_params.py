@@ -45,6 +45,7 @@ CASES = [
     ("serve-port-high", ["serve", "nomodel", "--port", "70000"], "--port"),
     ("serve-port-neg", ["serve", "nomodel", "--port", "-1"], "--port"),
     ("serve-max-batch-0", ["serve", "nomodel", "--max-batch", "0"], "--max-batch"),
+    ("serve-kv-len-0", ["serve", "nomodel", "--kv-len", "0"], "--kv-len"),
     ("serve-max-queue-neg", ["serve", "nomodel", "--max-queue", "-1"], "--max-queue"),
     ("serve-threads-0", ["serve", "nomodel", "--threads", "0"], "--threads"),
     ("serve-max-tokens-limit-0", ["serve", "nomodel", "--max-tokens-limit", "0"], "--max-tokens-limit"),

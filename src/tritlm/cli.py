@@ -255,6 +255,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     require_int("--threads", a.threads, 1)
     require_int("--max-prompt-tokens", a.max_prompt_tokens, 1)
     require_int("--max-tokens-limit", a.max_tokens_limit, 1)
+    require_int("--kv-len", a.kv_len, 1)
     from tritlm.serve.app import serve
 
     logging.getLogger("tritlm.serve").setLevel(logging.DEBUG if a.verbose else logging.INFO)
@@ -263,7 +264,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
           max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
           chat_template=a.chat_template, max_batch=a.max_batch, max_queue=a.max_queue, threads=a.threads,
           prefix_cache_mb=a.prefix_cache_mb, device=a.device, draft=a.draft, draft_k=a.draft_k,
-          kv_dtype=a.kv_dtype)
+          kv_dtype=a.kv_dtype, kv_len=a.kv_len)
     return 0
 
 
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "vocabulary); requests then run one at a time, not batched")
     s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     add_kv_dtype_arg(s)
+    s.add_argument("--kv-len", type=int, help="packed models: KV cache positions per slot allocated at start, "
+                                              "at least (default 256; the cache doubles up to the context as "
+                                              "sequences need, each doubling a stall of the batch)")
     add_device_arg(s)
     s.set_defaults(fn=cmd_serve)
     from tritlm.cli_runtime import add_runtime_commands  # pack, bench, chat, profile, models

@@ -254,3 +254,27 @@ def test_server_kv_dtype_reaches_the_engine(paths):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     with pytest.raises(TritlmError, match="kv-dtype"):
         build_app_for_model(paths["packed"], kv_dtype="bf16")
+
+
+def test_server_kv_len_allocates_the_cache_up_front(tmp_path):
+    """`serve --kv-len N`: the packed engine's slots hold at least N positions from the start (the
+    cache's doubling from 256, capped at the context), the fused step runs on them; without it
+    256. A value below 1 is a one-line error."""
+    from tritlm.errors import TritlmError
+    from tritlm.serve.app import build_app_for_model
+
+    tok = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=600)
+    ckpt = save_checkpoint(tmp_path / "run", 1, Transformer(cfg).eval(), None, {}, {"model": cfg.to_dict()}, tok)
+    packed, _ = pack_checkpoint(ckpt, tmp_path / "packed", fp_dtype="fp32")
+    for kv_len, want in ((None, 256), (200, 256), (300, 512), (10 ** 6, 600)):
+        app = build_app_for_model(packed, model_name="m", max_batch=2, kv_len=kv_len)
+        eng = app.state.engine.backend.runtime.engine
+        assert eng.cache_len == want and eng.k_cache[0].shape[:3] == (2, eng.KV, want) and eng.fused is not None
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+                       timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    with pytest.raises(TritlmError, match="kv-len"):
+        build_app_for_model(packed, kv_len=0)

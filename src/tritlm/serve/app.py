@@ -394,7 +394,7 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
                         chat_template: str | Path | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                         max_queue: int = 64, threads: int | None = None, prefix_cache_mb: int = 256,
                         device: str = "cpu", draft: str | Path | None = None, draft_k: int = 4,
-                        kv_dtype: str = "auto"):
+                        kv_dtype: str = "auto", kv_len: int | None = None):
     """Load ``model`` (anything :func:`tritlm.load` reads) and build its app.
 
     ``max_batch``: sequences generated together, one KV cache slot each, decoded in one batched
@@ -404,7 +404,10 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
     packed model with the same vocabulary: requests are decoded speculatively (``draft_k``
     proposals a round), one at a time instead of batched. ``kv_dtype``: a packed model's KV cache
     ("auto": fp16 on the CPU runtime, half the memory of "f32"; "q8": int8 rows with a scale each,
-    half fp16's bytes, the CPU only; see :class:`~tritlm.infer.engine.Engine`).
+    half fp16's bytes, the CPU only; see :class:`~tritlm.infer.engine.Engine`). ``kv_len``: a packed
+    model's cache positions per slot allocated at start (default 256; the cache doubles up to the
+    context as sequences need it, each doubling a stall of the batch: the context allocates it all,
+    at the price of slower batched steps while sequences are short).
     """
     import torch
 
@@ -412,7 +415,8 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
 
     for flag, v, lo in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
                         ("--max-tokens-limit", max_tokens_limit, 1), ("--prefix-cache-mb", prefix_cache_mb, 0),
-                        ("--max-prompt-tokens", max_prompt_tokens if max_prompt_tokens is not None else 1, 1)):
+                        ("--max-prompt-tokens", max_prompt_tokens if max_prompt_tokens is not None else 1, 1),
+                        ("--kv-len", kv_len if kv_len is not None else 1, 1)):
         if v < lo:
             raise TritlmError(f"{flag} must be >= {lo}, got {v}")
     if threads is not None and threads < 1:
@@ -442,6 +446,10 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
             return speculative_events(m.engine, d.engine, req, m.tokenizer, stop, draft_k)
         max_batch = 1
     backend = backend_for(m, max_batch, prefix_cache_mb)
+    if kv_len is not None:
+        for e in (m.engine, d.engine if draft is not None else None):
+            if e is not None:
+                e.ensure_len(min(kv_len, e.max_len))
     name = model_name or Path(model).resolve().name
     tmpl = load_chat_template(m.tokenizer, getattr(m, "path", None), chat_template)
     settings = ServeSettings(model_name=name, api_key=api_key or None, max_prompt_tokens=max_prompt_tokens,

@@ -336,3 +336,32 @@ def test_cache_grows_with_the_longest_sequence(fused):
         got.append(one.prefill_many([(long_prompt + [5, 6], 0)]))
         assert one.hits == 1 and one.engine.k_cache[0].shape[2] == (128 if n == 8 else 150)
     assert all(torch.equal(x, y) for x, y in zip(*got))
+
+
+def test_cache_growth_out_of_memory_leaves_the_cache_as_it_was(monkeypatch):
+    """Growing allocates every new tensor before swapping any in: a MemoryError part-way leaves
+    the keys, values, length and fill levels as they were, and the engine goes on (and grows
+    once memory is there)."""
+    import tritlm.model.kv_cache as kvc
+
+    pm = from_transformer(tiny_model(max_len=150), fp_dtype="fp32")
+    e = Engine(pm, slots=2, cache_len=16)
+    e.prefill(list(range(1, 12)), slot=0)
+    before = [t.clone() for t in e.k_cache + e.v_cache]
+    real, calls = kvc.cache_zeros, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:  # the values' tensors: the keys' are already allocated
+            raise MemoryError("out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(kvc, "cache_zeros", failing)
+    with pytest.raises(MemoryError):
+        e.prefill(list(range(1, 40)), slot=1)
+    assert len(calls) > 3 and e.cache_len == 16 and e.pos == [11, 0]
+    assert all(torch.equal(a, b) for a, b in zip(before, e.k_cache + e.v_cache))
+    monkeypatch.undo()
+    assert torch.equal(e.forward_seq([5], slot=0), Engine(pm, slots=1).forward_seq(list(range(1, 12)) + [5])[-1:])
+    e.prefill(list(range(1, 40)), slot=1)
+    assert e.cache_len == 64

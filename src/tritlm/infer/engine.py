@@ -429,8 +429,7 @@ class Engine:
     def _regrow(self, slots: int, length: int) -> None:
         with self.lock:
             log.info("KV cache: %d slots x %d positions -> %d x %d", self.slots, self.cache_len, slots, length)
-            regrow(self.k_cache, slots, length)
-            regrow(self.v_cache, slots, length)
+            regrow([self.k_cache, self.v_cache], slots, length)
             self.slots, self.cache_len = slots, length
             if self.fused is not None:  # the C context points into the old cache buffers
                 self.fused = FusedDecoder.create(self)

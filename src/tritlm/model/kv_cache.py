@@ -23,14 +23,18 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return huge_empty(n).view(dtype).view(shape).zero_()
 
 
-def regrow(cache: list[torch.Tensor], slots: int, length: int) -> None:
-    """Replace each ``[slots0, kv_heads, length0, row]`` tensor of ``cache`` by a zeroed ``[slots,
-    kv_heads, length, row]`` one (at least as large) holding its contents: in place in the list,
-    which the engine's :class:`SlotCache` and a prefix cache share."""
-    for i, old in enumerate(cache):
-        new = cache_zeros((slots, old.shape[1], length, *old.shape[3:]), old.dtype, old.device)
-        new[:old.shape[0], :, :old.shape[2]] = old
-        cache[i] = new
+def regrow(caches: list[list[torch.Tensor]], slots: int, length: int) -> None:
+    """Replace each ``[slots0, kv_heads, length0, row]`` tensor of every list in ``caches`` (the
+    keys', the values') by a zeroed ``[slots, kv_heads, length, row]`` one (at least as large)
+    holding its contents: in place in the lists, which the engine's :class:`SlotCache` and a
+    prefix cache share. Every new tensor is allocated before any is swapped in, so running out of
+    memory leaves the cache as it was."""
+    new = [[cache_zeros((slots, old.shape[1], length, *old.shape[3:]), old.dtype, old.device) for old in cache]
+           for cache in caches]
+    for cache, fresh in zip(caches, new):
+        for i, (old, t) in enumerate(zip(cache, fresh)):
+            t[:old.shape[0], :, :old.shape[2]] = old
+            cache[i] = t
 
 
 class KVCache:

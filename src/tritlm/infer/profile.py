@@ -283,7 +283,9 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
 
             for n, k in engine_shapes(cfg, head):
                 tune(n, k, ms=(1, prompt_tokens), threads=th)
-        eng = Engine(pm, threads=th, head=head, max_len=cfg.max_seq_len, kv_dtype=kv_dtype)
+        # the whole context allocated up front: no cache growth inside a timed run
+        eng = Engine(pm, threads=th, head=head, max_len=cfg.max_seq_len, kv_dtype=kv_dtype,
+                     cache_len=cfg.max_seq_len)
         _time_decode(eng, 4)  # warm-up (thread pool, page faults)
         ours: dict[str, list[float]] = {"decode": [], "prefill": []}
         peer: dict[str, list[float]] = {"decode": [], "prefill": []}
@@ -327,6 +329,7 @@ def bench_model(preset_name: str, threads_list=(1, 2), decode_tokens: int = 64, 
         if dense:
             for dt, name in ((torch.float32, "torch dense fp32"), (torch.bfloat16, "torch dense bf16")):
                 eng = Engine(pm, threads=th, backend="dense", dense_dtype=dt, max_len=cfg.max_seq_len,
+                             cache_len=cfg.max_seq_len,
                              torch_threads=th)
                 n = max(4, decode_tokens // 8)  # dense decode is slow; tok/s is stable over fewer tokens
                 _time_decode(eng, 1)
@@ -419,7 +422,7 @@ def profile_model(model: str | Path | None = None, *, preset: str = "125M", prom
         pm = load_packed(resolve_path(model))
     else:
         pm = random_packed(preset_config(preset, vocab_size=32000, max_seq_len=512))
-    eng = Engine(pm, threads=threads)
+    eng = Engine(pm, threads=threads, cache_len=pm.config.max_seq_len)  # no cache growth in a timed run
     prompt = [(5 * i) % pm.config.vocab_size for i in range(1, prompt_tokens + 1)]
     eng.prefill(prompt)  # warm-up
     eng.reset()

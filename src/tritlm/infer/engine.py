@@ -428,7 +428,8 @@ class Engine:
 
     def _regrow(self, slots: int, length: int) -> None:
         with self.lock:
-            log.info("KV cache: %d slots x %d positions -> %d x %d", self.slots, self.cache_len, slots, length)
+            log.info("KV cache: %d slots x %d positions -> %d x %d (a stall while it is allocated; cache_len, "
+                     "serve --kv-len, allocates positions up front)", self.slots, self.cache_len, slots, length)
             regrow([self.k_cache, self.v_cache], slots, length)
             self.slots, self.cache_len = slots, length
             if self.fused is not None:  # the C context points into the old cache buffers

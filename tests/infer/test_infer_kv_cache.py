@@ -323,8 +323,10 @@ def test_cache_grows_with_the_longest_sequence(fused):
         x, y = grown.decode_batch(toks[:len(slots)], slots), whole.decode_batch(toks[:len(slots)], slots)
         assert torch.equal(x, y), step
     assert grown.k_cache[0].shape[2] == 150 and grown.v_cache[-1].shape[2] == 150  # capped at the context
-    with pytest.raises(ValueError, match="exceed"):
+    with pytest.raises(ValueError, match="exceed the context"):
         grown.forward_seq([1] * 6, slot=1)
+    with pytest.raises(ValueError, match="cache_len"):
+        Engine(pm, fused=fused, cache_len=0)
     # a cached prefix restored into a small cache grows it first
     pc = PrefixCache(whole, max_bytes=1 << 30)
     long_prompt = torch.randint(0, 97, (70,), generator=g).tolist()

@@ -141,7 +141,7 @@ class Engine:
         if kvt == torch.int8 and self.hd % 4:
             raise ConfigError(f"the q8 KV cache needs a head size divisible by 4 (its rows end in a "
                              f"float32 scale), this model's is {self.hd}")
-        self.cache_len = min(self.max_len, cache_len or CACHE_LEN)
+        self.cache_len = min(self.max_len, CACHE_LEN if cache_len is None else cache_len)
         if self.cache_len < 1:
             raise ValueError(f"cache_len must be >= 1, got {cache_len}")
         shape = (slots, self.KV, self.cache_len, kv_row_width(kvt, self.hd))
@@ -231,7 +231,7 @@ class Engine:
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} out of range (engine has {self.slots})")
         if start + t > self.max_len:
-            raise ValueError(f"{start + t} positions exceed the cache length {self.max_len}")
+            raise ValueError(f"{start + t} positions exceed the context of {self.max_len}")
         self.ensure_len(start + t)
 
     @torch.no_grad()

@@ -380,8 +380,6 @@ class Sampler:
         return draw(logits.softmax(-1), self.gen)
 
 
-
-
 def sample_batch(samplers: Sequence[Sampler], logits: Sequence[torch.Tensor]) -> list[int]:
     """One token for each (``samplers[i]``, ``logits[i]``): the tokens, and the RNG states after,
     that ``samplers[i](logits[i], history)`` gives one by one, for :attr:`Sampler.plain` samplers.

@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_dtype_arg(s)
     s.add_argument("--kv-len", type=int, help="packed models: KV cache positions per slot allocated at start, "
                                               "at least (default 256; the cache doubles up to the context as "
-                                              "sequences need, each doubling a stall of the batch)")
+                                              "sequences need, each next size allocated in the background)")
     add_device_arg(s)
     s.set_defaults(fn=cmd_serve)
     from tritlm.cli_runtime import add_runtime_commands  # pack, bench, chat, profile, models

@@ -5,6 +5,7 @@ what the rounding costs a trained model."""
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import numpy as np
 import pytest
@@ -323,6 +324,7 @@ def test_cache_grows_with_the_longest_sequence(fused):
         x, y = grown.decode_batch(toks[:len(slots)], slots), whole.decode_batch(toks[:len(slots)], slots)
         assert torch.equal(x, y), step
     assert grown.k_cache[0].shape[2] == 150 and grown.v_cache[-1].shape[2] == 150  # capped at the context
+    assert grown.grow_ahead.used == 2  # 64 -> 128 and 128 -> 150 took tensors allocated ahead
     with pytest.raises(ValueError, match="exceed the context"):
         grown.forward_seq([1] * 6, slot=1)
     with pytest.raises(ValueError, match="cache_len"):
@@ -367,3 +369,55 @@ def test_cache_growth_out_of_memory_leaves_the_cache_as_it_was(monkeypatch):
     assert torch.equal(e.forward_seq([5], slot=0), Engine(pm, slots=1).forward_seq(list(range(1, 12)) + [5])[-1:])
     e.prefill(list(range(1, 40)), slot=1)
     assert e.cache_len == 64
+
+
+def test_the_next_cache_size_is_allocated_ahead_and_dropped_when_shapes_change(monkeypatch):
+    """Past 3/4 of its length the cache's next size is allocated on a background thread, and the
+    growth swaps those tensors in (their contents: zeros, then the old positions); a growth to
+    other shapes (more slots) drops them, and a background allocation that runs out of memory
+    leaves the growth to allocate in place."""
+    import tritlm.model.kv_cache as kvc
+
+    pm = from_transformer(tiny_model(max_len=150), fp_dtype="fp32")
+    ref = Engine(pm, slots=3, cache_len=150)
+    e = Engine(pm, slots=2, cache_len=16)
+    ids = list(range(1, 14))
+    e.prefill(ids, slot=0)  # 13 of 16 positions: past 3/4, the 32-position cache is being allocated
+    assert e.grow_ahead._key == (2, 32)
+    e.ensure_slots(3)  # other shapes: dropped, grown in place
+    assert e.grow_ahead._key is None and e.grow_ahead.used == 0 and e.k_cache[0].shape[:3] == (3, e.KV, 16)
+    e.prefill(ids + [7], slot=2)
+    assert e.grow_ahead._key == (3, 32)
+    made = e.grow_ahead._box
+    for slot, prompt in ((0, ids), (2, ids + [7])):
+        ref.prefill(prompt, slot=slot)
+    for step in range(11):  # slot 2 passes 16 positions at the 3rd, 24 (3/4 of 32) at the 11th
+        assert torch.equal(e.decode_batch([5, step], [0, 2]), ref.decode_batch([5, step], [0, 2])), step
+        if step == 9:
+            assert e.cache_len == 32 and e.grow_ahead.used == 1 and e.k_cache[0] is made["new"][0][0]
+            assert e.grow_ahead._key is None
+    assert e.grow_ahead._key == (3, 64)  # 25 of 32: the next one is on its way
+
+    def failing(*a, **k):
+        raise MemoryError("out of memory")
+
+    e.grow_ahead.discard()
+    monkeypatch.setattr(kvc, "cache_zeros", failing)
+    e.grow_ahead.prepare([e.k_cache, e.v_cache], 3, 64)
+    e.grow_ahead._thread.join()
+    monkeypatch.undo()
+    e.ensure_len(40)
+    assert e.cache_len == 64 and e.grow_ahead.used == 1  # allocated in place
+    assert torch.equal(e.decode_batch([3, 4], [0, 2]), ref.decode_batch([3, 4], [0, 2]))
+
+
+def test_a_process_exits_cleanly_while_the_next_cache_is_allocated():
+    """The interpreter exiting mid-allocation: the allocation stops and the process exits 0
+    (torch's zero_ on a daemon thread aborted it: "terminate called without an active exception")."""
+    import subprocess
+
+    code = ("import torch\nfrom tritlm.model.kv_cache import GrowAhead\n"
+            "GrowAhead().prepare([[torch.zeros(1, 1, 1, 4)]], 1, 1 << 26)\n"  # 1 GiB being zeroed
+            "print('exiting')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "exiting\n" and "terminate" not in r.stderr, r.stderr

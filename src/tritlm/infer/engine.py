@@ -14,7 +14,8 @@ Design choices (each measured on 2-core Zen3 boxes, see benchmarks/RESULTS.md "C
   sequence needs more, up to the context: every (slot, head) is its own run of positions, so
   the stride between them, and the pages a batched step's key / value writes and reads land in,
   grow with it (700M, 8 sequences at ~45 positions: a decode step 15.8 ms with 2048 positions
-  allocated, 14.4 ms with 256). Decode of several sequences (batching) is one forward with a
+  allocated, 14.4 ms with 256). The next length is allocated on a background thread once a
+  sequence is past 3/4 of this one (``GrowAhead``), so growing is a copy, not a stall. Decode of several sequences (batching) is one forward with a
   row per sequence, each at its own position. The packed runtime's cache holds fp16 by default,
   as llama.cpp's does: half the memory, and attention (bound by reading the cache) 1.4-1.7x
   faster at 1000 positions; the math stays float32, and every path rounds keys / values to fp16
@@ -51,7 +52,7 @@ from tritlm.infer.fused_decode import FusedDecoder
 from tritlm.infer.hooks import install_hooks
 from tritlm.infer.sampling import SamplingParams
 from tritlm.kernels.cpu import set_num_threads
-from tritlm.model.kv_cache import SlotCache, cache_zeros, kv_row_width, regrow
+from tritlm.model.kv_cache import GrowAhead, SlotCache, cache_zeros, kv_row_width, regrow
 from tritlm.model.transformer import Transformer
 from tritlm.nn.packed_linear import BACKENDS
 from tritlm.nn.placement import place_packed_weights
@@ -148,6 +149,8 @@ class Engine:
         self.k_cache = [cache_zeros(shape, kvt, self.device) for _ in range(c.n_layers)]
         self.v_cache = [cache_zeros(shape, kvt, self.device) for _ in range(c.n_layers)]
         self.cache = SlotCache(self.k_cache, self.v_cache)
+        # the next cache length, allocated once a sequence is past 3/4 of this one
+        self.grow_ahead = GrowAhead() if self.device.type == "cpu" else None
         self.pos = [0] * slots  # filled positions per slot
         self.tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.stats = EngineStats()
@@ -425,12 +428,16 @@ class Engine:
             while length < n:
                 length *= 2
             self._regrow(self.slots, min(length, self.max_len))
+        elif self.grow_ahead is not None and 4 * n > 3 * self.cache_len and self.cache_len < self.max_len:
+            self.grow_ahead.prepare([self.k_cache, self.v_cache], self.slots, min(2 * self.cache_len, self.max_len))
 
     def _regrow(self, slots: int, length: int) -> None:
         with self.lock:
-            log.info("KV cache: %d slots x %d positions -> %d x %d (a stall while it is allocated; cache_len, "
-                     "serve --kv-len, allocates positions up front)", self.slots, self.cache_len, slots, length)
-            regrow([self.k_cache, self.v_cache], slots, length)
+            fresh = self.grow_ahead.take(slots, length) if self.grow_ahead is not None else None
+            log.info("KV cache: %d slots x %d positions -> %d x %d (%s)", self.slots, self.cache_len, slots, length,
+                     "allocated ahead" if fresh is not None else
+                     "a stall while it is allocated; cache_len, serve --kv-len, allocates positions up front")
+            regrow([self.k_cache, self.v_cache], slots, length, fresh)
             self.slots, self.cache_len = slots, length
             if self.fused is not None:  # the C context points into the old cache buffers
                 self.fused = FusedDecoder.create(self)

@@ -4,37 +4,119 @@ level) and :class:`SlotCache` (sequence slots, each at its own position: what th
 
 from __future__ import annotations
 
+import ctypes
 import math
+import threading
 
 import torch
 
 from tritlm.hugepages import huge_empty
 
+_ZERO_CHUNK = 64 << 20  # bytes zeroed between looks at a stop request
+# set as the interpreter exits, before it joins the threads still running (GrowAhead's)
+_EXITING = threading.Event()
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_EXITING.set)
 
-def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+
+class _Stopped(Exception):
+    pass
+
+
+def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
+                stop: threading.Event | None = None) -> torch.Tensor:
     """A zeroed cache tensor; on a Linux CPU, on transparent huge pages (``tritlm/hugepages.py``):
     every (slot, head) of the cache is its own run of positions, so a decode step's key / value
     writes and its attention reads land in as many 4 KiB pages as it has rows, each a TLB miss
     (700M, 8 sequences: ~20 -> ~13 us a layer for the writes; at 250 positions attention ~8.1 ->
-    ~7.5 ms a step)."""
+    ~7.5 ms a step). ``stop``: checked every 64 MiB, for a background allocation the process
+    no longer wants (raises ``_Stopped``)."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return huge_empty(n).view(dtype).view(shape).zero_()
+    t = huge_empty(n)
+    for o in range(0, n, _ZERO_CHUNK):
+        if stop is not None and stop.is_set():
+            raise _Stopped
+        ctypes.memset(t.data_ptr() + o, 0, min(_ZERO_CHUNK, n - o))
+    return t.view(dtype).view(shape)
 
 
-def regrow(caches: list[list[torch.Tensor]], slots: int, length: int) -> None:
+def _grown_specs(caches: list[list[torch.Tensor]], slots: int, length: int) -> list[list[tuple]]:
+    return [[((slots, old.shape[1], length, *old.shape[3:]), old.dtype, old.device) for old in cache]
+            for cache in caches]
+
+
+def regrow(caches: list[list[torch.Tensor]], slots: int, length: int,
+           fresh: list[list[torch.Tensor]] | None = None) -> None:
     """Replace each ``[slots0, kv_heads, length0, row]`` tensor of every list in ``caches`` (the
     keys', the values') by a zeroed ``[slots, kv_heads, length, row]`` one (at least as large)
     holding its contents: in place in the lists, which the engine's :class:`SlotCache` and a
-    prefix cache share. Every new tensor is allocated before any is swapped in, so running out of
-    memory leaves the cache as it was."""
-    new = [[cache_zeros((slots, old.shape[1], length, *old.shape[3:]), old.dtype, old.device) for old in cache]
-           for cache in caches]
+    prefix cache share. ``fresh``: those zeroed tensors, allocated ahead (:class:`GrowAhead`).
+    Every new tensor is allocated before any is swapped in, so running out of memory leaves the
+    cache as it was."""
+    new = fresh if fresh is not None else [[cache_zeros(*spec) for spec in cache]
+                                           for cache in _grown_specs(caches, slots, length)]
     for cache, fresh in zip(caches, new):
         for i, (old, t) in enumerate(zip(cache, fresh)):
             t[:old.shape[0], :, :old.shape[2]] = old
             cache[i] = t
+
+
+class GrowAhead:
+    """The next size of a growing cache, allocated on a background thread while the current one
+    still has room, so that growing is a copy instead of a stall.
+
+    Allocating is the slow part: the first touch of fresh memory on transparent huge pages, which
+    a host whose THP ``defrag`` is ``madvise`` compacts on fault (700M, 8 slots: 256 -> 512
+    positions stalled a batch 1.0-1.8 s, 1024 -> 2048 ~3.8 s). The thread takes CPU from the
+    forward passes meanwhile, but nothing waits on it unless the cache must grow before it is
+    done. One allocation at a time; a growth to other shapes (more slots, a longer jump) drops it.
+
+    The thread is not a daemon, and zeroes with libc in 64 MiB pieces: a daemon thread inside a
+    torch call when the interpreter exits aborts the process ("terminate called without an active
+    exception"); at exit this one stops at the next piece and the interpreter waits for that."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._box: dict = {}
+        self.used = 0  # growths that found their tensors ready
+
+    def prepare(self, caches: list[list[torch.Tensor]], slots: int, length: int) -> None:
+        """Start allocating ``regrow(caches, slots, length)``'s tensors (no-op when under way)."""
+        if self._key == (slots, length) or _EXITING.is_set():
+            return
+        self.discard()
+        specs, box = _grown_specs(caches, slots, length), {}
+
+        def work() -> None:
+            try:
+                box["new"] = [[cache_zeros(*spec, stop=_EXITING) for spec in cache] for cache in specs]
+            except (MemoryError, _Stopped):  # out of memory: the growth allocates again, and reports it
+                pass
+
+        self._key, self._box = (slots, length), box
+        self._thread = threading.Thread(target=work, name="tritlm-kv-grow")
+        self._thread.start()
+
+    def take(self, slots: int, length: int) -> list[list[torch.Tensor]] | None:
+        """The tensors for ``(slots, length)`` (waiting for them if still being allocated), or
+        None when none were prepared for those shapes or their allocation failed."""
+        if self._key != (slots, length):
+            self.discard()
+            return None
+        assert self._thread is not None
+        self._thread.join()
+        new = self._box.get("new")
+        self._key, self._thread, self._box = None, None, {}
+        self.used += new is not None
+        return new
+
+    def discard(self) -> None:
+        if self._thread is not None:
+            self._thread.join()  # its memory goes with it, before anything else is allocated
+        self._key, self._thread, self._box = None, None, {}
 
 
 class KVCache:

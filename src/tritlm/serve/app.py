@@ -406,8 +406,8 @@ def build_app_for_model(model: str | Path, *, model_name: str | None = None, api
     ("auto": fp16 on the CPU runtime, half the memory of "f32"; "q8": int8 rows with a scale each,
     half fp16's bytes, the CPU only; see :class:`~tritlm.infer.engine.Engine`). ``kv_len``: a packed
     model's cache positions per slot allocated at start (default 256; the cache doubles up to the
-    context as sequences need it, each doubling a stall of the batch: the context allocates it all,
-    at the price of slower batched steps while sequences are short).
+    context as sequences need it, each next size allocated on a background thread ahead of need:
+    the context allocates it all, at the price of slower batched steps while sequences are short).
     """
     import torch
 

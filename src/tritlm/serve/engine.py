@@ -160,8 +160,8 @@ class Engine:
             raise ValueError("max_queue must be >= 0")
         self.backend = backend
         # every slot up front: growing the cache while requests run stalls the batch (allocation
-        # and copy). Its length still grows with the longest sequence (Engine.ensure_len): a
-        # stall the first time a sequence passes 256, 512, ... positions
+        # and copy). Its length still grows with the longest sequence (Engine.ensure_len), each
+        # next length allocated on a background thread before it is needed (GrowAhead)
         backend.runtime.reserve(max_batch)
         eos = backend.tokenizer.eos_id
         self.gen = Generator(backend.runtime, backend.tokenizer, () if eos is None else (eos,), max_batch,

@@ -85,6 +85,13 @@ def test_byte_round_trip(shakespeare):
     assert tok.decode([104, 105, 256]) == "hi"
     assert tok.decode([0xE6, 104]) == "\ufffdh"
     assert tok.decode([104, 999, 105]) == "h\ufffdi"
+    # short lists of plain ids take a bytes() path, the rest numpy's: the same text for every
+    # window the incremental detokeniser decodes (partial characters, EOS, bad ids, numpy ints)
+    rng = np.random.default_rng(0)
+    pool = list(UNICODE.encode("utf-8")) + [256, 999, -1, 0xE6, 0x80]
+    for n in list(range(0, 9)) * 40 + [32, 33, 100]:
+        ids = [int(v) for v in rng.choice(pool, size=n)]
+        assert tok.decode(ids) == tok.decode(np.array(ids, dtype=np.int64)) == tok.decode([np.int64(v) for v in ids])
 
 
 # ---- Hugging Face -------------------------------------------------------------------------------

@@ -195,6 +195,10 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         """Bytes decoded with errors="replace"; EOS decodes to nothing, other ids to U+FFFD."""
+        if isinstance(ids, list) and len(ids) <= 32 and all(type(i) is int and 0 <= i <= 255 for i in ids):
+            # the incremental detokeniser's few ids, twice a token per sequence: numpy's setup
+            # was ~8 us of each call (125M, 8 sequences: ~0.13 ms of a ~2.7 ms step)
+            return bytes(ids).decode("utf-8", errors="replace")
         out: list[str] = []
         a = np.asarray(ids, dtype=np.int64).reshape(-1)
         a = a[a != self.eos_id]

@@ -15,11 +15,12 @@ Design choices (each measured on 2-core Zen3 boxes, see benchmarks/RESULTS.md "C
   the stride between them, and the pages a batched step's key / value writes and reads land in,
   grow with it (700M, 8 sequences at ~45 positions: a decode step 15.8 ms with 2048 positions
   allocated, 14.4 ms with 256). The next length is allocated on a background thread once a
-  sequence is past 3/4 of this one (``GrowAhead``), so growing is a copy, not a stall. Decode of several sequences (batching) is one forward with a
-  row per sequence, each at its own position. The packed runtime's cache holds fp16 by default,
-  as llama.cpp's does: half the memory, and attention (bound by reading the cache) 1.4-1.7x
-  faster at 1000 positions; the math stays float32, and every path rounds keys / values to fp16
-  the same way (``kv_dtype="f32"`` keeps them exact). ``kv_dtype="q8"`` (CPU) stores int8 levels
+  sequence is past 3/4 of this one (``GrowAhead``), so growing is a copy, not a stall. Decode
+  of several sequences (batching) is one forward with a row per sequence, each at its own
+  position. The packed runtime's cache holds fp16 by default, as llama.cpp's does: half the
+  memory, and attention (bound by reading the cache) 1.4-1.7x faster at 1000 positions; the
+  math stays float32, and every path rounds keys / values to fp16 the same way
+  (``kv_dtype="f32"`` keeps them exact). ``kv_dtype="q8"`` (CPU) stores int8 levels
   with a float32 scale per head row (``model/kv_cache.quantize_q8``; llama.cpp's q8_0 cache
   is the same idea): half the bytes of fp16 again, which is what batched decode spends its
   attention time on.

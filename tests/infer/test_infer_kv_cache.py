@@ -402,6 +402,9 @@ def test_the_next_cache_size_is_allocated_ahead_and_dropped_when_shapes_change(m
         raise MemoryError("out of memory")
 
     e.grow_ahead.discard()
+    up_front = Engine(pm, slots=1, cache_len=16)
+    up_front.ensure_len(13)  # as serve --kv-len 13 does: the 16 positions hold it, no next size on the way
+    assert up_front.cache_len == 16 and up_front.grow_ahead._key is None
     monkeypatch.setattr(kvc, "cache_zeros", failing)
     e.grow_ahead.prepare([e.k_cache, e.v_cache], 3, 64)
     e.grow_ahead._thread.join()

@@ -236,7 +236,12 @@ class Engine:
             raise ValueError(f"slot {slot} out of range (engine has {self.slots})")
         if start + t > self.max_len:
             raise ValueError(f"{start + t} positions exceed the context of {self.max_len}")
-        self.ensure_len(start + t)
+        n = start + t
+        self.ensure_len(n)
+        # a sequence past 3/4 of the cache: its next length on the way (not from ensure_len, which
+        # an up-front allocation such as serve --kv-len calls too)
+        if self.grow_ahead is not None and 4 * n > 3 * self.cache_len and self.cache_len < self.max_len:
+            self.grow_ahead.prepare([self.k_cache, self.v_cache], self.slots, min(2 * self.cache_len, self.max_len))
 
     @torch.no_grad()
     def forward_seq(self, ids: Sequence[int], slot: int = 0, start: int | None = None,
@@ -429,8 +434,6 @@ class Engine:
             while length < n:
                 length *= 2
             self._regrow(self.slots, min(length, self.max_len))
-        elif self.grow_ahead is not None and 4 * n > 3 * self.cache_len and self.cache_len < self.max_len:
-            self.grow_ahead.prepare([self.k_cache, self.v_cache], self.slots, min(2 * self.cache_len, self.max_len))
 
     def _regrow(self, slots: int, length: int) -> None:
         with self.lock:

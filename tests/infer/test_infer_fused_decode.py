@@ -121,12 +121,15 @@ def test_fused_batch_step_matches_torch_batch(kw, kv):
         fused.decode_batch([1, 2], [0, 0])
 
 
+@pytest.mark.parametrize("kw", [{}, {"sub_norm": True, "mlp": "relu2"}], ids=["base", "subln"])
 @pytest.mark.parametrize("kv", ["f16", "q8"])
-def test_batch_of_eight_is_each_sequence_alone(kv):
-    """8 sequences in one step on 2 threads (attention claims a row's heads at a time there): each
-    row's hidden state (the C layers' output; the float32 head is torch's matmul, whose blocking
-    differs by row count) and cached keys / values are bit for bit its sequence's stepped alone."""
-    pm = from_transformer(_model(), fp_dtype="fp32")
+def test_batch_of_eight_is_each_sequence_alone(kv, kw):
+    """8 sequences in one step on 2 threads (attention claims a row's heads at a time there, and
+    with a sub-norm normalises and quantises the row for the o projection; alone, the row stage
+    does): each row's hidden state (the C layers' output; the float32 head is torch's matmul, whose
+    blocking differs by row count) and cached keys / values are bit for bit its sequence's stepped
+    alone."""
+    pm = from_transformer(_model(**kw), fp_dtype="fp32")
     batch = Engine(pm, slots=8, threads=2, kv_dtype=kv)
     alone = Engine(pm, slots=8, threads=2, kv_dtype=kv)
     prompts = {s: torch.randint(0, 97, (12 + 3 * s,), generator=torch.Generator().manual_seed(s)).tolist()

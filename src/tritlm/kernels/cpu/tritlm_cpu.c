@@ -857,6 +857,18 @@ static int tt_forward_f32_locked(tt_ctx *c, const float *x, int m, long ldx, flo
     return 0;
 }
 
+/* row r of a call whose rows are quantised by their producer (tt_forward_quantised_locked): what
+ * tt_forward_f32_locked's quantiser writes for it; the workspace reserved for the call's m rows */
+static inline void tt_quant_row_into(tt_ctx *c, const float *x, int r) {
+    tt_quant_rows(x, 1, c->k, c->k, c->xq + (size_t)r * c->kp, c->kp, c->xs + r, c->sx + r, c->kp, c->isa);
+}
+
+/* tt_forward_f32_locked after its quantiser: rows 0..m-1 already in the workspace */
+static void tt_forward_quantised_locked(tt_ctx *c, int m, float *out, int nth) {
+    tt_job J = {.c = c, .xq = c->xq, .ldx = (size_t)c->kp, .m = m, .xs = c->xs, .sx = c->sx, .out = out, .dots = NULL};
+    tt_run(&J, nth);
+}
+
 int tt_forward_f32(tt_ctx *c, const float *x, int m, long ldx, float *out, int nth) {
     if (m <= 0) return 0;
     pthread_mutex_lock(&P.call_lock);

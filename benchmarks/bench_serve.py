@@ -217,7 +217,9 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS-serve.md")
     ap.add_argument("--sweep", help="comma-separated concurrent streaming client counts (e.g. 1,2,4,8,16): one "
                                     "server, measured at each; --max-batch then takes one value")
-    ap.add_argument("--requests-per-client", type=int, default=2, help="--sweep: requests each client sends")
+    ap.add_argument("--requests-per-level", type=int, default=16,
+                    help="--sweep: requests at each client count, spread over its clients (N / clients each, at "
+                         "least 1): every count does the same work, so one client's run is as long as eight's")
     ap.add_argument("--llama-server", help="--sweep: also measure llama.cpp's llama-server (a path, or auto: "
                                            "what benchmarks/build_llama_tools.sh built) on the same weights")
     ap.add_argument("--parallel", type=int, default=8, help="llama-server --parallel (default 8)")
@@ -325,6 +327,12 @@ def sweep(a: argparse.Namespace) -> int:
             return run_load(url, clients, per_client, max_tokens, True, a.timeout, chat_every=0, body=body)
         return run_stream_load(url, clients, per_client, max_tokens, a.timeout, prompt, body)
 
+    def per_client(clients: int) -> int:
+        # a fixed number of requests per level, as vLLM's benchmark_serving (--num-prompts at each
+        # --max-concurrency): with a fixed number per client, one client's run was ~1 s (2 requests of
+        # 64 tokens), short enough for this host's drift to move the 1-client rate 6-10% between sweeps
+        return max(1, -(-a.requests_per_level // clients))
+
     rows = []
     for rnd in range(a.rounds):
         for name, peer in servers:
@@ -335,9 +343,11 @@ def sweep(a: argparse.Namespace) -> int:
                 proc, url = start_llama_server(peer[0], peer[1], a.parallel, threads, ctx_per_slot=512,
                                                kv_dtype=a.kv_dtype)
             try:
-                asyncio.run(load(url, 2, 1, 4))  # warm-up
+                # warm-up at the widest batch and full length: the KV cache has grown to what every level
+                # needs before any level is measured
+                asyncio.run(load(url, min(max(counts), max_batch if peer is None else a.parallel), 1, a.max_tokens))
                 for c in counts:
-                    r = asyncio.run(load(url, c, a.requests_per_client, a.max_tokens))
+                    r = asyncio.run(load(url, c, per_client(c), a.max_tokens))
                     r.update(server=name, clients=c, round=rnd)
                     rows.append(r)
                     print(f"round {rnd} {name:12} clients {c:>2}: {r['ok']}/{r['n']} ok, {r['tok_s']:7.1f} tok/s "
@@ -349,14 +359,18 @@ def sweep(a: argparse.Namespace) -> int:
                 stop(proc)
     base = {n: statistics.median([r["tok_s"] for r in rows if r["server"] == n and r["clients"] == counts[0]])
             for n, _ in servers}
-    lines = ["| server | clients | tok/s aggregate (median) | x its 1-client | TTFT p50 ms | TTFT p95 ms "
+    lines = ["| server | clients | tok/s aggregate (median) | x its 1-client | per round | TTFT p50 ms | TTFT p95 ms "
              "| ok / total |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, _ in servers:
         for c in counts:
             rs = [r for r in rows if r["server"] == n and r["clients"] == c]
             tps = statistics.median([r["tok_s"] for r in rs])
-            lines.append(f"| {n} | {c} | {tps:.1f} | {tps / base[n]:.2f} | "
+            # each round's ratio pairs two runs seconds apart: the host's drift between rounds cancels
+            one = {r["round"]: r["tok_s"] for r in rows if r["server"] == n and r["clients"] == counts[0]}
+            per_round = sorted(r["tok_s"] / one[r["round"]] for r in rs if one.get(r["round"]))
+            spread = f"{per_round[0]:.2f}-{per_round[-1]:.2f}" if per_round else "-"
+            lines.append(f"| {n} | {c} | {tps:.1f} | {tps / base[n]:.2f} | {spread} | "
                          f"{statistics.median([r['ttft_p50'] for r in rs]) * 1e3:.0f} | "
                          f"{statistics.median([r['ttft_p95'] for r in rs]) * 1e3:.0f} | "
                          f"{sum(r['ok'] for r in rs)} / {sum(r['n'] for r in rs)} |")
@@ -370,7 +384,7 @@ def sweep(a: argparse.Namespace) -> int:
                     f"{max_batch}" + (f", llama-server --parallel {a.parallel} --cont-batching on the TQ2_0 GGUF"
                                       if len(servers) > 1 else "")
                     + f"; KV cache {a.kv_dtype} on both; streaming completions, max_tokens {a.max_tokens}, "
-                      f"{a.requests_per_client} requests per client, {a.rounds} interleaved round(s), client "
+                      f"{a.requests_per_level} requests at each client count, {a.rounds} interleaved round(s), client "
                       f"{a.client}\n\n")
             f.write("\n".join(lines) + "\n")
         print(f"appended to {out}")

@@ -363,11 +363,11 @@ def sweep(a: argparse.Namespace) -> int:
              "| ok / total |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, _ in servers:
+        # each round's ratio pairs two runs seconds apart: the host's drift between rounds cancels
+        one = {r["round"]: r["tok_s"] for r in rows if r["server"] == n and r["clients"] == counts[0]}
         for c in counts:
             rs = [r for r in rows if r["server"] == n and r["clients"] == c]
             tps = statistics.median([r["tok_s"] for r in rs])
-            # each round's ratio pairs two runs seconds apart: the host's drift between rounds cancels
-            one = {r["round"]: r["tok_s"] for r in rows if r["server"] == n and r["clients"] == counts[0]}
             per_round = sorted(r["tok_s"] / one[r["round"]] for r in rs if one.get(r["round"]))
             spread = f"{per_round[0]:.2f}-{per_round[-1]:.2f}" if per_round else "-"
             lines.append(f"| {n} | {c} | {tps:.1f} | {tps / base[n]:.2f} | {spread} | "

@@ -121,7 +121,8 @@ def test_fused_batch_step_matches_torch_batch(kw, kv):
         fused.decode_batch([1, 2], [0, 0])
 
 
-@pytest.mark.parametrize("kw", [{}, {"sub_norm": True, "mlp": "relu2"}], ids=["base", "subln"])
+@pytest.mark.parametrize("kw", [{}, {"sub_norm": True, "mlp": "relu2"}, {"quant": QuantConfig(input_norm=True)}],
+                         ids=["base", "subln", "input-norm"])
 @pytest.mark.parametrize("kv", ["f16", "q8"])
 def test_batch_of_eight_is_each_sequence_alone(kv, kw):
     """8 sequences in one step on 2 threads (attention claims a row's heads at a time there, and

@@ -847,16 +847,6 @@ void tt_ctx_set_params(tt_ctx *c, int bucket, int pf, int panel_rows, int chunks
     c->params[bucket].panel_rows = panel_rows < 4 ? 4 : (panel_rows / 4) * 4;
 }
 
-/* quantise x [m, k] (row stride ldx floats) into the workspace and run; out [m, n] float32 */
-/* the body of tt_forward_f32; caller holds call_lock */
-static int tt_forward_f32_locked(tt_ctx *c, const float *x, int m, long ldx, float *out, int nth) {
-    if (tt_reserve(c, m) != 0) return -1;
-    tt_quant_rows_par(x, m, c->k, ldx, c->xq, c->kp, c->xs, c->sx, c->kp, c->isa, nth);
-    tt_job J = {.c = c, .xq = c->xq, .ldx = (size_t)c->kp, .m = m, .xs = c->xs, .sx = c->sx, .out = out, .dots = NULL};
-    tt_run(&J, nth);
-    return 0;
-}
-
 /* row r of a call whose rows are quantised by their producer (tt_forward_quantised_locked): what
  * tt_forward_f32_locked's quantiser writes for it; the workspace reserved for the call's m rows */
 static inline void tt_quant_row_into(tt_ctx *c, const float *x, int r) {
@@ -867,6 +857,15 @@ static inline void tt_quant_row_into(tt_ctx *c, const float *x, int r) {
 static void tt_forward_quantised_locked(tt_ctx *c, int m, float *out, int nth) {
     tt_job J = {.c = c, .xq = c->xq, .ldx = (size_t)c->kp, .m = m, .xs = c->xs, .sx = c->sx, .out = out, .dots = NULL};
     tt_run(&J, nth);
+}
+
+/* quantise x [m, k] (row stride ldx floats) into the workspace and run; out [m, n] float32: the
+ * body of tt_forward_f32; caller holds call_lock */
+static int tt_forward_f32_locked(tt_ctx *c, const float *x, int m, long ldx, float *out, int nth) {
+    if (tt_reserve(c, m) != 0) return -1;
+    tt_quant_rows_par(x, m, c->k, ldx, c->xq, c->kp, c->xs, c->sx, c->kp, c->isa, nth);
+    tt_forward_quantised_locked(c, m, out, nth);
+    return 0;
 }
 
 int tt_forward_f32(tt_ctx *c, const float *x, int m, long ldx, float *out, int nth) {
